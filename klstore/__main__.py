@@ -1,0 +1,3 @@
+from klstore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""The engine: one model + one prompt -> KL matrices [layer, gen_idx] (CONVENTIONS.md).
+
+Flow for one prompt:
+1. `encode`   prompt text -> token ids (optionally through the chat template);
+2. `generate` the clean model continues it (greedy or seeded sampling, stops at EOS);
+3. `trace`    one teacher-forced clean pass over prompt + continuation records every
+              block's input and output and the reference log-probs P_t at the
+              positions that predict Gen t;
+4. `probe`    per layer, Q_{l,t}: the logit lens decodes the recorded block
+              outputs; an intervention runs the *layer sweep*: a batch whose row r
+              intervenes at block l_r. Blocks below l_r return the recorded clean
+              output without computing (the computation there is identical to the
+              clean pass), and the forward stops after the last block, so only
+              the positions that predict Gen t reach the unembedding.
+
+Memory: full-vocabulary log-probs are only materialised for a bounded number of
+rows at a time (`chunk_bytes`), never as a [layers x tokens x vocab] tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from klstore import divergence
+from klstore.adapter import Adapter
+from klstore.errors import KlstoreError
+from klstore.layerspec import parse_layers
+from klstore.models import LoadedModel
+from klstore.probes import BlockSite, ProbeSpec, intervene
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    group: str = "default"
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How the clean model continues the prompt. Greedy unless `do_sample`."""
+
+    max_new_tokens: int = 5
+    do_sample: bool = False
+    seed: int = 0
+    temperature: float = 1.0
+    chat: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise KlstoreError(f"max_new_tokens (-n) must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature <= 0:
+            raise KlstoreError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The clean continuation of one prompt."""
+
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    token_texts: tuple[str, ...]
+    stopped_at_eos: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class KLMatrix:
+    """One probe's result for one prompt: rows = `layers`, columns = Gen0..Gen{n-1}.
+
+    values[d] is float32 (len(layers), n) for each divergence d asked for, in nats,
+    with d(P_t || Q_{l,t}) as defined in klstore.divergence. A non-finite cell is
+    NaN here and described in `errors`; it must never be stored as a number.
+    """
+
+    model: str
+    prompt: Prompt
+    probe: str
+    probe_params: dict
+    layers: tuple[int, ...]
+    n_layers_total: int
+    generation: Generation
+    values: dict[str, np.ndarray]
+    top1_match: np.ndarray  # bool (len(layers), n)
+    gen_logprob: np.ndarray  # float32 (n,): log P_t(Gen t)
+    gen_entropy: np.ndarray  # float32 (n,): entropy of P_t, nats
+    errors: tuple[str, ...] = ()
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+@dataclass
+class Trace:
+    """The clean teacher-forced pass. inputs[k], outputs[k]: block k's (1, T, H) input and output."""
+
+    generation: Generation
+    input_ids: torch.Tensor  # (1, T)
+    positions: torch.Tensor  # (n,) positions predicting Gen0..Gen{n-1}
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    ref_logp: torch.Tensor  # (n, V) log P_t, float32+
+    returns_tuple: bool
+
+
+def _hidden_arg(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _take_rows(value, rows: torch.Tensor, batch: int):
+    """Slice batch-shaped tensors (dim >= 2, leading dim == batch) in block arguments."""
+    if torch.is_tensor(value):
+        if batch > 1 and value.dim() >= 2 and value.shape[0] == batch:
+            return value[rows]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_take_rows(v, rows, batch) for v in value)
+    return value
+
+
+class Engine:
+    """Computes KL matrices for one loaded model. Not thread-safe (it patches block forwards)."""
+
+    def __init__(self, loaded: LoadedModel, chunk_bytes: int = 256 * 2**20):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.chunk_bytes = chunk_bytes
+        self.adapter = Adapter.discover(self.model)
+        self.n_layers = self.adapter.n_layers
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.adapter.verify(self.model, torch.arange(min(4, vocab), device=self.device)[None] + 1)
+        params = inspect.signature(self.model.forward).parameters
+        self._keep_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers >= 5.x renamed past_key_values to cache
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._eos = self._eos_ids()
+        text_config = self.model.config.get_text_config()
+        self.context = getattr(text_config, "max_position_embeddings", None) or getattr(
+            text_config, "n_positions", None)
+
+    # ------------------------------------------------------------------ prompts
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None),
+                      getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def encode(self, prompt: Prompt, spec: GenerationSpec) -> list[int]:
+        """Token ids of the prompt (chat template if spec.chat). Checks emptiness and context."""
+        if not prompt.text or not prompt.text.strip():
+            raise KlstoreError(f"prompt {prompt.id!r} is empty")
+        if spec.chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise KlstoreError(f"{self.loaded.label} has no chat template: drop --chat")
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True)
+            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        else:
+            ids = list(self.tokenizer(prompt.text)["input_ids"])
+        if self.context and len(ids) + spec.max_new_tokens > self.context:
+            raise KlstoreError(
+                f"prompt {prompt.id!r} has {len(ids)} tokens; with {spec.max_new_tokens} new tokens "
+                f"that exceeds {self.loaded.label}'s context of {self.context}")
+        return ids
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], spec: GenerationSpec) -> Generation:
+        """The clean model's continuation, with a KV cache. Stops after an EOS token (kept)."""
+        generator = torch.Generator().manual_seed(spec.seed) if spec.do_sample else None
+        step_input = torch.tensor([prompt_ids], device=self.device)
+        past, tokens, stopped = None, [], False
+        for _ in range(spec.max_new_tokens):
+            out = self.model(input_ids=step_input, use_cache=True,
+                             **{self._cache_arg: past}, **self._keep_kwargs)
+            logits = out.logits[0, -1].float()
+            if spec.do_sample:
+                probs = (logits / spec.temperature).softmax(-1).cpu()
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            tokens.append(token)
+            if token in self._eos:
+                stopped = True
+                break
+            past = getattr(out, "cache", None)
+            past = out.past_key_values if past is None else past
+            step_input = torch.tensor([[token]], device=self.device)
+        texts = tuple(self.tokenizer.decode([t]) for t in tokens)
+        return Generation(tuple(prompt_ids), tuple(tokens), texts, stopped)
+
+    # -------------------------------------------------------------------- trace
+    @torch.no_grad()
+    def trace(self, generation: Generation) -> Trace:
+        """One clean teacher-forced pass over prompt + continuation (minus its last token)."""
+        sequence = list(generation.prompt_ids) + list(generation.token_ids[:-1])
+        input_ids = torch.tensor([sequence], device=self.device)
+        first = len(generation.prompt_ids) - 1
+        positions = torch.arange(first, first + generation.n, device=self.device)
+        inputs: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
+        kinds: list[bool] = []
+        last = self.n_layers - 1
+        handles = []
+
+        def pre_hook(_module, args, kwargs):
+            inputs.append(_hidden_arg(args, kwargs))
+
+        def post_hook(module, _args, _kwargs, output):
+            kinds.append(isinstance(output, tuple))
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+            if module is self.adapter.blocks[last]:
+                raise _StopForward(outputs[-1])
+
+        for block in self.adapter.blocks:
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+            raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(outputs) != self.n_layers:
+            raise KlstoreError(
+                f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, saw {len(outputs)}")
+        ref_logp = self.adapter.log_probs(outputs[last][0, positions])
+        return Trace(generation, input_ids, positions, inputs, outputs, ref_logp, kinds[0])
+
+    # -------------------------------------------------------------------- probes
+    def _rows_per_chunk(self, n_tokens: int, vocab: int) -> int:
+        per_row = 4 * n_tokens * vocab * 3  # log Q plus temporaries of the divergences
+        return max(1, self.chunk_bytes // max(per_row, 1))
+
+    @torch.no_grad()
+    def sweep(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...]):
+        """Yield (layer chunk, log Q (R, n, V)) for an intervention probe, R rows per chunk."""
+        vocab = trace.ref_logp.shape[-1]
+        step = self._rows_per_chunk(trace.generation.n, vocab)
+        for start in range(0, len(layers), step):
+            chunk = layers[start:start + step]
+            final = self._run_rows(trace, spec, chunk)
+            yield chunk, self.adapter.log_probs(final[:, trace.positions])
+
+    def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...]) -> torch.Tensor:
+        """Forward a batch where row r intervenes at block row_layers[r]; returns last block output (R, T, H)."""
+        batch = len(row_layers)
+        row_layer = torch.tensor(row_layers, device=self.device)
+        last = self.n_layers - 1
+        originals = {}
+
+        def make_forward(k: int, block):
+            original = block.forward
+
+            def forward(*args, **kwargs):
+                hidden = _hidden_arg(args, kwargs)
+                out = trace.outputs[k].expand(batch, -1, -1)
+                below = (row_layer < k).nonzero().flatten()  # rows already changed lower down
+                here = (row_layer == k).nonzero().flatten()
+                if below.numel() or here.numel():
+                    out = out.clone()
+
+                def run(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+                    sliced_args = tuple(_take_rows(a, rows, batch) for a in args[1:])
+                    sliced_kwargs = {key: _take_rows(v, rows, batch) for key, v in kwargs.items()
+                                     if key != "hidden_states"}
+                    result = original(x, *sliced_args, **sliced_kwargs)
+                    return result[0] if isinstance(result, tuple) else result
+
+                if below.numel():
+                    out[below] = run(below, hidden[below])
+                if here.numel():
+                    site = BlockSite(
+                        layer=k,
+                        hidden_in=hidden[here],
+                        clean_out=trace.outputs[k].expand(here.numel(), -1, -1),
+                        run=lambda x, rows=here: run(rows, x),
+                    )
+                    out[here] = intervene(spec, site)
+                if k == last:
+                    raise _StopForward(out)
+                return (out,) if trace.returns_tuple else out
+
+            return forward
+
+        blocks = self.adapter.blocks
+        try:
+            for k in range(min(row_layers), self.n_layers):
+                originals[k] = blocks[k].forward
+                blocks[k].forward = make_forward(k, blocks[k])
+            # Blocks below the lowest intervened layer are replayed from the trace.
+            for k in range(0, min(row_layers)):
+                blocks[k].forward = self._replay(trace.outputs[k], batch, trace.returns_tuple)
+                originals[k] = None
+            self.model(input_ids=trace.input_ids.expand(batch, -1), use_cache=False)
+            raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
+        except _StopForward as stop:
+            return stop.hidden
+        finally:
+            for k in originals:
+                del blocks[k].forward
+
+    @staticmethod
+    def _replay(clean: torch.Tensor, batch: int, as_tuple: bool):
+        out = clean.expand(batch, -1, -1)
+        return lambda *args, **kwargs: (out,) if as_tuple else out
+
+    @torch.no_grad()
+    def probe(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
+              divergences: tuple[str, ...], prompt: Prompt) -> KLMatrix:
+        """KL matrix of one probe over `layers` for a traced prompt."""
+        gen = trace.generation
+        gen_ids = torch.tensor(gen.token_ids, device=self.device)
+        values = {d: np.full((len(layers), gen.n), np.nan, dtype=np.float32) for d in divergences}
+        top1 = np.zeros((len(layers), gen.n), dtype=bool)
+        row_of = {layer: i for i, layer in enumerate(layers)}
+        for chunk, logq in self._log_q(trace, spec, layers):
+            rows = [row_of[layer] for layer in chunk]
+            result = divergence.compute(divergences, trace.ref_logp.unsqueeze(0), logq)
+            for name, tensor in result.items():
+                values[name][rows] = tensor.float().cpu().numpy()
+            top1[rows] = (logq.argmax(-1) == gen_ids).cpu().numpy()
+        ref = trace.ref_logp
+        logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
+        entropy = (-(ref.exp() * ref).nan_to_num().sum(-1)).float().cpu().numpy()
+        errors = []
+        for name, matrix in values.items():
+            bad = np.argwhere(~np.isfinite(matrix))
+            for row, col in bad:
+                errors.append(f"non-finite {name} at layer {layers[row]}, Gen{col}")
+                matrix[row, col] = np.nan
+        return KLMatrix(
+            model=self.loaded.label, prompt=prompt, probe=spec.name, probe_params=dict(spec.params),
+            layers=tuple(layers), n_layers_total=self.n_layers, generation=gen, values=values,
+            top1_match=top1, gen_logprob=logprob.astype(np.float32),
+            gen_entropy=entropy.astype(np.float32), errors=tuple(errors))
+
+    def _log_q(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...]):
+        if spec.is_readout:
+            step = self._rows_per_chunk(trace.generation.n, trace.ref_logp.shape[-1])
+            for start in range(0, len(layers), step):
+                chunk = layers[start:start + step]
+                hidden = torch.stack([trace.outputs[l][0, trace.positions] for l in chunk])
+                yield chunk, self.adapter.log_probs(hidden)
+        else:
+            yield from self.sweep(trace, spec, layers)
+
+    # ---------------------------------------------------------------- one call
+    def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
+            divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec()) -> list[KLMatrix]:
+        """Generate once, trace once, then one KLMatrix per probe."""
+        if isinstance(layers, str):
+            layers = parse_layers(layers, self.n_layers, self.loaded.label)
+        divergences = divergence.check_names(divergences)
+        generation = self.generate(self.encode(prompt, spec), spec)
+        trace = self.trace(generation)
+        return [self.probe(trace, probe, layers, divergences, prompt) for probe in probes]
+

