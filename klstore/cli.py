@@ -1,0 +1,198 @@
+"""The `klstore` command line. Commands import heavy libraries inside their bodies,
+so `klstore --help` answers instantly. A KlstoreError becomes one line on stderr
+and exit status 2; nothing else is caught, so a real bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from klstore.errors import KlstoreError
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------- compute
+def _add_compute(sub) -> None:
+    p = sub.add_parser("compute", help="compute KL matrices for prompts on one model (one process)",
+                       description="Generate a continuation per prompt and print layer x token KL matrices.")
+    p.add_argument("--model", required=True,
+                   help="built-in name (smollm2-135m, gemma3-270m), Hugging Face repo id, folder or .gguf file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt text")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help='JSON Lines: {"id", "text", "group"?, "source"?}')
+    p.add_argument("--probe", action="append", metavar="NAME",
+                   help="logit_lens (default) or skip; repeat for several")
+    p.add_argument("--layers", default="all", help="layer spec: all, 0,15-21,27, -4--1 (default: all)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=5, help="tokens to generate (default 5)")
+    p.add_argument("--divergence", action="append", metavar="NAME",
+                   help="kl (default), kl_reverse, js; repeat for several")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.add_argument("--png", metavar="PATH",
+                   help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name")
+    p.set_defaults(func=cmd_compute)
+
+
+def _compute_inputs(args):
+    """Validate everything that needs no model, so bad input fails before a slow load."""
+    from klstore import divergence
+    from klstore.engine import GenerationSpec, Prompt
+    from klstore.probes import ProbeSpec
+    from klstore.prompts import load_prompts
+
+    spec = GenerationSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                          seed=args.seed, temperature=args.temperature, chat=args.chat)
+    divergences = divergence.check_names(args.divergence or ["kl"])
+    probes = [ProbeSpec(name) for name in dict.fromkeys(args.probe or ["logit_lens"])]
+    if args.prompts:
+        prompts = load_prompts(args.prompts)
+    else:
+        if not args.prompt.strip():
+            raise KlstoreError("prompt is empty")
+        prompts = [Prompt("prompt", args.prompt)]
+    from klstore.layerspec import parse_layers
+
+    parse_layers(args.layers, 10**6)  # syntax only; the range is checked against the model
+    return spec, divergences, probes, prompts
+
+
+def cmd_compute(args) -> int:
+    spec, divergences, probes, prompts = _compute_inputs(args)
+    _quiet_libraries()
+    from klstore.engine import Engine
+    from klstore.layerspec import parse_layers
+    from klstore.models import load
+
+    loaded = load(args.model, device=args.device, dtype=args.dtype,
+                  trust_remote_code=args.trust_remote_code)
+    engine = Engine(loaded)
+    layers = parse_layers(args.layers, engine.n_layers, loaded.label)
+    encoded = [engine.encode(prompt, spec) for prompt in prompts]  # all checked before any work
+    results = []
+    for prompt, ids in zip(prompts, encoded):
+        generation = engine.generate(ids, spec)
+        trace = engine.trace(generation)
+        matrices = [engine.probe(trace, probe, layers, divergences, prompt) for probe in probes]
+        results.append(matrices)
+        if not args.json:
+            for matrix in matrices:
+                print(format_table(matrix))
+    if args.json:
+        print(json.dumps(results_to_json(loaded.label, results), indent=1))
+    if args.png:
+        _write_pngs(args.png, results, divergences[0])
+    failed = [err for matrices in results for m in matrices for err in m.errors]
+    for err in failed:
+        print(f"klstore: warning: {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def format_table(matrix, divergence_names=None) -> str:
+    """Rows = layers, columns = Gen t with its token text; one table per divergence."""
+    gen = matrix.generation
+    lines = []
+    heads = [f"Gen{i} {json.dumps(text, ensure_ascii=False)}" for i, text in enumerate(gen.token_texts)]
+    width = max([10] + [len(h) for h in heads])
+    for name in divergence_names or matrix.values:
+        values = matrix.values[name]
+        lines.append(f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | {name} (nats)"
+                     + (" | stopped at EOS" if gen.stopped_at_eos else ""))
+        lines.append("layer " + " ".join(h.rjust(width) for h in heads))
+        for row, layer in enumerate(matrix.layers):
+            cells = ("n/a" if v != v else f"{v:.4f}" for v in values[row])
+            lines.append(f"{layer:>5} " + " ".join(c.rjust(width) for c in cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _nan_to_none(array):
+    return [[None if v != v else float(v) for v in row] for row in array.tolist()]
+
+
+def results_to_json(model: str, results) -> dict:
+    prompts = []
+    for matrices in results:
+        first = matrices[0]
+        gen = first.generation
+        prompts.append({
+            "id": first.prompt.id, "group": first.prompt.group, "text": first.prompt.text,
+            "n_prompt_tokens": len(gen.prompt_ids), "stopped_at_eos": gen.stopped_at_eos,
+            "tokens": [{"id": t, "text": s, "logprob": float(lp), "entropy": float(h)}
+                       for t, s, lp, h in zip(gen.token_ids, gen.token_texts, first.gen_logprob,
+                                              first.gen_entropy)],
+            "probes": [{
+                "probe": m.probe, "params": m.probe_params, "layers": list(m.layers),
+                "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
+                "top1_match": m.top1_match.tolist(), "errors": list(m.errors),
+            } for m in matrices],
+        })
+    return {"model": model, "prompts": prompts}
+
+
+def _write_pngs(path: str, results, divergence_name: str) -> None:
+    from klstore import plotting
+
+    target = Path(path)
+    if not target.parent.exists():
+        raise KlstoreError(f"--png: folder {target.parent} does not exist")
+    many = len(results) > 1 or len(results[0]) > 1
+    for matrices in results:
+        for m in matrices:
+            out = target
+            if many:
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.prompt.id)
+                out = target.with_name(f"{target.stem}-{safe}-{m.probe}{target.suffix or '.png'}")
+            data = plotting.HeatmapData(
+                values=m.values[divergence_name], layers=m.layers,
+                columns=plotting.column_labels(m.generation.n, m.generation.token_texts),
+                title=f"{m.model} | {m.probe} | {m.prompt.id}", divergence=divergence_name)
+            plotting.save(data, out)
+            print(f"wrote {out}", file=sys.stderr)
+
+
+# -------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from klstore import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="klstore", description="Layer x generated-token KL-divergence maps of causal language models.")
+    parser.add_argument("--version", action="version", version=f"klstore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compute(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KlstoreError as exc:
+        print(f"klstore: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("klstore: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,108 @@
+"""`klstore compute` as a user calls it, including every bad input the engine issue lists."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.real_model
+
+
+def test_help_is_instant():
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import sys; from klstore.cli import main; "
+                          "sys.argv=['klstore','--help']; main()"], capture_output=True, text=True)
+    assert out.returncode == 0 and "compute" in out.stdout
+    # --help must not import torch: check directly rather than by timing
+    probe = subprocess.run([sys.executable, "-c", "import sys; import klstore.cli; "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"
+    assert time.perf_counter() - start < 30
+
+
+def test_table_json_and_png(tmp_path):
+    png = tmp_path / "map.png"
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+                  "--probe", "logit_lens", "--layers", "0,15-21,27,-1", "-n", "5", "--png", png)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("smollm2-135m | prompt prompt | probe logit_lens | kl (nats)")
+    assert 'Gen0 " Paris"' in lines[1]
+    rows = [line.split() for line in lines[2:12]]
+    assert [int(r[0]) for r in rows] == [0, 15, 16, 17, 18, 19, 20, 21, 27, 29]
+    assert all(float(v) == 0.0 for v in rows[-1][1:])  # last layer's logit lens
+    assert all(float(v) > 0.1 for v in rows[0][1:])
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size[0] > 300 and image.size[1] > 300
+
+    js = run_cli("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+                 "--layers", "0,15-21,27,-1", "-n", "5", "--json", "--divergence", "kl",
+                 "--divergence", "js", "--probe", "skip", "--probe", "logit_lens")
+    assert js.returncode == 0, js.stderr
+    doc = json.loads(js.stdout)
+    prompt = doc["prompts"][0]
+    assert doc["model"] == "smollm2-135m" and prompt["tokens"][0]["text"] == " Paris"
+    lens = next(p for p in prompt["probes"] if p["probe"] == "logit_lens")
+    assert lens["layers"] == [0, 15, 16, 17, 18, 19, 20, 21, 27, 29]
+    table = np.array([[float(v) for v in r[1:]] for r in rows])
+    np.testing.assert_allclose(np.array(lens["matrices"]["kl"]), table, atol=6e-5)
+    js_values = np.array(lens["matrices"]["js"])
+    assert ((js_values >= 0) & (js_values <= np.log(2))).all()
+
+
+def test_prompts_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "text": "The capital of France is", "group": "geo"}\n\n'
+                    '{"id": "b", "text": "1, 2, 3, 4,"}\n')
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompts", path, "--layers", "-1",
+                  "-n", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [p["id"] for p in doc["prompts"]] == ["a", "b"]
+    assert [p["group"] for p in doc["prompts"]] == ["geo", "default"]
+
+
+def _bad_file(tmp_path, text):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope-model", "--prompt", "x"], "unknown model 'nope-model'"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--layers", "40"],
+     "layer 40: smollm2-135m has 30 layers, 0-29"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--layers", "3-x"], "malformed layer spec '3-x'"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--probe", "lens"], "unknown probe 'lens'"),
+    (["--model", "smollm2-135m", "--prompt", "x", "-n", "0"], "must be a positive integer, got 0"),
+    (["--model", "smollm2-135m", "--prompt", "   "], "prompt is empty"),
+    (["--model", "smollm2-135m", "--prompt", "word " * 9000], "exceeds smollm2-135m's context of 8192"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--divergence", "l1"], "unknown divergence 'l1'"),
+])
+def test_bad_input(args, message):
+    out = run_cli("compute", *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "bad.jsonl:2: invalid JSON"),
+    ('{"text": "x"}\n', "bad.jsonl:1: missing 'id'"),
+    ('{"id": "a"}\n', "bad.jsonl:1: missing 'text'"),
+    ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "bad.jsonl:2: duplicate id 'a' (first on line 1)"),
+    ('{"id": "a", "text": ""}\n', "bad.jsonl:1: prompt 'a' is empty"),
+])
+def test_bad_prompts_file(tmp_path, content, message):
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompts", _bad_file(tmp_path, content))
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr

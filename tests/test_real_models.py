@@ -1,0 +1,72 @@
+"""The engine on the real offline models (SmolLM2-135M, Gemma-3-270M)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from klstore.engine import Engine, GenerationSpec, Prompt
+from klstore.probes import ProbeSpec
+from reference import reference_matrices
+
+pytestmark = pytest.mark.real_model
+PROMPT = Prompt("france", "The capital of France is")
+
+
+def test_smollm2_matches_float64_reference(smollm2):
+    engine = Engine(smollm2)
+    lens, skip = engine.run(PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all",
+                            ("kl", "kl_reverse", "js"), GenerationSpec(max_new_tokens=3))
+    gen = lens.generation
+    assert gen.token_texts[0] == " Paris"
+    model64 = copy.deepcopy(smollm2.model).double()
+    sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
+    for result in (lens, skip):
+        expected, _ = reference_matrices(model64, sequence, len(gen.prompt_ids), gen.n,
+                                         result.probe, result.layers)
+        for name in ("kl", "kl_reverse", "js"):
+            want = expected[name].numpy()
+            excess = np.abs(result.values[name] - want) - 1e-4 * np.maximum(1.0, np.abs(want))
+            assert (excess <= 0).all(), (result.probe, name, excess.max())
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_identities_on_real_models(which, request):
+    loaded = request.getfixturevalue(which)
+    engine = Engine(loaded)
+    lens, skip = engine.run(PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "-2,-1",
+                            ("kl", "js"), GenerationSpec(max_new_tokens=4))
+    np.testing.assert_allclose(lens.values["kl"][-1], 0.0, atol=1e-5)
+    assert lens.top1_match[-1].all()
+    np.testing.assert_allclose(skip.values["kl"][-1], lens.values["kl"][0], rtol=1e-4, atol=1e-4)
+    assert (lens.values["kl"][0] > 0.01).all()
+
+
+def test_gemma_vocabulary_is_chunked(gemma3):
+    """Rows of 262,144-entry log-probs go through in bounded chunks and agree with one big chunk."""
+    small = Engine(gemma3, chunk_bytes=64 * 2**20)
+    big = Engine(gemma3, chunk_bytes=2**34)
+    assert small._rows_per_chunk(8, 262144) == 2
+    a = small.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(8))[0]
+    b = big.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(8))[0]
+    assert a.values["kl"].shape == (18, 8)
+    np.testing.assert_allclose(a.values["kl"], b.values["kl"], rtol=1e-6, atol=1e-6)
+
+
+def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
+    """The safetensors cache holds exactly the GGUF's dequantized weights."""
+    import transformers
+
+    from klstore import models
+
+    monkeypatch.setenv("KLSTORE_CACHE", str(tmp_path))
+    source = models.resolve("smollm2-135m")
+    fresh = models.load("smollm2-135m", device="cpu")
+    assert (models._gguf_cache_folder(source) / "model.safetensors").exists()
+    direct = transformers.AutoModelForCausalLM.from_pretrained(
+        source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(ids).logits, direct(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(smollm2.model(ids).logits, direct(ids).logits, rtol=0, atol=0)
