@@ -53,6 +53,11 @@ def _add_compute(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     p.add_argument("--png", metavar="PATH",
                    help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name")
+    p.add_argument("--store", metavar="PATH",
+                   help="write results into this store (folder or s3://bucket/prefix) instead of printing them")
+    p.add_argument("--run", default="compute", metavar="NAME", help="run name in the store (default: compute)")
+    p.add_argument("--label", help="model label in the store (default: derived from --model)")
+    p.add_argument("--shard-size", type=int, default=16, help="prompts per written file (default 16)")
     p.set_defaults(func=cmd_compute)
 
 
@@ -81,6 +86,8 @@ def _compute_inputs(args):
 
 def cmd_compute(args) -> int:
     spec, divergences, probes, prompts = _compute_inputs(args)
+    if args.store:
+        return _compute_into_store(args, spec, divergences, probes, prompts)
     _quiet_libraries()
     from klstore.engine import Engine
     from klstore.layerspec import parse_layers
@@ -108,6 +115,53 @@ def cmd_compute(args) -> int:
     for err in failed:
         print(f"klstore: warning: {err}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
+    """compute --store: shards of prompts written as they finish; failed prompts recorded."""
+    import hashlib
+    import time
+
+    from klstore.store import check_label, model_label, open_store
+    from klstore.worker import Job, Worker, done_prompt_ids, run_id_for, versions
+
+    if args.shard_size <= 0:
+        raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
+    label = check_label(args.label or model_label(args.model), "model label")
+    job = Job(tuple(probes), args.layers, divergences, spec)
+    digest = hashlib.sha256("\n".join(f"{p.id}\t{p.group}\t{p.text}\t{p.source}" for p in prompts)
+                            .encode()).hexdigest()
+    config = {"name": check_label(args.run, "run name"), "models": [{"name": args.model, "label": label}],
+              "prompts_sha256": digest, **job.describe()}
+    store = open_store(args.store, create=True)  # unwritable: fails before the model loads
+    run_id = run_id_for(config)
+    _quiet_libraries()
+    worker = Worker(args.model, label, args.store, device=args.device, dtype=args.dtype,
+                    trust_remote_code=args.trust_remote_code)
+    from klstore.layerspec import parse_layers
+
+    parse_layers(args.layers, worker.engine.n_layers, label)
+    store.write_run(run_id, args.run, "running", config, versions())
+    done = done_prompt_ids(store, label, run_id)
+    shards = [prompts[i:i + args.shard_size] for i in range(0, len(prompts), args.shard_size)]
+    todo = [s for s in shards if not {p.id for p in s} <= done]
+    print(f"run {run_id}: {len(prompts)} prompts in {len(shards)} shards, "
+          f"{len(shards) - len(todo)} already done", file=sys.stderr)
+    finished, failed, cells, start = sum(len(s) for s in shards) - sum(len(s) for s in todo), 0, 0, time.time()
+    try:
+        for shard in todo:
+            result = worker.run_shard(run_id, shard, job)
+            finished += result.prompts
+            failed += result.failed
+            cells += result.cells
+            rate = cells / max(time.time() - start, 1e-9)
+            print(f"[{label}] {finished}/{len(prompts)} prompts, {rate:.0f} cells/s", file=sys.stderr)
+    except BaseException:
+        store.write_run(run_id, args.run, "failed", config, versions())
+        raise
+    store.write_run(run_id, args.run, "completed", config, versions())
+    print(f"run {run_id} completed: {len(prompts)} prompts ({failed} failed) into {args.store}")
+    return 0
 
 
 def format_table(matrix, divergence_names=None) -> str:
@@ -173,6 +227,96 @@ def _write_pngs(path: str, results, divergence_name: str) -> None:
             print(f"wrote {out}", file=sys.stderr)
 
 
+# ------------------------------------------------------------- store commands
+def _add_store_commands(sub) -> None:
+    def store_arg(p):
+        p.add_argument("--store", default=None, metavar="PATH",
+                       help="store folder or s3://bucket/prefix (default ./klstore-data)")
+
+    p = sub.add_parser("sql", help="run SQL over the store's views kl, generations, prompts, runs")
+    p.add_argument("query", nargs="?", help="a SELECT over kl, generations, prompts, runs")
+    store_arg(p)
+    p.add_argument("--format", default="table", help="table (default), csv or json")
+    p.add_argument("--print-views", action="store_true",
+                   help="print the CREATE VIEW statements for the plain duckdb shell")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("runs", help="list runs with status, prompts and size")
+    store_arg(p)
+    p.add_argument("--format", default="table", help="table (default), csv or json")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("verify", help="check files: unreadable, leftover temporary, duplicate keys")
+    store_arg(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("compact", help="merge each partition's small files into one")
+    store_arg(p)
+    p.set_defaults(func=cmd_compact)
+
+
+def _open_for_reading(path):
+    from klstore.store import DEFAULT_STORE, open_store
+
+    return open_store(path or DEFAULT_STORE)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("table", "csv", "json"):
+        raise KlstoreError(f"unknown --format {fmt!r}: choose table, csv or json")
+
+
+def cmd_sql(args) -> int:
+    from klstore import query
+
+    _check_format(args.format)
+    store = _open_for_reading(args.store)
+    if args.print_views:
+        print("\n".join(query.view_statements(store, for_shell=True).values()))
+        return 0
+    if not args.query:
+        raise KlstoreError("no query given (or use --print-views)")
+    names, rows = query.sql(store, args.query)
+    if names:
+        print(query.format_rows(names, rows, args.format))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from klstore import query
+
+    _check_format(args.format)
+    runs = query.run_summaries(_open_for_reading(args.store))
+    names = ["run_id", "name", "status", "created_at", "prompts", "failed", "kl_rows", "bytes"]
+    print(query.format_rows(names, [[r[n] for n in names] for r in runs], args.format))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from klstore import query
+
+    store = _open_for_reading(args.store)
+    problems = query.verify(store)
+    total = sum(len(v) for v in problems.values())
+    for kind, items in problems.items():
+        for item in items:
+            print(f"{kind}: {item}")
+    n_files = sum(len(store.files(t)) for t in ("kl", "generations", "prompts", "runs"))
+    print(f"{n_files} files checked: {len(problems['unreadable'])} unreadable, "
+          f"{len(problems['temporary'])} temporary, {len(problems['duplicates'])} duplicate keys")
+    return 1 if total else 0
+
+
+def cmd_compact(args) -> int:
+    from klstore import query
+
+    merged = query.compact(_open_for_reading(args.store))
+    for folder, count in merged:
+        print(f"merged {count} files in {folder}")
+    print(f"compacted {len(merged)} partitions")
+    return 0
+
+
 # -------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from klstore import __version__
@@ -182,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"klstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compute(sub)
+    _add_store_commands(sub)
     return parser
 
 

@@ -1,0 +1,97 @@
+"""Engine results -> store rows (pyarrow tables). Uses numpy only, never torch.
+
+A `PromptOutcome` is what one model did with one prompt: either its KL
+matrices (one per probe, sharing one generation) or the error that stopped it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from klstore.store import GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA
+
+
+@dataclass(frozen=True)
+class PromptOutcome:
+    prompt: object  # klstore.engine.Prompt
+    matrices: tuple = ()  # KLMatrix per probe
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "error"
+        if any(m.errors for m in self.matrices):
+            return "nonfinite"
+        return "ok"
+
+
+def _float_column(matrix, name: str, shape) -> np.ndarray | None:
+    values = matrix.values.get(name)
+    return None if values is None else values.astype(np.float32).reshape(-1)
+
+
+def kl_rows(outcomes, probe: str) -> pa.Table:
+    """The `kl` rows of one probe over several prompts. Non-finite values become null."""
+    parts = []
+    for outcome in outcomes:
+        for m in outcome.matrices:
+            if m.probe != probe:
+                continue
+            n_rows, n_cols = len(m.layers), m.generation.n
+            count = n_rows * n_cols
+            columns = {
+                "prompt_id": pa.array([m.prompt.id] * count, pa.string()),
+                "prompt_group": pa.array([m.prompt.group] * count, pa.string()),
+                "layer": pa.array(np.repeat(np.asarray(m.layers, np.int16), n_cols)),
+                "gen_idx": pa.array(np.tile(np.arange(n_cols, dtype=np.int16), n_rows)),
+                "top1_match": pa.array(m.top1_match.reshape(-1)),
+                "n_layers": pa.array(np.full(count, m.n_layers_total, np.int16)),
+            }
+            for name in ("kl", "kl_reverse", "js"):
+                flat = _float_column(m, name, (n_rows, n_cols))
+                if flat is None:
+                    columns[name] = pa.nulls(count, pa.float32())
+                else:
+                    columns[name] = pa.array(flat, mask=~np.isfinite(flat))
+            parts.append(pa.table(columns).select(KL_SCHEMA.names).cast(KL_SCHEMA))
+    return pa.concat_tables(parts) if parts else KL_SCHEMA.empty_table()
+
+
+def generation_rows(outcomes) -> pa.Table:
+    rows = {name: [] for name in GENERATIONS_SCHEMA.names}
+    for outcome in outcomes:
+        if not outcome.matrices:
+            continue
+        first = outcome.matrices[0]
+        gen = first.generation
+        for idx, (token, text) in enumerate(zip(gen.token_ids, gen.token_texts)):
+            rows["prompt_id"].append(first.prompt.id)
+            rows["prompt_group"].append(first.prompt.group)
+            rows["gen_idx"].append(idx)
+            rows["token_id"].append(int(token))
+            rows["token_text"].append(text)
+            rows["logprob"].append(float(first.gen_logprob[idx]))
+            rows["entropy"].append(float(first.gen_entropy[idx]))
+    return pa.table(rows, schema=GENERATIONS_SCHEMA)
+
+
+def prompt_rows(outcomes) -> pa.Table:
+    rows = {name: [] for name in PROMPTS_SCHEMA.names}
+    for outcome in outcomes:
+        prompt = outcome.prompt
+        gen = outcome.matrices[0].generation if outcome.matrices else None
+        errors = [e for m in outcome.matrices for e in m.errors]
+        rows["prompt_id"].append(prompt.id)
+        rows["prompt_group"].append(prompt.group)
+        rows["prompt_text"].append(prompt.text)
+        rows["source_text"].append(prompt.source)
+        rows["n_prompt_tokens"].append(len(gen.prompt_ids) if gen else None)
+        rows["n_generated"].append(gen.n if gen else 0)
+        rows["stopped_at_eos"].append(gen.stopped_at_eos if gen else None)
+        rows["status"].append(outcome.status)
+        rows["error"].append(outcome.error or ("; ".join(errors[:20]) if errors else None))
+    return pa.table(rows, schema=PROMPTS_SCHEMA)

@@ -1,0 +1,254 @@
+"""The results store: Hive-partitioned Parquet, one explicit schema per table.
+
+Layout (a local folder or an `s3://bucket/prefix`):
+
+    <store>/kl/model=<m>/probe=<p>/run_id=<r>/part-<key>.parquet
+    <store>/generations/model=<m>/run_id=<r>/part-<key>.parquet
+    <store>/prompts/model=<m>/run_id=<r>/part-<key>.parquet
+    <store>/runs/run_id=<r>/run.parquet
+
+Partition columns (model, probe, run_id) live in the paths only. `<key>` is
+derived from the unit of work (the prompt ids of a shard), so redoing the same
+work replaces a file instead of adding rows. A local file is written under a
+temporary name (`*.tmp-<uuid>`, never matched by `*.parquet`) and renamed into
+place; an S3 object becomes visible only when its upload completes.
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from klstore.errors import KlstoreError
+
+# ---------------------------------------------------------------- schemas
+KL_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt_group", pa.string()),
+    ("layer", pa.int16()),
+    ("gen_idx", pa.int16()),
+    ("kl", pa.float32()),
+    ("kl_reverse", pa.float32()),
+    ("js", pa.float32()),
+    ("top1_match", pa.bool_()),
+    ("n_layers", pa.int16()),
+])
+GENERATIONS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt_group", pa.string()),
+    ("gen_idx", pa.int16()),
+    ("token_id", pa.int32()),
+    ("token_text", pa.string()),
+    ("logprob", pa.float32()),
+    ("entropy", pa.float32()),
+])
+PROMPTS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt_group", pa.string()),
+    ("prompt_text", pa.string()),
+    ("source_text", pa.string()),
+    ("n_prompt_tokens", pa.int32()),
+    ("n_generated", pa.int32()),
+    ("stopped_at_eos", pa.bool_()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+])
+RUNS_SCHEMA = pa.schema([
+    ("name", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("updated_at", pa.timestamp("us", tz="UTC")),
+    ("status", pa.string()),
+    ("config", pa.string()),
+    ("klstore_version", pa.string()),
+    ("torch_version", pa.string()),
+    ("transformers_version", pa.string()),
+])
+
+# table -> (file schema, partition columns in path order)
+TABLES = {
+    "kl": (KL_SCHEMA, ("model", "probe", "run_id")),
+    "generations": (GENERATIONS_SCHEMA, ("model", "run_id")),
+    "prompts": (PROMPTS_SCHEMA, ("model", "run_id")),
+    "runs": (RUNS_SCHEMA, ("run_id",)),
+}
+# the columns of each view, in the documented order
+VIEW_COLUMNS = {
+    "kl": ("run_id", "model", "probe", "prompt_id", "prompt_group", "layer", "gen_idx",
+           "kl", "kl_reverse", "js", "top1_match", "n_layers"),
+    "generations": ("run_id", "model", "prompt_id", "prompt_group", "gen_idx", "token_id",
+                    "token_text", "logprob", "entropy"),
+    "prompts": ("run_id", "model", "prompt_id", "prompt_group", "prompt_text", "source_text",
+                "n_prompt_tokens", "n_generated", "stopped_at_eos", "status", "error"),
+    "runs": ("run_id", "name", "created_at", "updated_at", "status", "config",
+             "klstore_version", "torch_version", "transformers_version"),
+}
+FLOAT_COLUMNS = ("kl", "kl_reverse", "js", "logprob", "entropy")
+TMP_MARK = ".tmp-"
+DEFAULT_STORE = "./klstore-data"
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def check_label(value: str, what: str) -> str:
+    """A model label, probe or run name used in a path: letters, digits, . _ + - only."""
+    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
+        raise KlstoreError(
+            f"{what} {value!r} cannot name a store folder: use letters, digits, '.', '_', '+', '-' "
+            "(no '/', no '..', not starting with '.')")
+    return value
+
+
+def model_label(model_name: str) -> str:
+    """Default store label of a model: built-in name, hub id owner/name -> owner--name, path -> stem."""
+    from pathlib import PurePath
+
+    if model_name.count("/") == 1 and not model_name.startswith((".", "/", "~")) \
+            and not os.path.exists(model_name):
+        return model_name.replace("/", "--")
+    if "/" in model_name or os.sep in model_name:
+        path = PurePath(model_name.rstrip("/"))
+        return path.stem if path.suffix == ".gguf" else path.name
+    return model_name
+
+
+def work_key(*parts: str) -> str:
+    """Deterministic file key for a unit of work."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
+
+
+# ------------------------------------------------------------- the store
+@dataclass(frozen=True)
+class Store:
+    """A store root: `fs` is a pyarrow FileSystem, `root` the path inside it."""
+
+    uri: str
+    fs: object
+    root: str
+
+    @property
+    def is_local(self) -> bool:
+        return not self.uri.startswith("s3://")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def table_dir(self, table: str, **partitions: str) -> str:
+        _, keys = TABLES[table]
+        parts = [table] + [f"{key}={check_label(partitions[key], key)}" for key in keys]
+        return self.path(*parts)
+
+    # ---------------------------------------------------------- writing
+    def write(self, table: str, rows: pa.Table, filename: str, **partitions: str) -> str:
+        """Write one complete file into the partition; replaces a file of the same name."""
+        schema, _ = TABLES[table]
+        rows = rows.select(schema.names).cast(schema)
+        folder = self.table_dir(table, **partitions)
+        final = f"{folder}/{filename}"
+        floats = [c for c in schema.names if c in FLOAT_COLUMNS]
+        options = dict(compression="zstd", compression_level=6, use_dictionary=True,
+                       use_byte_stream_split=floats or False, write_statistics=True)
+        if self.is_local:
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                pq.write_table(rows, tmp, **options)
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            # An S3 object appears only when its (multipart) upload completes.
+            pq.write_table(rows, final, filesystem=self.fs, **options)
+        return final
+
+    def write_run(self, run_id: str, name: str, status: str, config: dict,
+                  versions: dict[str, str]) -> None:
+        """Create or update the run's row, keeping its original created_at."""
+        now = datetime.now(timezone.utc)
+        existing = self.read_run(run_id)
+        created = existing["created_at"] if existing else now
+        row = {
+            "name": [name], "created_at": [created], "updated_at": [now], "status": [status],
+            "config": [json.dumps(config, sort_keys=True)],
+            "klstore_version": [versions.get("klstore")], "torch_version": [versions.get("torch")],
+            "transformers_version": [versions.get("transformers")],
+        }
+        self.write("runs", pa.table(row, schema=RUNS_SCHEMA), "run.parquet", run_id=run_id)
+
+    def read_run(self, run_id: str) -> dict | None:
+        path = f"{self.table_dir('runs', run_id=run_id)}/run.parquet"
+        try:
+            table = pq.read_table(path, filesystem=None if self.is_local else self.fs)
+        except (FileNotFoundError, OSError):
+            return None
+        rows = table.to_pylist()
+        return rows[0] if rows else None
+
+    # ---------------------------------------------------------- listing
+    def files(self, table: str, suffix: str = ".parquet") -> list[str]:
+        """Paths of a table's files ending in `suffix` ('' for every file)."""
+        from pyarrow import fs as pafs
+
+        selector = pafs.FileSelector(self.path(table), recursive=True, allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.path.endswith(suffix):
+                out.append(info.path)
+        return sorted(out)
+
+    def exists(self) -> bool:
+        from pyarrow import fs as pafs
+
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+
+def open_store(uri: str | None = None, create: bool = False) -> Store:
+    """Open a store by path or s3:// URI. Reading a missing store is an error; writing creates it.
+
+    S3: credentials and region from the usual AWS environment variables;
+    AWS_ENDPOINT_URL (or KLSTORE_S3_ENDPOINT) points at an S3-compatible service.
+    """
+    from pyarrow import fs as pafs
+
+    uri = uri or DEFAULT_STORE
+    if uri.startswith("s3://"):
+        bucket_prefix = uri[len("s3://"):].strip("/")
+        if not bucket_prefix:
+            raise KlstoreError(f"store {uri!r}: no bucket")
+        endpoint = os.environ.get("KLSTORE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                  or "us-east-1"}
+        if endpoint:
+            scheme, _, rest = endpoint.partition("://")
+            kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
+        s3 = pafs.S3FileSystem(**kwargs)
+        store = Store(uri, s3, bucket_prefix)
+        if create:
+            return store
+        try:
+            info = s3.get_file_info(pafs.FileSelector(bucket_prefix, allow_not_found=True))
+        except OSError as exc:
+            raise KlstoreError(f"store {uri}: {str(exc).splitlines()[0]}") from None
+        if not info:
+            raise KlstoreError(f"store {uri} does not exist (or is empty)")
+        return store
+    root = os.path.abspath(os.path.expanduser(uri))
+    if create:
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise KlstoreError(f"cannot create store {uri}: {exc.strerror}") from None
+        if not os.access(root, os.W_OK):
+            raise KlstoreError(f"store {uri} is not writable")
+    elif not os.path.isdir(root):
+        raise KlstoreError(f"store {uri} does not exist")
+    return Store(uri, pafs.LocalFileSystem(), root)

@@ -1,0 +1,136 @@
+"""The worker: one model copy that computes shards of prompts and writes them to the store.
+
+A plain class with no Ray import: `klstore compute --store` uses it in-process,
+and the runner wraps it in a Ray actor. `__init__` loads the model; `run_shard`
+computes a shard and writes its rows straight into the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from klstore.errors import KlstoreError
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to compute for every prompt, independent of the model."""
+
+    probes: tuple  # ProbeSpec
+    layers: str = "all"
+    divergences: tuple[str, ...] = ("kl",)
+    generation: object = None  # GenerationSpec
+
+    def describe(self) -> dict:
+        return {
+            "probes": [{"name": p.name, **p.params} for p in self.probes],
+            "layers": self.layers,
+            "divergences": list(self.divergences),
+            "generation": asdict(self.generation),
+        }
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    model: str
+    key: str
+    prompts: int
+    failed: int
+    cells: int
+    seconds: float
+
+
+def run_id_for(config: dict) -> str:
+    """The run id: the run name plus a hash of the canonical config, so the same work maps to the same id."""
+    from klstore.store import check_label
+
+    name = check_label(config.get("name", "run"), "run name")
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{name}-{digest}"
+
+
+def shard_key(prompt_ids) -> str:
+    from klstore.store import work_key
+
+    return work_key(*prompt_ids)
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import klstore
+
+    return {"klstore": klstore.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+class Worker:
+    """Holds one loaded model; computes and stores shards of prompts."""
+
+    def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
+                 dtype: str = "auto", trust_remote_code: bool = False, loaded=None):
+        from klstore.engine import Engine
+        from klstore.models import load
+        from klstore.store import check_label, open_store
+
+        self.label = check_label(label, "model label")
+        self.store = open_store(store_uri, create=True)
+        if loaded is None:
+            loaded = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.engine = Engine(loaded)
+
+    def compute(self, prompts, job: Job):
+        """PromptOutcome per prompt; a prompt that fails is recorded, the others go on."""
+        from klstore.layerspec import parse_layers
+        from klstore.records import PromptOutcome
+
+        layers = parse_layers(job.layers, self.engine.n_layers, self.label)
+        outcomes = []
+        for prompt in prompts:
+            try:
+                generation = self.engine.generate(self.engine.encode(prompt, job.generation),
+                                                  job.generation)
+                trace = self.engine.trace(generation)
+                matrices = tuple(self.engine.probe(trace, probe, layers, job.divergences, prompt)
+                                 for probe in job.probes)
+                outcomes.append(PromptOutcome(prompt, matrices))
+            except KlstoreError as exc:
+                outcomes.append(PromptOutcome(prompt, error=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - any failure of one prompt is recorded, the run goes on
+                outcomes.append(PromptOutcome(prompt, error=f"{type(exc).__name__}: {exc}"))
+        return outcomes
+
+    def run_shard(self, run_id: str, prompts, job: Job) -> ShardResult:
+        """Compute a shard and write its files; the prompts file goes last (it marks the shard done)."""
+        from klstore import records
+
+        start = time.perf_counter()
+        outcomes = self.compute(prompts, job)
+        key = shard_key([p.id for p in prompts])
+        name = f"part-{key}.parquet"
+        cells = 0
+        for probe in job.probes:
+            rows = records.kl_rows(outcomes, probe.name)
+            cells += rows.num_rows
+            self.store.write("kl", rows, name, model=self.label, probe=probe.name, run_id=run_id)
+        self.store.write("generations", records.generation_rows(outcomes), name,
+                         model=self.label, run_id=run_id)
+        self.store.write("prompts", records.prompt_rows(outcomes), name,
+                         model=self.label, run_id=run_id)
+        failed = sum(1 for o in outcomes if o.status != "ok")
+        return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)
+
+
+def done_prompt_ids(store, model_label: str, run_id: str) -> set[str]:
+    """Prompt ids of (model, run) already in the store's `prompts` table."""
+    from klstore import query
+
+    if not store.files("prompts"):
+        return set()
+    _, rows = query.sql(store, "SELECT prompt_id FROM prompts WHERE model = "
+                        f"'{model_label}' AND run_id = '{run_id}'")
+    return {row[0] for row in rows}
