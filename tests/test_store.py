@@ -1,0 +1,266 @@
+"""The store: round trips through DuckDB, idempotent rewrites, crash safety, compaction, S3."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from klstore import query
+from klstore.cli import main
+from klstore.engine import Engine, GenerationSpec, Prompt
+from klstore.models import from_objects
+from klstore.probes import ProbeSpec
+from klstore.store import open_store
+from klstore.worker import Job, Worker
+from tiny_models import ToyTokenizer, build
+
+PROMPTS = [Prompt(f"p{i}", text, group) for i, (text, group) in enumerate([
+    ("The quick brown fox", "a"), ("jumps over the lazy dog", "a"), ("Hello world, said", "b"),
+    ("One two three four", "b"), ("Sphinx of black quartz", "c")])]
+JOB = Job((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return from_objects("tiny", build("llama"), ToyTokenizer())
+
+
+def _worker(tiny, uri):
+    return Worker("tiny", "tiny-llama", uri, loaded=tiny)
+
+
+def _kl_table(uri):
+    names, rows = query.sql(uri, "SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, "
+                                 "kl, kl_reverse, js, top1_match FROM kl ORDER BY ALL")
+    return rows
+
+
+def test_round_trip_equals_in_memory(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    worker = _worker(tiny, uri)
+    worker.run_shard("r1", PROMPTS[:3], JOB)
+    engine = Engine(tiny)
+    for prompt in PROMPTS[:3]:
+        for matrix in engine.run(prompt, list(JOB.probes), "all", ("kl", "js"), GenerationSpec(4)):
+            _, rows = query.sql(uri, f"SELECT layer, gen_idx, kl, js, kl_reverse, top1_match, "
+                                     f"prompt_group, model FROM kl WHERE prompt_id = '{prompt.id}' "
+                                     f"AND probe = '{matrix.probe}' AND run_id = 'r1' ORDER BY layer, gen_idx")
+            assert len(rows) == len(matrix.layers) * matrix.generation.n
+            kl = np.array([r[2] for r in rows]).reshape(len(matrix.layers), -1)
+            js = np.array([r[3] for r in rows]).reshape(len(matrix.layers), -1)
+            np.testing.assert_array_equal(kl, matrix.values["kl"])
+            np.testing.assert_array_equal(js, matrix.values["js"])
+            assert [r[0] for r in rows[::matrix.generation.n]] == list(matrix.layers)
+            assert all(r[4] is None for r in rows)  # kl_reverse not asked for: null
+            assert [r[5] for r in rows] == matrix.top1_match.reshape(-1).tolist()
+            assert {r[6] for r in rows} == {prompt.group} and {r[7] for r in rows} == {"tiny-llama"}
+    _, gens = query.sql(uri, "SELECT prompt_id, gen_idx, token_id FROM generations ORDER BY ALL")
+    assert len(gens) == 12
+    _, prompts = query.sql(uri, "SELECT prompt_id, status, n_generated FROM prompts ORDER BY ALL")
+    assert prompts == [("p0", "ok", 4), ("p1", "ok", 4), ("p2", "ok", 4)]
+
+
+def test_rerun_replaces_rows(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    worker = _worker(tiny, uri)
+    worker.run_shard("r1", PROMPTS[:2], JOB)
+    first = _kl_table(uri)
+    worker.run_shard("r1", PROMPTS[:2], JOB)
+    assert _kl_table(uri) == first
+    assert len(first) == 2 * 2 * 4 * 4
+
+
+def test_failed_prompt_is_recorded_and_others_go_on(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    too_long = Prompt("long", "x" * 200, "a")  # context is 128
+    _worker(tiny, uri).run_shard("r1", [PROMPTS[0], too_long, PROMPTS[1]], JOB)
+    _, rows = query.sql(uri, "SELECT prompt_id, status, error, n_generated FROM prompts ORDER BY prompt_id")
+    assert rows[0][:2] == ("long", "error") and "exceeds tiny's context of 128" in rows[0][2]
+    assert rows[0][3] == 0 and [r[1] for r in rows[1:]] == ["ok", "ok"]
+    _, count = query.sql(uri, "SELECT count(DISTINCT prompt_id) FROM kl")
+    assert count == [(2,)]
+
+
+def test_interrupted_write_is_invisible_and_reported(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
+    before = _kl_table(uri)
+    script = (
+        "import os, pyarrow as pa\n"
+        "from klstore.store import open_store, KL_SCHEMA\n"
+        "os.replace = lambda *a: os._exit(9)  # die between the write and the rename\n"
+        f"store = open_store({uri!r})\n"
+        "rows = pa.table({n: pa.nulls(3, f.type) for n, f in zip(KL_SCHEMA.names, KL_SCHEMA)})\n"
+        "store.write('kl', rows, 'part-crash.parquet', model='tiny-llama', probe='skip', run_id='r1')\n")
+    crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert crashed.returncode == 9, crashed.stderr
+    store = open_store(uri)
+    leftovers = [p for p in store.files("kl", suffix="") if ".tmp-" in p]
+    assert len(leftovers) == 1
+    assert _kl_table(uri) == before
+    problems = query.verify(store)
+    assert problems["temporary"] == leftovers and not problems["unreadable"] and not problems["duplicates"]
+    assert main(["verify", "--store", uri]) == 1
+    os.unlink(leftovers[0])
+    assert main(["verify", "--store", uri]) == 0
+
+
+def test_verify_reports_unreadable_and_duplicates(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
+    store = open_store(uri)
+    kl_file = store.files("kl")[0]
+    folder = os.path.dirname(kl_file)
+    pq.write_table(pq.read_table(kl_file, partitioning=None), os.path.join(folder, "copy.parquet"))
+    with open(os.path.join(folder, "broken.parquet"), "wb") as handle:
+        handle.write(b"not parquet at all")
+    problems = query.verify(store)
+    assert len(problems["unreadable"]) == 1 and "broken.parquet" in problems["unreadable"][0]
+    assert len(problems["duplicates"]) > 0 and problems["duplicates"][0].startswith("kl:")
+
+
+def test_compact_keeps_every_query_result(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    worker = _worker(tiny, uri)
+    for i in range(len(PROMPTS)):
+        worker.run_shard("r1", PROMPTS[i:i + 1], JOB)
+    store = open_store(uri)
+    queries = ["SELECT * FROM kl ORDER BY ALL", "SELECT * FROM generations ORDER BY ALL",
+               "SELECT * FROM prompts ORDER BY ALL", "SELECT * FROM runs ORDER BY ALL"]
+    aggregate = "SELECT layer, gen_idx, avg(kl), avg(js) FROM kl GROUP BY ALL ORDER BY ALL"
+    before = [query.sql(uri, q) for q in queries]
+    before_agg = query.sql(uri, aggregate)[1]
+    files_before = len(store.files("kl"))
+    assert main(["compact", "--store", uri]) == 0
+    assert [query.sql(uri, q) for q in queries] == before
+    after_agg = query.sql(uri, aggregate)[1]  # float sums may be added in another order
+    assert [r[:2] for r in after_agg] == [r[:2] for r in before_agg]
+    np.testing.assert_allclose([r[2:] for r in after_agg], [r[2:] for r in before_agg], rtol=1e-12)
+    after_agg = query.sql(uri, aggregate)[1]  # float sums may be added in another order
+    assert [r[:2] for r in after_agg] == [r[:2] for r in before_agg]
+    np.testing.assert_allclose([r[2:] for r in after_agg], [r[2:] for r in before_agg], rtol=1e-12)
+    assert len(store.files("kl")) == 2 < files_before
+    assert query.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
+
+
+def test_older_schema_files_stay_readable(tiny, tmp_path):
+    uri = str(tmp_path / "store")
+    _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
+    folder = tmp_path / "store" / "kl" / "model=old" / "probe=logit_lens" / "run_id=r0"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt_id": ["x"], "prompt_group": ["g"], "layer": pa.array([0], pa.int16()),
+                             "gen_idx": pa.array([0], pa.int16()), "kl": pa.array([1.5], pa.float32()),
+                             "top1_match": [True]}), folder / "part-old.parquet")
+    _, rows = query.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")
+    assert rows == [(1.5, None, None)]
+    merged = query.compact(open_store(uri), min_files=1)
+    assert merged
+    assert query.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")[1] == [(1.5, None, None)]
+
+
+def test_print_views_work_in_plain_duckdb(tiny, tmp_path, capsys):
+    uri = str(tmp_path / "store")
+    _worker(tiny, uri).run_shard("r1", PROMPTS[:2], JOB)
+    assert main(["sql", "--print-views", "--store", uri]) == 0
+    statements = capsys.readouterr().out
+    con = duckdb.connect()
+    con.execute(statements)
+    assert con.execute("SELECT count(*) FROM kl").fetchone()[0] == 2 * 2 * 4 * 4
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0  # the worker writes no run row
+
+
+def test_sql_formats(tiny, tmp_path, capsys):
+    uri = str(tmp_path / "store")
+    _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
+    q = "SELECT layer, count(*) AS n FROM kl WHERE probe = 'skip' GROUP BY layer ORDER BY layer"
+    assert main(["sql", q, "--store", uri, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["layer,n", "0,4", "1,4", "2,4", "3,4"]
+    assert main(["sql", q, "--store", uri, "--format", "json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)[0] == {"layer": 0, "n": 4}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sql", "SELEC 1"], "SQL error: Parser Error"),
+    (["sql", "SELECT nope FROM kl"], "SQL error: Binder Error"),
+    (["sql", "SELECT 1", "--format", "xml"], "unknown --format 'xml'"),
+])
+def test_sql_bad_input(tiny, tmp_path, capsys, argv, message):
+    uri = str(tmp_path / "store")
+    _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
+    assert main(argv + ["--store", uri]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_store_is_not_created(tmp_path, capsys):
+    missing = tmp_path / "nothing-here"
+    for argv in (["sql", "SELECT 1"], ["runs"], ["verify"], ["compact"]):
+        assert main(argv + ["--store", str(missing)]) == 2
+        assert f"store {missing} does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+def test_store_bad_input_leaves_store_untouched(tmp_path):
+    from conftest import run_cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", blocker / "store")
+    assert out.returncode == 2 and "cannot create store" in out.stderr and "Traceback" not in out.stderr
+    store = tmp_path / "store"
+    for label, message in [("../x", "model label '../x' cannot name a store folder"),
+                           ("a/b", "model label 'a/b' cannot name a store folder")]:
+        out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", store,
+                      "--label", label)
+        assert out.returncode == 2 and message in out.stderr
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", store, "--run", "/")
+    assert out.returncode == 2 and "run name '/' cannot name a store folder" in out.stderr
+    assert not store.exists()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="klbucket")
+    yield endpoint
+    server.stop()
+
+
+def test_s3_round_trip(tiny, tmp_path, s3_server):
+    uri = "s3://klbucket/experiments/store1"
+    worker = _worker(tiny, uri)
+    worker.run_shard("r1", PROMPTS[:2], JOB)
+    worker.run_shard("r1", PROMPTS[:2], JOB)  # idempotent there too
+    local = str(tmp_path / "local")
+    _worker(tiny, local).run_shard("r1", PROMPTS[:2], JOB)
+    assert _kl_table(uri) == _kl_table(local)
+    assert len(_kl_table(uri)) == 2 * 2 * 4 * 4
+    store = open_store(uri)
+    assert len(store.files("kl")) == 2
+    assert query.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
+    assert main(["compact", "--store", uri]) == 0
+    assert _kl_table(uri) == _kl_table(local)
