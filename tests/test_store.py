@@ -264,3 +264,19 @@ def test_s3_round_trip(tiny, tmp_path, s3_server):
     assert query.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
     assert main(["compact", "--store", uri]) == 0
     assert _kl_table(uri) == _kl_table(local)
+
+
+def test_readme_example_queries_run(tiny, tmp_path):
+    """The five queries in the README's store section run against a real store."""
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("Five queries users want:")[1].split("```sql")[1].split("```")[0]
+    statements = [s.strip() for s in block.split(";") if s.strip()]
+    assert len(statements) == 5
+    uri = str(tmp_path / "store")
+    worker = Worker("tiny", "smollm2-135m", uri, loaded=tiny)  # the label the examples name
+    worker.run_shard("r1", PROMPTS, JOB)
+    for statement in statements:
+        names, rows = query.sql(uri, statement)
+        assert rows, statement

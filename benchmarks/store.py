@@ -1,0 +1,103 @@
+"""Store benchmark: bytes per `kl` row, write rate, and the heatmap aggregation time.
+
+    python benchmarks/store.py [--rows 100000000] [--dir /tmp/klstore-bench]
+
+Synthetic rows shaped like real runs: prompts x 2 models x 2 probes x 30 layers x
+5 tokens, only `kl` asked for (kl_reverse and js null), KL values log-normal
+(full-entropy float mantissas, the hard case for compression). Rows go through
+the real writer (Store.write), one file per shard of prompts. Prints numbers;
+asserts nothing. Targets (issue 3): <= 6 bytes per row; aggregation of one
+model and probe (GROUP BY layer, gen_idx, avg(kl)) <= 5 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from klstore import query  # noqa: E402
+from klstore.store import KL_SCHEMA, open_store  # noqa: E402
+
+LAYERS, TOKENS = 30, 5
+MODELS, PROBES = ("model-a", "model-b"), ("logit_lens", "skip")
+
+
+def shard_table(rng, first_prompt: int, n_prompts: int) -> pa.Table:
+    cells = LAYERS * TOKENS
+    n = n_prompts * cells
+    prompt_ids = np.repeat(np.arange(first_prompt, first_prompt + n_prompts), cells)
+    layer = np.tile(np.repeat(np.arange(LAYERS, dtype=np.int16), TOKENS), n_prompts)
+    gen = np.tile(np.arange(TOKENS, dtype=np.int16), n_prompts * LAYERS)
+    base = np.exp(-layer / 8.0).astype(np.float32) * 12.0
+    kl = (base * rng.lognormal(0.0, 0.5, n).astype(np.float32)).astype(np.float32)
+    ids = pa.array([f"prompt-{i:07d}" for i in range(first_prompt, first_prompt + n_prompts)])
+    groups = pa.array([f"group-{i % 8}" for i in range(first_prompt, first_prompt + n_prompts)])
+    index = pa.array(prompt_ids - first_prompt)
+    return pa.table({
+        "prompt_id": pa.DictionaryArray.from_arrays(index, ids).cast(pa.string()),
+        "prompt_group": pa.DictionaryArray.from_arrays(index, groups).cast(pa.string()),
+        "layer": layer, "gen_idx": gen, "kl": kl,
+        "kl_reverse": pa.nulls(n, pa.float32()), "js": pa.nulls(n, pa.float32()),
+        "top1_match": rng.random(n) < np.exp(-(LAYERS - layer) / 6.0),
+        "n_layers": np.full(n, LAYERS, np.int16),
+    }, schema=KL_SCHEMA)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000_000)
+    parser.add_argument("--dir", default="/tmp/klstore-bench")
+    parser.add_argument("--prompts-per-file", type=int, default=2048)
+    args = parser.parse_args()
+
+    shutil.rmtree(args.dir, ignore_errors=True)
+    store = open_store(args.dir, create=True)
+    per_prompt = LAYERS * TOKENS * len(MODELS) * len(PROBES)
+    n_prompts = max(1, args.rows // per_prompt)
+    rng = np.random.default_rng(0)
+    rows = 0
+    start = time.perf_counter()
+    for first in range(0, n_prompts, args.prompts_per_file):
+        count = min(args.prompts_per_file, n_prompts - first)
+        for model in MODELS:
+            for probe in PROBES:
+                table = shard_table(rng, first, count)
+                store.write("kl", table, f"part-{first:08d}.parquet", model=model, probe=probe, run_id="bench")
+                rows += table.num_rows
+    write_s = time.perf_counter() - start
+    files = store.files("kl")
+    size = sum(os.path.getsize(f) for f in files)
+    print(f"rows written:        {rows:,} in {len(files)} files")
+    print(f"bytes per row:       {size / rows:.2f}  (target <= 6; {size / 2**20:.0f} MiB on disk)")
+    print(f"write rate:          {rows / write_s / 1e6:.2f} M rows/s ({write_s:.1f} s, incl. generating them)")
+
+    con = query.connect(store)
+    heatmap = ("SELECT layer, gen_idx, avg(kl) FROM kl WHERE model = 'model-a' AND probe = 'logit_lens' "
+               "GROUP BY layer, gen_idx ORDER BY layer, gen_idx")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        result = con.execute(heatmap).fetchall()
+        times.append(time.perf_counter() - t0)
+    assert len(result) == LAYERS * TOKENS
+    plan = con.execute("EXPLAIN ANALYZE " + heatmap).fetchall()[0][1]
+    scanned = [line for line in plan.splitlines() if "Files" in line or "files" in line]
+    print(f"heatmap aggregation: {min(times):.2f} s best of 3 (target <= 5 s); first {times[0]:.2f} s")
+    print(f"  one model+probe partition holds {len(store.files('kl')) // 4} of {len(files)} files; "
+          f"plan: {' '.join(s.strip(' │') for s in scanned[:2]) or 'n/a'}")
+    whole = "SELECT model, probe, layer, gen_idx, avg(kl) FROM kl GROUP BY ALL"
+    t0 = time.perf_counter()
+    con.execute(whole).fetchall()
+    print(f"whole-store aggregation (all models and probes), for comparison: {time.perf_counter() - t0:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
