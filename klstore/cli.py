@@ -16,16 +16,9 @@ EXIT_USER_ERROR = 2
 
 
 def _quiet_libraries() -> None:
-    import os
-    import warnings
+    from klstore.models import quiet_libraries
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
 
 
 # ----------------------------------------------------------------- compute
@@ -317,6 +310,38 @@ def cmd_compact(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------- run
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run an experiment config on Ray (RAY_ADDRESS, or a local Ray)")
+    p.add_argument("config", help="experiment config (YAML)")
+    p.add_argument("--store", help="override the config's store")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines (default 10)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from klstore import config as config_module
+
+    cfg = config_module.load(args.config)  # every config error before Ray starts
+    store_uri = args.store or cfg.store
+    from klstore.store import open_store
+
+    open_store(store_uri, create=True)
+    from klstore import runner
+
+    summary = runner.run(cfg, store_uri, progress_every=args.progress_every)
+    from klstore import query
+
+    names, rows = query.sql(store_uri, f"""
+        SELECT k.model, k.probe, count(DISTINCT k.prompt_id) AS prompts, count(*) AS cells,
+               round(avg(k.kl), 4) AS mean_kl, round(avg(k.top1_match::INT), 3) AS top1_rate
+        FROM kl k WHERE k.run_id = '{summary["run_id"]}' GROUP BY ALL ORDER BY ALL""")
+    print(f"run {summary['run_id']} {summary['status']} -> {store_uri}")
+    print(query.format_rows(names, rows, "table"))
+    return 0 if summary["status"] == "completed" else 1
+
+
 # -------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from klstore import __version__
@@ -327,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compute(sub)
     _add_store_commands(sub)
+    _add_run(sub)
     return parser
 
 

@@ -43,6 +43,19 @@ class LoadedModel:
     dtype: object  # torch.dtype
 
 
+def quiet_libraries() -> None:
+    """Silence transformers' progress bars and deprecation chatter (CLI and actors)."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     """KLSTORE_CACHE, else ~/.cache/klstore (created on use, never on import)."""
     return Path(os.environ.get("KLSTORE_CACHE") or Path.home() / ".cache" / "klstore")

@@ -74,9 +74,10 @@ class Worker:
     def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
                  dtype: str = "auto", trust_remote_code: bool = False, loaded=None):
         from klstore.engine import Engine
-        from klstore.models import load
+        from klstore.models import load, quiet_libraries
         from klstore.store import check_label, open_store
 
+        quiet_libraries()
         self.label = check_label(label, "model label")
         self.store = open_store(store_uri, create=True)
         if loaded is None:
