@@ -331,15 +331,20 @@ def cmd_run(args) -> int:
     from klstore import runner
 
     summary = runner.run(cfg, store_uri, progress_every=args.progress_every)
+    print(f"run {summary['run_id']} {summary['status']} -> {store_uri}")
+    print(cmd_runs_summary(store_uri, summary["run_id"]))
+    return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_runs_summary(store_uri: str, run_id: str) -> str:
+    """The printed summary of a run: per model and probe, prompts, cells, mean KL, top-1 rate."""
     from klstore import query
 
     names, rows = query.sql(store_uri, f"""
-        SELECT k.model, k.probe, count(DISTINCT k.prompt_id) AS prompts, count(*) AS cells,
-               round(avg(k.kl), 4) AS mean_kl, round(avg(k.top1_match::INT), 3) AS top1_rate
-        FROM kl k WHERE k.run_id = '{summary["run_id"]}' GROUP BY ALL ORDER BY ALL""")
-    print(f"run {summary['run_id']} {summary['status']} -> {store_uri}")
-    print(query.format_rows(names, rows, "table"))
-    return 0 if summary["status"] == "completed" else 1
+        SELECT model, probe, count(DISTINCT prompt_id) AS prompts, count(*) AS cells,
+               round(avg(kl), 4) AS mean_kl, round(avg(top1_match::INT), 3) AS top1_rate
+        FROM kl WHERE run_id = '{run_id}' GROUP BY ALL ORDER BY ALL""")
+    return query.format_rows(names, rows, "table")
 
 
 # -------------------------------------------------------------------- main

@@ -1,8 +1,9 @@
-"""`make demo`: the built-in end-to-end run on the offline demo models.
+"""`make demo`: the whole pipeline on the built-in default.
 
-Computes logit_lens and skip KL matrices for the first prompts of each group in
-jobs/prompts/demo.jsonl on SmolLM2-135M and Gemma-3-270M, prints them, and
-writes one heatmap PNG per model, prompt and probe under ./klstore-data/demo/.
+A local Ray (or the cluster named by RAY_ADDRESS) runs jobs/demo.yaml: both
+offline demo models, 24 prompts in 3 groups, probes logit_lens and skip, all
+layers, 5 generated tokens, into ./klstore-data; then a summary query, and
+per-model mean heatmaps (logit_lens and skip) under ./klstore-data/demo/.
 """
 
 from __future__ import annotations
@@ -13,51 +14,54 @@ from pathlib import Path
 from klstore.errors import KlstoreError
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_PROMPTS = REPO / "jobs" / "prompts" / "demo.jsonl"
-DEMO_MODELS = ("smollm2-135m", "gemma3-270m")
+DEMO_CONFIG = REPO / "jobs" / "demo.yaml"
 
 
-def run(out_dir: Path = Path("klstore-data/demo"), per_group: int = 2) -> list[Path]:
-    from klstore import plotting
-    from klstore.cli import _quiet_libraries, format_table
-    from klstore.engine import Engine, GenerationSpec
-    from klstore.models import load
-    from klstore.probes import ProbeSpec
-    from klstore.prompts import load_prompts
+def mean_heatmaps(store_uri: str, run_id: str, out_dir: Path) -> list[Path]:
+    """One mean-KL heatmap per model and probe of the run, straight from the store."""
+    import numpy as np
 
-    _quiet_libraries()
-    prompts, taken = [], {}
-    for prompt in load_prompts(DEMO_PROMPTS):
-        if taken.get(prompt.group, 0) < per_group:
-            taken[prompt.group] = taken.get(prompt.group, 0) + 1
-            prompts.append(prompt)
+    from klstore import plotting, query
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    _, rows = query.sql(store_uri, f"""
+        SELECT model, probe, layer, gen_idx, avg(kl) AS mean_kl, count(kl) AS n
+        FROM kl WHERE run_id = '{run_id}' GROUP BY ALL ORDER BY model, probe, layer, gen_idx""")
     written = []
-    for name in DEMO_MODELS:
-        print(f"== loading {name}", flush=True)
-        engine = Engine(load(name))
-        for prompt in prompts:
-            results = engine.run(prompt, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all",
-                                 ("kl",), GenerationSpec(max_new_tokens=5))
-            for matrix in results:
-                print(format_table(matrix), flush=True)
-                path = out_dir / f"{name}-{prompt.id}-{matrix.probe}.png"
-                plotting.save(plotting.HeatmapData(
-                    values=matrix.values["kl"], layers=matrix.layers,
-                    columns=plotting.column_labels(matrix.generation.n, matrix.generation.token_texts),
-                    title=f"{name} | {matrix.probe} | {prompt.id}"), path)
-                written.append(path)
-    print(f"wrote {len(written)} heatmaps under {out_dir}/")
+    grids: dict[tuple[str, str], list] = {}
+    for model, probe, layer, gen_idx, mean_kl, n in rows:
+        grids.setdefault((model, probe), []).append((layer, gen_idx, mean_kl, n))
+    for (model, probe), cells in grids.items():
+        layers = sorted({c[0] for c in cells})
+        n_cols = max(c[1] for c in cells) + 1
+        values = np.full((len(layers), n_cols), np.nan)
+        counts = np.zeros((len(layers), n_cols), dtype=int)
+        for layer, gen_idx, mean_kl, n in cells:
+            values[layers.index(layer), gen_idx] = mean_kl
+            counts[layers.index(layer), gen_idx] = n
+        path = out_dir / f"{model}-{probe}-mean.png"
+        plotting.save(plotting.HeatmapData(
+            values=values, layers=tuple(layers), columns=plotting.column_labels(n_cols),
+            title=f"{model} | {probe} | all prompts (n={int(counts.max())})", counts=counts), path)
+        written.append(path)
     return written
 
 
 def main() -> int:
+    from klstore import config as config_module
+    from klstore import runner
+    from klstore.cli import cmd_runs_summary
+
     try:
-        run()
+        cfg = config_module.load(DEMO_CONFIG)
+        summary = runner.run(cfg, progress_every=15)
+        print(cmd_runs_summary(summary["store"], summary["run_id"]))
+        for path in mean_heatmaps(summary["store"], summary["run_id"], Path(summary["store"]) / "demo"):
+            print(f"wrote {path}")
     except KlstoreError as exc:
         print(f"klstore: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if summary["status"] == "completed" else 1
 
 
 if __name__ == "__main__":

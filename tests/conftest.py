@@ -32,3 +32,33 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "klstore", *map(str, args)], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (loopback, no dashboard) for the whole test run."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A tiny random Llama saved as a normal HF folder with SmolLM2's tokenizer (loads in < 1 s)."""
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    config = transformers.LlamaConfig(
+        vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=smollm2.tokenizer.eos_token_id, bos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,250 @@
+"""The Ray runner: exact rows, resume, a killed actor, a model that cannot load, ray job submit."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import yaml
+
+from klstore import config as config_module
+from klstore import query, runner
+from klstore.errors import KlstoreError
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.real_model
+
+
+def _prompts(path, n, long_every=None):
+    with open(path, "w") as handle:
+        for i in range(n):
+            text = f"Prompt number {i} says that the answer is"
+            if long_every and i % long_every == long_every - 1:
+                text = "many words " * 200  # longer than the tiny model's 256-token context
+            handle.write(json.dumps({"id": f"q{i:03d}", "text": text, "group": f"g{i % 3}"}) + "\n")
+
+
+def _config(tmp_path, model_dir, n_prompts=12, shard_size=4, extra_models=(), **overrides):
+    prompts = tmp_path / "prompts.jsonl"
+    _prompts(prompts, n_prompts, overrides.pop("long_every", None))
+    data = {
+        "name": "t", "store": str(tmp_path / "store"),
+        "models": [{"name": str(model_dir), "label": "tiny", "num_gpus": 0.5}, *extra_models],
+        "prompts": [{"path": str(prompts)}], "probes": ["logit_lens", "skip"],
+        "layers": "all", "generation": {"max_new_tokens": 3}, "divergences": ["kl", "js"],
+        "shard_size": shard_size, **overrides,
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _counts(store):
+    _, rows = query.sql(store, "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM generations), "
+                               "(SELECT count(*) FROM kl), (SELECT count(DISTINCT prompt_id) FROM kl)")
+    return rows[0]
+
+
+def _expected_kl_rows(store):
+    _, rows = query.sql(store, "SELECT sum(n_generated) FROM prompts")
+    return rows[0][0] * 4 * 2  # 4 layers x 2 probes per generated token
+
+
+def test_run_writes_exact_rows_and_rerun_skips(ray_session, tiny_model_dir, tmp_path):
+    cfg = config_module.load(_config(tmp_path, tiny_model_dir, long_every=5))
+    summary = runner.run(cfg, progress_every=1)
+    store = cfg.store
+    assert summary["status"] == "completed"
+    n_prompts, n_gens, n_kl, distinct = _counts(store)
+    assert n_prompts == 12 and distinct == 10 and n_kl == _expected_kl_rows(store) == n_gens * 8
+    _, failed = query.sql(store, "SELECT prompt_id, status FROM prompts WHERE status <> 'ok' ORDER BY 1")
+    assert failed == [("q004", "error"), ("q009", "error")]
+    _, runs = query.sql(store, "SELECT run_id, status, name FROM runs")
+    assert runs == [(summary["run_id"], "completed", "t")]
+    again = runner.run(cfg, progress_every=1)
+    assert again["run_id"] == summary["run_id"] and _counts(store) == (n_prompts, n_gens, n_kl, distinct)
+    assert sum(p.cells for p in again["progress"].values()) == 0  # nothing recomputed
+    assert query.verify(__import__("klstore.store", fromlist=["x"]).open_store(store))["duplicates"] == []
+
+
+def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
+    cfg = config_module.load(_config(tmp_path, tiny_model_dir, n_prompts=16, shard_size=4))
+
+    def crash(label, result):
+        raise KeyboardInterrupt("driver interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, progress_every=1, on_shard_done=crash)
+    _, runs = query.sql(cfg.store, "SELECT status FROM runs")
+    assert runs == [("failed",)]
+    partial = _counts(cfg.store)[0]
+    assert 4 <= partial < 16
+    summary = runner.run(cfg, progress_every=1)
+    assert summary["status"] == "completed"
+    assert summary["progress"]["tiny"].cells < _expected_kl_rows(cfg.store)  # done shards skipped
+    n_prompts, n_gens, n_kl, _ = _counts(cfg.store)
+    assert n_prompts == 16 and n_kl == _expected_kl_rows(cfg.store)
+    _, runs = query.sql(cfg.store, "SELECT status FROM runs")
+    assert runs == [("completed",)]
+
+
+def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, tmp_path):
+    cfg = config_module.load(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30,
+                                     generation={"max_new_tokens": 8}))
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "Worker.run_shard" in cmd:
+                    time.sleep(0.3)  # well inside the shard
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = runner.run(cfg, progress_every=1)
+    thread.join()
+    assert killed, "no actor was seen running a shard"
+    assert summary["status"] == "completed"
+    n_prompts, n_gens, n_kl, distinct = _counts(cfg.store)
+    assert n_prompts == 90 and distinct == 90 and n_kl == _expected_kl_rows(cfg.store)
+    from klstore.store import open_store
+
+    assert query.verify(open_store(cfg.store)) == {"unreadable": [], "temporary": [], "duplicates": []}
+
+
+def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": -1}')
+    cfg = config_module.load(_config(tmp_path, tiny_model_dir, n_prompts=6,
+                                     extra_models=[{"name": str(broken), "label": "broken", "num_gpus": 0.5}]))
+    summary = runner.run(cfg, progress_every=1)
+    assert summary["status"] == "failed"
+    assert "broken" in summary["failed_models"]
+    assert str(broken) in summary["failed_models"]["broken"]
+    _, rows = query.sql(cfg.store, "SELECT model, count(*) FROM prompts GROUP BY model")
+    assert rows == [("tiny", 6)]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layer": "all"}, "cfg.yaml: layer: unknown key"),
+    ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
+    ({"shard_size": 0}, "shard_size must be at least 1"),
+    ({"probes": ["lens"]}, "unknown probe 'lens'"),
+    ({"divergences": "kl"}, "divergences must be a list"),
+    ({"generation": {"max_tokens": 3}}, "generation.max_tokens: unknown key"),
+    ({"models": [{"name": "x", "gpus": 1}]}, "models[0].gpus: unknown key"),
+    ({"models": [{"name": "x", "actors": 0}]}, "models[0].actors must be at least 1"),
+    ({"name": "../up"}, "run name '../up' cannot name a store folder"),
+    ({"layers": "1-x"}, "malformed layer spec"),
+    ({"prompts": [{"path": "/nonexistent.jsonl"}]}, "prompts file not found"),
+])
+def test_config_errors(tmp_path, tiny_model_dir, change, message):
+    path = _config(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(path.read_text())
+    data.update(change)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(KlstoreError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config_module.load(path)
+
+
+def test_config_error_through_cli(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("name: x\nmodels: [smollm2-135m]\nprompts: []\nprobes: [logit_lens]\nlayer: all\n")
+    out = run_cli("run", path)
+    assert out.returncode == 2 and "layer: unknown key" in out.stderr and "Traceback" not in out.stderr
+    path.write_text("name: [unclosed\n")
+    out = run_cli("run", path)
+    assert out.returncode == 2 and "cfg.yaml:" in out.stderr and "invalid YAML" in out.stderr
+
+
+def test_cluster_yaml_matches_ray_schema():
+    import jsonschema
+    import ray
+
+    schema_path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    with open(schema_path) as handle:
+        schema = json.load(handle)
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    assert cluster["available_node_types"]["gpu_worker"]["resources"]["GPU"] >= 1
+    assert any("klstore" in cmd for cmd in cluster["setup_commands"])
+    rayjob = yaml.safe_load((REPO / "jobs" / "rayjob.yaml").read_text())
+    assert rayjob["kind"] == "RayJob" and "jobs/kl_sweep.py" in rayjob["spec"]["entrypoint"]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit(tiny_model_dir, tmp_path):
+    """A real `ray start --head` on loopback plus `ray job submit` of jobs/kl_sweep.py."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # AF_UNIX socket paths must stay short
+    gcs_port, dash_port = _free_port(), _free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's default for clusters; the CLI then sends ~/.ray/auth_token
+    env.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    start = subprocess.run(
+        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        capture_output=True, text=True, env=env, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        cfg = _config(tmp_path, tiny_model_dir, n_prompts=6)
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash_port}",
+             "--runtime-env-json", json.dumps({"working_dir": str(REPO),
+                                               "excludes": [".venv", "klstore-data", ".git"]}),
+             "--", sys.executable, "jobs/kl_sweep.py", str(cfg)],
+            capture_output=True, text=True, env=env, timeout=400)
+        assert submit.returncode == 0, submit.stdout[-1500:] + "\n" + submit.stderr[-700:]
+        assert "succeeded" in submit.stdout
+        store = str(tmp_path / "store")
+        n_prompts, _, n_kl, _ = _counts(store)
+        assert n_prompts == 6 and n_kl == _expected_kl_rows(store)
+        _, runs = query.sql(store, "SELECT status FROM runs")
+        assert runs == [("completed",)]
+    finally:
+        _stop_ray_started_in(temp_dir)
+
+
+def _stop_ray_started_in(temp_dir):
+    """Stop only the Ray processes of the cluster started under temp_dir (not `ray stop`)."""
+    marker = str(temp_dir)
+    procs = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if marker in " ".join(proc.info["cmdline"] or []):
+            procs.append(proc)
+    for proc in procs:
+        for child in proc.children(recursive=True):
+            if child not in procs:
+                procs.append(child)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
