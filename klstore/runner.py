@@ -145,6 +145,7 @@ def _drive(ray, cfg, store, run_id, config_record, queues, progress, in_flight, 
 
     store_uri = store.uri
     start = last_report = time.time()
+    first_ready = None
     while in_flight or ready_refs:
         refs = list(in_flight) + list(ready_refs)
         finished, _ = ray.wait(refs, num_returns=1, timeout=progress_every)
@@ -156,6 +157,7 @@ def _drive(ray, cfg, store, run_id, config_record, queues, progress, in_flight, 
                 except ray.exceptions.RayActorError as exc:
                     _model_failed(progress[model.label], model, exc, queues)
                     continue
+                first_ready = first_ready or time.time()
                 dispatch(model, actor)
                 continue
             model, actor, shard = in_flight.pop(ref)
@@ -198,7 +200,8 @@ def _drive(ray, cfg, store, run_id, config_record, queues, progress, in_flight, 
          f"{sum(p.failed_prompts for p in progress.values())} failed prompts, {cells} cells "
          f"in {elapsed:.1f} s" + "".join(f"; model {k} failed: {v}" for k, v in failed_models.items()))
     return {"run_id": run_id, "status": status, "failed_models": failed_models, "store": store_uri,
-            "progress": progress, "seconds": elapsed}
+            "progress": progress, "seconds": elapsed,
+            "seconds_after_first_actor_ready": time.time() - (first_ready or start)}
 
 
 def _first_line(exc) -> str:
