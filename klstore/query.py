@@ -217,7 +217,7 @@ def compact(store: Store, min_files: int = 2) -> list[tuple[str, int]]:
     a crash in between leaves duplicates that `verify` reports and a rerun of
     `compact` cannot remove; it never loses rows.
     """
-    from klstore.store import FLOAT_COLUMNS
+    from klstore.store import parquet_options
 
     done = []
     for table, (schema, _) in TABLES.items():
@@ -241,8 +241,7 @@ def compact(store: Store, min_files: int = 2) -> list[tuple[str, int]]:
             merged = merged.sort_by(sort_keys)
             name = f"compact-{work_key(*[p.rsplit('/', 1)[-1] for p in paths])}.parquet"
             final = f"{folder}/{name}"
-            floats = [c for c in schema.names if c in FLOAT_COLUMNS]
-            options = dict(compression="zstd", compression_level=6, use_byte_stream_split=floats or False)
+            options = parquet_options(schema)
             if store.is_local:
                 tmp = f"{final}{TMP_MARK}compact"
                 pq.write_table(merged, tmp, **options)

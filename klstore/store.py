@@ -98,6 +98,13 @@ DEFAULT_STORE = "./klstore-data"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """Writer settings for every klstore file: zstd, dictionaries, byte-stream-split floats."""
+    floats = [c for c in schema.names if c in FLOAT_COLUMNS]
+    return dict(compression="zstd", compression_level=6, use_dictionary=True,
+                use_byte_stream_split=floats or False, write_statistics=True)
+
+
 def check_label(value: str, what: str) -> str:
     """A model label, probe or run name used in a path: letters, digits, . _ + - only."""
     if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
@@ -153,9 +160,7 @@ class Store:
         rows = rows.select(schema.names).cast(schema)
         folder = self.table_dir(table, **partitions)
         final = f"{folder}/{filename}"
-        floats = [c for c in schema.names if c in FLOAT_COLUMNS]
-        options = dict(compression="zstd", compression_level=6, use_dictionary=True,
-                       use_byte_stream_split=floats or False, write_statistics=True)
+        options = parquet_options(schema)
         if self.is_local:
             os.makedirs(folder, exist_ok=True)
             tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
