@@ -211,12 +211,16 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         cfg = _config(tmp_path, tiny_model_dir, n_prompts=6)
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash_port}",
-             "--runtime-env-json", json.dumps({"working_dir": str(REPO),
-                                               "excludes": [".venv", "klstore-data", ".git"]}),
-             "--", sys.executable, "jobs/kl_sweep.py", str(cfg)],
-            capture_output=True, text=True, env=env, timeout=400)
+        command = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash_port}",
+                   "--runtime-env-json", json.dumps({"working_dir": str(REPO),
+                                                     "excludes": [".venv", "klstore-data", ".git"]}),
+                   "--", sys.executable, "jobs/kl_sweep.py", str(cfg)]
+        deadline = time.time() + 120
+        while True:  # the dashboard's job agent comes up a little after `ray start` returns
+            submit = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+            if "No available agent" not in submit.stderr + submit.stdout or time.time() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-1500:] + "\n" + submit.stderr[-700:]
         assert "succeeded" in submit.stdout
         store = str(tmp_path / "store")
