@@ -206,7 +206,11 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
     start = subprocess.run(
         [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # free ports for the agents: the shared test-session Ray already holds the defaults
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         capture_output=True, text=True, env=env, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
