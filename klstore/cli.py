@@ -90,12 +90,11 @@ def cmd_compute(args) -> int:
                   trust_remote_code=args.trust_remote_code)
     engine = Engine(loaded)
     layers = parse_layers(args.layers, engine.n_layers, loaded.label)
-    encoded = [engine.encode(prompt, spec) for prompt in prompts]  # all checked before any work
+    for prompt in prompts:  # every prompt is checked (empty, too long) before any work
+        engine.encode(prompt, spec)
     results = []
-    for prompt, ids in zip(prompts, encoded):
-        generation = engine.generate(ids, spec)
-        trace = engine.trace(generation)
-        matrices = [engine.probe(trace, probe, layers, divergences, prompt) for probe in probes]
+    for prompt in prompts:
+        matrices = engine.run(prompt, probes, layers, divergences, spec)
         results.append(matrices)
         if not args.json:
             for matrix in matrices:
@@ -111,48 +110,50 @@ def cmd_compute(args) -> int:
 
 
 def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
-    """compute --store: shards of prompts written as they finish; failed prompts recorded."""
-    import hashlib
+    """compute --store: a one-model run in this process, with the same run id and shard
+    files as `klstore run` of the equivalent config; failed prompts are recorded."""
     import time
 
+    from klstore.config import ExperimentConfig, ModelConfig
     from klstore.store import check_label, model_label, open_store
-    from klstore.worker import Job, Worker, done_prompt_ids, run_id_for, versions
+    from klstore.worker import Job, Worker, pending_shards, run_id_for, versions
 
     if args.shard_size <= 0:
         raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
     label = check_label(args.label or model_label(args.model), "model label")
-    job = Job(tuple(probes), args.layers, divergences, spec)
-    digest = hashlib.sha256("\n".join(f"{p.id}\t{p.group}\t{p.text}\t{p.source}" for p in prompts)
-                            .encode()).hexdigest()
-    config = {"name": check_label(args.run, "run name"), "models": [{"name": args.model, "label": label}],
-              "prompts_sha256": digest, **job.describe()}
+    model = ModelConfig(args.model, label, dtype=args.dtype, device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+    cfg = ExperimentConfig(check_label(args.run, "run name"), args.store, (model,),
+                           (args.prompts,) if args.prompts else (), tuple(probes), args.layers, spec,
+                           divergences, args.shard_size, source="klstore compute", prompts=tuple(prompts))
     store = open_store(args.store, create=True)  # unwritable: fails before the model loads
-    run_id = run_id_for(config)
+    identity = cfg.identity()
+    run_id = run_id_for(identity)
+    record = {**identity, "store": args.store, "source": cfg.source}
     _quiet_libraries()
     worker = Worker(args.model, label, args.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)
     from klstore.layerspec import parse_layers
 
     parse_layers(args.layers, worker.engine.n_layers, label)
-    store.write_run(run_id, args.run, "running", config, versions())
-    done = done_prompt_ids(store, label, run_id)
-    shards = [prompts[i:i + args.shard_size] for i in range(0, len(prompts), args.shard_size)]
-    todo = [s for s in shards if not {p.id for p in s} <= done]
+    job = Job(cfg.probes, cfg.layers, cfg.divergences, cfg.generation)
+    store.write_run(run_id, cfg.name, "running", record, versions())
+    shards, todo = pending_shards(store, label, run_id, cfg.prompts, cfg.shard_size)
     print(f"run {run_id}: {len(prompts)} prompts in {len(shards)} shards, "
           f"{len(shards) - len(todo)} already done", file=sys.stderr)
-    finished, failed, cells, start = sum(len(s) for s in shards) - sum(len(s) for s in todo), 0, 0, time.time()
+    finished = len(prompts) - sum(len(s) for s in todo)
+    failed = cells = 0
+    start = time.time()
     try:
         for shard in todo:
             result = worker.run_shard(run_id, shard, job)
-            finished += result.prompts
-            failed += result.failed
-            cells += result.cells
+            finished, failed, cells = finished + result.prompts, failed + result.failed, cells + result.cells
             rate = cells / max(time.time() - start, 1e-9)
             print(f"[{label}] {finished}/{len(prompts)} prompts, {rate:.0f} cells/s", file=sys.stderr)
     except BaseException:
-        store.write_run(run_id, args.run, "failed", config, versions())
+        store.write_run(run_id, cfg.name, "failed", record, versions())
         raise
-    store.write_run(run_id, args.run, "completed", config, versions())
+    store.write_run(run_id, cfg.name, "completed", record, versions())
     print(f"run {run_id} completed: {len(prompts)} prompts ({failed} failed) into {args.store}")
     return 0
 

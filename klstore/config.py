@@ -88,6 +88,16 @@ def _check_keys(mapping, allowed: set[str], source: str, prefix: str) -> None:
                                f"(allowed: {', '.join(sorted(allowed))})")
 
 
+def _entry(entry, main_key: str, allowed: set[str], source: str, prefix: str) -> dict:
+    """A list entry given as a plain string (its `main_key`) or as a mapping with that key."""
+    if isinstance(entry, str):
+        entry = {main_key: entry}
+    _check_keys(entry, allowed, source, prefix)
+    if main_key not in entry:
+        raise KlstoreError(f"{_where(source, prefix + main_key)}: missing (required)")
+    return entry
+
+
 def _typed(value, types, source: str, key: str, what: str):
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise KlstoreError(f"{_where(source, key)} must be {what}, got {value!r}")
@@ -114,11 +124,7 @@ def parse(data, source: str = "config", base_dir: Path | None = None) -> Experim
     models = []
     for i, entry in enumerate(_typed(data["models"], list, source, "models", "a list")):
         key = f"models[{i}]."
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        _check_keys(entry, _MODEL_KEYS, source, key)
-        if "name" not in entry:
-            raise KlstoreError(f"{_where(source, key + 'name')}: missing (required)")
+        entry = _entry(entry, "name", _MODEL_KEYS, source, key)
         model_name = _typed(entry["name"], str, source, key + "name", "a string")
         label = check_label(_typed(entry.get("label", model_label(model_name)), str, source,
                                    key + "label", "a string"), "model label")
@@ -145,11 +151,7 @@ def parse(data, source: str = "config", base_dir: Path | None = None) -> Experim
     paths, prompts, seen = [], [], {}
     for i, entry in enumerate(_typed(data["prompts"], list, source, "prompts", "a list")):
         key = f"prompts[{i}]."
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        _check_keys(entry, _PROMPT_KEYS, source, key)
-        if "path" not in entry:
-            raise KlstoreError(f"{_where(source, key + 'path')}: missing (required)")
+        entry = _entry(entry, "path", _PROMPT_KEYS, source, key)
         path = Path(_typed(entry["path"], str, source, key + "path", "a string"))
         if not path.is_absolute() and base_dir is not None and not path.exists():
             path = base_dir / path

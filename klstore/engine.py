@@ -102,12 +102,11 @@ class _StopForward(Exception):
 
 @dataclass
 class Trace:
-    """The clean teacher-forced pass. inputs[k], outputs[k]: block k's (1, T, H) input and output."""
+    """The clean teacher-forced pass. outputs[k]: block k's (1, T, H) output."""
 
     generation: Generation
     input_ids: torch.Tensor  # (1, T)
     positions: torch.Tensor  # (n,) positions predicting Gen0..Gen{n-1}
-    inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
     ref_logp: torch.Tensor  # (n, V) log P_t, float32+
     returns_tuple: bool
@@ -212,14 +211,10 @@ class Engine:
         input_ids = torch.tensor([sequence], device=self.device)
         first = len(generation.prompt_ids) - 1
         positions = torch.arange(first, first + generation.n, device=self.device)
-        inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
         kinds: list[bool] = []
         last = self.n_layers - 1
         handles = []
-
-        def pre_hook(_module, args, kwargs):
-            inputs.append(_hidden_arg(args, kwargs))
 
         def post_hook(module, _args, _kwargs, output):
             kinds.append(isinstance(output, tuple))
@@ -228,7 +223,6 @@ class Engine:
                 raise _StopForward(outputs[-1])
 
         for block in self.adapter.blocks:
-            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
         try:
             self.model(input_ids=input_ids, use_cache=False)
@@ -242,21 +236,22 @@ class Engine:
             raise KlstoreError(
                 f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, saw {len(outputs)}")
         ref_logp = self.adapter.log_probs(outputs[last][0, positions])
-        return Trace(generation, input_ids, positions, inputs, outputs, ref_logp, kinds[0])
+        return Trace(generation, input_ids, positions, outputs, ref_logp, kinds[0])
 
     # -------------------------------------------------------------------- probes
     def _rows_per_chunk(self, n_tokens: int, vocab: int) -> int:
         per_row = 4 * n_tokens * vocab * 3  # log Q plus temporaries of the divergences
         return max(1, self.chunk_bytes // max(per_row, 1))
 
-    @torch.no_grad()
-    def sweep(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...]):
-        """Yield (layer chunk, log Q (R, n, V)) for an intervention probe, R rows per chunk."""
-        vocab = trace.ref_logp.shape[-1]
-        step = self._rows_per_chunk(trace.generation.n, vocab)
+    def _log_q(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...]):
+        """Yield (layer chunk, log Q (R, n, V)), R rows per chunk within the memory budget."""
+        step = self._rows_per_chunk(trace.generation.n, trace.ref_logp.shape[-1])
         for start in range(0, len(layers), step):
             chunk = layers[start:start + step]
-            final = self._run_rows(trace, spec, chunk)
+            if spec.is_readout:  # logit lens: decode the recorded block outputs
+                final = torch.stack([trace.outputs[l][0] for l in chunk])
+            else:  # an intervention: the layer sweep
+                final = self._run_rows(trace, spec, chunk)
             yield chunk, self.adapter.log_probs(final[:, trace.positions])
 
     def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...]) -> torch.Tensor:
@@ -351,16 +346,6 @@ class Engine:
             layers=tuple(layers), n_layers_total=self.n_layers, generation=gen, values=values,
             top1_match=top1, gen_logprob=logprob.astype(np.float32),
             gen_entropy=entropy.astype(np.float32), errors=tuple(errors))
-
-    def _log_q(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...]):
-        if spec.is_readout:
-            step = self._rows_per_chunk(trace.generation.n, trace.ref_logp.shape[-1])
-            for start in range(0, len(layers), step):
-                chunk = layers[start:start + step]
-                hidden = torch.stack([trace.outputs[l][0, trace.positions] for l in chunk])
-                yield chunk, self.adapter.log_probs(hidden)
-        else:
-            yield from self.sweep(trace, spec, layers)
 
     # ---------------------------------------------------------------- one call
     def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",

@@ -72,7 +72,7 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
     If the driver itself fails, the run is marked failed; running it again resumes.
     """
     from klstore.store import open_store
-    from klstore.worker import Worker, done_prompt_ids, run_id_for, versions
+    from klstore.worker import Worker, pending_shards, run_id_for, versions
 
     store_uri = store_uri or cfg.store
     store = open_store(store_uri, create=True)
@@ -83,15 +83,13 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     store.write_run(run_id, cfg.name, "running", config_record, versions())
 
-    shards = [cfg.prompts[i:i + cfg.shard_size] for i in range(0, len(cfg.prompts), cfg.shard_size)]
     from klstore.worker import Job
 
     job = Job(cfg.probes, cfg.layers, cfg.divergences, cfg.generation)
     remote_worker = ray.remote(Worker)
     queues, progress, pools = {}, {}, {}
     for model in cfg.models:
-        done = done_prompt_ids(store, model.label, run_id)
-        todo = [s for s in shards if not {p.id for p in s} <= done]
+        shards, todo = pending_shards(store, model.label, run_id, cfg.prompts, cfg.shard_size)
         progress[model.label] = ModelProgress(model.label, len(shards), len(cfg.prompts),
                                               prompts_done=sum(len(s) for s in shards) - sum(len(s) for s in todo))
         queues[model.label] = list(todo)

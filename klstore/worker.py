@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
 
@@ -24,13 +24,6 @@ class Job:
     divergences: tuple[str, ...] = ("kl",)
     generation: object = None  # GenerationSpec
 
-    def describe(self) -> dict:
-        return {
-            "probes": [{"name": p.name, **p.params} for p in self.probes],
-            "layers": self.layers,
-            "divergences": list(self.divergences),
-            "generation": asdict(self.generation),
-        }
 
 
 @dataclass(frozen=True)
@@ -93,12 +86,9 @@ class Worker:
         outcomes = []
         for prompt in prompts:
             try:
-                generation = self.engine.generate(self.engine.encode(prompt, job.generation),
-                                                  job.generation)
-                trace = self.engine.trace(generation)
-                matrices = tuple(self.engine.probe(trace, probe, layers, job.divergences, prompt)
-                                 for probe in job.probes)
-                outcomes.append(PromptOutcome(prompt, matrices))
+                matrices = self.engine.run(prompt, list(job.probes), layers, job.divergences,
+                                           job.generation)
+                outcomes.append(PromptOutcome(prompt, tuple(matrices)))
             except KlstoreError as exc:
                 outcomes.append(PromptOutcome(prompt, error=str(exc)))
             except Exception as exc:  # noqa: BLE001 - any failure of one prompt is recorded, the run goes on
@@ -124,6 +114,14 @@ class Worker:
                          model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
         return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)
+
+
+def pending_shards(store, model_label: str, run_id: str, prompts, shard_size: int):
+    """(all shards, shards still to do): fixed slices of `shard_size` prompts, minus those whose
+    prompts are all in the store already. Slicing before filtering keeps shard keys stable."""
+    shards = [tuple(prompts[i:i + shard_size]) for i in range(0, len(prompts), shard_size)]
+    done = done_prompt_ids(store, model_label, run_id)
+    return shards, [s for s in shards if not {p.id for p in s} <= done]
 
 
 def done_prompt_ids(store, model_label: str, run_id: str) -> set[str]:
