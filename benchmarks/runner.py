@@ -46,7 +46,7 @@ def main() -> None:
     def cfg(store, actors):
         return config_module.parse({
             "name": "bench", "store": store,
-            "models": [{"name": "smollm2-135m", "actors": actors, "num_cpus": 1}],
+            "models": [{"name": "smollm2-135m", "actors": actors}],
             "prompts": [prompts_path], "probes": ["logit_lens", "skip"], "layers": "all",
             "generation": {"max_new_tokens": 5}, "divergences": ["kl"], "shard_size": args.shard_size})
 

@@ -39,7 +39,7 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"
     num_gpus: float = 1.0
-    num_cpus: float = 1.0
+    num_cpus: float | None = None  # None: 1 with GPUs, else the CPUs divided among all actors
     actors: int | None = None  # None: as many as the cluster's resources allow
     trust_remote_code: bool = False
 
@@ -132,14 +132,16 @@ def parse(data, source: str = "config", base_dir: Path | None = None) -> Experim
         if actors is not None and (_typed(actors, int, source, key + "actors", "an integer") < 1):
             raise KlstoreError(f"{_where(source, key + 'actors')} must be at least 1, got {actors}")
         num_gpus = _typed(entry.get("num_gpus", 1), (int, float), source, key + "num_gpus", "a number")
-        num_cpus = _typed(entry.get("num_cpus", 1), (int, float), source, key + "num_cpus", "a number")
-        if num_gpus < 0 or num_cpus <= 0:
+        num_cpus = entry.get("num_cpus", "auto")
+        if num_cpus != "auto":
+            _typed(num_cpus, (int, float), source, key + "num_cpus", "a number or auto")
+        if num_gpus < 0 or (num_cpus != "auto" and num_cpus <= 0):
             raise KlstoreError(f"{_where(source, key + 'num_gpus/num_cpus')} must be positive")
         models.append(ModelConfig(
             name=model_name, label=label,
             dtype=_typed(entry.get("dtype", "auto"), str, source, key + "dtype", "a string"),
             device=_typed(entry.get("device", "auto"), str, source, key + "device", "a string"),
-            num_gpus=float(num_gpus), num_cpus=float(num_cpus), actors=actors,
+            num_gpus=float(num_gpus), num_cpus=None if num_cpus == "auto" else float(num_cpus), actors=actors,
             trust_remote_code=_typed(entry.get("trust_remote_code", False), bool, source,
                                      key + "trust_remote_code", "true or false")))
     if not models:

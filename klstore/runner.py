@@ -54,14 +54,24 @@ def _init_ray(num_cpus: int | None = None):
     return ray
 
 
-def _actor_count(ray, model, n_models: int) -> int:
+def _actor_count(resources: dict, model, n_models: int) -> int:
+    """Configured `actors`, else as many as the cluster holds (models share it evenly)."""
     if model.actors:
         return model.actors
-    resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     if gpus and model.num_gpus > 0:
         return max(1, int(gpus / model.num_gpus / n_models))
-    return max(1, int(resources.get("CPU", 1) / model.num_cpus / n_models))
+    return max(1, int(resources.get("CPU", 1) / (model.num_cpus or 1) / n_models))
+
+
+def _actor_cpus(resources: dict, model, total_actors: int) -> float:
+    """Configured `num_cpus`, else 1 beside a GPU, else the CPUs divided among all actors
+    (Ray sets each actor's OMP_NUM_THREADS from it, so a lone actor uses every core)."""
+    if model.num_cpus is not None:
+        return model.num_cpus
+    if resources.get("GPU", 0) and model.num_gpus > 0:
+        return 1.0
+    return float(max(1, int(resources.get("CPU", 1) // max(total_actors, 1))))
 
 
 def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
@@ -95,20 +105,25 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
         queues[model.label] = list(todo)
         _say(f"[{model.label}] {len(shards) - len(todo)} of {len(shards)} shards already in the store")
 
+    resources = ray.cluster_resources()
+    counts = {m.label: min(_actor_count(resources, m, len(cfg.models)), len(queues[m.label]))
+              for m in cfg.models}
+    cpus = {m.label: _actor_cpus(resources, m, sum(counts.values())) for m in cfg.models}
+
     def new_actor(model):
-        options = {"num_cpus": model.num_cpus, "max_restarts": 0}
+        options = {"num_cpus": cpus[model.label], "max_restarts": 0}
         if has_gpu and model.num_gpus > 0:
             options["num_gpus"] = model.num_gpus
         return remote_worker.options(**options).remote(
             model.name, model.label, store_uri, device=model.device, dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code)
+            trust_remote_code=model.trust_remote_code, num_threads=int(cpus[model.label]))
 
     in_flight = {}  # ObjectRef -> (model, actor, shard)
     ready_refs = {}  # ObjectRef of actor readiness -> (model, actor)
     for model in cfg.models:
         if not queues[model.label]:
             continue
-        count = min(_actor_count(ray, model, len(cfg.models)), len(queues[model.label]))
+        count = counts[model.label]
         pools[model.label] = []
         for _ in range(count):
             actor = new_actor(model)

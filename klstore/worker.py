@@ -65,12 +65,17 @@ class Worker:
     """Holds one loaded model; computes and stores shards of prompts."""
 
     def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
-                 dtype: str = "auto", trust_remote_code: bool = False, loaded=None):
+                 dtype: str = "auto", trust_remote_code: bool = False, loaded=None,
+                 num_threads: int | None = None):
         from klstore.engine import Engine
         from klstore.models import load, quiet_libraries
         from klstore.store import check_label, open_store
 
         quiet_libraries()
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
         self.label = check_label(label, "model label")
         self.store = open_store(store_uri, create=True)
         if loaded is None:
