@@ -30,7 +30,7 @@ from klstore.adapter import Adapter
 from klstore.errors import KlstoreError
 from klstore.layerspec import parse_layers
 from klstore.models import LoadedModel
-from klstore.probes import BlockSite, ProbeSpec, intervene
+from klstore.probes import BlockSite, ProbeContext, ProbeSpec, intervene
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.chunk_bytes = chunk_bytes
+        self._steer_cache: dict = {}
         self.adapter = Adapter.discover(self.model)
         self.n_layers = self.adapter.n_layers
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -146,7 +147,7 @@ class Engine:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._eos = self._eos_ids()
         text_config = self.model.config.get_text_config()
-        self.context = getattr(text_config, "max_position_embeddings", None) or getattr(
+        self.context_length = getattr(text_config, "max_position_embeddings", None) or getattr(
             text_config, "n_positions", None)
 
     # ------------------------------------------------------------------ prompts
@@ -172,10 +173,10 @@ class Engine:
             ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         else:
             ids = list(self.tokenizer(prompt.text)["input_ids"])
-        if self.context and len(ids) + spec.max_new_tokens > self.context:
+        if self.context_length and len(ids) + spec.max_new_tokens > self.context_length:
             raise KlstoreError(
                 f"prompt {prompt.id!r} has {len(ids)} tokens; with {spec.max_new_tokens} new tokens "
-                f"that exceeds {self.loaded.label}'s context of {self.context}")
+                f"that exceeds {self.loaded.label}'s context of {self.context_length}")
         return ids
 
     @torch.no_grad()
@@ -205,25 +206,20 @@ class Engine:
 
     # -------------------------------------------------------------------- trace
     @torch.no_grad()
-    def trace(self, generation: Generation) -> Trace:
-        """One clean teacher-forced pass over prompt + continuation (minus its last token)."""
-        sequence = list(generation.prompt_ids) + list(generation.token_ids[:-1])
-        input_ids = torch.tensor([sequence], device=self.device)
-        first = len(generation.prompt_ids) - 1
-        positions = torch.arange(first, first + generation.n, device=self.device)
+    def _record(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+        """Every block's output (B, T, H) in one clean forward that stops after the last block.
+        Also returns whether the blocks return tuples (older transformers) or tensors."""
         outputs: list[torch.Tensor] = []
         kinds: list[bool] = []
-        last = self.n_layers - 1
-        handles = []
+        last = self.adapter.blocks[self.n_layers - 1]
 
-        def post_hook(module, _args, _kwargs, output):
+        def post_hook(module, _args, output):
             kinds.append(isinstance(output, tuple))
             outputs.append(output[0] if isinstance(output, tuple) else output)
-            if module is self.adapter.blocks[last]:
+            if module is last:
                 raise _StopForward(outputs[-1])
 
-        for block in self.adapter.blocks:
-            handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+        handles = [block.register_forward_hook(post_hook) for block in self.adapter.blocks]
         try:
             self.model(input_ids=input_ids, use_cache=False)
             raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
@@ -235,15 +231,82 @@ class Engine:
         if len(outputs) != self.n_layers:
             raise KlstoreError(
                 f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, saw {len(outputs)}")
-        ref_logp = self.adapter.log_probs(outputs[last][0, positions])
-        return Trace(generation, input_ids, positions, outputs, ref_logp, kinds[0])
+        return outputs, kinds[0]
+
+    def trace(self, generation: Generation) -> Trace:
+        """One clean teacher-forced pass over prompt + continuation (minus its last token)."""
+        sequence = list(generation.prompt_ids) + list(generation.token_ids[:-1])
+        input_ids = torch.tensor([sequence], device=self.device)
+        first = len(generation.prompt_ids) - 1
+        positions = torch.arange(first, first + generation.n, device=self.device)
+        outputs, as_tuple = self._record(input_ids)
+        with torch.no_grad():
+            ref_logp = self.adapter.log_probs(outputs[-1][0, positions])
+        return Trace(generation, input_ids, positions, outputs, ref_logp, as_tuple)
+
+    def last_position_outputs(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Block outputs at the prompt's last position: (n_layers, H), float32."""
+        outputs, _ = self._record(torch.tensor([prompt_ids], device=self.device))
+        return torch.stack([out[0, -1].float() for out in outputs])
+
+    # ---------------------------------------------------------- probe set-up
+    def prepare(self, spec: ProbeSpec, generation_spec: "GenerationSpec | None" = None) -> None:
+        """Check a probe against this model before any work (and compute what it needs once):
+        ablations need recognisable sub-layers, steering vectors the right shape."""
+        if spec.name in ("ablate_attn", "ablate_mlp"):
+            which = spec.name.removeprefix("ablate_")
+            for k, block in enumerate(self.adapter.blocks):
+                self.adapter.sublayer(block, which, k)
+        if spec.name == "steer":
+            self.steer_vectors(spec, generation_spec or GenerationSpec())
+
+    def steer_vectors(self, spec: ProbeSpec, generation_spec: "GenerationSpec") -> torch.Tensor:
+        """(n_layers, H) steering vectors: from the file, or mean(positive) - mean(negative) of
+        block outputs at each prompt's last position. Cached per probe; saved if asked."""
+        key = spec.key()
+        if key in self._steer_cache:
+            return self._steer_cache[key]
+        hidden = self.model.get_output_embeddings().weight.shape[1]
+        params = spec.params
+        if "vector" in params:
+            from klstore.probes import load_vector
+
+            vectors = load_vector(params["vector"], self.n_layers, hidden)
+        else:
+            from klstore.prompts import load_prompts
+
+            means = []
+            for path in (params["positive"], params["negative"]):
+                acts = [self.last_position_outputs(self.encode(p, generation_spec)) for p in load_prompts(path)]
+                means.append(torch.stack(acts).mean(0))
+            vectors = (means[0] - means[1]).cpu()
+            if "save" in params:
+                from klstore.probes import save_vector
+
+                save_vector(params["save"], vectors)
+        self._steer_cache[key] = vectors
+        return vectors
+
+    def probe_context(self, spec: ProbeSpec, prompt: Prompt, generation: Generation,
+                generation_spec: "GenerationSpec") -> ProbeContext:
+        """What the probe needs for this prompt (steering vectors, the patch source)."""
+        ctx = ProbeContext(prompt.id)
+        if spec.name == "steer":
+            ctx.steer_vectors = self.steer_vectors(spec, generation_spec)
+        if spec.name == "patch":
+            if not prompt.source:
+                raise KlstoreError(f"prompt {prompt.id!r} has no source (the patch probe needs one)")
+            source = Prompt(f"{prompt.id}:source", prompt.source, prompt.group)
+            ctx.source_last = self.last_position_outputs(self.encode(source, generation_spec))
+            ctx.patch_position = len(generation.prompt_ids) - 1
+        return ctx
 
     # -------------------------------------------------------------------- probes
     def _rows_per_chunk(self, n_tokens: int, vocab: int) -> int:
         per_row = 4 * n_tokens * vocab * 3  # log Q plus temporaries of the divergences
         return max(1, self.chunk_bytes // max(per_row, 1))
 
-    def _log_q(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...]):
+    def _log_q(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext):
         """Yield (layer chunk, log Q (R, n, V)), R rows per chunk within the memory budget."""
         step = self._rows_per_chunk(trace.generation.n, trace.ref_logp.shape[-1])
         for start in range(0, len(layers), step):
@@ -251,10 +314,11 @@ class Engine:
             if spec.is_readout:  # logit lens: decode the recorded block outputs
                 final = torch.stack([trace.outputs[l][0] for l in chunk])
             else:  # an intervention: the layer sweep
-                final = self._run_rows(trace, spec, chunk)
+                final = self._run_rows(trace, spec, chunk, context)
             yield chunk, self.adapter.log_probs(final[:, trace.positions])
 
-    def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...]) -> torch.Tensor:
+    def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
+                  context: ProbeContext) -> torch.Tensor:
         """Forward a batch where row r intervenes at block row_layers[r]; returns last block output (R, T, H)."""
         batch = len(row_layers)
         row_layer = torch.tensor(row_layers, device=self.device)
@@ -287,8 +351,9 @@ class Engine:
                         hidden_in=hidden[here],
                         clean_out=trace.outputs[k].expand(here.numel(), -1, -1),
                         run=lambda x, rows=here: run(rows, x),
+                        sublayer=lambda which, k=k, block=block: self.adapter.sublayer(block, which, k),
                     )
-                    out[here] = intervene(spec, site)
+                    out[here] = intervene(spec, site, context)
                 if k == last:
                     raise _StopForward(out)
                 return (out,) if trace.returns_tuple else out
@@ -319,14 +384,16 @@ class Engine:
 
     @torch.no_grad()
     def probe(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
-              divergences: tuple[str, ...], prompt: Prompt) -> KLMatrix:
-        """KL matrix of one probe over `layers` for a traced prompt."""
+              divergences: tuple[str, ...], prompt: Prompt,
+              context: ProbeContext | None = None) -> KLMatrix:
+        """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`)."""
         gen = trace.generation
         gen_ids = torch.tensor(gen.token_ids, device=self.device)
         values = {d: np.full((len(layers), gen.n), np.nan, dtype=np.float32) for d in divergences}
         top1 = np.zeros((len(layers), gen.n), dtype=bool)
         row_of = {layer: i for i, layer in enumerate(layers)}
-        for chunk, logq in self._log_q(trace, spec, layers):
+        context = context or ProbeContext(prompt.id)
+        for chunk, logq in self._log_q(trace, spec, layers, context):
             rows = [row_of[layer] for layer in chunk]
             result = divergence.compute(divergences, trace.ref_logp.unsqueeze(0), logq)
             for name, tensor in result.items():
@@ -356,5 +423,6 @@ class Engine:
         divergences = divergence.check_names(divergences)
         generation = self.generate(self.encode(prompt, spec), spec)
         trace = self.trace(generation)
-        return [self.probe(trace, probe, layers, divergences, prompt) for probe in probes]
+        return [self.probe(trace, probe, layers, divergences, prompt,
+                           self.probe_context(probe, prompt, generation, spec)) for probe in probes]
 

@@ -46,9 +46,30 @@ def divergences64(logits_p, logits_q):
     return {"kl": kl, "kl_reverse": kl_rev, "js": js}
 
 
+def _sublayer(block, which):
+    names = ("self_attn", "attn", "attention") if which == "attn" else ("mlp", "feed_forward")
+    return next(getattr(block, n) for n in names if hasattr(block, n))
+
+
+def _block_outputs_at_last(model64, ids):
+    """(n_layers, H) block outputs at the last position, by hooks on a full forward."""
+    captured = []
+    blocks = _blocks(model64)
+    handles = [b.register_forward_hook(lambda m, a, o: captured.append(_first(o)[0, -1])) for b in blocks]
+    model64(input_ids=torch.tensor([ids]), use_cache=False)
+    for h in handles:
+        h.remove()
+    return torch.stack(captured)
+
+
 @torch.no_grad()
-def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers):
-    """{divergence: (len(layers), n_gen) float64} and top1 (len(layers), n_gen) for logit_lens / skip."""
+def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params=None):
+    """{divergence: (len(layers), n_gen) float64} and top1 (len(layers), n_gen).
+
+    params (interventions): noise {scale, seed, prompt_id}, steer {alpha, vectors (L, H)},
+    patch {source_ids}.
+    """
+    params = params or {}
     ids = torch.tensor([sequence])
     pos = list(range(n_prompt - 1, n_prompt - 1 + n_gen))
     clean = model64(input_ids=ids, use_cache=False).logits[0, pos]
@@ -62,6 +83,34 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers):
             model64(input_ids=ids, use_cache=False)
             handle.remove()
             q = _softcap(model64, model64.get_output_embeddings()(_final_norm(model64)(store["h"])))[0, pos]
+        elif probe in ("ablate_attn", "ablate_mlp"):
+            def zero(module, args, output):
+                if isinstance(output, tuple):
+                    return (torch.zeros_like(output[0]),) + tuple(output[1:])
+                return torch.zeros_like(output)
+            handle = _sublayer(blocks[layer], probe.removeprefix("ablate_")).register_forward_hook(zero)
+            q = model64(input_ids=ids, use_cache=False).logits[0, pos]
+            handle.remove()
+        elif probe in ("noise", "steer", "patch"):
+            from klstore.probes import noise_tensor  # the seeded noise itself is shared by design
+
+            def change(module, args, output, layer=layer):
+                h = _first(output)
+                if probe == "noise":
+                    rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+                    noise = noise_tensor(params["seed"], params["prompt_id"], layer, h.shape[1:]).double()
+                    new = h + params["scale"] * rms * noise
+                elif probe == "steer":
+                    new = h + params["alpha"] * params["vectors"][layer].double()
+                else:
+                    new = h.clone()
+                    new[0, n_prompt - 1] = source[layer]
+                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+            if probe == "patch":
+                source = _block_outputs_at_last(model64, params["source_ids"])
+            handle = blocks[layer].register_forward_hook(change)
+            q = model64(input_ids=ids, use_cache=False).logits[0, pos]
+            handle.remove()
         elif probe == "skip":
             def replace(module, args, kwargs, output):
                 hidden = args[0] if args else kwargs["hidden_states"]
