@@ -31,13 +31,21 @@ def _add_compute(sub) -> None:
     src.add_argument("--prompt", help="one prompt text")
     src.add_argument("--prompts", metavar="FILE.jsonl", help='JSON Lines: {"id", "text", "group"?, "source"?}')
     p.add_argument("--probe", action="append", metavar="NAME",
-                   help="logit_lens (default) or skip; repeat for several")
+                   help="logit_lens (default), skip, ablate_attn, ablate_mlp, noise, steer, patch; "
+                        "repeat for several")
+    p.add_argument("--scale", type=float, help="noise: std = scale * rms(h) (default 1)")
+    p.add_argument("--alpha", type=float, help="steer: the vector's multiplier (default 1)")
+    p.add_argument("--vector", metavar="FILE", help="steer: .pt/.npy/.safetensors, [hidden] or [layers, hidden]")
+    p.add_argument("--positive", metavar="FILE.jsonl", help="steer: prompts whose mean activation is added")
+    p.add_argument("--negative", metavar="FILE.jsonl", help="steer: prompts whose mean activation is subtracted")
+    p.add_argument("--save-vector", metavar="FILE", help="steer: save the vector computed from --positive/--negative")
+    p.add_argument("--source", metavar="TEXT", help="patch: the source prompt for --prompt")
     p.add_argument("--layers", default="all", help="layer spec: all, 0,15-21,27, -4--1 (default: all)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=5, help="tokens to generate (default 5)")
     p.add_argument("--divergence", action="append", metavar="NAME",
                    help="kl (default), kl_reverse, js; repeat for several")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, and the noise probe's seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -64,17 +72,33 @@ def _compute_inputs(args):
     spec = GenerationSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           seed=args.seed, temperature=args.temperature, chat=args.chat)
     divergences = divergence.check_names(args.divergence or ["kl"])
-    probes = [ProbeSpec(name) for name in dict.fromkeys(args.probe or ["logit_lens"])]
+    probes = [ProbeSpec(name, _probe_params(name, args)) for name in dict.fromkeys(args.probe or ["logit_lens"])]
     if args.prompts:
         prompts = load_prompts(args.prompts)
     else:
         if not args.prompt.strip():
             raise KlstoreError("prompt is empty")
-        prompts = [Prompt("prompt", args.prompt)]
+        prompts = [Prompt("prompt", args.prompt, source=args.source)]
+    if any(p.name == "patch" for p in probes):
+        missing = [p.id for p in prompts if not p.source]
+        if missing:
+            raise KlstoreError(f"prompt {missing[0]!r} has no source (the patch probe needs one: "
+                               "--source, or a \"source\" field in the prompts file)")
     from klstore.layerspec import parse_layers
 
     parse_layers(args.layers, 10**6)  # syntax only; the range is checked against the model
     return spec, divergences, probes, prompts
+
+
+def _probe_params(name: str, args) -> dict:
+    """Probe parameters from the command line (only those the probe takes)."""
+    if name == "noise":
+        return {"scale": 1.0 if args.scale is None else args.scale, "seed": args.seed}
+    if name == "steer":
+        given = {"alpha": args.alpha, "vector": args.vector, "positive": args.positive,
+                 "negative": args.negative, "save": args.save_vector}
+        return {k: v for k, v in given.items() if v is not None}
+    return {}
 
 
 def cmd_compute(args) -> int:
@@ -90,6 +114,8 @@ def cmd_compute(args) -> int:
                   trust_remote_code=args.trust_remote_code)
     engine = Engine(loaded)
     layers = parse_layers(args.layers, engine.n_layers, loaded.label)
+    for probe in probes:  # vectors, sub-layers: checked before any work
+        engine.prepare(probe, spec)
     for prompt in prompts:  # every prompt is checked (empty, too long) before any work
         engine.encode(prompt, spec)
     results = []
@@ -136,6 +162,8 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
     from klstore.layerspec import parse_layers
 
     parse_layers(args.layers, worker.engine.n_layers, label)
+    for probe in probes:  # vectors, sub-layers: checked before anything is written
+        worker.engine.prepare(probe, spec)
     job = Job(cfg.probes, cfg.layers, cfg.divergences, cfg.generation)
     store.write_run(run_id, cfg.name, "running", record, versions())
     shards, todo = pending_shards(store, label, run_id, cfg.prompts, cfg.shard_size)

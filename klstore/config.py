@@ -174,6 +174,11 @@ def parse(data, source: str = "config", base_dir: Path | None = None) -> Experim
         probes.append(ProbeSpec(entry["name"], params))
     if not probes:
         raise KlstoreError(f"{_where(source, 'probes')}: empty")
+    if any(p.name == "patch" for p in probes):
+        missing = [p.id for p in prompts if not p.source]
+        if missing:
+            raise KlstoreError(f"{_where(source, 'probes')}: patch needs a source for every prompt; "
+                               f"{len(missing)} have none (first: {missing[0]!r})")
 
     layers = data.get("layers", "all")
     layers = str(layers) if isinstance(layers, (int, str)) and not isinstance(layers, bool) else None

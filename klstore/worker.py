@@ -88,6 +88,8 @@ class Worker:
         from klstore.records import PromptOutcome
 
         layers = parse_layers(job.layers, self.engine.n_layers, self.label)
+        for probe in job.probes:  # a bad vector or missing sub-layer fails the shard, not a prompt
+            self.engine.prepare(probe, job.generation)
         outcomes = []
         for prompt in prompts:
             try:

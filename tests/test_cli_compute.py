@@ -106,3 +106,33 @@ def test_bad_prompts_file(tmp_path, content, message):
     out = run_cli("compute", "--model", "smollm2-135m", "--prompts", _bad_file(tmp_path, content))
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_intervention_probes_from_the_command_line(tmp_path):
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+                  "--source", "The capital of Italy is", "--layers", "10,20", "-n", "2", "--json",
+                  "--probe", "noise", "--scale", "0", "--probe", "patch", "--probe", "ablate_mlp")
+    assert out.returncode == 0, out.stderr
+    probes = {p["probe"]: p for p in json.loads(out.stdout)["prompts"][0]["probes"]}
+    assert probes["noise"]["params"] == {"scale": 0.0, "seed": 0}
+    assert np.allclose(probes["noise"]["matrices"]["kl"], 0.0, atol=1e-6)
+    assert all(v > 0 for row in probes["ablate_mlp"]["matrices"]["kl"] for v in row)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe", "noise", "--scale", "-2"], "probe noise: scale must be >= 0, got -2.0"),
+    (["--probe", "patch"], "prompt 'prompt' has no source"),
+    (["--probe", "steer"], "probe steer: give either vector"),
+    (["--probe", "steer", "--vector", "/nonexistent/v.pt"], "steering vector file not found: /nonexistent/v.pt"),
+    (["--probe", "steer", "--vector", "WIDE"], "has width 100; the model's hidden size is 576"),
+])
+def test_bad_probe_input_writes_nothing(tmp_path, args, message):
+    import torch
+
+    wide = tmp_path / "wide.pt"
+    torch.save(torch.zeros(100), wide)
+    args = [str(wide) if a == "WIDE" else a for a in args]
+    store = tmp_path / "store"
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hello", "--store", store, *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not list(store.rglob("*.parquet"))

@@ -151,6 +151,9 @@ def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_pat
     ({"name": "../up"}, "run name '../up' cannot name a store folder"),
     ({"layers": "1-x"}, "malformed layer spec"),
     ({"prompts": [{"path": "/nonexistent.jsonl"}]}, "prompts file not found"),
+    ({"probes": [{"name": "noise", "scale": -1}]}, "probe noise: scale must be >= 0, got -1"),
+    ({"probes": [{"name": "noise", "sigma": 1}]}, "probe noise: unknown parameter 'sigma'"),
+    ({"probes": ["patch"]}, "patch needs a source for every prompt; 12 have none"),
 ])
 def test_config_errors(tmp_path, tiny_model_dir, change, message):
     path = _config(tmp_path, tiny_model_dir)
