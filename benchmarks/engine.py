@@ -144,17 +144,13 @@ def bench_probes(engine, prompts, n_new, probes, steer_file):
         engine.run(prompts[0], [spec], "all", ("kl",), gen)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        cells = 0
-        for prompt in prompts:
-            cells += engine.run(prompt, [spec], "all", ("kl",), gen)[0].values["kl"].size
+        results = engine.run_many(prompts, [spec], "all", ("kl",), gen)
+        cells = sum(r[0].values["kl"].size for r in results)
         _sync(device)
         fast = cells / (time.perf_counter() - t0)
         with FlopCounterMode(display=False) as counter:
-            engine.run(prompts[0], [spec], "all", ("kl",), gen)
-        t1 = time.perf_counter()
-        engine.run(prompts[0], [spec], "all", ("kl",), gen)
-        _sync(device)
-        gflops = counter.get_total_flops() / (time.perf_counter() - t1) / 1e9
+            engine.run_many(prompts, [spec], "all", ("kl",), gen)
+        gflops = counter.get_total_flops() / (cells / fast) / 1e9
         t0 = time.perf_counter()
         naive = 0
         for prompt in prompts:

@@ -118,12 +118,12 @@ def cmd_compute(args) -> int:
         engine.prepare(probe, spec)
     for prompt in prompts:  # every prompt is checked (empty, too long) before any work
         engine.encode(prompt, spec)
-    results = []
-    for prompt in prompts:
-        matrices = engine.run(prompt, probes, layers, divergences, spec)
-        results.append(matrices)
+    results = engine.run_many(prompts, probes, layers, divergences, spec)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
         if not args.json:
-            for matrix in matrices:
+            for matrix in result:
                 print(format_table(matrix))
     if args.json:
         print(json.dumps(results_to_json(loaded.label, results), indent=1))

@@ -146,6 +146,8 @@ class Engine:
         # transformers >= 5.x renamed past_key_values to cache
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._eos = self._eos_ids()
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self._pad_id = pad if isinstance(pad, int) else (min(self._eos) if self._eos else 0)
         text_config = self.model.config.get_text_config()
         self.context_length = getattr(text_config, "max_position_embeddings", None) or getattr(
             text_config, "n_positions", None)
@@ -179,34 +181,58 @@ class Engine:
                 f"that exceeds {self.loaded.label}'s context of {self.context_length}")
         return ids
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[int], spec: GenerationSpec) -> Generation:
         """The clean model's continuation, with a KV cache. Stops after an EOS token (kept)."""
-        generator = torch.Generator().manual_seed(spec.seed) if spec.do_sample else None
-        step_input = torch.tensor([prompt_ids], device=self.device)
-        past, tokens, stopped = None, [], False
+        return self.generate_batch([prompt_ids], spec)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts_ids: list[list[int]], spec: GenerationSpec) -> list[Generation]:
+        """Continue several prompts at once (left-padded, one KV cache). Each row samples with
+        its own generator seeded by spec.seed, so a prompt continues as it would alone."""
+        batch = len(prompts_ids)
+        generators = [torch.Generator().manual_seed(spec.seed) for _ in range(batch)] if spec.do_sample else None
+        if batch == 1:
+            step_ids = torch.tensor(prompts_ids, device=self.device)
+            mask = step_pos = None
+        else:
+            step_ids, mask, step_pos = self._left_pad(prompts_ids)
+        past = None
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        done = [False] * batch
         for _ in range(spec.max_new_tokens):
-            out = self.model(input_ids=step_input, use_cache=True,
-                             **{self._cache_arg: past}, **self._keep_kwargs)
-            logits = out.logits[0, -1].float()
-            if spec.do_sample:
-                probs = (logits / spec.temperature).softmax(-1).cpu()
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            else:
-                token = int(logits.argmax())
-            tokens.append(token)
-            if token in self._eos:
-                stopped = True
+            extra = {} if mask is None else {"attention_mask": mask, "position_ids": step_pos}
+            out = self.model(input_ids=step_ids, use_cache=True,
+                             **{self._cache_arg: past}, **self._keep_kwargs, **extra)
+            logits = out.logits[:, -1].float()
+            chosen = []
+            for row in range(batch):
+                if done[row]:
+                    chosen.append(self._pad_id)
+                    continue
+                if spec.do_sample:
+                    probs = (logits[row] / spec.temperature).softmax(-1).cpu()
+                    token = int(torch.multinomial(probs, 1, generator=generators[row]))
+                else:
+                    token = int(logits[row].argmax())
+                tokens[row].append(token)
+                done[row] = token in self._eos
+                chosen.append(token)
+            if all(done):
                 break
             past = getattr(out, "cache", None)
             past = out.past_key_values if past is None else past
-            step_input = torch.tensor([[token]], device=self.device)
-        texts = tuple(self.tokenizer.decode([t]) for t in tokens)
-        return Generation(tuple(prompt_ids), tuple(tokens), texts, stopped)
+            step_ids = torch.tensor(chosen, device=self.device)[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+                step_pos = step_pos[:, -1:] + 1
+        return [Generation(tuple(ids), tuple(toks), tuple(self.tokenizer.decode([t]) for t in toks),
+                           bool(toks) and toks[-1] in self._eos)
+                for ids, toks in zip(prompts_ids, tokens)]
 
     # -------------------------------------------------------------------- trace
     @torch.no_grad()
-    def _record(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    def _record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], bool]:
         """Every block's output (B, T, H) in one clean forward that stops after the last block.
         Also returns whether the blocks return tuples (older transformers) or tensors."""
         outputs: list[torch.Tensor] = []
@@ -221,7 +247,9 @@ class Engine:
 
         handles = [block.register_forward_hook(post_hook) for block in self.adapter.blocks]
         try:
-            self.model(input_ids=input_ids, use_cache=False)
+            extra = {} if attention_mask is None else {"attention_mask": attention_mask,
+                                                      "position_ids": position_ids}
+            self.model(input_ids=input_ids, use_cache=False, **extra)
             raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
         except _StopForward:
             pass
@@ -243,6 +271,36 @@ class Engine:
         with torch.no_grad():
             ref_logp = self.adapter.log_probs(outputs[-1][0, positions])
         return Trace(generation, input_ids, positions, outputs, ref_logp, as_tuple)
+
+    def _left_pad(self, sequences: list[list[int]]):
+        """(ids, attention mask, position ids), each (B, T), sequences padded on the left."""
+        width = max(len(seq) for seq in sequences)
+        ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def trace_batch(self, generations: list[Generation]) -> list[Trace]:
+        """`trace` for several prompts in one left-padded forward; each Trace equals the
+        unpadded one up to float rounding (the padding is masked, positions count real tokens)."""
+        if len(generations) == 1:
+            return [self.trace(generations[0])]
+        sequences = [list(g.prompt_ids) + list(g.token_ids[:-1]) for g in generations]
+        ids, mask, positions = self._left_pad(sequences)
+        outputs, as_tuple = self._record(ids, mask, positions)
+        traces = []
+        for row, (gen, seq) in enumerate(zip(generations, sequences)):
+            offset = ids.shape[1] - len(seq)
+            own = [out[row:row + 1, offset:] for out in outputs]
+            first = len(gen.prompt_ids) - 1
+            where = torch.arange(first, first + gen.n, device=self.device)
+            with torch.no_grad():
+                ref_logp = self.adapter.log_probs(own[-1][0, where])
+            traces.append(Trace(gen, torch.tensor([seq], device=self.device), where, own, ref_logp, as_tuple))
+        return traces
 
     def last_position_outputs(self, prompt_ids: list[int]) -> torch.Tensor:
         """Block outputs at the prompt's last position: (n_layers, H), float32."""
@@ -302,20 +360,22 @@ class Engine:
         return ctx
 
     # -------------------------------------------------------------------- probes
-    def _rows_per_chunk(self, n_tokens: int, vocab: int) -> int:
-        per_row = 4 * n_tokens * vocab * 3  # log Q plus temporaries of the divergences
-        return max(1, self.chunk_bytes // max(per_row, 1))
+    def _cells_per_chunk(self, vocab: int) -> int:
+        """How many (row, position) cells of full-vocabulary log-probs fit in `chunk_bytes`:
+        each costs its float32 log Q plus about seven same-sized temporaries in the divergences."""
+        return max(1, self.chunk_bytes // (4 * vocab * 8))
 
-    def _log_q(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext):
-        """Yield (layer chunk, log Q (R, n, V)), R rows per chunk within the memory budget."""
-        step = self._rows_per_chunk(trace.generation.n, trace.ref_logp.shape[-1])
-        for start in range(0, len(layers), step):
-            chunk = layers[start:start + step]
+    def _final_hidden(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext):
+        """Yield (layer chunk, (R, n, H) residual stream to decode at the positions predicting Gen t)."""
+        n = trace.generation.n
+        rows = max(1, self._cells_per_chunk(trace.ref_logp.shape[-1]) // n)
+        for start in range(0, len(layers), rows):
+            chunk = layers[start:start + rows]
             if spec.is_readout:  # logit lens: decode the recorded block outputs
                 final = torch.stack([trace.outputs[l][0] for l in chunk])
             else:  # an intervention: the layer sweep
                 final = self._run_rows(trace, spec, chunk, context)
-            yield chunk, self.adapter.log_probs(final[:, trace.positions])
+            yield chunk, final[:, trace.positions]
 
     def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
                   context: ProbeContext) -> torch.Tensor:
@@ -393,12 +453,18 @@ class Engine:
         top1 = np.zeros((len(layers), gen.n), dtype=bool)
         row_of = {layer: i for i, layer in enumerate(layers)}
         context = context or ProbeContext(prompt.id)
-        for chunk, logq in self._log_q(trace, spec, layers, context):
+        cells = self._cells_per_chunk(trace.ref_logp.shape[-1])
+        for chunk, hidden in self._final_hidden(trace, spec, layers, context):
             rows = [row_of[layer] for layer in chunk]
-            result = divergence.compute(divergences, trace.ref_logp.unsqueeze(0), logq)
-            for name, tensor in result.items():
-                values[name][rows] = tensor.float().cpu().numpy()
-            top1[rows] = (logq.argmax(-1) == gen_ids).cpu().numpy()
+            step = max(1, cells // len(chunk))  # positions per piece, so log Q stays in budget
+            for p0 in range(0, gen.n, step):
+                cols = slice(p0, min(p0 + step, gen.n))
+                logq = self.adapter.log_probs(hidden[:, cols])  # (R, m, V)
+                result = divergence.compute(divergences, trace.ref_logp[cols].unsqueeze(0), logq)
+                for name, tensor in result.items():
+                    values[name][rows, cols] = tensor.float().cpu().numpy()
+                top1[rows, cols] = (logq.argmax(-1) == gen_ids[cols]).cpu().numpy()
+                del logq, result
         ref = trace.ref_logp
         logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
         entropy = (-(ref.exp() * ref).nan_to_num().sum(-1)).float().cpu().numpy()
@@ -414,15 +480,55 @@ class Engine:
             top1_match=top1, gen_logprob=logprob.astype(np.float32),
             gen_entropy=entropy.astype(np.float32), errors=tuple(errors))
 
-    # ---------------------------------------------------------------- one call
-    def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
-            divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec()) -> list[KLMatrix]:
-        """Generate once, trace once, then one KLMatrix per probe."""
+    # ---------------------------------------------------------------- many prompts
+    def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
+                 divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
+                 batch_size: int = 16) -> list:
+        """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
+
+        Generation and the clean trace run `batch_size` prompts at a time (left-padded);
+        the probes then run per prompt. A batch that fails as a whole is redone one prompt
+        at a time, so one bad prompt cannot take its neighbours down.
+        """
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
         divergences = divergence.check_names(divergences)
-        generation = self.generate(self.encode(prompt, spec), spec)
-        trace = self.trace(generation)
-        return [self.probe(trace, probe, layers, divergences, prompt,
-                           self.probe_context(probe, prompt, generation, spec)) for probe in probes]
+        for probe in probes:
+            self.prepare(probe, spec)
+        results: list = [None] * len(prompts)
+        ready = []
+        for i, prompt in enumerate(prompts):
+            try:
+                ready.append((i, self.encode(prompt, spec)))
+            except KlstoreError as exc:
+                results[i] = exc
+        for start in range(0, len(ready), batch_size):
+            chunk = ready[start:start + batch_size]
+            try:
+                traces = self.trace_batch(self.generate_batch([ids for _, ids in chunk], spec))
+            except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
+                traces = [None] * len(chunk)
+            for (i, ids), trace in zip(chunk, traces):
+                results[i] = self._run_one(prompts[i], ids, probes, layers, divergences, spec, trace)
+        return results
+
+    def _run_one(self, prompt, ids, probes, layers, divergences, spec, trace=None):
+        """One prompt's KLMatrix list, or the exception that stopped it."""
+        try:
+            if trace is None:
+                trace = self.trace(self.generate(ids, spec))
+            return [self.probe(trace, probe, layers, divergences, prompt,
+                               self.probe_context(probe, prompt, trace.generation, spec))
+                    for probe in probes]
+        except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
+            return exc
+
+    # ---------------------------------------------------------------- one call
+    def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
+            divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec()) -> list[KLMatrix]:
+        """Generate once, trace once, then one KLMatrix per probe (errors raised)."""
+        result = self.run_many([prompt], probes, layers, divergences, spec)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 

@@ -83,23 +83,20 @@ class Worker:
         self.engine = Engine(loaded)
 
     def compute(self, prompts, job: Job):
-        """PromptOutcome per prompt; a prompt that fails is recorded, the others go on."""
-        from klstore.layerspec import parse_layers
+        """PromptOutcome per prompt; a prompt that fails is recorded, the others go on.
+        A bad vector or a missing sub-layer fails the whole shard (it is the model's problem)."""
         from klstore.records import PromptOutcome
 
-        layers = parse_layers(job.layers, self.engine.n_layers, self.label)
-        for probe in job.probes:  # a bad vector or missing sub-layer fails the shard, not a prompt
-            self.engine.prepare(probe, job.generation)
+        results = self.engine.run_many(list(prompts), list(job.probes), job.layers, job.divergences,
+                                       job.generation)
         outcomes = []
-        for prompt in prompts:
-            try:
-                matrices = self.engine.run(prompt, list(job.probes), layers, job.divergences,
-                                           job.generation)
-                outcomes.append(PromptOutcome(prompt, tuple(matrices)))
-            except KlstoreError as exc:
-                outcomes.append(PromptOutcome(prompt, error=str(exc)))
-            except Exception as exc:  # noqa: BLE001 - any failure of one prompt is recorded, the run goes on
-                outcomes.append(PromptOutcome(prompt, error=f"{type(exc).__name__}: {exc}"))
+        for prompt, result in zip(prompts, results):
+            if isinstance(result, KlstoreError):
+                outcomes.append(PromptOutcome(prompt, error=str(result)))
+            elif isinstance(result, Exception):
+                outcomes.append(PromptOutcome(prompt, error=f"{type(result).__name__}: {result}"))
+            else:
+                outcomes.append(PromptOutcome(prompt, tuple(result)))
         return outcomes
 
     def run_shard(self, run_id: str, prompts, job: Job) -> ShardResult:

@@ -152,3 +152,34 @@ def test_ablate_without_sublayers_is_named():
     engine.adapter = Adapter.discover(model)
     with pytest.raises(UnsupportedArchitecture, match="block 0 \\(LlamaDecoderLayer\\) has no recognisable attention"):
         Engine.prepare(engine, ProbeSpec("ablate_attn"))
+
+
+BATCH = [Prompt("a", "The quick brown fox", source="Hi"), Prompt("b", "Hello", source="A lazy dog sleeps"),
+         Prompt("c", "Sphinx of black quartz, judge my vow", source="x y z")]
+
+
+def test_padded_batches_equal_one_prompt_at_a_time(engine, vector_file):
+    """Generation and the clean trace run left-padded over several prompts; every number matches."""
+    specs = list(_specs(vector_file).values()) + [ProbeSpec("logit_lens"), ProbeSpec("skip")]
+    gen = GenerationSpec(max_new_tokens=4)
+    batched = engine.run_many(BATCH, specs, "all", ("kl", "js"), gen)
+    for prompt, matrices in zip(BATCH, batched):
+        alone = engine.run(prompt, specs, "all", ("kl", "js"), gen)
+        for a, b in zip(matrices, alone):
+            assert a.generation.token_ids == b.generation.token_ids
+            np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(a.values["js"], b.values["js"], atol=2e-5, rtol=1e-4)
+
+
+def test_sampled_batches_equal_one_prompt_at_a_time(engine):
+    gen = GenerationSpec(max_new_tokens=6, do_sample=True, seed=11)
+    ids = [engine.encode(p, gen) for p in BATCH]
+    assert engine.generate_batch(ids, gen) == [engine.generate(i, gen) for i in ids]
+
+
+def test_one_failing_prompt_does_not_stop_the_batch(engine):
+    prompts = [BATCH[0], Prompt("long", "x" * 200), Prompt("nosrc", "hello"), BATCH[1]]
+    results = engine.run_many(prompts, [ProbeSpec("patch")], "all", ("kl",), GenerationSpec(3))
+    assert isinstance(results[1], KlstoreError) and "exceeds" in str(results[1])
+    assert isinstance(results[2], KlstoreError) and "has no source" in str(results[2])
+    assert results[0][0].values["kl"].shape == (LAYERS, 3) and results[3][0].values["kl"].shape[0] == LAYERS

@@ -45,9 +45,9 @@ def test_identities_on_real_models(which, request):
 
 def test_gemma_vocabulary_is_chunked(gemma3):
     """Rows of 262,144-entry log-probs go through in bounded chunks and agree with one big chunk."""
-    small = Engine(gemma3, chunk_bytes=64 * 2**20)
+    small = Engine(gemma3, chunk_bytes=64 * 2**20)  # 8 cells: one layer, 8 positions per piece
     big = Engine(gemma3, chunk_bytes=2**34)
-    assert small._rows_per_chunk(8, 262144) == 2
+    assert small._cells_per_chunk(262144) == 8
     a = small.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(8))[0]
     b = big.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(8))[0]
     assert a.values["kl"].shape == (18, 8)
@@ -70,3 +70,19 @@ def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
     with torch.no_grad():
         torch.testing.assert_close(fresh.model(ids).logits, direct(ids).logits, rtol=0, atol=0)
         torch.testing.assert_close(smollm2.model(ids).logits, direct(ids).logits, rtol=0, atol=0)
+
+
+def test_smollm2_padded_batch_equals_single_prompts(smollm2):
+    from klstore.prompts import load_prompts
+    from conftest import REPO
+
+    prompts = load_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[::3]  # 8 prompts, 3 groups
+    engine = Engine(smollm2)
+    spec = GenerationSpec(max_new_tokens=5)
+    batched = engine.run_many(prompts, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all", ("kl",), spec)
+    for prompt, matrices in zip(prompts, batched):
+        alone = engine.run(prompt, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all", ("kl",), spec)
+        for a, b in zip(matrices, alone):
+            assert a.generation.token_ids == b.generation.token_ids, prompt.id
+            excess = np.abs(a.values["kl"] - b.values["kl"]) - 1e-4 * np.maximum(1.0, np.abs(b.values["kl"]))
+            assert (excess <= 0).all(), (prompt.id, a.probe, excess.max())
