@@ -1,9 +1,9 @@
 """`make demo`: the whole pipeline on the built-in default.
 
 A local Ray (or the cluster named by RAY_ADDRESS) runs jobs/demo.yaml: both
-offline demo models, 24 prompts in 3 groups, probes logit_lens and skip, all
+offline demo models, 24 prompts in 3 groups, probes logit_lens, skip and noise, all
 layers, 5 generated tokens, into ./klstore-data; then a summary query, and
-per-model mean heatmaps (logit_lens and skip) under ./klstore-data/demo/.
+per-model, per-probe mean heatmaps under ./klstore-data/demo/.
 """
 
 from __future__ import annotations
