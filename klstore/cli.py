@@ -376,6 +376,31 @@ def cmd_runs_summary(store_uri: str, run_id: str) -> str:
     return query.format_rows(names, rows, "table")
 
 
+# ------------------------------------------------------------------- report
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="build the HTML/Markdown report of a store (incremental)")
+    p.add_argument("spec", nargs="?", help="report spec (YAML, e.g. reports/default.yaml); "
+                                           "default: by model and probe, and by prompt group")
+    p.add_argument("--store", help="store folder or s3:// prefix (default: the spec's, else ./klstore-data)")
+    p.add_argument("--out", help="output path (default <store>/reports/<spec name>)")
+    p.add_argument("--force", action="store_true", help="redraw every figure")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from klstore import reportspec
+    from klstore.store import DEFAULT_STORE, open_store
+
+    spec = reportspec.load(args.spec)
+    store = open_store(args.store or spec.store or DEFAULT_STORE)
+    from klstore import report
+
+    result = report.build(store, spec, out=args.out, force=args.force,
+                          log=lambda message: print(message, file=sys.stderr))
+    print(result["index"])
+    return 0
+
+
 # -------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from klstore import __version__
@@ -387,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute(sub)
     _add_store_commands(sub)
     _add_run(sub)
+    _add_report(sub)
     return parser
 
 

@@ -28,6 +28,9 @@ class HeatmapData:
     title: str
     divergence: str = "kl"
     counts: np.ndarray | None = None  # prompts behind each cell, shown where below the maximum
+    cmap: str = "YlOrRd"  # differences use a diverging map centred on 0 ("RdBu_r")
+    colorbar_label: str | None = None  # default: from the divergence
+    ylabel: str = "Layer"
 
 
 def column_labels(n: int, texts=None) -> tuple[str, ...]:
@@ -55,15 +58,18 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
     finite = values[np.isfinite(values)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if data.cmap != "YlOrRd" and vmin is None and vmax is None:  # diverging: symmetric about 0
+        hi = max(abs(lo), abs(hi))
+        lo = -hi
     if hi <= lo:
         hi = lo + 1e-9
-    image = ax.imshow(masked, cmap="YlOrRd", aspect="auto", vmin=lo, vmax=hi, interpolation="nearest")
+    image = ax.imshow(masked, cmap=data.cmap, aspect="auto", vmin=lo, vmax=hi, interpolation="nearest")
     ax.set_xticks(range(n_cols), labels=list(data.columns))
     ax.set_yticks(range(n_rows), labels=[str(layer) for layer in data.layers])
     ax.set_xlabel("Generated Token")
-    ax.set_ylabel("Layer")
+    ax.set_ylabel(data.ylabel)
     ax.set_title(data.title)
-    fig.colorbar(image, ax=ax, label=DIVERGENCE_LABELS.get(data.divergence, data.divergence))
+    fig.colorbar(image, ax=ax, label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence))
     if annotate is None:
         annotate = n_rows * n_cols <= 400
     if annotate:
@@ -75,7 +81,9 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
                     text, colour = "n/a", "black"
                 else:
                     text = f"{value:.2f}"
-                    colour = "white" if (value - lo) / (hi - lo) > 0.6 else "black"
+                    strength = (value - lo) / (hi - lo)
+                    dark = strength > 0.6 if data.cmap == "YlOrRd" else abs(strength - 0.5) > 0.3
+                    colour = "white" if dark else "black"
                 if full is not None and data.counts[r, c] < full:
                     text += f"\nn={int(data.counts[r, c])}"
                 ax.text(c, r, text, ha="center", va="center", fontsize=8, color=colour)
@@ -83,7 +91,9 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
     return fig
 
 
-def save(data: HeatmapData, path, **kwargs) -> None:
-    """Draw and write the figure (format from the file suffix: .png, .svg, .pdf)."""
+def save(data: HeatmapData, path, *more_paths, **kwargs):
+    """Draw and write the figure to each path (format from the suffix: .png, .svg, .pdf)."""
     fig = draw(data, **kwargs)
-    fig.savefig(path, dpi=120)
+    for target in (path, *more_paths):
+        fig.savefig(target, dpi=110)
+    return fig
