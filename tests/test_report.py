@@ -1,0 +1,276 @@
+"""Reports: aggregates vs independent SQL, figure contents, HTML in Chromium, escaping, incrementality."""
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import threading
+from functools import partial
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from klstore import plotting, report, reportspec
+from klstore.cli import main
+from klstore.engine import GenerationSpec, Prompt
+from klstore.errors import KlstoreError
+from klstore.models import from_objects
+from klstore.probes import ProbeSpec
+from klstore.store import open_store
+from klstore.worker import Job, Worker
+from tiny_models import ToyTokenizer, build
+
+EVIL = "<script>alert('x')</script> & more"
+PROMPTS = [Prompt("a-evil" if text == EVIL else f"p{i}", text, group) for i, (text, group) in enumerate([
+    ("The quick brown fox", "animals"), ("A lazy dog sleeps", "animals"), ("Cats purr softly", "animals"),
+    ("One two three four", "numbers"), ("Five six seven", "numbers"), (EVIL, "numbers")])]
+JOB = Job((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
+
+
+def _deeper_llama():
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(7)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory):
+    uri = str(tmp_path_factory.mktemp("report") / "store")
+    for label, model in (("tiny-a", build("llama")), ("tiny-b", build("gpt2")), ("tiny-deep", _deeper_llama())):
+        worker = Worker(label, label, uri, loaded=from_objects(label, model, ToyTokenizer()))
+        worker.run_shard("r1", PROMPTS[:3], JOB)
+        worker.run_shard("r1", PROMPTS[3:], JOB)
+    store = open_store(uri)
+    store.write_run("r1", "t", "completed", {}, {})
+    return uri
+
+
+def _spec(**changes):
+    return reportspec.parse({"name": "t", **changes})
+
+
+def _plain_duckdb(store_uri):
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW raw AS SELECT * FROM read_parquet('{store_uri}/kl/**/*.parquet', "
+                "hive_partitioning = true)")
+    return con
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "median"])
+def test_aggregates_equal_independent_sql(store_uri, aggregate):
+    from klstore import query
+
+    spec = _spec(aggregate=aggregate, per_prompt=0)
+    con = query.connect(store_uri)
+    grids = report.collect(con, spec, report._filters(con, spec)[0])
+    raw = _plain_duckdb(store_uri)
+    fn = "avg" if aggregate == "mean" else "median"
+    checked = 0
+    for grid in (g for g in grids if g.kind == "aggregate"):
+        labels = grid.labels
+        where = " AND ".join(f"{k} = '{v}'" for k, v in labels.items())
+        rows = raw.execute(f"SELECT layer, gen_idx, {fn}(kl), count(DISTINCT prompt_id) FROM raw WHERE {where} "
+                           "GROUP BY ALL").fetchall()
+        expected = np.full(grid.values.shape, np.nan)
+        for layer, gen_idx, value, _ in rows:
+            expected[grid.layers.index(layer), gen_idx] = value
+        np.testing.assert_allclose(grid.values, expected, rtol=1e-12)
+        n = raw.execute(f"SELECT count(DISTINCT prompt_id) FROM raw WHERE {where}").fetchone()[0]
+        assert grid.n_prompts == n and f"{aggregate} of {n} prompts" in grid.title
+        checked += 1
+    assert checked == 3 * 2 + 3 * 2 * 2  # model x probe, and x 2 groups
+
+
+def test_comparisons_by_layer_and_by_relative_depth(store_uri):
+    from klstore import query
+
+    spec = _spec(per_prompt=0)
+    con = query.connect(store_uri)
+    grids = {g.title: g for g in report.collect(con, spec, report._filters(con, spec)[0])}
+    same = grids["tiny-a minus tiny-b | logit_lens | mean"]
+    a = grids["tiny-a | logit_lens | mean of 6 prompts"].values
+    b = grids["tiny-b | logit_lens | mean of 6 prompts"].values
+    np.testing.assert_allclose(same.values, a - b)
+    assert same.layers == (0, 1, 2, 3) and same.ylabel == "Layer"
+    deep = grids["tiny-a minus tiny-deep | skip | mean"]  # 4 vs 6 layers: by relative depth
+    d = grids["tiny-deep | skip | mean of 6 prompts"].values
+    a_skip = grids["tiny-a | skip | mean of 6 prompts"].values
+    np.testing.assert_allclose(deep.values, a_skip - d[[0, 2, 3, 5]])  # round(k * 5 / 3)
+    assert deep.layers == (0.0, 0.33, 0.67, 1.0) and deep.ylabel.startswith("Relative depth")
+    groups = grids["tiny-a | skip | animals minus numbers"]
+    np.testing.assert_allclose(groups.values, grids["tiny-a | skip | animals | mean of 3 prompts"].values
+                               - grids["tiny-a | skip | numbers | mean of 3 prompts"].values)
+
+
+def test_figure_contents_from_matplotlib_objects(store_uri):
+    from klstore import query
+
+    spec = _spec(layers="0,-1", per_prompt=1)
+    con = query.connect(store_uri)
+    grids = report.collect(con, spec, report._filters(con, spec)[0])
+    grid = next(g for g in grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
+    fig = plotting.draw(report._heatmap_data(grid))
+    ax, bar = fig.axes
+    assert ax.get_xlabel() == "Generated Token" and ax.get_ylabel() == "Layer"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Gen0", "Gen1", "Gen2", "Gen3"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "3"]
+    assert bar.get_ylabel() == "KL divergence (nats)" and ax.get_title() == grid.title
+    assert ax.images[0].get_cmap().name == "YlOrRd"
+    np.testing.assert_allclose(ax.images[0].get_array(), grid.values)
+    cells = [t.get_text() for t in ax.texts]
+    assert cells == [f"{v:.2f}" for v in grid.values.reshape(-1)]
+    assert grid.values[1].max() == 0  # last layer's logit lens
+    prompt_grid = next(g for g in grids if g.kind == "prompt" and g.labels["model"] == "tiny-a")
+    fig = plotting.draw(report._heatmap_data(prompt_grid))
+    texts = ToyTokenizer().decode
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[0].startswith("Gen0\n") and len(labels) == 4
+    diff = next(g for g in grids if g.kind == "difference")
+    fig = plotting.draw(report._heatmap_data(diff))
+    assert fig.axes[0].images[0].get_cmap().name == "RdBu_r"
+    lo, hi = fig.axes[0].images[0].get_clim()
+    assert lo == -hi
+
+
+def test_cells_reached_by_fewer_prompts_are_marked():
+    data = plotting.HeatmapData(np.array([[1.0, 2.0]]), (0,), ("Gen0", "Gen1"), "t",
+                                counts=np.array([[5, 3]]))
+    texts = [t.get_text() for t in plotting.draw(data).axes[0].texts]
+    assert texts == ["1.00", "2.00\nn=3"]
+
+
+def test_observations_come_from_the_numbers():
+    def grid(values, counts=None):
+        values = np.asarray(values, dtype=float)
+        return report.Grid("g", "s", "t", tuple(range(values.shape[0])), tuple(f"Gen{i}" for i in range(values.shape[1])),
+                           values, np.ones_like(values, dtype=int) * 4 if counts is None else counts, 4, "kl",
+                           "aggregate", {})
+    flat = report.observe(grid(np.full((4, 3), 2.0)))
+    assert flat == ["The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."]
+    values = np.ones((6, 5))
+    values[0, 2] = 30.0
+    notes = report.observe(grid(values))
+    assert notes[0] == "kl peaks at layer 0, Gen2 with 30 nats, 15.3x the grid mean of 1.97 nats."
+    assert any(n.startswith("Gen2 stands out") for n in notes)
+    assert any("1 cell is more than two standard deviations above the mean: layer 0, Gen2 (30)" in n for n in notes)
+    counts = np.full((6, 5), 4)
+    counts[:, 4] = 3
+    assert any("of 4, Gen4 by 3" in n for n in report.observe(grid(values, counts)))
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_site_loads_in_headless_chromium_with_every_image(store_uri, tmp_path):
+    out = tmp_path / "site" / "rep"
+    result = report.build(open_store(store_uri), _spec(per_prompt=1), out=out, log=lambda m: None)
+    page = (out / "index.html").read_text()
+    assert EVIL not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["figures"]) == result["drawn"] and all(
+        (out / f["png"]).stat().st_size > 1000 and (out / f["svg"]).exists() for f in manifest["figures"].values())
+    assert (out / "report.md").read_text().startswith("# KL report: t")
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+    harness = tmp_path / "site" / "harness.html"
+    harness.write_text("""<!DOCTYPE html><html><body><iframe id="f" src="rep/index.html" width="1200" height="900"></iframe>
+<script>
+const f = document.getElementById('f');
+f.onload = () => {
+  const imgs = Array.from(f.contentDocument.images);
+  const settle = () => Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; })));
+  settle().then(() => {
+    const ok = imgs.filter(i => i.naturalWidth > 0).length;
+    document.body.setAttribute('data-result', JSON.stringify({n: imgs.length, ok: ok}));
+  });
+};
+</script></body></html>""")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        run = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=15000", "--dump-dom",
+             f"http://127.0.0.1:{server.server_address[1]}/harness.html"],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    marker = 'data-result="'
+    assert marker in run.stdout, run.stderr[-2000:]
+    found = json.loads(run.stdout.split(marker)[1].split('"')[0].replace("&quot;", '"'))
+    assert found["n"] == len(manifest["figures"]) and found["ok"] == found["n"]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Failed to load resource" in line]
+    assert console == []
+
+
+def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(store_uri, tmp_path):
+    out = tmp_path / "rep"
+    spec = _spec(per_prompt=0)
+    first = report.build(open_store(store_uri), spec, out=out, log=lambda m: None)
+    build_dir = out.resolve()
+    again = report.build(open_store(store_uri), spec, out=out, log=lambda m: None)
+    assert again["drawn"] == 0 and not again["changed"] and out.resolve() == build_dir
+    copy = tmp_path / "store2"
+    shutil.copytree(store_uri, copy)
+    spec2 = _spec(per_prompt=0)
+    out2 = tmp_path / "rep2"
+    base = report.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
+    worker = Worker("tiny-a", "tiny-a", str(copy), loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
+    worker.run_shard("r1", [Prompt("new", "Brand new prompt", "animals")],
+                     Job((ProbeSpec("skip"),), "all", ("kl",), GenerationSpec(4)))
+    update = report.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
+    assert update["changed"] and 0 < update["drawn"] < base["drawn"]
+    # redrawn: tiny-a/skip aggregates (2 groups + overall), its group comparison, and its 2 model comparisons
+    assert update["drawn"] == 1 + 2 + 1 + 2
+    assert not any(p.name != out2.resolve().name for p in (tmp_path / ".rep2.builds").iterdir())
+    forced = report.build(open_store(str(copy)), spec2, out=out2, force=True, log=lambda m: None)
+    assert forced["drawn"] == base["drawn"]
+    assert first["drawn"] > 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"models": ["nope"]}, "model 'nope' is not in the store; models: tiny-a, tiny-b, tiny-deep"),
+    ({"groups": ["zzz"]}, "group 'zzz' is not in the store; groups: animals, numbers"),
+    ({"runs": ["r9"]}, "run 'r9' is not in the store; runs: r1"),
+])
+def test_spec_naming_what_is_not_in_the_store(store_uri, tmp_path, changes, message):
+    with pytest.raises(KlstoreError, match=message):
+        report.build(open_store(store_uri), _spec(**changes), out=tmp_path / "r", log=lambda m: None)
+
+
+def test_report_cli_bad_input(store_uri, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: x\nlayer: all\n")
+    assert main(["report", str(spec), "--store", store_uri]) == 2
+    assert "s.yaml: layer: unknown key" in capsys.readouterr().err
+    spec.write_text("name: x\naggregate: mode\n")
+    assert main(["report", str(spec), "--store", store_uri]) == 2
+    assert "aggregate must be mean or median, got 'mode'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", "--store", str(empty)]) == 2
+    assert "the store is empty" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["report", "--store", store_uri, "--out", str(blocker / "rep")]) == 2
+    assert f"cannot write the report to {blocker / 'rep'}" in capsys.readouterr().err
+    assert main(["report", "--store", store_uri, "--out", str(tmp_path / "ok")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "ok" / "index.html")
