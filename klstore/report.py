@@ -536,8 +536,8 @@ def render_html(spec: ReportSpec, grids, summary, store_uri: str) -> str:
     for i, section in enumerate(sections):
         parts.append(f"<h2 id='s{i}'>{e(section.capitalize())}</h2>")
         current = None
-        for grid in (g for g in grids if g.section == section):
-            head = grid.labels.get("model") or grid.labels.get("probe")
+        for grid in sorted((g for g in grids if g.section == section), key=_heading):
+            head = _heading(grid)
             if head != current:
                 current = head
                 parts.append(f"<h3>{e(str(head))}</h3>")
@@ -551,6 +551,13 @@ def render_html(spec: ReportSpec, grids, summary, store_uri: str) -> str:
                          f"<ul class='obs'>{obs}</ul></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _heading(grid: Grid) -> str:
+    """The sub-heading a figure sits under: its prompt group where it has one, else its model."""
+    if grid.kind == "aggregate" and "prompt_group" in grid.labels:
+        return f"Group {grid.labels['prompt_group']}"
+    return str(grid.labels.get("model") or grid.labels.get("probe"))
 
 
 def render_markdown(spec: ReportSpec, grids, summary) -> str:
