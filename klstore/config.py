@@ -205,19 +205,24 @@ def parse(data, source: str = "config", base_dir: Path | None = None) -> Experim
                             generation, divergences, shard_size, source, tuple(prompts))
 
 
-def load(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config file."""
+def read_yaml(path: str | Path, what: str):
+    """A YAML file's data; a missing file or invalid YAML is a KlstoreError naming file and line."""
     import yaml
 
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise KlstoreError(f"config file not found: {path}") from None
+        raise KlstoreError(f"{what} not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise KlstoreError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    return parse(data or {}, str(path), base_dir=path.parent)
+
+
+def load(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    return parse(read_yaml(path, "config file") or {}, str(path), base_dir=path.parent)

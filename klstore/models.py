@@ -191,7 +191,6 @@ def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
 def load(name: str, device: str = "auto", dtype: str = "auto",
          trust_remote_code: bool = False) -> LoadedModel:
     """Load model and tokenizer by name; GGUF files go through the dequantized cache."""
-    import torch
     import transformers
 
     source = resolve(name)

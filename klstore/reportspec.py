@@ -139,17 +139,6 @@ def load(path: str | Path | None) -> ReportSpec:
     """A spec file, or the built-in default when path is None."""
     if path is None:
         return parse({})
-    import yaml
+    from klstore.config import read_yaml
 
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KlstoreError(f"report spec not found: {path}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise KlstoreError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    return parse(data or {}, str(path))
+    return parse(read_yaml(path, "report spec") or {}, str(path))

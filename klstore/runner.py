@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from klstore.errors import KlstoreError
 
 log = logging.getLogger("klstore.runner")
 MAX_SHARD_ATTEMPTS = 3

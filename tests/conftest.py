@@ -9,7 +9,24 @@ from pathlib import Path
 
 import pytest
 
+from tiny_models import FAMILIES
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    """Each supported architecture family, as a tiny random model (tests/tiny_models.py)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def engine(family):
+    from klstore.engine import Engine
+    from klstore.models import from_objects
+    from tiny_models import ToyTokenizer, build
+
+    return Engine(from_objects(family, build(family), ToyTokenizer()))
 
 
 @pytest.fixture(scope="session")

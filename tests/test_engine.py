@@ -10,20 +10,10 @@ from klstore.errors import UnsupportedArchitecture
 from klstore.models import from_objects
 from klstore.probes import ProbeSpec
 from reference import LN2, reference_matrices
-from tiny_models import FAMILIES, ToyTokenizer, build
+from tiny_models import ToyTokenizer, build
 
 PROMPT = Prompt("p1", "The quick brown fox", group="g")
 DIVS = ("kl", "kl_reverse", "js")
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def engine(family):
-    return Engine(from_objects(family, build(family), ToyTokenizer()))
 
 
 def _close(actual, expected):

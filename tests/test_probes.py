@@ -9,21 +9,11 @@ from klstore.errors import KlstoreError, UnsupportedArchitecture
 from klstore.models import from_objects
 from klstore.probes import ProbeSpec
 from reference import reference_matrices
-from tiny_models import FAMILIES, ToyTokenizer, build
+from tiny_models import ToyTokenizer, build
 
 PROMPT = Prompt("p1", "The quick brown fox", group="g", source="A lazy dog sleeps")
 DIVS = ("kl", "kl_reverse", "js")
 HIDDEN, LAYERS = 32, 4
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def engine(family):
-    return Engine(from_objects(family, build(family), ToyTokenizer()))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -132,9 +131,11 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     assert grid.values[1].max() == 0  # last layer's logit lens
     prompt_grid = next(g for g in grids if g.kind == "prompt" and g.labels["model"] == "tiny-a")
     fig = plotting.draw(report._heatmap_data(prompt_grid))
-    texts = ToyTokenizer().decode
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels[0].startswith("Gen0\n") and len(labels) == 4
+    tokens = [r[0] for r in con.execute(
+        "SELECT token_text FROM generations WHERE model = 'tiny-a' AND prompt_id = ? ORDER BY gen_idx",
+        [prompt_grid.labels["prompt_id"]]).fetchall()]
+    assert labels == list(plotting.column_labels(4, tokens)) and labels[0].startswith("Gen0\n")
     diff = next(g for g in grids if g.kind == "difference")
     fig = plotting.draw(report._heatmap_data(diff))
     assert fig.axes[0].images[0].get_cmap().name == "RdBu_r"
