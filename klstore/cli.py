@@ -15,12 +15,6 @@ from klstore.errors import KlstoreError
 EXIT_USER_ERROR = 2
 
 
-def _quiet_libraries() -> None:
-    from klstore.models import quiet_libraries
-
-    quiet_libraries()
-
-
 # ----------------------------------------------------------------- compute
 def _add_compute(sub) -> None:
     p = sub.add_parser("compute", help="compute KL matrices for prompts on one model (one process)",
@@ -105,7 +99,9 @@ def cmd_compute(args) -> int:
     spec, divergences, probes, prompts = _compute_inputs(args)
     if args.store:
         return _compute_into_store(args, spec, divergences, probes, prompts)
-    _quiet_libraries()
+    from klstore.models import quiet_libraries
+
+    quiet_libraries()
     from klstore.engine import Engine
     from klstore.layerspec import parse_layers
     from klstore.models import load
@@ -156,7 +152,6 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
     identity = cfg.identity()
     run_id = run_id_for(identity)
     record = {**identity, "store": args.store, "source": cfg.source}
-    _quiet_libraries()
     worker = Worker(args.model, label, args.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)
     from klstore.layerspec import parse_layers

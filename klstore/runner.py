@@ -27,7 +27,6 @@ MAX_SHARD_ATTEMPTS = 3
 @dataclass
 class ModelProgress:
     label: str
-    shards_total: int
     prompts_total: int
     prompts_done: int = 0
     failed_prompts: int = 0
@@ -99,7 +98,7 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
     queues, progress, pools = {}, {}, {}
     for model in cfg.models:
         shards, todo = pending_shards(store, model.label, run_id, cfg.prompts, cfg.shard_size)
-        progress[model.label] = ModelProgress(model.label, len(shards), len(cfg.prompts),
+        progress[model.label] = ModelProgress(model.label, len(cfg.prompts),
                                               prompts_done=sum(len(s) for s in shards) - sum(len(s) for s in todo))
         queues[model.label] = list(todo)
         _say(f"[{model.label}] {len(shards) - len(todo)} of {len(shards)} shards already in the store")
