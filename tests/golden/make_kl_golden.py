@@ -1,0 +1,54 @@
+"""Regenerates tests/golden/kl_smollm2.json: the stored `kl` values of a small fixed run.
+
+Run from the repo root with the project's venv:
+    .venv/bin/python tests/golden/make_kl_golden.py
+
+The golden file was first written by the code before the ground-floor refactor
+(issue 9); tests/integration/test_golden.py reruns the same command and demands
+byte-identical float32 values, so a restructuring can never move a number.
+Values are stored as float32 bit patterns (hex), nulls as null.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = HERE / "prompts.jsonl"
+GOLDEN = HERE / "kl_smollm2.json"
+COMMAND = ["compute", "--model", "smollm2-135m", "--prompts", str(PROMPTS), "--layers", "0,3,14-16,-2,-1",
+           "-n", "3", "--probe", "logit_lens", "--probe", "skip", "--probe", "ablate_mlp",
+           "--probe", "noise", "--scale", "0.5", "--probe", "patch",
+           "--divergence", "kl", "--divergence", "kl_reverse", "--divergence", "js",
+           "--run", "golden", "--shard-size", "2"]
+QUERY = ("SELECT model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, top1_match "
+         "FROM kl ORDER BY probe, prompt_id, layer, gen_idx")
+
+
+def bits(value):
+    return None if value is None else struct.pack("<f", value).hex()
+
+
+def stored_rows(store: str) -> list:
+    """Run the golden command into `store` and return its kl rows with floats as bit patterns."""
+    done = subprocess.run([sys.executable, "-m", "klstore", *COMMAND, "--store", store],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    out = subprocess.run([sys.executable, "-m", "klstore", "sql", QUERY, "--store", store, "--format", "json"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    # the json output rounds nothing: floats arrive as Python floats of the float32 values
+    return [{**r, **{k: bits(r[k]) for k in ("kl", "kl_reverse", "js")}} for r in rows]
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = stored_rows(str(Path(tmp) / "store"))
+    GOLDEN.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    print(f"wrote {len(rows)} rows to {GOLDEN}")
