@@ -26,7 +26,7 @@ COMMAND = ["compute", "--model", "smollm2-135m", "--prompts", str(PROMPTS), "--l
            "--probe", "noise", "--scale", "0.5", "--probe", "patch",
            "--divergence", "kl", "--divergence", "kl_reverse", "--divergence", "js",
            "--run", "golden", "--shard-size", "2"]
-QUERY = ("SELECT model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, top1_match "
+QUERY = ("SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, top1_match "
          "FROM kl ORDER BY probe, prompt_id, layer, gen_idx")
 
 
