@@ -61,7 +61,7 @@ def _sync(device):
 # ------------------------------------------------------------------ naive
 def _naive_hook(engine, spec, layer, prompt, n_prompt, source_last):
     """A forward hook doing the probe's change to block `layer`, as a user would write it."""
-    from klstore.probes import noise_tensor, rms
+    from klstore.core.probes import noise_tensor, rms
 
     block = engine.adapter.blocks[layer]
     if spec.name == "skip":
@@ -91,7 +91,7 @@ def _naive_hook(engine, spec, layer, prompt, n_prompt, source_last):
 @torch.no_grad()
 def naive_cells(engine, prompt, spec, n_new, source_last=None):
     """One prompt the naive way; returns the number of cells computed."""
-    from klstore import divergence
+    from klstore.core import divergence
 
     model, tok = engine.model, engine.tokenizer
     ids = torch.tensor([tok(prompt.text)["input_ids"]], device=engine.device)
@@ -124,8 +124,8 @@ def naive_cells(engine, prompt, spec, n_new, source_last=None):
 def bench_probes(engine, prompts, n_new, probes, steer_file):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from klstore.engine import GenerationSpec, Prompt
-    from klstore.probes import ProbeSpec
+    from klstore.spec import GenerationSpec, Prompt
+    from klstore.spec import ProbeSpec
 
     device = engine.device
     peak = matmul_gflops(device, engine.loaded.dtype)
@@ -165,12 +165,13 @@ def bench_probes(engine, prompts, n_new, probes, steer_file):
 
 
 def gemma_memory():
-    from klstore.engine import Engine, GenerationSpec, Prompt
-    from klstore.models import load, quiet_libraries
-    from klstore.probes import ProbeSpec
+    from klstore.core.engine import Engine
+    from klstore.spec import GenerationSpec, Prompt
+    from klstore.core.models import load_model, quiet_libraries
+    from klstore.spec import ProbeSpec
 
     quiet_libraries()
-    loaded = load("gemma3-270m", device="cpu")
+    loaded = load_model("gemma3-270m", device="cpu")
     model_gib = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
     after_load = peak_rss_gib()
     engine = Engine(loaded)
@@ -201,12 +202,13 @@ def main() -> None:
 
     import tempfile
 
-    from klstore.engine import Engine, Prompt
-    from klstore.models import from_objects, load, pick_device_dtype, quiet_libraries
-    from klstore.prompts import load_prompts
+    from klstore.core.engine import Engine
+    from klstore.spec import Prompt
+    from klstore.core.models import from_objects, load_model, pick_device_dtype, quiet_libraries
+    from klstore.spec import read_prompts
 
     quiet_libraries()
-    smollm2 = load("smollm2-135m", device=args.device)
+    smollm2 = load_model("smollm2-135m", device=args.device)
     if args.config:
         import transformers
 
@@ -217,7 +219,7 @@ def main() -> None:
     else:
         loaded = smollm2
     engine = Engine(loaded)
-    demo = load_prompts(os.path.join(os.path.dirname(__file__), "..", "jobs", "prompts", "demo.jsonl"))
+    demo = read_prompts(os.path.join(os.path.dirname(__file__), "..", "jobs", "prompts", "demo.jsonl"))
     prompts = [Prompt(f"b{i}", demo[i % len(demo)].text, source=demo[(i + 1) % len(demo)].text)
                for i in range(args.prompts)]
     hidden = loaded.model.get_output_embeddings().weight.shape[1]

@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from store import LAYERS, MODELS, PROBES, TOKENS, shard_table  # noqa: E402
 
-from klstore import report, reportspec  # noqa: E402
+from klstore.config import load_report_spec
+from klstore.report import aggregate, site
+from klstore.spec import parse_report_spec  # noqa: E402
 from klstore.store import GENERATIONS_SCHEMA, PROMPTS_SCHEMA, open_store  # noqa: E402
 
 
@@ -64,13 +66,13 @@ def main() -> None:
                 "status": ["ok"] * count, "error": [None] * count,
             }, schema=PROMPTS_SCHEMA), f"part-{first:08d}.parquet", model=model, run_id="bench")
     print(f"store: {n_prompts * per_prompt:,} kl rows written in {time.perf_counter() - t0:.1f} s")
-    spec = reportspec.load(os.path.join(os.path.dirname(__file__), "..", "reports", "default.yaml"))
+    spec = load_report_spec(os.path.join(os.path.dirname(__file__), "..", "reports", "default.yaml"))
     out = os.path.join(args.dir, "report")
-    full = report.build(store, spec, out=out, log=lambda m: None)
+    full = site.build(store, spec, out=out, log=lambda m: None)
     print(f"full report:      {full['seconds']:6.1f} s ({full['drawn']} figures drawn; target <= 60 s)")
-    again = report.build(store, spec, out=out, log=lambda m: None)
+    again = site.build(store, spec, out=out, log=lambda m: None)
     print(f"unchanged rerun:  {again['seconds']:6.2f} s ({again['drawn']} figures drawn; target <= 5 s)")
-    forced = report.build(store, spec, out=out, force=True, log=lambda m: None)
+    forced = site.build(store, spec, out=out, force=True, log=lambda m: None)
     print(f"forced rebuild:   {forced['seconds']:6.1f} s")
 
 

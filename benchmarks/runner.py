@@ -28,15 +28,16 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=8)
     args = parser.parse_args()
 
-    from klstore import config as config_module
-    from klstore import runner
-    from klstore.models import quiet_libraries
-    from klstore.prompts import load_prompts
-    from klstore.worker import Job, Worker
+    from klstore.config import load_config
+    from klstore.run import runner
+    from klstore.core.models import quiet_libraries
+    from klstore.spec import read_prompts
+    from klstore.run.plan import Job
+    from klstore.run.worker import Worker
 
     quiet_libraries()
     root = tempfile.mkdtemp(prefix="klbench-")
-    demo = load_prompts(os.path.join(os.path.dirname(__file__), "..", "jobs", "prompts", "demo.jsonl"))
+    demo = read_prompts(os.path.join(os.path.dirname(__file__), "..", "jobs", "prompts", "demo.jsonl"))
     prompts_path = os.path.join(root, "prompts.jsonl")
     with open(prompts_path, "w") as handle:
         for i in range(args.prompts):

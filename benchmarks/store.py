@@ -23,7 +23,7 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from klstore import query  # noqa: E402
+from klstore.store import upkeep, views  # noqa: E402
 from klstore.store import KL_SCHEMA, open_store  # noqa: E402
 
 LAYERS, TOKENS = 30, 5
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"bytes per row:       {size / rows:.2f}  (target <= 6; {size / 2**20:.0f} MiB on disk)")
     print(f"write rate:          {rows / write_s / 1e6:.2f} M rows/s ({write_s:.1f} s, incl. generating them)")
 
-    con = query.connect(store)
+    con = views.connect(store)
     heatmap = ("SELECT layer, gen_idx, avg(kl) FROM kl WHERE model = 'model-a' AND probe = 'logit_lens' "
                "GROUP BY layer, gen_idx ORDER BY layer, gen_idx")
     times = []

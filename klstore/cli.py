@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from klstore import output
 from klstore.errors import KlstoreError
 
 EXIT_USER_ERROR = 2
@@ -58,17 +59,14 @@ def _add_compute(sub) -> None:
 
 def _compute_inputs(args):
     """Validate everything that needs no model, so bad input fails before a slow load."""
-    from klstore import divergence
-    from klstore.engine import GenerationSpec, Prompt
-    from klstore.probes import ProbeSpec
-    from klstore.prompts import load_prompts
+    from klstore.spec import GenerationSpec, ProbeSpec, Prompt, check_divergences, parse_layers, read_prompts
 
     spec = GenerationSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           seed=args.seed, temperature=args.temperature, chat=args.chat)
-    divergences = divergence.check_names(args.divergence or ["kl"])
+    divergences = check_divergences(args.divergence or ["kl"])
     probes = [ProbeSpec(name, _probe_params(name, args)) for name in dict.fromkeys(args.probe or ["logit_lens"])]
     if args.prompts:
-        prompts = load_prompts(args.prompts)
+        prompts = read_prompts(args.prompts)
     else:
         if not args.prompt.strip():
             raise KlstoreError("prompt is empty")
@@ -78,9 +76,7 @@ def _compute_inputs(args):
         if missing:
             raise KlstoreError(f"prompt {missing[0]!r} has no source (the patch probe needs one: "
                                "--source, or a \"source\" field in the prompts file)")
-    from klstore.layerspec import parse_layers
-
-    parse_layers(args.layers, 10**6)  # syntax only; the range is checked against the model
+    parse_layers(args.layers)  # syntax only; the range is checked against the model
     return spec, divergences, probes, prompts
 
 
@@ -99,19 +95,18 @@ def cmd_compute(args) -> int:
     spec, divergences, probes, prompts = _compute_inputs(args)
     if args.store:
         return _compute_into_store(args, spec, divergences, probes, prompts)
-    from klstore.models import quiet_libraries
+    from klstore.core.models import load_model, quiet_libraries
 
     quiet_libraries()
-    from klstore.engine import Engine
-    from klstore.layerspec import parse_layers
-    from klstore.models import load
+    from klstore.core.engine import Engine
+    from klstore.core.steering import prepare_probes
+    from klstore.spec import parse_layers
 
-    loaded = load(args.model, device=args.device, dtype=args.dtype,
-                  trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
     engine = Engine(loaded)
     layers = parse_layers(args.layers, engine.n_layers, loaded.label)
-    for probe in probes:  # vectors, sub-layers: checked before any work
-        engine.prepare(probe, spec)
+    prepare_probes(engine, probes, spec)  # vectors, sub-layers: checked before any work
     for prompt in prompts:  # every prompt is checked (empty, too long) before any work
         engine.encode(prompt, spec)
     results = engine.run_many(prompts, probes, layers, divergences, spec)
@@ -120,9 +115,9 @@ def cmd_compute(args) -> int:
             raise result
         if not args.json:
             for matrix in result:
-                print(format_table(matrix))
+                print(output.format_table(matrix))
     if args.json:
-        print(json.dumps(results_to_json(loaded.label, results), indent=1))
+        print(json.dumps(output.results_to_json(loaded.label, results), indent=1))
     if args.png:
         _write_pngs(args.png, results, divergences[0])
     failed = [err for matrices in results for m in matrices for err in m.errors]
@@ -132,99 +127,34 @@ def cmd_compute(args) -> int:
 
 
 def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
-    """compute --store: a one-model run in this process, with the same run id and shard
-    files as `klstore run` of the equivalent config; failed prompts are recorded."""
-    import time
-
-    from klstore.config import ExperimentConfig, ModelConfig
-    from klstore.store import check_label, model_label, open_store
-    from klstore.worker import Job, Worker, pending_shards, run_id_for, versions
+    """compute --store: a one-model run executed in this process, through the same run plan
+    (run id, shards, resume, run row) as `klstore run` of the equivalent config."""
+    from klstore.run.plan import RunPlan, execute_local
+    from klstore.run.worker import Worker
+    from klstore.spec import ExperimentConfig, ModelConfig, check_label, model_label
 
     if args.shard_size <= 0:
         raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
     label = check_label(args.label or model_label(args.model), "model label")
-    model = ModelConfig(args.model, label, dtype=args.dtype, device=args.device,
+    model = ModelConfig(name=args.model, label=label, dtype=args.dtype, device=args.device,
                         trust_remote_code=args.trust_remote_code)
-    cfg = ExperimentConfig(check_label(args.run, "run name"), args.store, (model,),
-                           (args.prompts,) if args.prompts else (), tuple(probes), args.layers, spec,
-                           divergences, args.shard_size, source="klstore compute", prompts=tuple(prompts))
-    store = open_store(args.store, create=True)  # unwritable: fails before the model loads
-    identity = cfg.identity()
-    run_id = run_id_for(identity)
-    record = {**identity, "store": args.store, "source": cfg.source}
+    cfg = ExperimentConfig(
+        name=check_label(args.run, "run name"), store=args.store, models=(model,),
+        prompt_paths=(args.prompts,) if args.prompts else (), probes=tuple(probes), layers=args.layers,
+        generation=spec, divergences=divergences, shard_size=args.shard_size, source="klstore compute",
+        prompts=tuple(prompts))
+    plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
     worker = Worker(args.model, label, args.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)
-    from klstore.layerspec import parse_layers
-
-    parse_layers(args.layers, worker.engine.n_layers, label)
-    for probe in probes:  # vectors, sub-layers: checked before anything is written
-        worker.engine.prepare(probe, spec)
-    job = Job(cfg.probes, cfg.layers, cfg.divergences, cfg.generation)
-    store.write_run(run_id, cfg.name, "running", record, versions())
-    shards, todo = pending_shards(store, label, run_id, cfg.prompts, cfg.shard_size)
-    print(f"run {run_id}: {len(prompts)} prompts in {len(shards)} shards, "
-          f"{len(shards) - len(todo)} already done", file=sys.stderr)
-    finished = len(prompts) - sum(len(s) for s in todo)
-    failed = cells = 0
-    start = time.time()
-    try:
-        for shard in todo:
-            result = worker.run_shard(run_id, shard, job)
-            finished, failed, cells = finished + result.prompts, failed + result.failed, cells + result.cells
-            rate = cells / max(time.time() - start, 1e-9)
-            print(f"[{label}] {finished}/{len(prompts)} prompts, {rate:.0f} cells/s", file=sys.stderr)
-    except BaseException:
-        store.write_run(run_id, cfg.name, "failed", record, versions())
-        raise
-    store.write_run(run_id, cfg.name, "completed", record, versions())
-    print(f"run {run_id} completed: {len(prompts)} prompts ({failed} failed) into {args.store}")
+    worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
+    summary = execute_local(plan, worker)
+    print(f"run {summary['run_id']} completed: {summary['prompts']} prompts ({summary['failed']} failed) "
+          f"into {args.store}")
     return 0
 
 
-def format_table(matrix, divergence_names=None) -> str:
-    """Rows = layers, columns = Gen t with its token text; one table per divergence."""
-    gen = matrix.generation
-    lines = []
-    heads = [f"Gen{i} {json.dumps(text, ensure_ascii=False)}" for i, text in enumerate(gen.token_texts)]
-    width = max([10] + [len(h) for h in heads])
-    for name in divergence_names or matrix.values:
-        values = matrix.values[name]
-        lines.append(f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | {name} (nats)"
-                     + (" | stopped at EOS" if gen.stopped_at_eos else ""))
-        lines.append("layer " + " ".join(h.rjust(width) for h in heads))
-        for row, layer in enumerate(matrix.layers):
-            cells = ("n/a" if v != v else f"{v:.4f}" for v in values[row])
-            lines.append(f"{layer:>5} " + " ".join(c.rjust(width) for c in cells))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _nan_to_none(array):
-    return [[None if v != v else float(v) for v in row] for row in array.tolist()]
-
-
-def results_to_json(model: str, results) -> dict:
-    prompts = []
-    for matrices in results:
-        first = matrices[0]
-        gen = first.generation
-        prompts.append({
-            "id": first.prompt.id, "group": first.prompt.group, "text": first.prompt.text,
-            "n_prompt_tokens": len(gen.prompt_ids), "stopped_at_eos": gen.stopped_at_eos,
-            "tokens": [{"id": t, "text": s, "logprob": float(lp), "entropy": float(h)}
-                       for t, s, lp, h in zip(gen.token_ids, gen.token_texts, first.gen_logprob,
-                                              first.gen_entropy)],
-            "probes": [{
-                "probe": m.probe, "params": m.probe_params, "layers": list(m.layers),
-                "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
-                "top1_match": m.top1_match.tolist(), "errors": list(m.errors),
-            } for m in matrices],
-        })
-    return {"model": model, "prompts": prompts}
-
-
 def _write_pngs(path: str, results, divergence_name: str) -> None:
-    from klstore import plotting
+    from klstore.report import plotting
 
     target = Path(path)
     if not target.parent.exists():
@@ -273,47 +203,48 @@ def _add_store_commands(sub) -> None:
 
 
 def _open_for_reading(path):
-    from klstore.store import DEFAULT_STORE, open_store
+    from klstore.spec import DEFAULT_STORE
+    from klstore.store import open_store
 
     return open_store(path or DEFAULT_STORE)
 
 
 def _check_format(fmt: str) -> None:
-    if fmt not in ("table", "csv", "json"):
+    if fmt not in output.FORMATS:
         raise KlstoreError(f"unknown --format {fmt!r}: choose table, csv or json")
 
 
 def cmd_sql(args) -> int:
-    from klstore import query
+    from klstore.store import views
 
     _check_format(args.format)
     store = _open_for_reading(args.store)
     if args.print_views:
-        print("\n".join(query.view_statements(store, for_shell=True).values()))
+        print("\n".join(views.view_statements(store).values()))
         return 0
     if not args.query:
         raise KlstoreError("no query given (or use --print-views)")
-    names, rows = query.sql(store, args.query)
+    names, rows = views.sql(store, args.query)
     if names:
-        print(query.format_rows(names, rows, args.format))
+        print(output.format_rows(names, rows, args.format))
     return 0
 
 
 def cmd_runs(args) -> int:
-    from klstore import query
+    from klstore.store import upkeep
 
     _check_format(args.format)
-    runs = query.run_summaries(_open_for_reading(args.store))
+    runs = upkeep.run_summaries(_open_for_reading(args.store))
     names = ["run_id", "name", "status", "created_at", "prompts", "failed", "kl_rows", "bytes"]
-    print(query.format_rows(names, [[r[n] for n in names] for r in runs], args.format))
+    print(output.format_rows(names, [[r[n] for n in names] for r in runs], args.format))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from klstore import query
+    from klstore.store import upkeep
 
     store = _open_for_reading(args.store)
-    problems = query.verify(store)
+    problems = upkeep.verify(store)
     total = sum(len(v) for v in problems.values())
     for kind, items in problems.items():
         for item in items:
@@ -325,9 +256,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from klstore import query
+    from klstore.store import upkeep
 
-    merged = query.compact(_open_for_reading(args.store))
+    merged = upkeep.compact(_open_for_reading(args.store))
     for folder, count in merged:
         print(f"merged {count} files in {folder}")
     print(f"compacted {len(merged)} partitions")
@@ -345,14 +276,14 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from klstore import config as config_module
+    from klstore.config import load_config
 
-    cfg = config_module.load(args.config)  # every config error before Ray starts
+    cfg = load_config(args.config)  # every config error before Ray starts
     store_uri = args.store or cfg.store
     from klstore.store import open_store
 
     open_store(store_uri, create=True)
-    from klstore import runner
+    from klstore.run import runner
 
     summary = runner.run(cfg, store_uri, progress_every=args.progress_every)
     print(f"run {summary['run_id']} {summary['status']} -> {store_uri}")
@@ -362,13 +293,13 @@ def cmd_run(args) -> int:
 
 def cmd_runs_summary(store_uri: str, run_id: str) -> str:
     """The printed summary of a run: per model and probe, prompts, cells, mean KL, top-1 rate."""
-    from klstore import query
+    from klstore.store import views
 
-    names, rows = query.sql(store_uri, f"""
+    names, rows = views.sql(store_uri, """
         SELECT model, probe, count(DISTINCT prompt_id) AS prompts, count(*) AS cells,
                round(avg(kl), 4) AS mean_kl, round(avg(top1_match::INT), 3) AS top1_rate
-        FROM kl WHERE run_id = '{run_id}' GROUP BY ALL ORDER BY ALL""")
-    return query.format_rows(names, rows, "table")
+        FROM kl WHERE run_id = ? GROUP BY ALL ORDER BY ALL""", [run_id])
+    return output.format_rows(names, rows, "table")
 
 
 # ------------------------------------------------------------------- report
@@ -383,14 +314,15 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from klstore import reportspec
-    from klstore.store import DEFAULT_STORE, open_store
+    from klstore.config import load_report_spec
+    from klstore.spec import DEFAULT_STORE
+    from klstore.store import open_store
 
-    spec = reportspec.load(args.spec)
+    spec = load_report_spec(args.spec)
     store = open_store(args.store or spec.store or DEFAULT_STORE)
-    from klstore import report
+    from klstore.report import site
 
-    result = report.build(store, spec, out=args.out, force=args.force,
+    result = site.build(store, spec, out=args.out, force=args.force,
                           log=lambda message: print(message, file=sys.stderr))
     print(result["index"])
     return 0

@@ -19,16 +19,17 @@ DEMO_REPORT = REPO / "reports" / "default.yaml"
 
 
 def main() -> int:
-    from klstore import config as config_module
-    from klstore import report, reportspec, runner
     from klstore.cli import cmd_runs_summary
+    from klstore.config import load_config, load_report_spec
+    from klstore.report import site
+    from klstore.run import runner
     from klstore.store import open_store
 
     try:
-        cfg = config_module.load(DEMO_CONFIG)
+        cfg = load_config(DEMO_CONFIG)
         summary = runner.run(cfg, progress_every=15)
         print(cmd_runs_summary(summary["store"], summary["run_id"]))
-        built = report.build(open_store(summary["store"]), reportspec.load(DEMO_REPORT),
+        built = site.build(open_store(summary["store"]), load_report_spec(DEMO_REPORT),
                              log=lambda message: print(message, file=sys.stderr))
         print(f"report: {built['index']}")
     except KlstoreError as exc:

@@ -7,3 +7,11 @@ class KlstoreError(Exception):
 
 class UnsupportedArchitecture(KlstoreError):
     """The model's structure (blocks, final norm, head) could not be found."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line (or its type name): what one-line messages quote."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -22,8 +22,8 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def engine(family):
-    from klstore.engine import Engine
-    from klstore.models import from_objects
+    from klstore.core.engine import Engine
+    from klstore.core.models import from_objects
     from tiny_models import ToyTokenizer, build
 
     return Engine(from_objects(family, build(family), ToyTokenizer()))
@@ -31,16 +31,16 @@ def engine(family):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from klstore.models import load
+    from klstore.core.models import load_model
 
-    return load("smollm2-135m", device="cpu")
+    return load_model("smollm2-135m", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def gemma3():
-    from klstore.models import load
+    from klstore.core.models import load_model
 
-    return load("gemma3-270m", device="cpu")
+    return load_model("gemma3-270m", device="cpu")
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600):

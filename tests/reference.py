@@ -92,7 +92,7 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
             q = model64(input_ids=ids, use_cache=False).logits[0, pos]
             handle.remove()
         elif probe in ("noise", "steer", "patch"):
-            from klstore.probes import noise_tensor  # the seeded noise itself is shared by design
+            from klstore.core.probes import noise_tensor  # the seeded noise itself is shared by design
 
             def change(module, args, output, layer=layer):
                 h = _first(output)

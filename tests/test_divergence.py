@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from klstore import divergence
+from klstore.core import divergence
+from klstore.spec import check_divergences
 from klstore.errors import KlstoreError
 
 
@@ -64,6 +65,6 @@ def test_properties():
 
 
 def test_check_names():
-    assert divergence.check_names(["js", "kl", "js"]) == ("js", "kl")
+    assert check_divergences(["js", "kl", "js"]) == ("js", "kl")
     with pytest.raises(KlstoreError, match="unknown divergence 'l2'"):
-        divergence.check_names(["l2"])
+        check_divergences(["l2"])

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from klstore.adapter import Adapter
-from klstore.engine import Engine, GenerationSpec, Prompt
+from klstore.core.adapter import Adapter
+from klstore.core.engine import Engine
+from klstore.spec import GenerationSpec, Prompt
 from klstore.errors import UnsupportedArchitecture
-from klstore.models import from_objects
-from klstore.probes import ProbeSpec
+from klstore.core.models import from_objects
+from klstore.spec import ProbeSpec
 from reference import LN2, reference_matrices
 from tiny_models import ToyTokenizer, build
 

@@ -1,7 +1,7 @@
 import pytest
 
 from klstore.errors import KlstoreError
-from klstore.layerspec import parse_layers
+from klstore.spec import parse_layers
 
 
 @pytest.mark.parametrize("spec, expected", [

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from klstore.engine import Engine, GenerationSpec, Prompt
+from klstore.core.engine import Engine
+from klstore.core.models import from_objects
+from klstore.core.steering import prepare_probes, steer_vectors
 from klstore.errors import KlstoreError, UnsupportedArchitecture
-from klstore.models import from_objects
-from klstore.probes import ProbeSpec
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from reference import reference_matrices
 from tiny_models import ToyTokenizer, build
 
@@ -21,6 +22,12 @@ def vector_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("vec") / "v.pt"
     torch.save(torch.linspace(-1, 1, LAYERS * HIDDEN).reshape(LAYERS, HIDDEN), path)
     return str(path)
+
+
+def _run(engine, prompt, probes, layers="all", divergences=("kl",), generation=GenerationSpec()):
+    """engine.run after the probes are prepared (steering vectors read), as the worker does."""
+    prepare_probes(engine, probes, generation)
+    return engine.run(prompt, probes, layers, divergences, generation)
 
 
 def _close(actual, expected):
@@ -41,7 +48,7 @@ def _specs(vector_file):
 @pytest.mark.parametrize("probe", ["ablate_attn", "ablate_mlp", "noise", "steer", "patch"])
 def test_probe_matches_float64_reference(family, engine, probe, vector_file):
     spec = _specs(vector_file)[probe]
-    result = engine.run(PROMPT, [spec], "all", DIVS, GenerationSpec(max_new_tokens=4))[0]
+    result = _run(engine, PROMPT, [spec], "all", DIVS, GenerationSpec(max_new_tokens=4))[0]
     gen = result.generation
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
     params = {"scale": 0.5, "seed": 3, "prompt_id": PROMPT.id, "alpha": 2.0,
@@ -59,26 +66,26 @@ def test_null_interventions_give_zero(engine, vector_file, tmp_path):
     zero_steer = ProbeSpec("steer", {"alpha": 0.0, "vector": vector_file})
     zero_noise = ProbeSpec("noise", {"scale": 0.0, "seed": 1})
     for prompt, spec in [(PROMPT, zero_steer), (PROMPT, zero_noise), (same_source, ProbeSpec("patch"))]:
-        result = engine.run(prompt, [spec], "all", ("kl", "js"), GenerationSpec(4))[0]
+        result = _run(engine, prompt, [spec], "all", ("kl", "js"), GenerationSpec(4))[0]
         np.testing.assert_allclose(result.values["kl"], 0.0, atol=1e-6)
         np.testing.assert_allclose(result.values["js"], 0.0, atol=1e-6)
 
 
 def test_noise_is_identical_across_runs(family):
     spec = ProbeSpec("noise", {"scale": 1.0, "seed": 5})
-    a = Engine(from_objects(family, build(family), ToyTokenizer())).run(PROMPT, [spec], "all", ("kl",))[0]
-    b = Engine(from_objects(family, build(family), ToyTokenizer())).run(PROMPT, [spec], "all", ("kl",))[0]
+    a = _run(Engine(from_objects(family, build(family), ToyTokenizer())), PROMPT, [spec], "all", ("kl",))[0]
+    b = _run(Engine(from_objects(family, build(family), ToyTokenizer())), PROMPT, [spec], "all", ("kl",))[0]
     np.testing.assert_array_equal(a.values["kl"], b.values["kl"])
-    other = Engine(from_objects(family, build(family), ToyTokenizer())).run(
-        PROMPT, [ProbeSpec("noise", {"scale": 1.0, "seed": 6})], "all", ("kl",))[0]
+    other = _run(
+        Engine(from_objects(family, build(family), ToyTokenizer())), PROMPT, [ProbeSpec("noise", {"scale": 1.0, "seed": 6})], "all", ("kl",))[0]
     assert not np.array_equal(a.values["kl"], other.values["kl"])
 
 
 def test_batched_rows_equal_one_row_at_a_time(engine, vector_file):
     one_row = Engine(engine.loaded, chunk_bytes=1)
     for spec in _specs(vector_file).values():
-        a = engine.run(PROMPT, [spec], "all", ("kl",), GenerationSpec(3))[0]
-        b = one_row.run(PROMPT, [spec], "all", ("kl",), GenerationSpec(3))[0]
+        a = _run(engine, PROMPT, [spec], "all", ("kl",), GenerationSpec(3))[0]
+        b = _run(one_row, PROMPT, [spec], "all", ("kl",), GenerationSpec(3))[0]
         np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=1e-5, rtol=1e-5)
 
 
@@ -89,13 +96,13 @@ def test_steer_from_prompt_sets_and_saved_vector(tmp_path):
     neg.write_text('{"id": "c", "text": "sad gloomy night"}\n')
     saved = tmp_path / "v.safetensors"
     spec = ProbeSpec("steer", {"alpha": 1.5, "positive": str(pos), "negative": str(neg), "save": str(saved)})
-    from_sets = engine.run(PROMPT, [spec], "all", ("kl",))[0]
-    vectors = engine.steer_vectors(spec, GenerationSpec())
+    from_sets = _run(engine, PROMPT, [spec], "all", ("kl",))[0]
+    vectors = steer_vectors(engine, spec, GenerationSpec())
     expected = torch.stack([engine.last_position_outputs(ToyTokenizer()(t)["input_ids"])
                             for t in ("happy joyful day", "great fun")]).mean(0) - \
         engine.last_position_outputs(ToyTokenizer()("sad gloomy night")["input_ids"])
     torch.testing.assert_close(vectors, expected)
-    reused = engine.run(PROMPT, [ProbeSpec("steer", {"alpha": 1.5, "vector": str(saved)})], "all", ("kl",))[0]
+    reused = _run(engine, PROMPT, [ProbeSpec("steer", {"alpha": 1.5, "vector": str(saved)})], "all", ("kl",))[0]
     np.testing.assert_allclose(reused.values["kl"], from_sets.values["kl"], rtol=1e-6, atol=1e-7)
 
 
@@ -105,8 +112,8 @@ def test_single_vector_is_used_at_every_layer(tmp_path):
     v = np.linspace(0, 1, HIDDEN, dtype=np.float32)
     np.save(flat, v)
     np.save(full, np.stack([v] * LAYERS))
-    a = engine.run(PROMPT, [ProbeSpec("steer", {"alpha": 3, "vector": str(flat)})], "all", ("kl",))[0]
-    b = engine.run(PROMPT, [ProbeSpec("steer", {"alpha": 3, "vector": str(full)})], "all", ("kl",))[0]
+    a = _run(engine, PROMPT, [ProbeSpec("steer", {"alpha": 3, "vector": str(flat)})], "all", ("kl",))[0]
+    b = _run(engine, PROMPT, [ProbeSpec("steer", {"alpha": 3, "vector": str(full)})], "all", ("kl",))[0]
     np.testing.assert_array_equal(a.values["kl"], b.values["kl"])
 
 
@@ -117,14 +124,14 @@ def test_bad_probe_input(tmp_path):
     torch.save(torch.zeros(3, HIDDEN), layers3)
     junk.write_bytes(b"not a tensor")
     cases = [
-        (lambda: engine.prepare(ProbeSpec("steer", {"vector": str(wide)})), "has width 33; the model's hidden size is 32"),
-        (lambda: engine.prepare(ProbeSpec("steer", {"vector": str(layers3)})), "has shape [3, 32]; the model needs [32] or [4, 32]"),
-        (lambda: engine.prepare(ProbeSpec("steer", {"vector": str(tmp_path / "none.pt")})), "steering vector file not found"),
-        (lambda: engine.prepare(ProbeSpec("steer", {"vector": str(junk)})), "cannot read steering vector"),
+        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(wide)})], GenerationSpec()), "has width 33; the model's hidden size is 32"),
+        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(layers3)})], GenerationSpec()), "has shape [3, 32]; the model needs [32] or [4, 32]"),
+        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(tmp_path / "none.pt")})], GenerationSpec()), "steering vector file not found"),
+        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(junk)})], GenerationSpec()), "cannot read steering vector"),
         (lambda: ProbeSpec("noise", {"scale": -1}), "scale must be >= 0, got -1"),
         (lambda: ProbeSpec("steer", {"alpha": 1}), "give either vector"),
         (lambda: ProbeSpec("skip", {"scale": 1}), "probe skip: unknown parameter 'scale'"),
-        (lambda: engine.run(Prompt("nosrc", "hello"), [ProbeSpec("patch")]), "prompt 'nosrc' has no source"),
+        (lambda: _run(engine, Prompt("nosrc", "hello"), [ProbeSpec("patch")]), "prompt 'nosrc' has no source"),
     ]
     for call, message in cases:
         with pytest.raises(KlstoreError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -137,7 +144,7 @@ def test_ablate_without_sublayers_is_named():
         layer.mixer = layer.self_attn
         del layer.self_attn
     engine = Engine.__new__(Engine)  # the adapter check alone; this model cannot run forward
-    from klstore.adapter import Adapter
+    from klstore.core.adapter import Adapter
 
     engine.adapter = Adapter.discover(model)
     with pytest.raises(UnsupportedArchitecture, match="block 0 \\(LlamaDecoderLayer\\) has no recognisable attention"):
@@ -154,7 +161,7 @@ def test_padded_batches_equal_one_prompt_at_a_time(engine, vector_file):
     gen = GenerationSpec(max_new_tokens=4)
     batched = engine.run_many(BATCH, specs, "all", ("kl", "js"), gen)
     for prompt, matrices in zip(BATCH, batched):
-        alone = engine.run(prompt, specs, "all", ("kl", "js"), gen)
+        alone = _run(engine, prompt, specs, "all", ("kl", "js"), gen)
         for a, b in zip(matrices, alone):
             assert a.generation.token_ids == b.generation.token_ids
             np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=2e-5, rtol=1e-4)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from klstore.engine import Engine, GenerationSpec, Prompt
-from klstore.probes import ProbeSpec
+from klstore.core.engine import Engine
+from klstore.spec import GenerationSpec, Prompt
+from klstore.spec import ProbeSpec
 from reference import reference_matrices
 
 pytestmark = pytest.mark.real_model
@@ -58,11 +59,11 @@ def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
     """The safetensors cache holds exactly the GGUF's dequantized weights."""
     import transformers
 
-    from klstore import models
+    from klstore.core import models
 
     monkeypatch.setenv("KLSTORE_CACHE", str(tmp_path))
     source = models.resolve("smollm2-135m")
-    fresh = models.load("smollm2-135m", device="cpu")
+    fresh = models.load_model("smollm2-135m", device="cpu")
     assert (models._gguf_cache_folder(source) / "model.safetensors").exists()
     direct = transformers.AutoModelForCausalLM.from_pretrained(
         source.location, gguf_file=source.gguf_file, dtype=torch.float32)
@@ -73,10 +74,10 @@ def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
 
 
 def test_smollm2_padded_batch_equals_single_prompts(smollm2):
-    from klstore.prompts import load_prompts
+    from klstore.spec import read_prompts
     from conftest import REPO
 
-    prompts = load_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[::3]  # 8 prompts, 3 groups
+    prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[::3]  # 8 prompts, 3 groups
     engine = Engine(smollm2)
     spec = GenerationSpec(max_new_tokens=5)
     batched = engine.run_many(prompts, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all", ("kl",), spec)

@@ -13,14 +13,17 @@ import pytest
 import torch
 import transformers
 
-from klstore import plotting, report, reportspec
+from klstore.config import load_report_spec
+from klstore.report import aggregate, plotting, site
+from klstore.spec import parse_report_spec
 from klstore.cli import main
-from klstore.engine import GenerationSpec, Prompt
+from klstore.spec import GenerationSpec, Prompt
 from klstore.errors import KlstoreError
-from klstore.models import from_objects
-from klstore.probes import ProbeSpec
+from klstore.core.models import from_objects
+from klstore.spec import ProbeSpec
 from klstore.store import open_store
-from klstore.worker import Job, Worker
+from klstore.run.plan import Job
+from klstore.run.worker import Worker
 from tiny_models import ToyTokenizer, build
 
 EVIL = "<script>alert('x')</script> & more"
@@ -55,7 +58,7 @@ def store_uri(tmp_path_factory):
 
 
 def _spec(**changes):
-    return reportspec.parse({"name": "t", **changes})
+    return parse_report_spec({"name": "t", **changes})
 
 
 def _plain_duckdb(store_uri):
@@ -67,11 +70,11 @@ def _plain_duckdb(store_uri):
 
 @pytest.mark.parametrize("aggregate", ["mean", "median"])
 def test_aggregates_equal_independent_sql(store_uri, aggregate):
-    from klstore import query
+    from klstore.store import upkeep, views
 
     spec = _spec(aggregate=aggregate, per_prompt=0)
-    con = query.connect(store_uri)
-    grids = report.collect(con, spec, report._filters(con, spec)[0])
+    con = views.connect(store_uri)
+    grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
     raw = _plain_duckdb(store_uri)
     fn = "avg" if aggregate == "mean" else "median"
     checked = 0
@@ -91,11 +94,11 @@ def test_aggregates_equal_independent_sql(store_uri, aggregate):
 
 
 def test_comparisons_by_layer_and_by_relative_depth(store_uri):
-    from klstore import query
+    from klstore.store import upkeep, views
 
     spec = _spec(per_prompt=0)
-    con = query.connect(store_uri)
-    grids = {g.title: g for g in report.collect(con, spec, report._filters(con, spec)[0])}
+    con = views.connect(store_uri)
+    grids = {g.title: g for g in aggregate.collect(con, spec, aggregate._filters(con, spec)[0])}
     same = grids["tiny-a minus tiny-b | logit_lens | mean"]
     a = grids["tiny-a | logit_lens | mean of 6 prompts"].values
     b = grids["tiny-b | logit_lens | mean of 6 prompts"].values
@@ -112,11 +115,11 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
 
 
 def test_figure_contents_from_matplotlib_objects(store_uri):
-    from klstore import query
+    from klstore.store import upkeep, views
 
     spec = _spec(layers="0,-1", per_prompt=1)
-    con = query.connect(store_uri)
-    grids = report.collect(con, spec, report._filters(con, spec)[0])
+    con = views.connect(store_uri)
+    grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
     grid = next(g for g in grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
     fig = plotting.draw(report._heatmap_data(grid))
     ax, bar = fig.axes
@@ -153,20 +156,20 @@ def test_cells_reached_by_fewer_prompts_are_marked():
 def test_observations_come_from_the_numbers():
     def grid(values, counts=None):
         values = np.asarray(values, dtype=float)
-        return report.Grid("g", "s", "t", tuple(range(values.shape[0])), tuple(f"Gen{i}" for i in range(values.shape[1])),
+        return aggregate.Grid("g", "s", "t", tuple(range(values.shape[0])), tuple(f"Gen{i}" for i in range(values.shape[1])),
                            values, np.ones_like(values, dtype=int) * 4 if counts is None else counts, 4, "kl",
                            "aggregate", {})
-    flat = report.observe(grid(np.full((4, 3), 2.0)))
+    flat = aggregate.observe(grid(np.full((4, 3), 2.0)))
     assert flat == ["The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."]
     values = np.ones((6, 5))
     values[0, 2] = 30.0
-    notes = report.observe(grid(values))
+    notes = aggregate.observe(grid(values))
     assert notes[0] == "kl peaks at layer 0, Gen2 with 30 nats, 15.3x the grid mean of 1.97 nats."
     assert any(n.startswith("Gen2 stands out") for n in notes)
     assert any("1 cell is more than two standard deviations above the mean: layer 0, Gen2 (30)" in n for n in notes)
     counts = np.full((6, 5), 4)
     counts[:, 4] = 3
-    assert any("of 4, Gen4 by 3" in n for n in report.observe(grid(values, counts)))
+    assert any("of 4, Gen4 by 3" in n for n in aggregate.observe(grid(values, counts)))
 
 
 def _chromium():
@@ -175,7 +178,7 @@ def _chromium():
 
 def test_site_loads_in_headless_chromium_with_every_image(store_uri, tmp_path):
     out = tmp_path / "site" / "rep"
-    result = report.build(open_store(store_uri), _spec(per_prompt=1), out=out, log=lambda m: None)
+    result = site.build(open_store(store_uri), _spec(per_prompt=1), out=out, log=lambda m: None)
     page = (out / "index.html").read_text()
     assert EVIL not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
     assert "http://" not in page and "https://" not in page  # self-contained
@@ -225,24 +228,24 @@ f.onload = () => {
 def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(store_uri, tmp_path):
     out = tmp_path / "rep"
     spec = _spec(per_prompt=0)
-    first = report.build(open_store(store_uri), spec, out=out, log=lambda m: None)
+    first = site.build(open_store(store_uri), spec, out=out, log=lambda m: None)
     build_dir = out.resolve()
-    again = report.build(open_store(store_uri), spec, out=out, log=lambda m: None)
+    again = site.build(open_store(store_uri), spec, out=out, log=lambda m: None)
     assert again["drawn"] == 0 and not again["changed"] and out.resolve() == build_dir
     copy = tmp_path / "store2"
     shutil.copytree(store_uri, copy)
     spec2 = _spec(per_prompt=0)
     out2 = tmp_path / "rep2"
-    base = report.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
+    base = site.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
     worker = Worker("tiny-a", "tiny-a", str(copy), loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
     worker.run_shard("r1", [Prompt("new", "Brand new prompt", "animals")],
                      Job((ProbeSpec("skip"),), "all", ("kl",), GenerationSpec(4)))
-    update = report.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
+    update = site.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
     assert update["changed"] and 0 < update["drawn"] < base["drawn"]
     # redrawn: tiny-a/skip aggregates (2 groups + overall), its group comparison, and its 2 model comparisons
     assert update["drawn"] == 1 + 2 + 1 + 2
     assert not any(p.name != out2.resolve().name for p in (tmp_path / ".rep2.builds").iterdir())
-    forced = report.build(open_store(str(copy)), spec2, out=out2, force=True, log=lambda m: None)
+    forced = site.build(open_store(str(copy)), spec2, out=out2, force=True, log=lambda m: None)
     assert forced["drawn"] == base["drawn"]
     assert first["drawn"] > 0
 
@@ -254,7 +257,7 @@ def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(s
 ])
 def test_spec_naming_what_is_not_in_the_store(store_uri, tmp_path, changes, message):
     with pytest.raises(KlstoreError, match=message):
-        report.build(open_store(store_uri), _spec(**changes), out=tmp_path / "r", log=lambda m: None)
+        site.build(open_store(store_uri), _spec(**changes), out=tmp_path / "r", log=lambda m: None)
 
 
 def test_report_cli_bad_input(store_uri, tmp_path, capsys):

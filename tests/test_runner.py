@@ -14,8 +14,9 @@ import psutil
 import pytest
 import yaml
 
-from klstore import config as config_module
-from klstore import query, runner
+from klstore.config import load_config
+from klstore.run import runner
+from klstore.store import upkeep, views
 from klstore.errors import KlstoreError
 from conftest import REPO, run_cli
 
@@ -47,42 +48,42 @@ def _config(tmp_path, model_dir, n_prompts=12, shard_size=4, extra_models=(), **
 
 
 def _counts(store):
-    _, rows = query.sql(store, "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM generations), "
+    _, rows = views.sql(store, "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM generations), "
                                "(SELECT count(*) FROM kl), (SELECT count(DISTINCT prompt_id) FROM kl)")
     return rows[0]
 
 
 def _expected_kl_rows(store):
-    _, rows = query.sql(store, "SELECT sum(n_generated) FROM prompts")
+    _, rows = views.sql(store, "SELECT sum(n_generated) FROM prompts")
     return rows[0][0] * 4 * 2  # 4 layers x 2 probes per generated token
 
 
 def test_run_writes_exact_rows_and_rerun_skips(ray_session, tiny_model_dir, tmp_path):
-    cfg = config_module.load(_config(tmp_path, tiny_model_dir, long_every=5))
+    cfg = load_config(_config(tmp_path, tiny_model_dir, long_every=5))
     summary = runner.run(cfg, progress_every=1)
     store = cfg.store
     assert summary["status"] == "completed"
     n_prompts, n_gens, n_kl, distinct = _counts(store)
     assert n_prompts == 12 and distinct == 10 and n_kl == _expected_kl_rows(store) == n_gens * 8
-    _, failed = query.sql(store, "SELECT prompt_id, status FROM prompts WHERE status <> 'ok' ORDER BY 1")
+    _, failed = views.sql(store, "SELECT prompt_id, status FROM prompts WHERE status <> 'ok' ORDER BY 1")
     assert failed == [("q004", "error"), ("q009", "error")]
-    _, runs = query.sql(store, "SELECT run_id, status, name FROM runs")
+    _, runs = views.sql(store, "SELECT run_id, status, name FROM runs")
     assert runs == [(summary["run_id"], "completed", "t")]
     again = runner.run(cfg, progress_every=1)
     assert again["run_id"] == summary["run_id"] and _counts(store) == (n_prompts, n_gens, n_kl, distinct)
     assert sum(p.cells for p in again["progress"].values()) == 0  # nothing recomputed
-    assert query.verify(__import__("klstore.store", fromlist=["x"]).open_store(store))["duplicates"] == []
+    assert upkeep.verify(__import__("klstore.store", fromlist=["x"]).open_store(store))["duplicates"] == []
 
 
 def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
-    cfg = config_module.load(_config(tmp_path, tiny_model_dir, n_prompts=16, shard_size=4))
+    cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=16, shard_size=4))
 
     def crash(label, result):
         raise KeyboardInterrupt("driver interrupted")
 
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg, progress_every=1, on_shard_done=crash)
-    _, runs = query.sql(cfg.store, "SELECT status FROM runs")
+    _, runs = views.sql(cfg.store, "SELECT status FROM runs")
     assert runs == [("failed",)]
     partial = _counts(cfg.store)[0]
     assert 4 <= partial < 16
@@ -91,12 +92,12 @@ def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
     assert summary["progress"]["tiny"].cells < _expected_kl_rows(cfg.store)  # done shards skipped
     n_prompts, n_gens, n_kl, _ = _counts(cfg.store)
     assert n_prompts == 16 and n_kl == _expected_kl_rows(cfg.store)
-    _, runs = query.sql(cfg.store, "SELECT status FROM runs")
+    _, runs = views.sql(cfg.store, "SELECT status FROM runs")
     assert runs == [("completed",)]
 
 
 def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, tmp_path):
-    cfg = config_module.load(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30,
+    cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30,
                                      generation={"max_new_tokens": 8}))
     killed = []
 
@@ -122,20 +123,20 @@ def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, 
     assert n_prompts == 90 and distinct == 90 and n_kl == _expected_kl_rows(cfg.store)
     from klstore.store import open_store
 
-    assert query.verify(open_store(cfg.store)) == {"unreadable": [], "temporary": [], "duplicates": []}
+    assert upkeep.verify(open_store(cfg.store)) == {"unreadable": [], "temporary": [], "duplicates": []}
 
 
 def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": -1}')
-    cfg = config_module.load(_config(tmp_path, tiny_model_dir, n_prompts=6,
+    cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=6,
                                      extra_models=[{"name": str(broken), "label": "broken", "num_gpus": 0.5}]))
     summary = runner.run(cfg, progress_every=1)
     assert summary["status"] == "failed"
     assert "broken" in summary["failed_models"]
     assert str(broken) in summary["failed_models"]["broken"]
-    _, rows = query.sql(cfg.store, "SELECT model, count(*) FROM prompts GROUP BY model")
+    _, rows = views.sql(cfg.store, "SELECT model, count(*) FROM prompts GROUP BY model")
     assert rows == [("tiny", 6)]
 
 
@@ -161,7 +162,7 @@ def test_config_errors(tmp_path, tiny_model_dir, change, message):
     data.update(change)
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(KlstoreError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        config_module.load(path)
+        load_config(path)
 
 
 def test_config_error_through_cli(tmp_path):
@@ -233,7 +234,7 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
         store = str(tmp_path / "store")
         n_prompts, _, n_kl, _ = _counts(store)
         assert n_prompts == 6 and n_kl == _expected_kl_rows(store)
-        _, runs = query.sql(store, "SELECT status FROM runs")
+        _, runs = views.sql(store, "SELECT status FROM runs")
         assert runs == [("completed",)]
     finally:
         _stop_ray_started_in(temp_dir)

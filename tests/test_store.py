@@ -11,13 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from klstore import query
+from klstore.store import upkeep, views
 from klstore.cli import main
-from klstore.engine import Engine, GenerationSpec, Prompt
-from klstore.models import from_objects
-from klstore.probes import ProbeSpec
+from klstore.core.engine import Engine
+from klstore.spec import GenerationSpec, Prompt
+from klstore.core.models import from_objects
+from klstore.spec import ProbeSpec
 from klstore.store import open_store
-from klstore.worker import Job, Worker
+from klstore.run.plan import Job
+from klstore.run.worker import Worker
 from tiny_models import ToyTokenizer, build
 
 PROMPTS = [Prompt(f"p{i}", text, group) for i, (text, group) in enumerate([
@@ -36,7 +38,7 @@ def _worker(tiny, uri):
 
 
 def _kl_table(uri):
-    names, rows = query.sql(uri, "SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, "
+    names, rows = views.sql(uri, "SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, "
                                  "kl, kl_reverse, js, top1_match FROM kl ORDER BY ALL")
     return rows
 
@@ -49,7 +51,7 @@ def test_round_trip_equals_in_memory(tiny, tmp_path):
     in_memory = engine.run_many(PROMPTS[:3], list(JOB.probes), "all", ("kl", "js"), GenerationSpec(4))
     for prompt, matrices in zip(PROMPTS[:3], in_memory):
         for matrix in matrices:
-            _, rows = query.sql(uri, f"SELECT layer, gen_idx, kl, js, kl_reverse, top1_match, "
+            _, rows = views.sql(uri, f"SELECT layer, gen_idx, kl, js, kl_reverse, top1_match, "
                                      f"prompt_group, model FROM kl WHERE prompt_id = '{prompt.id}' "
                                      f"AND probe = '{matrix.probe}' AND run_id = 'r1' ORDER BY layer, gen_idx")
             assert len(rows) == len(matrix.layers) * matrix.generation.n
@@ -61,9 +63,9 @@ def test_round_trip_equals_in_memory(tiny, tmp_path):
             assert all(r[4] is None for r in rows)  # kl_reverse not asked for: null
             assert [r[5] for r in rows] == matrix.top1_match.reshape(-1).tolist()
             assert {r[6] for r in rows} == {prompt.group} and {r[7] for r in rows} == {"tiny-llama"}
-    _, gens = query.sql(uri, "SELECT prompt_id, gen_idx, token_id FROM generations ORDER BY ALL")
+    _, gens = views.sql(uri, "SELECT prompt_id, gen_idx, token_id FROM generations ORDER BY ALL")
     assert len(gens) == 12
-    _, prompts = query.sql(uri, "SELECT prompt_id, status, n_generated FROM prompts ORDER BY ALL")
+    _, prompts = views.sql(uri, "SELECT prompt_id, status, n_generated FROM prompts ORDER BY ALL")
     assert prompts == [("p0", "ok", 4), ("p1", "ok", 4), ("p2", "ok", 4)]
 
 
@@ -81,10 +83,10 @@ def test_failed_prompt_is_recorded_and_others_go_on(tiny, tmp_path):
     uri = str(tmp_path / "store")
     too_long = Prompt("long", "x" * 200, "a")  # context is 128
     _worker(tiny, uri).run_shard("r1", [PROMPTS[0], too_long, PROMPTS[1]], JOB)
-    _, rows = query.sql(uri, "SELECT prompt_id, status, error, n_generated FROM prompts ORDER BY prompt_id")
+    _, rows = views.sql(uri, "SELECT prompt_id, status, error, n_generated FROM prompts ORDER BY prompt_id")
     assert rows[0][:2] == ("long", "error") and "exceeds tiny's context of 128" in rows[0][2]
     assert rows[0][3] == 0 and [r[1] for r in rows[1:]] == ["ok", "ok"]
-    _, count = query.sql(uri, "SELECT count(DISTINCT prompt_id) FROM kl")
+    _, count = views.sql(uri, "SELECT count(DISTINCT prompt_id) FROM kl")
     assert count == [(2,)]
 
 
@@ -105,7 +107,7 @@ def test_interrupted_write_is_invisible_and_reported(tiny, tmp_path):
     leftovers = [p for p in store.files("kl", suffix="") if ".tmp-" in p]
     assert len(leftovers) == 1
     assert _kl_table(uri) == before
-    problems = query.verify(store)
+    problems = upkeep.verify(store)
     assert problems["temporary"] == leftovers and not problems["unreadable"] and not problems["duplicates"]
     assert main(["verify", "--store", uri]) == 1
     os.unlink(leftovers[0])
@@ -121,7 +123,7 @@ def test_verify_reports_unreadable_and_duplicates(tiny, tmp_path):
     pq.write_table(pq.read_table(kl_file, partitioning=None), os.path.join(folder, "copy.parquet"))
     with open(os.path.join(folder, "broken.parquet"), "wb") as handle:
         handle.write(b"not parquet at all")
-    problems = query.verify(store)
+    problems = upkeep.verify(store)
     assert len(problems["unreadable"]) == 1 and "broken.parquet" in problems["unreadable"][0]
     assert len(problems["duplicates"]) > 0 and problems["duplicates"][0].startswith("kl:")
 
@@ -135,19 +137,19 @@ def test_compact_keeps_every_query_result(tiny, tmp_path):
     queries = ["SELECT * FROM kl ORDER BY ALL", "SELECT * FROM generations ORDER BY ALL",
                "SELECT * FROM prompts ORDER BY ALL", "SELECT * FROM runs ORDER BY ALL"]
     aggregate = "SELECT layer, gen_idx, avg(kl), avg(js) FROM kl GROUP BY ALL ORDER BY ALL"
-    before = [query.sql(uri, q) for q in queries]
-    before_agg = query.sql(uri, aggregate)[1]
+    before = [views.sql(uri, q) for q in queries]
+    before_agg = views.sql(uri, aggregate)[1]
     files_before = len(store.files("kl"))
     assert main(["compact", "--store", uri]) == 0
-    assert [query.sql(uri, q) for q in queries] == before
-    after_agg = query.sql(uri, aggregate)[1]  # float sums may be added in another order
+    assert [views.sql(uri, q) for q in queries] == before
+    after_agg = views.sql(uri, aggregate)[1]  # float sums may be added in another order
     assert [r[:2] for r in after_agg] == [r[:2] for r in before_agg]
     np.testing.assert_allclose([r[2:] for r in after_agg], [r[2:] for r in before_agg], rtol=1e-12)
-    after_agg = query.sql(uri, aggregate)[1]  # float sums may be added in another order
+    after_agg = views.sql(uri, aggregate)[1]  # float sums may be added in another order
     assert [r[:2] for r in after_agg] == [r[:2] for r in before_agg]
     np.testing.assert_allclose([r[2:] for r in after_agg], [r[2:] for r in before_agg], rtol=1e-12)
     assert len(store.files("kl")) == 2 < files_before
-    assert query.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
+    assert upkeep.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
 
 
 def test_older_schema_files_stay_readable(tiny, tmp_path):
@@ -158,11 +160,11 @@ def test_older_schema_files_stay_readable(tiny, tmp_path):
     pq.write_table(pa.table({"prompt_id": ["x"], "prompt_group": ["g"], "layer": pa.array([0], pa.int16()),
                              "gen_idx": pa.array([0], pa.int16()), "kl": pa.array([1.5], pa.float32()),
                              "top1_match": [True]}), folder / "part-old.parquet")
-    _, rows = query.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")
+    _, rows = views.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")
     assert rows == [(1.5, None, None)]
-    merged = query.compact(open_store(uri), min_files=1)
+    merged = upkeep.compact(open_store(uri), min_files=1)
     assert merged
-    assert query.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")[1] == [(1.5, None, None)]
+    assert views.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")[1] == [(1.5, None, None)]
 
 
 def test_print_views_work_in_plain_duckdb(tiny, tmp_path, capsys):
@@ -262,7 +264,7 @@ def test_s3_round_trip(tiny, tmp_path, s3_server):
     assert len(_kl_table(uri)) == 2 * 2 * 4 * 4
     store = open_store(uri)
     assert len(store.files("kl")) == 2
-    assert query.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
+    assert upkeep.verify(store) == {"unreadable": [], "temporary": [], "duplicates": []}
     assert main(["compact", "--store", uri]) == 0
     assert _kl_table(uri) == _kl_table(local)
 
@@ -279,5 +281,5 @@ def test_readme_example_queries_run(tiny, tmp_path):
     worker = Worker("tiny", "smollm2-135m", uri, loaded=tiny)  # the label the examples name
     worker.run_shard("r1", PROMPTS, JOB)
     for statement in statements:
-        names, rows = query.sql(uri, statement)
+        names, rows = views.sql(uri, statement)
         assert rows, statement

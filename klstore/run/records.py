@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from klstore.store import GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA
+from klstore.spec import DIVERGENCES, Prompt
+from klstore.store.tables import GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA
 
 
 @dataclass(frozen=True)
 class PromptOutcome:
-    prompt: object  # klstore.engine.Prompt
-    matrices: tuple = ()  # KLMatrix per probe
+    prompt: Prompt
+    matrices: tuple = ()  # klstore.core.engine.KLMatrix per probe
     error: str | None = None
 
     @property
@@ -51,7 +52,7 @@ def kl_rows(outcomes, probe: str) -> pa.Table:
                 "top1_match": pa.array(m.top1_match.reshape(-1)),
                 "n_layers": pa.array(np.full(count, m.n_layers_total, np.int16)),
             }
-            for name in ("kl", "kl_reverse", "js"):
+            for name in DIVERGENCES:
                 flat = _float_column(m, name, (n_rows, n_cols))
                 if flat is None:
                     columns[name] = pa.nulls(count, pa.float32())

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DIVERGENCE_LABELS = {
-    "kl": "KL divergence (nats)",
-    "kl_reverse": "Reverse KL divergence (nats)",
-    "js": "Jensen-Shannon divergence (nats)",
-}
+from klstore.spec import DIVERGENCES
+
+DIVERGENCE_LABELS = {name: f"{label} (nats)" for name, label in DIVERGENCES.items()}
 
 
 @dataclass(frozen=True)

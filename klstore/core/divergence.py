@@ -19,7 +19,7 @@ import math
 
 import torch
 
-DIVERGENCES = ("kl", "kl_reverse", "js")
+from klstore.spec import DIVERGENCES
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:
@@ -49,23 +49,10 @@ def js(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 _FUNCTIONS = {"kl": kl, "kl_reverse": kl_reverse, "js": js}
+if set(_FUNCTIONS) != set(DIVERGENCES):  # the names live in klstore.spec, the math here
+    raise ImportError(f"klstore.spec.DIVERGENCES {sorted(DIVERGENCES)} != functions {sorted(_FUNCTIONS)}")
 
 
 def compute(names: tuple[str, ...], logp: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.Tensor]:
     """The named divergences between P (reference) and Q (probe), each of shape logp.shape[:-1]."""
     return {name: _FUNCTIONS[name](logp, logq) for name in names}
-
-
-def check_names(names) -> tuple[str, ...]:
-    """Validate a list of divergence names; returns them as a tuple, deduplicated in order."""
-    from klstore.errors import KlstoreError
-
-    result: list[str] = []
-    for name in names:
-        if name not in _FUNCTIONS:
-            raise KlstoreError(f"unknown divergence {name!r}: choose from {', '.join(DIVERGENCES)}")
-        if name not in result:
-            result.append(name)
-    if not result:
-        raise KlstoreError("no divergence asked for: choose from " + ", ".join(DIVERGENCES))
-    return tuple(result)

@@ -7,23 +7,12 @@ computes a shard and writes its rows straight into the store.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
-
-
-@dataclass(frozen=True)
-class Job:
-    """What to compute for every prompt, independent of the model."""
-
-    probes: tuple  # ProbeSpec
-    layers: str = "all"
-    divergences: tuple[str, ...] = ("kl",)
-    generation: object = None  # GenerationSpec
-
+from klstore.run.plan import Job, shard_key
+from klstore.spec import check_label
 
 
 @dataclass(frozen=True)
@@ -36,40 +25,15 @@ class ShardResult:
     seconds: float
 
 
-def run_id_for(config: dict) -> str:
-    """The run id: the run name plus a hash of the canonical config, so the same work maps to the same id."""
-    from klstore.store import check_label
-
-    name = check_label(config.get("name", "run"), "run name")
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{name}-{digest}"
-
-
-def shard_key(prompt_ids) -> str:
-    from klstore.store import work_key
-
-    return work_key(*prompt_ids)
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import klstore
-
-    return {"klstore": klstore.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
-
-
 class Worker:
     """Holds one loaded model; computes and stores shards of prompts."""
 
     def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
                  dtype: str = "auto", trust_remote_code: bool = False, loaded=None,
                  num_threads: int | None = None):
-        from klstore.engine import Engine
-        from klstore.models import load, quiet_libraries
-        from klstore.store import check_label, open_store
+        from klstore.core.engine import Engine
+        from klstore.core.models import load_model, quiet_libraries
+        from klstore.store import open_store
 
         quiet_libraries()
         if num_threads:
@@ -79,14 +43,28 @@ class Worker:
         self.label = check_label(label, "model label")
         self.store = open_store(store_uri, create=True)
         if loaded is None:
-            loaded = load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.engine = Engine(loaded)
+        self._prepared: set = set()
+
+    def prepare(self, job: Job) -> None:
+        """Check the job's probes and layers against this model (once per job), before any work."""
+        key = (tuple(p.key() for p in job.probes), job.layers, job.generation)
+        if key in self._prepared:
+            return
+        from klstore.core.steering import prepare_probes
+        from klstore.spec import parse_layers
+
+        parse_layers(job.layers, self.engine.n_layers, self.label)
+        prepare_probes(self.engine, job.probes, job.generation)
+        self._prepared.add(key)
 
     def compute(self, prompts, job: Job):
         """PromptOutcome per prompt; a prompt that fails is recorded, the others go on.
         A bad vector or a missing sub-layer fails the whole shard (it is the model's problem)."""
-        from klstore.records import PromptOutcome
+        from klstore.run.records import PromptOutcome
 
+        self.prepare(job)
         results = self.engine.run_many(list(prompts), list(job.probes), job.layers, job.divergences,
                                        job.generation)
         outcomes = []
@@ -101,7 +79,7 @@ class Worker:
 
     def run_shard(self, run_id: str, prompts, job: Job) -> ShardResult:
         """Compute a shard and write its files; the prompts file goes last (it marks the shard done)."""
-        from klstore import records
+        from klstore.run import records
 
         start = time.perf_counter()
         outcomes = self.compute(prompts, job)
@@ -118,22 +96,3 @@ class Worker:
                          model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
         return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)
-
-
-def pending_shards(store, model_label: str, run_id: str, prompts, shard_size: int):
-    """(all shards, shards still to do): fixed slices of `shard_size` prompts, minus those whose
-    prompts are all in the store already. Slicing before filtering keeps shard keys stable."""
-    shards = [tuple(prompts[i:i + shard_size]) for i in range(0, len(prompts), shard_size)]
-    done = done_prompt_ids(store, model_label, run_id)
-    return shards, [s for s in shards if not {p.id for p in s} <= done]
-
-
-def done_prompt_ids(store, model_label: str, run_id: str) -> set[str]:
-    """Prompt ids of (model, run) already in the store's `prompts` table."""
-    from klstore import query
-
-    if not store.files("prompts"):
-        return set()
-    _, rows = query.sql(store, "SELECT prompt_id FROM prompts WHERE model = "
-                        f"'{model_label}' AND run_id = '{run_id}'")
-    return {row[0] for row in rows}

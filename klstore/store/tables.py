@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +27,8 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstore.errors import KlstoreError
+from klstore.errors import KlstoreError, first_line
+from klstore.spec import DEFAULT_STORE, DIVERGENCES, check_label
 
 # ---------------------------------------------------------------- schemas
 KL_SCHEMA = pa.schema([
@@ -36,9 +36,7 @@ KL_SCHEMA = pa.schema([
     ("prompt_group", pa.string()),
     ("layer", pa.int16()),
     ("gen_idx", pa.int16()),
-    ("kl", pa.float32()),
-    ("kl_reverse", pa.float32()),
-    ("js", pa.float32()),
+    *[(name, pa.float32()) for name in DIVERGENCES],  # null where not asked for
     ("top1_match", pa.bool_()),
     ("n_layers", pa.int16()),
 ])
@@ -83,7 +81,7 @@ TABLES = {
 # the columns of each view, in the documented order
 VIEW_COLUMNS = {
     "kl": ("run_id", "model", "probe", "prompt_id", "prompt_group", "layer", "gen_idx",
-           "kl", "kl_reverse", "js", "top1_match", "n_layers"),
+           *DIVERGENCES, "top1_match", "n_layers"),
     "generations": ("run_id", "model", "prompt_id", "prompt_group", "gen_idx", "token_id",
                     "token_text", "logprob", "entropy"),
     "prompts": ("run_id", "model", "prompt_id", "prompt_group", "prompt_text", "source_text",
@@ -91,11 +89,8 @@ VIEW_COLUMNS = {
     "runs": ("run_id", "name", "created_at", "updated_at", "status", "config",
              "klstore_version", "torch_version", "transformers_version"),
 }
-FLOAT_COLUMNS = ("kl", "kl_reverse", "js", "logprob", "entropy")
+FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy")
 TMP_MARK = ".tmp-"
-DEFAULT_STORE = "./klstore-data"
-
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def parquet_options(schema: pa.Schema) -> dict:
@@ -103,28 +98,6 @@ def parquet_options(schema: pa.Schema) -> dict:
     floats = [c for c in schema.names if c in FLOAT_COLUMNS]
     return dict(compression="zstd", compression_level=6, use_dictionary=True,
                 use_byte_stream_split=floats or False, write_statistics=True)
-
-
-def check_label(value: str, what: str) -> str:
-    """A model label, probe or run name used in a path: letters, digits, . _ + - only."""
-    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
-        raise KlstoreError(
-            f"{what} {value!r} cannot name a store folder: use letters, digits, '.', '_', '+', '-' "
-            "(no '/', no '..', not starting with '.')")
-    return value
-
-
-def model_label(model_name: str) -> str:
-    """Default store label of a model: built-in name, hub id owner/name -> owner--name, path -> stem."""
-    from pathlib import PurePath
-
-    if model_name.count("/") == 1 and not model_name.startswith((".", "/", "~")) \
-            and not os.path.exists(model_name):
-        return model_name.replace("/", "--")
-    if "/" in model_name or os.sep in model_name:
-        path = PurePath(model_name.rstrip("/"))
-        return path.stem if path.suffix == ".gguf" else path.name
-    return model_name
 
 
 def work_key(*parts: str) -> str:
@@ -157,23 +130,29 @@ class Store:
     def write(self, table: str, rows: pa.Table, filename: str, **partitions: str) -> str:
         """Write one complete file into the partition; replaces a file of the same name."""
         schema, _ = TABLES[table]
-        rows = rows.select(schema.names).cast(schema)
-        folder = self.table_dir(table, **partitions)
-        final = f"{folder}/{filename}"
-        options = parquet_options(schema)
-        if self.is_local:
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
-            try:
-                pq.write_table(rows, tmp, **options)
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        else:
-            # An S3 object appears only when its (multipart) upload completes.
-            pq.write_table(rows, final, filesystem=self.fs, **options)
+        final = f"{self.table_dir(table, **partitions)}/{filename}"
+        self.write_file(final, rows.select(schema.names).cast(schema), schema)
         return final
+
+    def write_file(self, final: str, rows: pa.Table, schema: pa.Schema) -> None:
+        """The one atomic Parquet write of klstore: complete at `final`, or not there at all.
+
+        Locally: written under a unique temporary name (`<final>.tmp-<uuid>`, which no
+        `*.parquet` glob matches) and renamed into place. On S3 an object appears only
+        when its (multipart) upload completes.
+        """
+        options = parquet_options(schema)
+        if not self.is_local:
+            pq.write_table(rows, final, filesystem=self.fs, **options)
+            return
+        os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            pq.write_table(rows, tmp, **options)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def write_run(self, run_id: str, name: str, status: str, config: dict,
                   versions: dict[str, str]) -> None:
@@ -210,6 +189,14 @@ class Store:
                 out.append(info.path)
         return sorted(out)
 
+    def partition_files(self, table: str, **partitions: str) -> list[str]:
+        """Paths of the Parquet files in one partition folder (e.g. one model's run)."""
+        from pyarrow import fs as pafs
+
+        selector = pafs.FileSelector(self.table_dir(table, **partitions), allow_not_found=True)
+        return sorted(info.path for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+
     def exists(self) -> bool:
         from pyarrow import fs as pafs
 
@@ -242,7 +229,7 @@ def open_store(uri: str | None = None, create: bool = False) -> Store:
         try:
             info = s3.get_file_info(pafs.FileSelector(bucket_prefix, allow_not_found=True))
         except OSError as exc:
-            raise KlstoreError(f"store {uri}: {str(exc).splitlines()[0]}") from None
+            raise KlstoreError(f"store {uri}: {first_line(exc)}") from None
         if not info:
             raise KlstoreError(f"store {uri} does not exist (or is empty)")
         return store

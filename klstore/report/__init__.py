@@ -1,0 +1,1 @@
+"""Reports: store rows -> aggregated grids -> observations -> figures -> a static site. No torch."""

@@ -1,0 +1,1 @@
+from klstore.report.aggregate import build  # noqa: F401  (split pending)

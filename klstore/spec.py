@@ -1,0 +1,712 @@
+"""The ground floor: every value type of klstore and its validation, in one place.
+
+Prompts, generation settings, probes and their parameters, divergence names,
+labels and run names, layer-spec syntax, experiment configs and report specs.
+Each is declared once as a pydantic model (`extra="forbid"`, strict types, no
+NaN or infinity), and one function, `_describe`, turns any validation failure
+into the one-line message users see:
+
+    <where>: <key path> must be <what>, got <value>
+    <where>: <key path>: unknown key (allowed: ...)
+
+This module imports neither torch, transformers, ray, duckdb nor pyarrow:
+everything else in klstore imports down to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path, PurePath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from klstore.errors import KlstoreError
+
+DEFAULT_STORE = "./klstore-data"
+
+# Divergence name -> its figure label. The math is klstore.core.divergence; the
+# store has one float32 column per name. Adding a divergence starts here.
+DIVERGENCES: dict[str, str] = {
+    "kl": "KL divergence",
+    "kl_reverse": "Reverse KL divergence",
+    "js": "Jensen-Shannon divergence",
+}
+
+
+# ------------------------------------------------------------ validation
+class _Value(BaseModel):
+    """Base of every validated value: unknown keys, wrong types and non-finite numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    def _checked_init(self, where: str, **data: Any) -> None:
+        """For values that code builds directly (`Prompt(...)`): errors become KlstoreErrors.
+        Only leaf types use it: pydantic calls an overridden __init__ for nested values too."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise KlstoreError(_describe(exc, where)) from None
+
+
+def _fail(message: str) -> PydanticCustomError:
+    """A rule's own message (used verbatim after the key path)."""
+    return PydanticCustomError("klstore", message)
+
+
+_TYPE_PHRASES = {
+    "int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
+    "float_parsing": "a number", "bool_type": "true or false", "string_type": "a string",
+    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+    "dataclass_type": "a mapping", "finite_number": "a finite number",
+}
+
+
+def _path(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not (isinstance(part, str) and ("[" in part or part.startswith(("function-", "union")))):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _what_of(error: dict) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind in _TYPE_PHRASES:
+        return _TYPE_PHRASES[kind]
+    if kind == "greater_than_equal":
+        bound = ctx["ge"]
+        return f"at least {bound}" if isinstance(bound, int) else f">= {bound:g}"
+    if kind == "greater_than":
+        return f"> {ctx['gt']:g}"
+    if kind == "less_than":
+        return f"< {ctx['lt']}"
+    if kind == "literal_error":
+        return str(ctx.get("expected", "")).replace("'", "")
+    return error["msg"][0].lower() + error["msg"][1:]
+
+
+def _describe(exc: ValidationError, where: str, allowed: dict | None = None) -> str:
+    """The first validation error as one line: where, key path, what was expected, the value."""
+    error = exc.errors(include_url=False)[0]
+    key = _path(error["loc"])
+    head = f"{where}: {key}" if where and key else (where or key)
+    if error["type"] == "klstore":
+        message = error["msg"]
+        return f"{head} {message}" if message.startswith("must") else \
+            (f"{head}: {message}" if head else message)
+    if error["type"] == "extra_forbidden":
+        parent = re.sub(r"\[\d+\]", "", key).rpartition(".")[0]
+        return f"{head}: unknown key" + (f" (allowed: {allowed[parent]})" if allowed and parent in allowed else "")
+    if error["type"] == "too_short":
+        return f"{head}: empty"
+    if error["type"] == "missing":
+        return f"{head}: missing (required)"
+    return f"{head} must be {_what_of(error)}, got {error.get('input')!r}"
+
+
+def validate(model: type[_Value], data: Any, where: str = "") -> Any:
+    """Build `model` from plain data (YAML, JSON, CLI values); errors are KlstoreErrors naming `where`."""
+    if not isinstance(data, dict):
+        raise KlstoreError(f"{where or model.__name__} must be a mapping")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise KlstoreError(_describe(exc, where, _allowed_keys(model))) from None
+
+
+def _allowed_keys(model: type[BaseModel], prefix: str = "") -> dict[str, str]:
+    """Key path prefix -> the allowed keys there, for 'unknown key' messages."""
+    out = {prefix: ", ".join(sorted(k for k, f in model.model_fields.items() if not f.exclude))}
+    for name, info in model.model_fields.items():
+        inner = getattr(info.annotation, "__args__", (info.annotation,))
+        for arg in inner:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                out.update(_allowed_keys(arg, f"{prefix}.{name}" if prefix else name))
+    return out
+
+
+# ----------------------------------------------------------------- names
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def check_label(value: str, what: str) -> str:
+    """A model label, probe, report or run name used in a path: letters, digits, . _ + - only."""
+    if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
+        raise KlstoreError(
+            f"{what} {value!r} cannot name a store folder: use letters, digits, '.', '_', '+', '-' "
+            "(no '/', no '..', not starting with '.')")
+    return value
+
+
+def model_label(model_name: str) -> str:
+    """Default store label of a model: built-in name, hub id owner/name -> owner--name, path -> stem."""
+    if model_name.count("/") == 1 and not model_name.startswith((".", "/", "~")) \
+            and not os.path.exists(model_name):
+        return model_name.replace("/", "--")
+    if "/" in model_name or os.sep in model_name:
+        path = PurePath(model_name.rstrip("/"))
+        return path.stem if path.suffix == ".gguf" else path.name
+    return model_name
+
+
+def check_divergences(names) -> tuple[str, ...]:
+    """Validate divergence names; returns them as a tuple, deduplicated in order."""
+    result: list[str] = []
+    for name in names:
+        if name not in DIVERGENCES:
+            raise KlstoreError(f"unknown divergence {name!r}: choose from {', '.join(DIVERGENCES)}")
+        if name not in result:
+            result.append(name)
+    if not result:
+        raise KlstoreError("no divergence asked for: choose from " + ", ".join(DIVERGENCES))
+    return tuple(result)
+
+
+# ------------------------------------------------------------ layer specs
+_INT = r"-?\d+"
+_ITEM = re.compile(rf"^({_INT})(?:-({_INT}))?$")
+_ANY_DEPTH = 10**6  # for checking a spec's syntax before the model (and its depth) is known
+
+
+def parse_layers(spec: str, n_layers: int = _ANY_DEPTH, model_name: str = "the model") -> tuple[int, ...]:
+    """Resolve a layer spec (`all`, `0,15-21,27`, `-4--1`) against a model with `n_layers` blocks.
+
+    Returns the distinct block indices in increasing order; negative indices count
+    from the end. Without `n_layers`, checks the syntax only.
+    """
+    text = str(spec).strip().replace(" ", "")
+    if text.lower() == "all":
+        return tuple(range(n_layers))
+    if not text:
+        raise KlstoreError("empty layer spec: use 'all' or e.g. '0,15-21,27'")
+    chosen: set[int] = set()
+    for item in text.split(","):
+        match = _ITEM.match(item)
+        if match is None:
+            raise KlstoreError(
+                f"malformed layer spec {spec!r}: {item!r} is not a layer or a range "
+                "(examples: all, 0,15-21,27, -4--1)")
+        start = _resolve(int(match.group(1)), n_layers, model_name)
+        end = start if match.group(2) is None else _resolve(int(match.group(2)), n_layers, model_name)
+        if end < start:
+            raise KlstoreError(f"malformed layer spec {spec!r}: range {item!r} runs backwards")
+        chosen.update(range(start, end + 1))
+    return tuple(sorted(chosen))
+
+
+def _resolve(index: int, n_layers: int, model_name: str) -> int:
+    resolved = index + n_layers if index < 0 else index
+    if not 0 <= resolved < n_layers:
+        raise KlstoreError(f"layer {index}: {model_name} has {n_layers} layers, 0-{n_layers - 1}")
+    return resolved
+
+
+def _layer_spec(value) -> str:
+    """A layer spec given as text or a single integer; its syntax is checked here."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _fail("must be a layer spec such as all or 0,15-21,27")
+    try:
+        parse_layers(str(value))
+    except KlstoreError as exc:
+        raise _fail(str(exc)) from None
+    return str(value)
+
+
+# ---------------------------------------------------------------- prompts
+class Prompt(_Value):
+    """One prompt: `source` is the paired prompt the patch probe copies from."""
+
+    id: str
+    text: str
+    group: str = "default"
+    source: str | None = None
+
+    def __init__(self, id: str, text: str, group: str = "default", source: str | None = None):
+        self._checked_init("prompt", id=id, text=text, group=group, source=source)
+
+
+class _PromptRecord(_Value):
+    """A prompts-file line: {"id", "text", "group"?, "source"?}."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    id: str | int
+    text: str
+    group: str = "default"
+    source: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value):
+        if isinstance(value, bool) or str(value) == "":
+            raise _fail(f"must be a non-empty string or integer, got {value!r}")
+        return value
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value):
+        if not value:
+            raise _fail("must be a non-empty string")
+        return value
+
+
+def parse_prompt(record, where: str) -> Prompt:
+    """One prompt record (a dict) -> Prompt; `where` names it in errors (file:line)."""
+    if not isinstance(record, dict):
+        raise KlstoreError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("id", "text"):
+        if key not in record:
+            raise KlstoreError(f"{where}: missing {key!r}")
+    unknown = set(record) - set(_PromptRecord.model_fields)
+    if unknown:
+        raise KlstoreError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                           "(allowed: id, text, group, source)")
+    checked = validate(_PromptRecord, record, where)
+    if not checked.text.strip():
+        raise KlstoreError(f"{where}: prompt {str(checked.id)!r} is empty")
+    return Prompt(str(checked.id), checked.text, checked.group, checked.source)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read and validate a JSON Lines prompt file; errors name the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise KlstoreError(f"prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KlstoreError(f"cannot read prompts file {path}: {exc}") from None
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KlstoreError(f"{where}: invalid JSON ({exc.msg})") from None
+        prompt = parse_prompt(record, where)
+        if prompt.id in seen:
+            raise KlstoreError(f"{where}: duplicate id {prompt.id!r} (first on line {seen[prompt.id]})")
+        seen[prompt.id] = number
+        prompts.append(prompt)
+    if not prompts:
+        raise KlstoreError(f"{path}: no prompts")
+    return prompts
+
+
+def read_yaml(path: str | Path, what: str):
+    """A YAML file's data; a missing file or invalid YAML is a KlstoreError naming file and line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KlstoreError(f"{what} not found: {path}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise KlstoreError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+
+
+# ------------------------------------------------------------- generation
+class _GenerationFields(_Value):
+    """How the clean model continues the prompt. Greedy unless `do_sample`."""
+
+    max_new_tokens: int = 5
+    do_sample: bool = False
+    seed: int = Field(0, ge=-(2**63), lt=2**64)  # what a torch generator takes
+    temperature: float = Field(1.0, gt=0)
+    chat: bool = False
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive(cls, value):
+        if value <= 0:
+            raise _fail(f"must be a positive integer, got {value!r}")
+        return value
+
+
+class GenerationSpec(_GenerationFields):
+    __doc__ = _GenerationFields.__doc__
+
+    def __init__(self, max_new_tokens: int = 5, **data: Any):
+        self._checked_init("", max_new_tokens=max_new_tokens, **data)
+
+
+# ----------------------------------------------------------------- probes
+class _NoParams(_Value):
+    pass
+
+
+class _NoiseParams(_Value):
+    scale: float = Field(1.0, ge=0.0)
+    seed: int = 0
+
+
+class _SteerParams(_Value):
+    alpha: float = 1.0
+    vector: str | None = None
+    positive: str | None = None
+    negative: str | None = None
+    save: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        has_file = self.vector is not None
+        has_sets = self.positive is not None or self.negative is not None
+        if has_file == has_sets or (has_sets and (self.positive is None or self.negative is None)):
+            raise _fail("give either vector (a .pt, .npy or .safetensors file) "
+                        "or both positive and negative (prompt files)")
+        return self
+
+
+# Probe name -> its parameters (CONVENTIONS.md §5). What each does: klstore.core.probes.
+# Adding a probe starts here.
+PROBES: dict[str, type[_Value]] = {
+    "logit_lens": _NoParams,
+    "skip": _NoParams,
+    "ablate_attn": _NoParams,
+    "ablate_mlp": _NoParams,
+    "noise": _NoiseParams,
+    "steer": _SteerParams,
+    "patch": _NoParams,
+}
+READOUTS = ("logit_lens",)  # probes that decode a recorded state; the others intervene
+
+
+class ProbeSpec(_Value):
+    """A probe name plus its parameters (defaults filled in), validated on creation."""
+
+    name: str
+    params: dict = Field(default_factory=dict)
+
+    def __init__(self, name: str, params: dict | None = None):
+        if name not in PROBES:
+            raise KlstoreError(f"unknown probe {name!r}: choose from {', '.join(PROBES)}")
+        schema = PROBES[name]
+        params = dict(params or {})
+        unknown = [key for key in params if key not in schema.model_fields]
+        if unknown:
+            allowed = ", ".join(schema.model_fields)
+            raise KlstoreError(f"probe {name}: unknown parameter {unknown[0]!r}"
+                               + (f" (allowed: {allowed})" if allowed else " (it takes none)"))
+        try:
+            full = schema.model_validate(params).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise KlstoreError(_describe(exc, f"probe {name}")) from None
+        self._checked_init("probe", name=name, params=full)
+
+    @property
+    def is_readout(self) -> bool:
+        return self.name in READOUTS
+
+    def key(self) -> tuple:
+        return (self.name, tuple(sorted(self.params.items())))
+
+
+def probe_from_entry(entry) -> ProbeSpec:
+    """A probe as configs write it: a name, or {name: ..., <parameters>}."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise _fail("a probe name or {name: ..., ...}")
+    return ProbeSpec(entry["name"], {k: v for k, v in entry.items() if k != "name"})
+
+
+# ---------------------------------------------------------- experiments
+class ModelConfig(_Value):
+    """One model of an experiment: what to load and how many actors of what size."""
+
+    name: str
+    label: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    num_gpus: float = Field(1.0, ge=0.0)
+    num_cpus: float | None = Field(None, gt=0)  # None: 1 with GPUs, else the CPUs shared among actors
+    actors: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data):
+        if isinstance(data, str):
+            data = {"name": data}
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("num_cpus") == "auto":
+                data["num_cpus"] = None
+            if "label" not in data and isinstance(data.get("name"), str):
+                data["label"] = model_label(data["name"])
+        return data
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value):
+        try:
+            return check_label(value, "model label")
+        except KlstoreError as exc:
+            raise _fail(str(exc)) from None
+
+
+class _PromptSource(_Value):
+    path: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain(cls, data):
+        return {"path": data} if isinstance(data, str) else data
+
+
+class _ExperimentFile(_Value):
+    """An experiment config as written in YAML (see klstore.config for an example)."""
+
+    name: str = "run"
+    store: str = DEFAULT_STORE
+    models: list[ModelConfig] = Field(min_length=1)
+    prompts: list[_PromptSource]
+    probes: list[Any] = Field(min_length=1)
+    layers: Any = "all"
+    generation: _GenerationFields | None = None
+    divergences: list[str] = ["kl"]
+    shard_size: int = Field(16, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        try:
+            return check_label(value, "run name")
+        except KlstoreError as exc:
+            raise _fail(str(exc)) from None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value):
+        return _layer_spec(value)
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _generation(cls, value):
+        return {} if value is None else value
+
+    @field_validator("probes")
+    @classmethod
+    def _probes(cls, value):
+        out = []
+        for entry in value:
+            try:
+                out.append(probe_from_entry(entry))
+            except KlstoreError as exc:
+                raise _fail(str(exc)) from None
+        return out
+
+    @field_validator("divergences")
+    @classmethod
+    def _divergences(cls, value):
+        try:
+            return list(check_divergences(value))
+        except KlstoreError as exc:
+            raise _fail(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _labels(self):
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise _fail("models: duplicate model label (set `label:`)")
+        return self
+
+
+class ExperimentConfig(_Value):
+    """A validated experiment: models x prompts x probes x layers x divergences."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    name: str
+    store: str
+    models: tuple[ModelConfig, ...]
+    prompt_paths: tuple[str, ...]
+    probes: tuple[ProbeSpec, ...]
+    layers: str
+    generation: GenerationSpec
+    divergences: tuple[str, ...]
+    shard_size: int
+    source: str = ""  # the file it came from
+    prompts: tuple[Prompt, ...] = ()
+
+    def identity(self) -> dict:
+        """What defines the work (not where it goes): hashed into the run id."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for prompt in self.prompts:
+            digest.update(f"{prompt.id}\t{prompt.group}\t{prompt.text}\t{prompt.source}\n".encode())
+        return {
+            "name": self.name,
+            "models": [{"name": m.name, "label": m.label, "dtype": m.dtype} for m in self.models],
+            "prompts_sha256": digest.hexdigest(),
+            "probes": [{"name": p.name, **p.params} for p in self.probes],
+            "layers": self.layers, "divergences": list(self.divergences),
+            "generation": self.generation.model_dump(), "shard_size": self.shard_size,
+        }
+
+
+def check_patch_sources(probes, prompts, where: str) -> None:
+    """The patch probe needs every prompt's `source`."""
+    if any(p.name == "patch" for p in probes):
+        missing = [p.id for p in prompts if not p.source]
+        if missing:
+            raise KlstoreError(f"{where}patch needs a source for every prompt; "
+                               f"{len(missing)} have none (first: {missing[0]!r})")
+
+
+def parse_experiment(data, source: str = "config", base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a config mapping and read its prompt files (relative to base_dir, else the cwd)."""
+    if not isinstance(data, dict):
+        raise KlstoreError(f"{source}: config must be a mapping")
+    raw = validate(_ExperimentFile, data, source)
+    paths, prompts, seen = [], [], {}
+    for entry in raw.prompts:
+        path = Path(entry.path)
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        for prompt in read_prompts(path):
+            if prompt.id in seen:
+                raise KlstoreError(f"{path}: duplicate id {prompt.id!r} (also in {seen[prompt.id]})")
+            seen[prompt.id] = str(path)
+            prompts.append(prompt)
+        paths.append(str(path))
+    check_patch_sources(raw.probes, prompts, f"{source}: probes: ")
+    return ExperimentConfig(
+        name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths),
+        probes=tuple(raw.probes), layers=raw.layers, generation=GenerationSpec(**raw.generation.model_dump()),
+        divergences=tuple(raw.divergences), shard_size=raw.shard_size, source=source,
+        prompts=tuple(prompts))
+
+
+# ------------------------------------------------------------ report specs
+REPORT_DIMENSIONS = ("model", "probe", "prompt_group")
+
+
+class ReportSpec(_Value):
+    """What a report aggregates and draws (see klstore.config for the YAML form)."""
+
+    name: str = "default"
+    store: str | None = None
+    runs: Any = "latest"  # "latest", None (= all), or a tuple of run ids or names
+    models: Any = None  # None (= all) or a tuple of labels
+    probes: Any = None
+    groups: Any = None
+    group_by: Any = (("model", "probe"), ("model", "probe", "prompt_group"))
+    aggregate: Literal["mean", "median"] = "mean"
+    layers: Any = "all"  # a layer spec, or JSON {model or "default": spec}
+    divergence: str = "kl"
+    shared_scale: bool = False
+    compare_models: bool = True
+    compare_groups: bool = True
+    per_prompt: int = 2
+    source: str = Field("built-in default", exclude=True)  # the file it came from
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        try:
+            return check_label(value, "report name")
+        except KlstoreError as exc:
+            raise _fail(str(exc)) from None
+
+    @field_validator("runs", mode="before")
+    @classmethod
+    def _runs(cls, value):
+        return "latest" if value == "latest" else _selection(value, "runs")
+
+    @field_validator("models", "probes", "groups", mode="before")
+    @classmethod
+    def _names(cls, value, info):
+        return _selection(value, info.field_name)
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _group_by(cls, value):
+        if isinstance(value, tuple):
+            value = [list(g) for g in value]
+        if not isinstance(value, list) or not value:
+            raise _fail("must be a list of groupings such as [model, probe]")
+        groupings = []
+        for i, grouping in enumerate(value):
+            if isinstance(grouping, str):
+                grouping = [grouping]
+            if not isinstance(grouping, list) or any(g not in REPORT_DIMENSIONS for g in grouping):
+                raise _fail(f"[{i}] must list some of {', '.join(REPORT_DIMENSIONS)}, got {grouping!r}")
+            groupings.append(tuple(d for d in REPORT_DIMENSIONS if d in grouping))
+        return tuple(groupings)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value):
+        if isinstance(value, dict):
+            for spec in value.values():
+                _report_layer_spec(spec)
+            return json.dumps({str(k): str(v) for k, v in value.items()}, sort_keys=True)
+        if isinstance(value, str) and value.startswith("{"):
+            return value  # already normalised
+        return _report_layer_spec(value)
+
+    @field_validator("divergence")
+    @classmethod
+    def _divergence(cls, value):
+        if value not in DIVERGENCES:
+            raise _fail(f"must be {', '.join(list(DIVERGENCES)[:-1])} or {list(DIVERGENCES)[-1]}, got {value!r}")
+        return value
+
+    @field_validator("per_prompt", mode="before")
+    @classmethod
+    def _per_prompt(cls, value):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _fail(f"must be a whole number >= 0, got {value!r}")
+        return value
+
+    def layers_for(self, model: str) -> str:
+        """The layer spec that applies to a model."""
+        if self.layers.startswith("{"):
+            table = json.loads(self.layers)
+            return table.get(model, table.get("default", "all"))
+        return self.layers
+
+    def describe(self) -> dict:
+        """The spec's content (not where it came from or what store it names)."""
+        return self.model_dump(exclude={"store"})
+
+
+def _selection(value, key: str):
+    if value == "all" or value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise _fail(f"must be 'all' or a list of names, got {value!r}")
+
+
+def _report_layer_spec(value) -> str:
+    try:
+        return _layer_spec(value)
+    except PydanticCustomError:
+        raise _fail("must be a layer spec such as all or 0,15-21,27, "
+                    "or a mapping of model label (or default) to one") from None
+
+
+def parse_report_spec(data, where: str = "built-in default") -> ReportSpec:
+    """Validate a report spec mapping (unknown keys are errors)."""
+    if not isinstance(data, dict):
+        raise KlstoreError(f"{where}: a report spec must be a mapping")
+    if "source" in data:
+        raise KlstoreError(f"{where}: source: unknown key")
+    return validate(ReportSpec, {**data, "source": where}, where)

@@ -1,0 +1,120 @@
+"""DuckDB over a store: the views `kl`, `generations`, `prompts`, `runs`, and SQL on them.
+
+Local stores are read with `read_parquet(..., hive_partitioning = true,
+union_by_name = true)`, so files written by an older schema (fewer columns)
+read with nulls in the new columns. The file globs reach the views as DuckDB
+variables set with parameters (`SET VARIABLE klstore_kl = ?`), never pasted into
+SQL text. S3 stores are read through pyarrow datasets registered in DuckDB (no
+DuckDB extension download needed).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from klstore.errors import KlstoreError, first_line
+from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
+
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
+    pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+}
+
+
+def _column_types(table: str) -> dict[str, str]:
+    schema, partitions = TABLES[table]
+    types = {name: "VARCHAR" for name in partitions}
+    types.update({field.name: _DUCK_TYPES[field.type] for field in schema})
+    return types
+
+
+def _empty_view(table: str) -> str:
+    types = _column_types(table)
+    cols = ", ".join(f"CAST(NULL AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table])
+    return f"SELECT {cols} WHERE false"
+
+
+def _quote(text: str) -> str:
+    """A SQL string literal; only for statements printed for the plain shell (see view_statements)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def read_parquet_sql(table: str, source: str) -> str:
+    """SELECT of a table's view columns from `read_parquet(<source>)`; `source` is SQL for the
+    file list: a parameter (`$files`) or a variable (`getvariable('klstore_kl')`)."""
+    _, partitions = TABLES[table]
+    hive_types = ", ".join(f"{_quote(p)}: 'VARCHAR'" for p in partitions)
+    types = _column_types(table)
+    cols = ", ".join(f"CAST({c} AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table])
+    return (f"SELECT {cols} FROM read_parquet({source}, hive_partitioning = true, "
+            f"union_by_name = true, hive_types = {{{hive_types}}})")
+
+
+def view_statements(store: Store) -> dict[str, str]:
+    """`CREATE VIEW` statements to paste into the plain duckdb shell (`sql --print-views`).
+
+    The shell has no parameters, so the store's path is written as a quoted literal here;
+    klstore's own connections use `connect()`, which passes paths as values.
+    """
+    out = {}
+    for table in TABLES:
+        if store.is_local and not store.files(table):
+            body = _empty_view(table)
+        elif store.is_local:
+            body = read_parquet_sql(table, _quote(store.path(table, "**", "*.parquet")))
+        else:
+            body = read_parquet_sql(table, _quote(f"s3://{store.root}/{table}/**/*.parquet"))
+        out[table] = f"CREATE OR REPLACE VIEW {table} AS {body};"
+    return out
+
+
+def connect(store: Store | str | None = None):
+    """A DuckDB connection with the four views over the store (Python API for notebooks).
+
+        con = klstore.query.connect("./klstore-data")
+        con.sql("SELECT layer, avg(kl) FROM kl GROUP BY layer").df()
+    """
+    import duckdb
+
+    if not isinstance(store, Store):
+        store = open_store(store)
+    con = duckdb.connect(":memory:")
+    if store.is_local:
+        for table in TABLES:
+            if not store.files(table):
+                con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
+                continue
+            variable = f"klstore_{table}"
+            con.execute(f"SET VARIABLE {variable} = ?", [store.path(table, "**", "*.parquet")])
+            con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, f'getvariable({_quote(variable)})')}")
+        return con
+    import pyarrow.dataset as ds
+
+    for table, (schema, partitions) in TABLES.items():
+        if not store.files(table):
+            con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
+            continue
+        part_schema = pa.schema([(p, pa.string()) for p in partitions])
+        full = pa.schema(list(schema) + list(part_schema))
+        dataset = ds.dataset(store.path(table), filesystem=store.fs, format="parquet",
+                             partitioning=ds.partitioning(part_schema, flavor="hive"), schema=full)
+        con.register(f"_{table}_dataset", dataset)
+        cols = ", ".join(VIEW_COLUMNS[table])
+        con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM _{table}_dataset")
+    return con
+
+
+def sql(store: Store | str | None, query: str, params=None):
+    """Run a query over the views with its values as `params` (`?` or `$name`);
+    returns (column names, rows). SQL errors are KlstoreErrors."""
+    import duckdb
+
+    con = connect(store)
+    try:
+        result = con.execute(query, params)
+        if result.description is None:
+            return [], []
+        names = [d[0] for d in result.description]
+        return names, result.fetchall()
+    except duckdb.Error as exc:
+        raise KlstoreError(f"SQL error: {first_line(exc)}") from None
