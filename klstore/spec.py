@@ -370,7 +370,7 @@ class _SteerParams(_Value):
         return self
 
 
-# Probe name -> its parameters (CONVENTIONS.md §5). What each does: klstore.core.probes.
+# Probe name -> its parameters (docs/conventions.md §5). What each does: klstore.core.probes.
 # Adding a probe starts here.
 PROBES: dict[str, type[_Value]] = {
     "logit_lens": _NoParams,
@@ -476,7 +476,7 @@ class _ExperimentFile(_Value):
     prompts: list[_PromptSource]
     probes: list[Any] = Field(min_length=1)
     layers: Any = "all"
-    generation: _GenerationFields | None = None
+    generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
     shard_size: int = Field(16, ge=1)
 

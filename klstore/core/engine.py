@@ -1,4 +1,4 @@
-"""The engine: one model + one prompt -> KL matrices [layer, gen_idx] (CONVENTIONS.md).
+"""The engine: one model + one prompt -> KL matrices [layer, gen_idx] (docs/conventions.md).
 
 Flow for one prompt:
 1. `encode`   prompt text -> token ids (optionally through the chat template);
@@ -115,7 +115,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.chunk_bytes = chunk_bytes
-        self._steer_cache: dict = {}
+        self._steer_cache: dict = {}  # steer probe key -> (n_layers, H) vectors
+        self._prepared: set = set()  # keys of probes checked against this model
         self.adapter = Adapter.discover(self.model)
         self.n_layers = self.adapter.n_layers
         vocab, self.hidden_size = self.model.get_output_embeddings().weight.shape
@@ -300,6 +301,7 @@ class Engine:
                                    f"{self.loaded.label}, got "
                                    f"{None if steer_vectors is None else list(steer_vectors.shape)}")
             self._steer_cache[spec.key()] = steer_vectors
+        self._prepared.add(spec.key())
 
     def mean_activation_difference(self, positive: list[Prompt], negative: list[Prompt],
                                    generation_spec: GenerationSpec) -> torch.Tensor:
@@ -450,24 +452,26 @@ class Engine:
     # ---------------------------------------------------------------- many prompts
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-                 batch_size: int = 16) -> list:
+                 batch_size: int = 16, encoded: list[list[int]] | None = None) -> list:
         """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
 
-        Generation and the clean trace run `batch_size` prompts at a time (left-padded);
-        the probes then run per prompt. A batch that fails as a whole is redone one prompt
-        at a time, so one bad prompt cannot take its neighbours down.
+        `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
+        ids when the caller already checked them with `encode`. Generation and the clean trace
+        run `batch_size` prompts at a time (left-padded); the probes then run per prompt. A
+        batch that fails as a whole is redone one prompt at a time, so one bad prompt cannot
+        take its neighbours down.
         """
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
         divergences = check_divergences(divergences)
         for probe in probes:
-            if probe.name != "steer":  # steer is prepared with its vectors beforehand
+            if probe.key() not in self._prepared and probe.name != "steer":  # steer: prepared with vectors
                 self.prepare(probe)
         results: list = [None] * len(prompts)
         ready = []
         for i, prompt in enumerate(prompts):
             try:
-                ready.append((i, self.encode(prompt, spec)))
+                ready.append((i, encoded[i] if encoded is not None else self.encode(prompt, spec)))
             except KlstoreError as exc:
                 results[i] = exc
         for start in range(0, len(ready), batch_size):

@@ -1,4 +1,4 @@
-"""Probes: what replaces the clean model's distribution at layer l (CONVENTIONS.md §5).
+"""Probes: what replaces the clean model's distribution at layer l (docs/conventions.md §5).
 
 A probe is either a *read-out* (logit_lens: decode block l's output, no extra
 forward pass) or an *intervention* (everything else): it says what block l's

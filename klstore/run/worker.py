@@ -45,7 +45,8 @@ class Worker:
         if loaded is None:
             loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.engine = Engine(loaded)
-        self._prepared: set = set()
+        self._prepared: set = set()  # jobs checked against this model
+        self._layers: dict[str, tuple[int, ...]] = {}  # layer spec -> resolved block indices
 
     def prepare(self, job: Job) -> None:
         """Check the job's probes and layers against this model (once per job), before any work."""
@@ -55,7 +56,7 @@ class Worker:
         from klstore.core.steering import prepare_probes
         from klstore.spec import parse_layers
 
-        parse_layers(job.layers, self.engine.n_layers, self.label)
+        self._layers[job.layers] = parse_layers(job.layers, self.engine.n_layers, self.label)
         prepare_probes(self.engine, job.probes, job.generation)
         self._prepared.add(key)
 
@@ -65,7 +66,7 @@ class Worker:
         from klstore.run.records import PromptOutcome
 
         self.prepare(job)
-        results = self.engine.run_many(list(prompts), list(job.probes), job.layers, job.divergences,
+        results = self.engine.run_many(list(prompts), list(job.probes), self._layers[job.layers], job.divergences,
                                        job.generation)
         outcomes = []
         for prompt, result in zip(prompts, results):

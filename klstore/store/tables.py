@@ -203,7 +203,7 @@ class Store:
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
 
-def open_store(uri: str | None = None, create: bool = False) -> Store:
+def open_store(uri: "str | Store | None" = None, create: bool = False) -> Store:
     """Open a store by path or s3:// URI. Reading a missing store is an error; writing creates it.
 
     S3: credentials and region from the usual AWS environment variables;
@@ -211,6 +211,8 @@ def open_store(uri: str | None = None, create: bool = False) -> Store:
     """
     from pyarrow import fs as pafs
 
+    if isinstance(uri, Store):
+        return uri
     uri = uri or DEFAULT_STORE
     if uri.startswith("s3://"):
         bucket_prefix = uri[len("s3://"):].strip("/")
