@@ -6,6 +6,12 @@ read with nulls in the new columns. The file globs reach the views as DuckDB
 variables set with parameters (`SET VARIABLE klstore_kl = ?`), never pasted into
 SQL text. S3 stores are read through pyarrow datasets registered in DuckDB (no
 DuckDB extension download needed).
+
+Every connection is confined: DuckDB's file access is limited to the store's own
+folder (`allowed_directories`, `enable_external_access = false`), extensions are
+neither installed nor autoloaded, and the configuration is locked. `sql()` (and so
+`klstore sql`) further accepts exactly one read-only statement (SELECT, or EXPLAIN
+of one), checked on DuckDB's parsed statement type, never by pattern matching.
 """
 
 from __future__ import annotations
@@ -71,14 +77,52 @@ def view_statements(store: Store) -> dict[str, str]:
 def connect(store: Store | str | None = None):
     """A DuckDB connection with the four views over the store (Python API for notebooks).
 
-        con = klstore.query.connect("./klstore-data")
+        con = klstore.store.connect("./klstore-data")
         con.sql("SELECT layer, avg(kl) FROM kl GROUP BY layer").df()
+
+    The connection is confined (see the module docstring): it reads no file outside the
+    store and loads no extension. For SQL from someone else, use `sql()`, which also
+    refuses every statement but one read-only SELECT.
     """
     import duckdb
 
     if not isinstance(store, Store):
         store = open_store(store)
-    con = duckdb.connect(":memory:")
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
+    _create_views(con, store)
+    _confine(con, store)
+    return con
+
+
+def _confine(con, store: Store) -> None:
+    """No file access outside the store, no extensions, and no way to change that afterwards."""
+    if store.is_local:
+        con.execute("SET allowed_directories = ?", [[store.root.rstrip("/") + "/"]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(con, query: str) -> None:
+    """One statement, and a read-only one (its parsed type), or a KlstoreError naming what it is."""
+    import duckdb
+
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise KlstoreError(f"SQL error: {first_line(exc)}") from None
+    if len(statements) != 1:
+        raise KlstoreError(f"give one SQL statement per call, got {len(statements)}")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_STATEMENTS:
+        raise KlstoreError(f"the store is read-only here: {kind} statements are refused "
+                           "(use SELECT; klstore writes the store itself)")
+
+
+def _create_views(con, store: Store) -> None:
     if store.is_local:
         for table in TABLES:
             if not store.files(table):
@@ -87,7 +131,7 @@ def connect(store: Store | str | None = None):
             variable = f"klstore_{table}"
             con.execute(f"SET VARIABLE {variable} = ?", [store.path(table, "**", "*.parquet")])
             con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, f'getvariable({_quote(variable)})')}")
-        return con
+        return
     import pyarrow.dataset as ds
 
     for table, (schema, partitions) in TABLES.items():
@@ -101,7 +145,6 @@ def connect(store: Store | str | None = None):
         con.register(f"_{table}_dataset", dataset)
         cols = ", ".join(VIEW_COLUMNS[table])
         con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM _{table}_dataset")
-    return con
 
 
 def sql(store: Store | str | None, query: str, params=None):
@@ -110,6 +153,7 @@ def sql(store: Store | str | None, query: str, params=None):
     import duckdb
 
     con = connect(store)
+    check_read_only(con, query)
     try:
         result = con.execute(query, params)
         if result.description is None:
