@@ -6,7 +6,9 @@ and exit status 2; nothing else is caught, so a real bug keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +18,25 @@ from klstore.errors import KlstoreError
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`klstore: error: ...`, exit 2) instead of a usage dump."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"klstore: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # ----------------------------------------------------------------- compute
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused with the value named)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _add_compute(sub) -> None:
     p = sub.add_parser("compute", help="compute KL matrices for prompts on one model (one process)",
                        description="Generate a continuation per prompt and print layer x token KL matrices.")
@@ -28,8 +48,8 @@ def _add_compute(sub) -> None:
     p.add_argument("--probe", action="append", metavar="NAME",
                    help="logit_lens (default), skip, ablate_attn, ablate_mlp, noise, steer, patch; "
                         "repeat for several")
-    p.add_argument("--scale", type=float, help="noise: std = scale * rms(h) (default 1)")
-    p.add_argument("--alpha", type=float, help="steer: the vector's multiplier (default 1)")
+    p.add_argument("--scale", type=_finite_float, help="noise: std = scale * rms(h) (default 1)")
+    p.add_argument("--alpha", type=_finite_float, help="steer: the vector's multiplier (default 1)")
     p.add_argument("--vector", metavar="FILE", help="steer: .pt/.npy/.safetensors, [hidden] or [layers, hidden]")
     p.add_argument("--positive", metavar="FILE.jsonl", help="steer: prompts whose mean activation is added")
     p.add_argument("--negative", metavar="FILE.jsonl", help="steer: prompts whose mean activation is subtracted")
@@ -41,7 +61,7 @@ def _add_compute(sub) -> None:
                    help="kl (default), kl_reverse, js; repeat for several")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, and the noise probe's seed (default 0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--temperature", type=_finite_float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
@@ -59,8 +79,11 @@ def _add_compute(sub) -> None:
 
 def _compute_inputs(args):
     """Validate everything that needs no model, so bad input fails before a slow load."""
-    from klstore.spec import GenerationSpec, ProbeSpec, Prompt, check_divergences, parse_layers, read_prompts
+    from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,
+                              parse_layers, read_prompts)
 
+    check_dtype(args.dtype)
+    check_device(args.device)
     spec = GenerationSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                           seed=args.seed, temperature=args.temperature, chat=args.chat)
     divergences = check_divergences(args.divergence or ["kl"])
@@ -80,6 +103,16 @@ def _compute_inputs(args):
     return spec, divergences, probes, prompts
 
 
+def _check_against_config(model: str, layers: str, label: str, trust_remote_code: bool = False) -> None:
+    """Layers beyond the model's depth fail here, from its config, before the weights load."""
+    from klstore.core.models import read_shape
+    from klstore.spec import parse_layers
+
+    shape = read_shape(model, trust_remote_code)
+    if shape is not None:
+        parse_layers(layers, shape.n_layers, label)
+
+
 def _probe_params(name: str, args) -> dict:
     """Probe parameters from the command line (only those the probe takes)."""
     if name == "noise":
@@ -93,11 +126,13 @@ def _probe_params(name: str, args) -> dict:
 
 def cmd_compute(args) -> int:
     spec, divergences, probes, prompts = _compute_inputs(args)
-    if args.store:
-        return _compute_into_store(args, spec, divergences, probes, prompts)
-    from klstore.core.models import load_model, quiet_libraries
+    png = _png_target(args.png)
+    from klstore.core.models import load_model, quiet_libraries, resolve
 
     quiet_libraries()
+    _check_against_config(args.model, args.layers, resolve(args.model).label, args.trust_remote_code)
+    if args.store:
+        return _compute_into_store(args, spec, divergences, probes, prompts)
     from klstore.core.engine import Engine
     from klstore.core.steering import prepare_probes
     from klstore.spec import parse_layers
@@ -117,8 +152,8 @@ def cmd_compute(args) -> int:
                 print(output.format_table(matrix))
     if args.json:
         print(json.dumps(output.results_to_json(loaded.label, results), indent=1))
-    if args.png:
-        _write_pngs(args.png, results, divergences[0])
+    if png:
+        _write_pngs(png, results, divergences[0])
     failed = [err for matrices in results for m in matrices for err in m.errors]
     for err in failed:
         print(f"klstore: warning: {err}", file=sys.stderr)
@@ -146,25 +181,59 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
     worker = Worker(args.model, label, plan.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)
     worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
+    for prompt in prompts:  # empty, or too long for the context: before anything is written
+        worker.engine.encode(prompt, spec)
     summary = execute_local(plan, worker)
-    print(f"run {summary['run_id']} completed: {summary['prompts']} prompts ({summary['failed']} failed) "
-          f"into {args.store}")
-    return 0
+    failed = summary["failed"]
+    print(f"run {summary['run_id']} completed: {summary['prompts']} prompts ({failed} failed) into {args.store}")
+    if failed:
+        print(f"klstore: {failed} of {summary['prompts']} prompts failed; their errors are in the "
+              "prompts table (status, error)", file=sys.stderr)
+    return 1 if failed == summary["prompts"] else 0
 
 
-def _write_pngs(path: str, results, divergence_name: str) -> None:
-    from klstore.report import plotting
+def _png_target(path: str | None):
+    """Check --png before any work: a writable folder, or a file name with a figure suffix.
+    Returns (folder, stem or None for a folder, suffix)."""
+    if path is None:
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
 
     target = Path(path)
-    if not target.parent.exists():
-        raise KlstoreError(f"--png: folder {target.parent} does not exist")
+    if target.is_dir() or path.endswith(("/", os.sep)):
+        folder, stem, suffix = target, None, ".png"
+    else:
+        folder, stem, suffix = target.parent, target.stem, target.suffix.lower() or ".png"
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix.lstrip(".") not in formats:
+            raise KlstoreError(f"--png {path}: unknown figure format {suffix!r} "
+                               f"(use one of {', '.join('.' + f for f in sorted(formats))})")
+    if not folder.is_dir():
+        raise KlstoreError(f"--png: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise KlstoreError(f"--png: folder {folder} is not writable")
+    return folder, stem, suffix
+
+
+def _png_name(target, prompt_id: str, probe: str, many: bool) -> Path:
+    """One figure's path. Several figures get -<prompt id>-<hash of the id>-<probe>, so ids
+    that differ only in characters a file name cannot hold (a/b, a_b) never collide."""
+    folder, stem, suffix = target
+    if stem is not None and not many:
+        return folder / f"{stem}{suffix}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in prompt_id)[:60]
+    digest = hashlib.sha256(prompt_id.encode()).hexdigest()[:8]
+    name = f"{safe}-{digest}-{probe}{suffix}"
+    return folder / (f"{stem}-{name}" if stem is not None else name)
+
+
+def _write_pngs(target, results, divergence_name: str) -> None:
+    from klstore.report import plotting
+
     many = len(results) > 1 or len(results[0]) > 1
     for matrices in results:
         for m in matrices:
-            out = target
-            if many:
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m.prompt.id)
-                out = target.with_name(f"{target.stem}-{safe}-{m.probe}{target.suffix or '.png'}")
+            out = _png_name(target, m.prompt.id, m.probe, many)
             data = plotting.HeatmapData(
                 values=m.values[divergence_name], layers=m.layers,
                 columns=plotting.column_labels(m.generation.n, m.generation.token_texts),
@@ -278,6 +347,11 @@ def cmd_run(args) -> int:
     from klstore.config import load_config
 
     cfg = load_config(args.config)  # every config error before Ray starts
+    from klstore.core.models import quiet_libraries
+
+    quiet_libraries()
+    for model in cfg.models:  # unknown models, layers beyond a model's depth: before Ray starts
+        _check_against_config(model.name, cfg.layers, model.label, model.trust_remote_code)
     store_uri = args.store or cfg.store
     from klstore.store import open_store
 
@@ -287,7 +361,15 @@ def cmd_run(args) -> int:
     summary = runner.run(cfg, store_uri, progress_every=args.progress_every)
     print(f"run {summary['run_id']} {summary['status']} -> {store_uri}")
     print(cmd_runs_summary(store_uri, summary["run_id"]))
-    return 0 if summary["status"] == "completed" else 1
+    failed, total = summary["failed_prompts"], summary["prompts"]
+    if summary["status"] != "completed":
+        print(f"klstore: run {summary['run_id']} failed: "
+              + "; ".join(f"{k}: {v}" for k, v in summary["failed_models"].items()), file=sys.stderr)
+        return 1
+    if failed:
+        print(f"klstore: {failed} of {total} prompt x model results failed; see "
+              "`klstore sql \"SELECT model, prompt_id, error FROM prompts WHERE status <> 'ok'\"`", file=sys.stderr)
+    return 1 if total and failed == total else 0
 
 
 def cmd_runs_summary(store_uri: str, run_id: str) -> str:
@@ -331,7 +413,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from klstore import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="klstore", description="Layer x generated-token KL-divergence maps of causal language models.")
     parser.add_argument("--version", action="version", version=f"klstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,9 +424,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with '-' (a layer spec such as -4--1): argparse would
+# take the value for an option, so `--layers -4--1` is joined to `--layers=-4--1`.
+_DASHED_VALUES = ("--layers",)
+
+
+def _join_dashed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in _DASHED_VALUES:
+            value = next(args, None)
+            out.append(arg if value is None else f"{arg}={value}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_dashed_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except KlstoreError as exc:

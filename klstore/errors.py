@@ -15,3 +15,18 @@ def first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def remote_message(exc: BaseException) -> str:
+    """The message of the error behind a Ray failure: the `KlstoreError: ...` line of the remote
+    traceback when there is one, else its last `SomethingError: ...` line, else its first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        marker = "KlstoreError: "
+        if marker in line and not line.startswith(("raise ", "File ")):
+            return line.split(marker, 1)[1]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head and ": " in line:
+            return line
+    return first_line(exc)

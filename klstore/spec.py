@@ -57,6 +57,14 @@ def _fail(message: str) -> PydanticCustomError:
     return PydanticCustomError("klstore", message)
 
 
+def _rule(check, *args):
+    """Run a plain check inside a validator: its KlstoreError becomes this key's error."""
+    try:
+        return check(*args)
+    except KlstoreError as exc:
+        raise _fail(str(exc)) from None
+
+
 _TYPE_PHRASES = {
     "int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
     "float_parsing": "a number", "bool_type": "true or false", "string_type": "a string",
@@ -153,6 +161,24 @@ def model_label(model_name: str) -> str:
         path = PurePath(model_name.rstrip("/"))
         return path.stem if path.suffix == ".gguf" else path.name
     return model_name
+
+
+# dtype names accepted by --dtype and `dtype:` (auto: bf16 on CUDA, fp32 on CPU)
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda|cuda:\d+)$")
+
+
+def check_dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise KlstoreError(f"unknown dtype {value!r}: choose {', '.join(DTYPES)}")
+    return value
+
+
+def check_device(value: str) -> str:
+    """The device's syntax (auto, cpu, mps, cuda, cuda:N); whether it exists is checked where it runs."""
+    if not _DEVICE.match(value):
+        raise KlstoreError(f"unknown device {value!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return value
 
 
 def check_divergences(names) -> tuple[str, ...]:
@@ -279,8 +305,12 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise KlstoreError(f"prompts file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KlstoreError(f"cannot read prompts file {path}: {exc}") from None
+    except IsADirectoryError:
+        raise KlstoreError(f"prompts file {path} is a folder, not a JSON Lines file") from None
+    except UnicodeDecodeError as exc:
+        raise KlstoreError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise KlstoreError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
@@ -310,6 +340,12 @@ def read_yaml(path: str | Path, what: str):
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KlstoreError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise KlstoreError(f"{what} {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise KlstoreError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise KlstoreError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -324,7 +360,7 @@ class _GenerationFields(_Value):
 
     max_new_tokens: int = 5
     do_sample: bool = False
-    seed: int = Field(0, ge=-(2**63), lt=2**64)  # what a torch generator takes
+    seed: int = Field(0, ge=-(2**63), lt=2**64)  # SEED_RANGE: what a torch generator takes
     temperature: float = Field(1.0, gt=0)
     chat: bool = False
 
@@ -350,7 +386,10 @@ class _NoParams(_Value):
 
 class _NoiseParams(_Value):
     scale: float = Field(1.0, ge=0.0)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), lt=2**64)
+
+
+VECTOR_SUFFIXES = (".pt", ".npy", ".safetensors")
 
 
 class _SteerParams(_Value):
@@ -359,6 +398,17 @@ class _SteerParams(_Value):
     positive: str | None = None
     negative: str | None = None
     save: str | None = None
+
+    @field_validator("vector", "save")
+    @classmethod
+    def _vector_file(cls, value, info):
+        if value is not None and not value.endswith(VECTOR_SUFFIXES):
+            raise _fail(f"must be a {', '.join(VECTOR_SUFFIXES)} file, got {value!r}")
+        if info.field_name == "save" and value is not None:
+            folder = os.path.dirname(value) or "."
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise _fail(f"cannot be written: folder {folder!r} does not exist or is not writable")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -431,6 +481,16 @@ class ModelConfig(_Value):
     label: str = ""
     dtype: str = "auto"
     device: str = "auto"
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value):
+        return _rule(check_dtype, value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return _rule(check_device, value)
     num_gpus: float = Field(1.0, ge=0.0)
     num_cpus: float | None = Field(None, gt=0)  # None: 1 with GPUs, else the CPUs shared among actors
     actors: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
@@ -452,10 +512,7 @@ class ModelConfig(_Value):
     @field_validator("label")
     @classmethod
     def _label(cls, value):
-        try:
-            return check_label(value, "model label")
-        except KlstoreError as exc:
-            raise _fail(str(exc)) from None
+        return _rule(check_label, value, "model label")
 
 
 class _PromptSource(_Value):
@@ -483,10 +540,7 @@ class _ExperimentFile(_Value):
     @field_validator("name")
     @classmethod
     def _name(cls, value):
-        try:
-            return check_label(value, "run name")
-        except KlstoreError as exc:
-            raise _fail(str(exc)) from None
+        return _rule(check_label, value, "run name")
 
     @field_validator("layers")
     @classmethod
@@ -512,10 +566,7 @@ class _ExperimentFile(_Value):
     @field_validator("divergences")
     @classmethod
     def _divergences(cls, value):
-        try:
-            return list(check_divergences(value))
-        except KlstoreError as exc:
-            raise _fail(str(exc)) from None
+        return list(_rule(check_divergences, value))
 
     @model_validator(mode="after")
     def _labels(self):
@@ -617,10 +668,7 @@ class ReportSpec(_Value):
     @field_validator("name")
     @classmethod
     def _name(cls, value):
-        try:
-            return check_label(value, "report name")
-        except KlstoreError as exc:
-            raise _fail(str(exc)) from None
+        return _rule(check_label, value, "report name")
 
     @field_validator("runs", mode="before")
     @classmethod

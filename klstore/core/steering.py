@@ -60,6 +60,9 @@ def load_vector(path: str, n_layers: int, hidden: int) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error naming it
         raise KlstoreError(f"cannot read steering vector {path}: {first_line(exc)}") from None
     tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise KlstoreError(f"steering vector {path} holds {bad} non-finite value(s) (NaN or infinity)")
     if tensor.dim() == 1:
         if tensor.shape[0] != hidden:
             raise KlstoreError(f"steering vector {path} has width {tensor.shape[0]}; the model's hidden size is {hidden}")

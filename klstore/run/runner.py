@@ -24,10 +24,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from klstore.errors import first_line
+from klstore.errors import KlstoreError, first_line, remote_message
 from klstore.run.plan import RunPlan
 
-MAX_SHARD_ATTEMPTS = 3
+MAX_SHARD_ATTEMPTS = 3  # per shard, counting attempts whose actor died
+MAX_LOAD_ATTEMPTS = 3  # per model, counting actors that died while loading it
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -39,23 +41,55 @@ class ModelProgress:
     cells: int = 0
     error: str | None = None
     attempts: dict = field(default_factory=dict)  # shard prompt ids -> attempts that lost their actor
+    resumed: int = 0  # prompts already in the store when the run started
+    lost_loads: int = 0  # actors of this model that died while loading it
+    ready: bool = False  # one actor has loaded the model
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _check_reachable(address: str) -> None:
+    """An unreachable RAY_ADDRESS fails in seconds with one line, instead of Ray's long retries."""
+    import socket
+
+    target = address.split("://", 1)[-1].rstrip("/")
+    if address == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        raise KlstoreError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _init_ray(num_cpus: int | None = None):
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray. Returns the ray module and
+    whether this call started it (the caller then shuts it down)."""
     import ray
 
     if ray.is_initialized():
-        return ray
+        return ray, False
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    return ray
+    try:
+        if address:
+            _check_reachable(address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    except KlstoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to join is one line for the user
+        message = first_line(exc)
+        if any(word in str(exc).lower() for word in ("unauthenticated", "auth", "token")) \
+                and os.environ.get("RAY_AUTH_MODE") != "token":
+            message += (" - the cluster uses token authentication: set RAY_AUTH_MODE=token and put its "
+                        "token in ~/.ray/auth_token (or RAY_AUTH_TOKEN)")
+        raise KlstoreError(f"cannot start or join Ray ({address or 'local'}): {message}") from None
+    return ray, True
 
 
 def _actor_count(resources: dict, model, n_models: int) -> int:
@@ -78,6 +112,12 @@ def _actor_cpus(resources: dict, model, total_actors: int) -> float:
     return float(max(1, int(resources.get("CPU", 1) // max(total_actors, 1))))
 
 
+def _raised_in_init(exc) -> bool:
+    """Whether an actor died of an exception in Worker.__init__ (the model cannot load),
+    rather than being lost (killed, its node gone)."""
+    return bool(getattr(exc, "actor_init_failed", False))
+
+
 class Scheduler:
     """Hands shards to actors per model; replaces dead actors; tracks progress.
 
@@ -95,8 +135,9 @@ class Scheduler:
         for model in cfg.models:
             todo = plan.pending(model.label)
             self.queues[model.label] = list(todo)
-            self.progress[model.label] = ModelProgress(
-                model.label, len(cfg.prompts), prompts_done=len(cfg.prompts) - sum(len(s) for s in todo))
+            resumed = len(cfg.prompts) - sum(len(s) for s in todo)
+            self.progress[model.label] = ModelProgress(model.label, len(cfg.prompts), prompts_done=resumed,
+                                                       resumed=resumed)
             _say(f"[{model.label}] {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already in the store")
         resources = ray.cluster_resources()
         self.has_gpu = resources.get("GPU", 0) > 0
@@ -111,7 +152,7 @@ class Scheduler:
             if counts[model.label]:
                 for _ in range(counts[model.label]):
                     self._start_actor(model)
-                _say(f"[{model.label}] starting {counts[model.label]} actor(s)")
+                _say(f"[{model.label}] loading model {model.name} on {counts[model.label]} actor(s)")
 
     def _start_actor(self, model) -> None:
         options = {"num_cpus": self.cpus[model.label], "max_restarts": 0}
@@ -133,14 +174,28 @@ class Scheduler:
 
     def _ready(self, ref) -> None:
         model, actor = self.starting.pop(ref)
+        state = self.progress[model.label]
         try:
             self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
-            state = self.progress[model.label]
-            state.error = f"cannot load model {model.name!r}: {first_line(exc)}"
-            self.queues[model.label].clear()
-            _say(f"[{model.label}] {state.error}")
+            if _raised_in_init(exc):  # the model itself cannot load: the same on every actor
+                state.error = f"cannot load model {model.name!r}: {remote_message(exc)}"
+                self.queues[model.label].clear()
+                _say(f"[{model.label}] {state.error}")
+                return
+            state.lost_loads += 1  # the actor was lost (killed, node gone) while loading
+            if state.lost_loads >= MAX_LOAD_ATTEMPTS:
+                state.error = (f"{MAX_LOAD_ATTEMPTS} actors died while loading model {model.name!r}: "
+                               f"{first_line(exc)}")
+                self.queues[model.label].clear()
+                _say(f"[{model.label}] giving up: {state.error}")
+                return
+            _say(f"[{model.label}] an actor died while loading the model; starting another")
+            self._start_actor(model)
             return
+        if not state.ready:
+            state.ready = True
+            _say(f"[{model.label}] model loaded")
         self.first_ready = self.first_ready or time.time()
         self._dispatch(model, actor)
 
@@ -161,7 +216,7 @@ class Scheduler:
             self._start_actor(model)
             return
         except self.ray.exceptions.RayTaskError as exc:
-            state.error = f"shard failed: {first_line(exc)}"
+            state.error = f"shard failed: {remote_message(exc)}"
             _say(f"[{model.label}] {state.error}")
             return
         state.prompts_done += result.prompts
@@ -181,7 +236,27 @@ class Scheduler:
                 (self._ready if ref in self.starting else self._finished)(ref)
             if time.time() - last_report >= progress_every or not (self.in_flight or self.starting):
                 last_report = time.time()
-                _report(self.progress, start)
+                self.report(start)
+
+    def report(self, start: float) -> None:
+        """One progress line. The rate and ETA count only prompts computed in this run, since
+        the first model finished loading (loading and resumed prompts would skew them)."""
+        live = [p for p in self.progress.values() if p.error is None]
+        if not live:
+            return  # every model failed: its own line said why
+        now = time.time()
+        total = sum(p.prompts_total for p in live)
+        done = sum(p.prompts_done for p in live)
+        if self.first_ready is None:
+            _say(f"progress: loading models, {done}/{total} prompts already in the store, "
+                 f"elapsed {now - start:.0f} s")
+            return
+        computed = sum(p.prompts_done - p.resumed for p in self.progress.values())
+        working = max(now - self.first_ready, 1e-9)
+        cells = sum(p.cells for p in self.progress.values())
+        eta = f"{(total - done) * working / computed:.0f} s" if computed and total > done else "-"
+        _say(f"progress: {done}/{total} prompts, {cells / working:.0f} cells/s, elapsed {now - start:.0f} s, "
+             f"ETA {eta}")
 
     def kill_all(self) -> None:
         for _model, actor, _shard in self.in_flight.values():
@@ -198,21 +273,25 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
     If the driver itself fails, the run is marked failed; running it again resumes.
     """
     plan = RunPlan(cfg, store_uri)
-    ray = _init_ray(num_cpus)
+    ray, started_here = _init_ray(num_cpus)
     start = time.time()
     scheduler = None
-    with plan.running():
-        try:
-            scheduler = Scheduler(ray, plan, on_shard_done)
-            scheduler.drive(progress_every)
-        except BaseException:
-            if scheduler is not None:
-                scheduler.kill_all()
-            raise
-        progress = scheduler.progress
-        failed_models = {label: p.error for label, p in progress.items() if p.error}
-        status = "failed" if failed_models else "completed"
-        plan.mark(status)
+    try:
+        with plan.running():
+            try:
+                scheduler = Scheduler(ray, plan, on_shard_done)
+                scheduler.drive(progress_every)
+            except BaseException:
+                if scheduler is not None:
+                    scheduler.kill_all()
+                raise
+            progress = scheduler.progress
+            failed_models = {label: p.error for label, p in progress.items() if p.error}
+            status = "failed" if failed_models else "completed"
+            plan.mark(status)
+    finally:
+        if started_here:  # a Ray this call started is not left behind (the report needs none)
+            ray.shutdown()
     elapsed = time.time() - start
     _say(f"run {plan.run_id} {status}: {sum(p.prompts_done for p in progress.values())} prompt x model "
          f"results, {sum(p.failed_prompts for p in progress.values())} failed prompts, "
@@ -220,16 +299,6 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
          + "".join(f"; model {k} failed: {v}" for k, v in failed_models.items()))
     return {"run_id": plan.run_id, "status": status, "failed_models": failed_models, "store": plan.store_uri,
             "progress": progress, "seconds": elapsed,
+            "prompts": sum(p.prompts_total for p in progress.values()),
+            "failed_prompts": sum(p.failed_prompts for p in progress.values()),
             "seconds_after_first_actor_ready": time.time() - (scheduler.first_ready or start)}
-
-
-def _report(progress: dict, start: float) -> None:
-    elapsed = max(time.time() - start, 1e-9)
-    done = sum(p.prompts_done for p in progress.values())
-    total = sum(p.prompts_total for p in progress.values() if p.error is None) + \
-        sum(p.prompts_done for p in progress.values() if p.error is not None)
-    cells = sum(p.cells for p in progress.values())
-    remaining = total - done
-    per_prompt = elapsed / done if done else None
-    eta = f"{remaining * per_prompt:.0f} s" if per_prompt and remaining else "-"
-    _say(f"progress: {done}/{total} prompts, {cells / elapsed:.0f} cells/s, elapsed {elapsed:.0f} s, ETA {eta}")
