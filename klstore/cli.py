@@ -261,8 +261,14 @@ def _add_store_commands(sub) -> None:
     p.add_argument("--format", default="table", help="table (default), csv or json")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("verify", help="check files: unreadable, leftover temporary, duplicate keys")
+    p = sub.add_parser("verify", help="check every file against its record (SHA-256) and page checksums; "
+                                      "temporary files, duplicates, strange folders")
     store_arg(p)
+    p.add_argument("--quarantine", action="store_true",
+                   help="move bad and temporary files to <store>/_quarantine/ (never deleted); "
+                        "the next run or resume recomputes what they held")
+    p.add_argument("--record", action="store_true",
+                   help="record files that have none (stores written before records), after checking them")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compact", help="merge each partition's small files into one")
@@ -312,21 +318,31 @@ def cmd_verify(args) -> int:
     from klstore.store import upkeep
 
     store = _open_for_reading(args.store)
-    problems = upkeep.verify(store)
-    total = sum(len(v) for v in problems.values())
+    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    result = upkeep.verify(store, quarantine=args.quarantine, record=args.record, log=say)
+    problems = result["problems"]
     for kind, items in problems.items():
         for item in items:
             print(f"{kind}: {item}")
-    n_files = sum(len(store.files(t)) for t in ("kl", "generations", "prompts", "runs"))
-    print(f"{n_files} files checked: {len(problems['unreadable'])} unreadable, "
-          f"{len(problems['temporary'])} temporary, {len(problems['duplicates'])} duplicate keys")
-    return 1 if total else 0
+    for path in result["quarantined"]:
+        print(f"quarantined: {path}")
+    if result["recorded"]:
+        print(f"recorded: {result['recorded']} files")
+    counts = {kind: len(items) for kind, items in problems.items()}
+    counts["duplicates"] = result["duplicate_rows"]
+    if args.record:
+        counts["unrecorded"] = 0
+    print(f"{result['files']} files checked ({result['bytes'] / 2**20:.1f} MiB): "
+          + ", ".join(f"{n} {upkeep.PROBLEMS[kind]}" for kind, n in counts.items()))
+    fixed = {"bad", "temporary"} if args.quarantine else set()
+    remaining = sum(n for kind, n in counts.items() if kind not in fixed)
+    return 1 if remaining else 0
 
 
 def cmd_compact(args) -> int:
     from klstore.store import upkeep
 
-    merged = upkeep.compact(_open_for_reading(args.store))
+    merged = upkeep.compact(_open_for_reading(args.store), log=lambda m: print(m, file=sys.stderr))
     for folder, count in merged:
         print(f"merged {count} files in {folder}")
     print(f"compacted {len(merged)} partitions")

@@ -2,11 +2,13 @@
 
 One full hooked forward per layer through the model's own `forward` (so its own
 final norm, head and soft-capping), divergences written out from their
-definitions in float64. Shares no code with klstore.engine.
+definitions in float64. Shares no code with klstore: even the seeded noise of the
+noise probe is derived here from its documented rule.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -32,6 +34,15 @@ def _softcap(model, logits):
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
+
+
+def noise(seed: int, prompt_id: str, layer: int, shape) -> torch.Tensor:
+    """The noise probe's standard normal draw (float32), from the rule documented at
+    klstore.core.probes.noise_seed: the generator seed is the first 8 bytes, little-endian,
+    of sha256("{seed}\x1f{prompt_id}\x1f{layer}"), with the top bit cleared."""
+    digest = hashlib.sha256(f"{seed}\x1f{prompt_id}\x1f{layer}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
 def divergences64(logits_p, logits_q):
@@ -63,8 +74,11 @@ def _block_outputs_at_last(model64, ids):
 
 
 @torch.no_grad()
-def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params=None):
-    """{divergence: (len(layers), n_gen) float64} and top1 (len(layers), n_gen).
+def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params=None,
+                       return_margin=False):
+    """{divergence: (len(layers), n_gen) float64} and top1 (len(layers), n_gen) = argmax Q.
+    With return_margin, also the (len(layers), n_gen) gap in nats between Q's two most
+    likely tokens (a near tie there may be broken either way in float32).
 
     params (interventions): noise {scale, seed, prompt_id}, steer {alpha, vectors (L, H)},
     patch {source_ids}.
@@ -75,7 +89,7 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
     clean = model64(input_ids=ids, use_cache=False).logits[0, pos]
     blocks = _blocks(model64)
     rows = {name: [] for name in ("kl", "kl_reverse", "js")}
-    top1 = []
+    top1, margin = [], []
     for layer in layers:
         if probe == "logit_lens":
             store = {}
@@ -92,14 +106,12 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
             q = model64(input_ids=ids, use_cache=False).logits[0, pos]
             handle.remove()
         elif probe in ("noise", "steer", "patch"):
-            from klstore.core.probes import noise_tensor  # the seeded noise itself is shared by design
-
             def change(module, args, output, layer=layer):
                 h = _first(output)
                 if probe == "noise":
                     rms = h.pow(2).mean(-1, keepdim=True).sqrt()
-                    noise = noise_tensor(params["seed"], params["prompt_id"], layer, h.shape[1:]).double()
-                    new = h + params["scale"] * rms * noise
+                    draw = noise(params["seed"], params["prompt_id"], layer, h.shape[1:]).double()
+                    new = h + params["scale"] * rms * draw
                 elif probe == "steer":
                     new = h + params["alpha"] * params["vectors"][layer].double()
                 else:
@@ -123,7 +135,11 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
         for name, value in divergences64(clean, q).items():
             rows[name].append(value)
         top1.append(q.argmax(-1))
+        best2 = q.double().log_softmax(-1).topk(2, dim=-1).values
+        margin.append(best2[..., 0] - best2[..., 1])
     out = {name: torch.stack(v) for name, v in rows.items()}
+    if return_margin:
+        return out, torch.stack(top1), torch.stack(margin)
     return out, torch.stack(top1)
 
 

@@ -3,6 +3,8 @@
 y axis "Layer" (the listed layers top to bottom), x axis "Generated Token"
 (Gen0..GenN-1, or token texts), YlOrRd (light yellow = low, dark red = high),
 colour bar "<divergence> (nats)", values annotated in the cells when the grid is small.
+Text that may come from users (titles, token texts, labels) is drawn with mathtext
+off, so `$x$` shows as typed instead of being parsed as TeX.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def column_labels(n: int, texts=None) -> tuple[str, ...]:
 
 
 def _shown(text: str) -> str:
-    text = text.replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$")
+    text = text.replace("\n", "\\n").replace("\t", "\\t")
     return repr(text)[1:-1] if text.strip() == "" else text[:12]
 
 
@@ -62,11 +64,12 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
     if hi <= lo:
         hi = lo + 1e-9
     image = ax.imshow(masked, cmap=data.cmap, aspect="auto", vmin=lo, vmax=hi, interpolation="nearest")
-    ax.set_xticks(range(n_cols), labels=list(data.columns))
-    ax.set_yticks(range(n_rows), labels=[str(layer) for layer in data.layers])
+    literal = {"usetex": False, "parse_math": False}  # user text: never TeX or mathtext
+    ax.set_xticks(range(n_cols), labels=list(data.columns), **literal)
+    ax.set_yticks(range(n_rows), labels=[str(layer) for layer in data.layers], **literal)
     ax.set_xlabel("Generated Token")
-    ax.set_ylabel(data.ylabel)
-    ax.set_title(data.title)
+    ax.set_ylabel(data.ylabel, **literal)
+    ax.set_title(data.title, **literal)
     fig.colorbar(image, ax=ax, label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence))
     if annotate is None:
         annotate = n_rows * n_cols <= 400
@@ -84,7 +87,7 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
                     colour = "white" if dark else "black"
                 if full is not None and data.counts[r, c] < full:
                     text += f"\nn={int(data.counts[r, c])}"
-                ax.text(c, r, text, ha="center", va="center", fontsize=8, color=colour)
+                ax.text(c, r, text, ha="center", va="center", fontsize=8, color=colour, **literal)
     fig.tight_layout()
     return fig
 

@@ -122,7 +122,7 @@ class Scheduler:
     """Hands shards to actors per model; replaces dead actors; tracks progress.
 
     State: `queues` (shards still to hand out, per model), `in_flight` (shard task ->
-    model, actor, shard), `starting` (actor readiness -> model, actor), `progress`.
+    model, actor, ShardTask), `starting` (actor readiness -> model, actor), `progress`.
     """
 
     def __init__(self, ray, plan: RunPlan, on_shard_done=None):
@@ -135,7 +135,7 @@ class Scheduler:
         for model in cfg.models:
             todo = plan.pending(model.label)
             self.queues[model.label] = list(todo)
-            resumed = len(cfg.prompts) - sum(len(s) for s in todo)
+            resumed = len(cfg.prompts) - sum(len(task.prompts) for task in todo)
             self.progress[model.label] = ModelProgress(model.label, len(cfg.prompts), prompts_done=resumed,
                                                        resumed=resumed)
             _say(f"[{model.label}] {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already in the store")
@@ -167,8 +167,9 @@ class Scheduler:
         """Give the actor its model's next shard, or let it go when there is none."""
         queue = self.queues[model.label]
         if queue and self.progress[model.label].error is None:
-            shard = queue.pop(0)
-            self.in_flight[actor.run_shard.remote(self.plan.run_id, shard, self.plan.job)] = (model, actor, shard)
+            task = queue.pop(0)
+            ref = actor.run_shard.remote(self.plan.run_id, task.prompts, self.plan.job, task.parts)
+            self.in_flight[ref] = (model, actor, task)
         else:
             self.ray.kill(actor)
 
@@ -200,19 +201,19 @@ class Scheduler:
         self._dispatch(model, actor)
 
     def _finished(self, ref) -> None:
-        model, actor, shard = self.in_flight.pop(ref)
+        model, actor, task = self.in_flight.pop(ref)
         state = self.progress[model.label]
         try:
             result = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
-            key = tuple(p.id for p in shard)
-            state.attempts[key] = state.attempts.get(key, 0) + 1
-            if state.attempts[key] >= MAX_SHARD_ATTEMPTS:
-                state.error = f"shard of {len(shard)} prompts failed {MAX_SHARD_ATTEMPTS} times: {first_line(exc)}"
+            state.attempts[task.ids] = state.attempts.get(task.ids, 0) + 1
+            if state.attempts[task.ids] >= MAX_SHARD_ATTEMPTS:
+                state.error = (f"shard of {len(task.prompts)} prompts failed {MAX_SHARD_ATTEMPTS} times: "
+                               f"{first_line(exc)}")
                 _say(f"[{model.label}] giving up: {state.error}")
                 return
             _say(f"[{model.label}] actor died ({first_line(exc)}); replacing it and redoing its shard")
-            self.queues[model.label].insert(0, shard)
+            self.queues[model.label].insert(0, task)
             self._start_actor(model)
             return
         except self.ray.exceptions.RayTaskError as exc:

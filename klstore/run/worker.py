@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
-from klstore.run.plan import Job, shard_key
+from klstore.run.plan import Job, shard_key, shard_parts
 from klstore.spec import check_label
 
 
@@ -78,22 +78,26 @@ class Worker:
                 outcomes.append(PromptOutcome(prompt, tuple(result)))
         return outcomes
 
-    def run_shard(self, run_id: str, prompts, job: Job) -> ShardResult:
-        """Compute a shard and write its files; the prompts file goes last (it marks the shard done)."""
+    def run_shard(self, run_id: str, prompts, job: Job, parts=None) -> ShardResult:
+        """Compute a shard and write its files (only `parts` when given, see plan.ShardTask);
+        the prompts file goes last (it marks the shard done)."""
         from klstore.run import records
 
         start = time.perf_counter()
         outcomes = self.compute(prompts, job)
         key = shard_key([p.id for p in prompts])
         name = f"part-{key}.parquet"
+        wanted = set(parts or shard_parts(job.probes))
         cells = 0
         for probe in job.probes:
             rows = records.kl_rows(outcomes, probe.name)
             cells += rows.num_rows
-            self.store.write("kl", rows, name, model=self.label, probe=probe.name, run_id=run_id)
-        self.store.write("generations", records.generation_rows(outcomes), name,
-                         model=self.label, run_id=run_id)
-        self.store.write("prompts", records.prompt_rows(outcomes), name,
-                         model=self.label, run_id=run_id)
+            if f"kl:{probe.name}" in wanted:
+                self.store.write("kl", rows, name, model=self.label, probe=probe.name, run_id=run_id)
+        if "generations" in wanted:
+            self.store.write("generations", records.generation_rows(outcomes), name,
+                             model=self.label, run_id=run_id)
+        if "prompts" in wanted:
+            self.store.write("prompts", records.prompt_rows(outcomes), name, model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
         return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)

@@ -91,13 +91,17 @@ VIEW_COLUMNS = {
 }
 FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy")
 TMP_MARK = ".tmp-"
+RECORD_SUFFIX = ".sha256.json"  # beside every file: {"sha256", "rows", "bytes", "shards"}
+PENDING_SUFFIX = ".pending"  # a compaction's merged file before it replaces its sources
+JOURNAL_NAME = "_compaction.json"  # a partition's compaction in progress (store/integrity.py)
+QUARANTINE_DIR = "_quarantine"  # where `verify --quarantine` moves bad files (never deleted)
 
 
 def parquet_options(schema: pa.Schema) -> dict:
     """Writer settings for every klstore file: zstd, dictionaries, byte-stream-split floats."""
     floats = [c for c in schema.names if c in FLOAT_COLUMNS]
     return dict(compression="zstd", compression_level=6, use_dictionary=True,
-                use_byte_stream_split=floats or False, write_statistics=True)
+                use_byte_stream_split=floats or False, write_statistics=True, write_page_checksum=True)
 
 
 def work_key(*parts: str) -> str:
@@ -134,25 +138,78 @@ class Store:
         self.write_file(final, rows.select(schema.names).cast(schema), schema)
         return final
 
-    def write_file(self, final: str, rows: pa.Table, schema: pa.Schema) -> None:
-        """The one atomic Parquet write of klstore: complete at `final`, or not there at all.
+    def write_file(self, final: str, rows: pa.Table, schema: pa.Schema, shards=None) -> None:
+        """The one Parquet write of klstore: the file (with page checksums), then its record
+        (`<final>.sha256.json`: SHA-256, rows, bytes, and the shard keys it holds).
 
-        Locally: written under a unique temporary name (`<final>.tmp-<uuid>`, which no
-        `*.parquet` glob matches) and renamed into place. On S3 an object appears only
-        when its (multipart) upload completes.
+        The file is complete at `final` or not there at all (see `put_bytes`). A crash
+        between the two writes leaves a file whose record is missing or stale: `verify`
+        names it and `verify --quarantine` moves it aside, so its shards are recomputed.
         """
-        options = parquet_options(schema)
+        import hashlib
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows, sink, **parquet_options(schema))
+        data = sink.getvalue().to_pybytes()
+        name = final.rsplit("/", 1)[-1]
+        if shards is None and name.startswith("part-"):
+            shards = [name[len("part-"):].split(".", 1)[0]]
+        record = {"sha256": hashlib.sha256(data).hexdigest(), "rows": rows.num_rows, "bytes": len(data),
+                  "shards": list(shards or [])}
+        self.put_bytes(final, data)
+        self.put_bytes(final + RECORD_SUFFIX, json.dumps(record, sort_keys=True).encode())
+
+    # ------------------------------------------ file operations (fault-injection points)
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file atomically. Locally under a unique temporary name
+        (`<path>.tmp-<uuid>`, which no `*.parquet` glob matches) renamed into place;
+        on S3 an object appears only when its upload completes."""
         if not self.is_local:
-            pq.write_table(rows, final, filesystem=self.fs, **options)
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
             return
-        os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
+        os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
         try:
-            pq.write_table(rows, tmp, **options)
-            os.replace(tmp, final)
+            with open(tmp, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def read_bytes(self, path: str) -> bytes | None:
+        """A whole file, or None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(path) as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
+                return None
+            raise
+
+    def delete(self, path: str) -> None:
+        """Delete a file; a missing one is not an error (deletes are retried by recovery)."""
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def move(self, source: str, target: str) -> None:
+        """Rename a file (locally atomic; on S3 a copy, then a delete of the source)."""
+        if not self.is_local:
+            self.fs.copy_file(source, target)
+            self.fs.delete_file(source)
+            return
+        os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        os.replace(source, target)
+
+    def exists_file(self, path: str) -> bool:
+        from pyarrow import fs as pafs
+
+        return self.fs.get_file_info(path).type == pafs.FileType.File
 
     def write_run(self, run_id: str, name: str, status: str, config: dict,
                   versions: dict[str, str]) -> None:
@@ -172,8 +229,8 @@ class Store:
         path = f"{self.table_dir('runs', run_id=run_id)}/run.parquet"
         try:
             table = pq.read_table(path, filesystem=None if self.is_local else self.fs)
-        except (FileNotFoundError, OSError):
-            return None
+        except (FileNotFoundError, OSError, pa.ArrowInvalid):
+            return None  # none yet, or unreadable (verify names it): the row is rewritten
         rows = table.to_pylist()
         return rows[0] if rows else None
 
@@ -189,13 +246,20 @@ class Store:
                 out.append(info.path)
         return sorted(out)
 
-    def partition_files(self, table: str, **partitions: str) -> list[str]:
-        """Paths of the Parquet files in one partition folder (e.g. one model's run)."""
+    def partition_files(self, table: str, suffix: str = ".parquet", **partitions: str) -> list[str]:
+        """Paths of the files ending in `suffix` in one partition folder (e.g. one model's run)."""
         from pyarrow import fs as pafs
 
         selector = pafs.FileSelector(self.table_dir(table, **partitions), allow_not_found=True)
         return sorted(info.path for info in self.fs.get_file_info(selector)
-                      if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+                      if info.type == pafs.FileType.File and info.path.endswith(suffix))
+
+    def visible_files(self, table: str) -> list[str]:
+        """The table's files as klstore reads them: every row exactly once, also while a
+        compaction is under way (its journal says whether the sources or the merged file count)."""
+        from klstore.store.integrity import visible
+
+        return visible(self, table)
 
     def exists(self) -> bool:
         from pyarrow import fs as pafs

@@ -8,9 +8,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstore.errors import first_line
-from klstore.store.tables import TABLES, TMP_MARK, Store, work_key
-from klstore.store.views import connect, read_parquet_sql, sql
+from klstore.errors import KlstoreError
+from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecorded, read_record, record_files,
+                                     recover, stray_files)
+from klstore.store.integrity import compact  # noqa: F401 - upkeep's public names: verify, compact
+from klstore.store.integrity import quarantine as quarantine_files
+from klstore.store.tables import TABLES, Store
+from klstore.store.views import read_parquet_sql, sql
 
 
 def run_summaries(store: Store) -> list[dict]:
@@ -41,75 +45,123 @@ _KEYS = {
 }
 
 
-def verify(store: Store) -> dict[str, list[str]]:
-    """Problems found: unreadable files, leftover temporary files, duplicate keys per table."""
+PROBLEMS = {
+    "bad": "files that are unreadable or differ from their record",
+    "temporary": "temporary files left by a crash",
+    "unrecorded": "files with no record (written before records, or copied in by hand)",
+    "missing": "records whose file is missing",
+    "folders": "folders klstore never writes",
+    "duplicates": "duplicate rows",
+}
+
+
+def verify(store: Store, quarantine: bool = False, record: bool = False, log=lambda m: None) -> dict:
+    """Check every file of the store. Returns {"problems": {kind: [lines]}, "files", "bytes",
+    "duplicate_rows", "quarantined": [paths], "recorded": n}.
+
+    Each file is checked against its record (SHA-256, size) or, without one, read with its
+    page checksums. Duplicates: two files of a partition holding the same shard (from the
+    records); a partition with such an overlap, or with unrecorded files, is scanned row by
+    row, and every duplicate row is counted. `quarantine` moves bad and temporary files to
+    <store>/_quarantine/ (never deletes); `record` writes records for unrecorded readable files.
+    An interrupted compaction is finished or undone first.
+    """
+    recover(store, log)
+    problems: dict[str, list[str]] = {kind: [] for kind in PROBLEMS}
+    checked = size = duplicate_rows = 0
+    to_quarantine: list[str] = []
+    for table in TABLES:
+        good: dict[str, list[str]] = {}
+        unrecorded_folders: set[str] = set()
+        _, unrecorded = missing_or_unrecorded(store, table)
+        for path in store.visible_files(table):
+            info = read_record(store, path)
+            problem = check_file(store, path, info)
+            checked += 1
+            size += store.fs.get_file_info(path).size
+            if problem:
+                problems["bad"].append(f"{path}: {problem}")
+                to_quarantine.append(path)
+                continue
+            folder = path.rsplit("/", 1)[0]
+            good.setdefault(folder, []).append(path)
+            if info is None:
+                unrecorded_folders.add(folder)
+        orphans, _ = missing_or_unrecorded(store, table)
+        problems["missing"] += [f"{p}: its file is missing" for p in orphans]
+        problems["unrecorded"] += [f"{p}: no record" for p in unrecorded if p not in to_quarantine]
+        for path in stray_files(store, table):
+            problems["temporary"].append(path)
+            to_quarantine.append(path)
+        problems["folders"] += [f"{folder}: klstore never writes such a folder" for folder in _strange_folders(store, table)]
+        for folder, paths in sorted(good.items()):
+            if folder in unrecorded_folders or _shards_overlap(store, paths):
+                count, examples = _duplicates(store, table, paths)
+                duplicate_rows += count
+                problems["duplicates"] += examples
+    result = {"problems": problems, "files": checked, "bytes": size, "duplicate_rows": duplicate_rows,
+              "quarantined": [], "recorded": 0}
+    if quarantine and to_quarantine:
+        result["quarantined"] = quarantine_files(store, to_quarantine)
+    if record:
+        result["recorded"] = record_files(store, [p.rsplit(": ", 1)[0] for p in problems["unrecorded"]])
+    return result
+
+
+def _shards_overlap(store: Store, paths: list[str]) -> bool:
+    seen: set[str] = set()
+    for path in paths:
+        shards = set(_shards_of(store, path))
+        if shards & seen:
+            return True
+        seen |= shards
+    return False
+
+
+def _duplicates(store: Store, table: str, paths: list[str]) -> tuple[int, list[str]]:
+    """Exact count of rows beyond the first for each key, and up to 5 examples."""
     import duckdb
 
-    problems: dict[str, list[str]] = {"unreadable": [], "temporary": [], "duplicates": []}
-    for table in TABLES:
-        readable = []
-        for path in store.files(table, suffix=""):
-            if TMP_MARK in path.rsplit("/", 1)[-1]:
-                problems["temporary"].append(path)
-                continue
-            if not path.endswith(".parquet"):
-                continue
-            try:
-                with store.fs.open_input_file(path) as handle:
-                    pq.read_metadata(handle)
-                readable.append(path)
-            except (OSError, pa.ArrowInvalid) as exc:
-                problems["unreadable"].append(f"{path}: {first_line(exc)}")
-        if not readable or not store.is_local:
+    keys = ", ".join(_KEYS[table])
+    con = duckdb.connect(":memory:")
+    if store.is_local:
+        source = f"({read_parquet_sql(table, '$files')})"
+        params = {"files": paths}
+    else:
+        import pyarrow.dataset as ds
+
+        _, partitions = TABLES[table]
+        part_schema = pa.schema([(p, pa.string()) for p in partitions])
+        con.register("_files", ds.dataset(paths, filesystem=store.fs, format="parquet",
+                                          partitioning=ds.partitioning(part_schema, flavor="hive"),
+                                          partition_base_dir=store.path(table)))
+        source, params = "_files", None
+    groups = f"SELECT {keys}, count(*) AS n FROM {source} GROUP BY ALL HAVING count(*) > 1"
+    total = con.execute(f"SELECT coalesce(sum(n - 1), 0) FROM ({groups})", params).fetchone()[0]
+    examples = con.execute(f"{groups} ORDER BY n DESC LIMIT 5", params).fetchall()
+    return int(total), [f"{table}: {dict(zip(_KEYS[table], row[:-1]))} x{row[-1]}" for row in examples]
+
+
+def _strange_folders(store: Store, table: str) -> list[str]:
+    """Folders under a table that are not the table's own `key=<label>` partitions."""
+    from pyarrow import fs as pafs
+
+    from klstore.spec import check_label
+
+    _, keys = TABLES[table]
+    base = store.path(table)
+    out = []
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    for info in store.fs.get_file_info(selector):
+        if info.type != pafs.FileType.Directory:
             continue
-        con = duckdb.connect(":memory:")
-        keys = ", ".join(_KEYS[table])
-        dupes = con.execute(f"SELECT {keys}, count(*) FROM ({read_parquet_sql(table, '$files')}) "
-                            f"GROUP BY ALL HAVING count(*) > 1 LIMIT 20", {"files": readable}).fetchall()
-        for row in dupes:
-            problems["duplicates"].append(f"{table}: {dict(zip(_KEYS[table], row[:-1]))} x{row[-1]}")
-    if not store.is_local:
-        con = connect(store)
-        for table, keys in _KEYS.items():
-            cols = ", ".join(keys)
-            for row in con.execute(f"SELECT {cols}, count(*) FROM {table} GROUP BY ALL "
-                                   "HAVING count(*) > 1 LIMIT 20").fetchall():
-                problems["duplicates"].append(f"{table}: {dict(zip(keys, row[:-1]))} x{row[-1]}")
-    return problems
-
-
-def compact(store: Store, min_files: int = 2) -> list[tuple[str, int]]:
-    """Merge each partition's Parquet files into one; returns (folder, files merged) per partition.
-
-    The merged file is written (atomically) before the originals are removed, so
-    a crash in between leaves duplicates that `verify` reports and a rerun of
-    `compact` cannot remove; it never loses rows.
-    """
-    done = []
-    for table, (schema, _) in TABLES.items():
-        if table == "runs":
-            continue  # one file per run already
-        folders: dict[str, list[str]] = {}
-        for path in store.files(table):
-            folders.setdefault(path.rsplit("/", 1)[0], []).append(path)
-        for folder, paths in sorted(folders.items()):
-            if len(paths) < min_files:
-                continue
-            parts = []
-            for path in paths:
-                part = pq.read_table(path, filesystem=store.fs, partitioning=None)
-                for field in schema:
-                    if field.name not in part.column_names:  # an older schema
-                        part = part.append_column(field.name, pa.nulls(len(part), field.type))
-                parts.append(part.select(schema.names).cast(schema))
-            merged = pa.concat_tables(parts)
-            sort_keys = [(c, "ascending") for c in ("prompt_id", "layer", "gen_idx") if c in schema.names]
-            merged = merged.sort_by(sort_keys)
-            name = f"compact-{work_key(*[p.rsplit('/', 1)[-1] for p in paths])}.parquet"
-            final = f"{folder}/{name}"
-            store.write_file(final, merged, schema)
-            for path in paths:
-                if path != final:
-                    store.fs.delete_file(path)
-            done.append((folder, len(paths)))
-    return done
+        parts = info.path[len(base) + 1:].split("/")
+        depth = len(parts) - 1
+        key, _, value = parts[-1].partition("=")
+        try:
+            ok = depth < len(keys) and key == keys[depth] and check_label(value, key) == value
+        except KlstoreError:
+            ok = False
+        if not ok:
+            out.append(info.path)
+    return out

@@ -103,6 +103,30 @@ def _confine(con, store: Store) -> None:
     con.execute("SET lock_configuration = true")
 
 
+def _unreadable(store: Store, files: list[str]) -> str | None:
+    """The first file whose footer cannot be read, as one line for the user."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            with store.fs.open_input_file(path) as handle:
+                pq.read_metadata(handle)
+        except (OSError, pa.ArrowInvalid) as exc:
+            return f"{path} is unreadable ({first_line(exc)})"
+    return None
+
+
+def _failing_view(con, table: str, problem: str) -> None:
+    """A view with the table's columns whose every query fails with `problem` and the cure."""
+    message = f"table {table}: {problem}; run `klstore verify --quarantine` to move bad files aside"
+    types = _column_types(table)
+    cols = ", ".join(f"CAST(NULL AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table])
+    variable = f"klstore_{table}_error"
+    con.execute(f"SET VARIABLE {variable} = ?", [message])
+    con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM (SELECT 1) "
+                f"WHERE error(getvariable({_quote(variable)})) IS NULL")
+
+
 READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
 
 
@@ -113,7 +137,10 @@ def check_read_only(con, query: str) -> None:
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
-        raise KlstoreError(f"SQL error: {first_line(exc)}") from None
+        message = first_line(exc)
+        if ".parquet" in message and "verify" not in message:
+            message += "; run `klstore verify` to check the store's files"
+        raise KlstoreError(f"SQL error: {message}") from None
     if len(statements) != 1:
         raise KlstoreError(f"give one SQL statement per call, got {len(statements)}")
     kind = statements[0].type.name
@@ -123,24 +150,34 @@ def check_read_only(con, query: str) -> None:
 
 
 def _create_views(con, store: Store) -> None:
+    """One view per table over its visible files (store.integrity: every row once, also during
+    a compaction). A table whose files cannot be read gets a view that fails, when queried,
+    with one line naming the bad file; the other tables stay usable."""
+    import duckdb
+
     if store.is_local:
         for table in TABLES:
-            if not store.files(table):
+            files = store.visible_files(table)
+            if not files:
                 con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
                 continue
             variable = f"klstore_{table}"
-            con.execute(f"SET VARIABLE {variable} = ?", [store.path(table, "**", "*.parquet")])
-            con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, f'getvariable({_quote(variable)})')}")
+            con.execute(f"SET VARIABLE {variable} = ?", [files])
+            try:
+                con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, f'getvariable({_quote(variable)})')}")
+            except duckdb.Error as exc:
+                _failing_view(con, table, _unreadable(store, files) or first_line(exc))
         return
     import pyarrow.dataset as ds
 
     for table, (schema, partitions) in TABLES.items():
-        if not store.files(table):
+        files = store.visible_files(table)
+        if not files:
             con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
             continue
         part_schema = pa.schema([(p, pa.string()) for p in partitions])
         full = pa.schema(list(schema) + list(part_schema))
-        dataset = ds.dataset(store.path(table), filesystem=store.fs, format="parquet",
+        dataset = ds.dataset(files, filesystem=store.fs, format="parquet", partition_base_dir=store.path(table),
                              partitioning=ds.partitioning(part_schema, flavor="hive"), schema=full)
         con.register(f"_{table}_dataset", dataset)
         cols = ", ".join(VIEW_COLUMNS[table])
@@ -161,4 +198,7 @@ def sql(store: Store | str | None, query: str, params=None):
         names = [d[0] for d in result.description]
         return names, result.fetchall()
     except duckdb.Error as exc:
-        raise KlstoreError(f"SQL error: {first_line(exc)}") from None
+        message = first_line(exc)
+        if ".parquet" in message and "verify" not in message:
+            message += "; run `klstore verify` to check the store's files"
+        raise KlstoreError(f"SQL error: {message}") from None

@@ -72,7 +72,10 @@ def test_run_writes_exact_rows_and_rerun_skips(ray_session, tiny_model_dir, tmp_
     again = runner.run(cfg, progress_every=1)
     assert again["run_id"] == summary["run_id"] and _counts(store) == (n_prompts, n_gens, n_kl, distinct)
     assert sum(p.cells for p in again["progress"].values()) == 0  # nothing recomputed
-    assert upkeep.verify(__import__("klstore.store", fromlist=["x"]).open_store(store))["duplicates"] == []
+    from klstore.store import open_store
+
+    result = upkeep.verify(open_store(store))
+    assert result["duplicate_rows"] == 0 and not any(result["problems"].values())
 
 
 def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
@@ -123,7 +126,8 @@ def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, 
     assert n_prompts == 90 and distinct == 90 and n_kl == _expected_kl_rows(cfg.store)
     from klstore.store import open_store
 
-    assert upkeep.verify(open_store(cfg.store)) == {"unreadable": [], "temporary": [], "duplicates": []}
+    result = upkeep.verify(open_store(cfg.store))
+    assert result["duplicate_rows"] == 0 and not any(result["problems"].values())
 
 
 def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_path):

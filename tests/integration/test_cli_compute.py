@@ -10,20 +10,19 @@ from conftest import run_cli
 pytestmark = pytest.mark.real_model
 
 
-def test_help_is_instant():
+def test_help_loads_no_torch():
+    """`klstore --help` answers without importing torch, transformers or ray (checked directly,
+    not by timing: speed belongs in benchmarks)."""
     import subprocess
     import sys
-    import time
 
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", "import sys; from klstore.cli import main; "
-                          "sys.argv=['klstore','--help']; main()"], capture_output=True, text=True)
-    assert out.returncode == 0 and "compute" in out.stdout
-    # --help must not import torch: check directly rather than by timing
-    probe = subprocess.run([sys.executable, "-c", "import sys; import klstore.cli; "
-                            "print('torch' in sys.modules)"], capture_output=True, text=True)
-    assert probe.stdout.strip() == "False"
-    assert time.perf_counter() - start < 30
+    script = ("import sys\nfrom klstore.cli import main\ntry:\n    main(['--help'])\n"
+              "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "compute" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_table_json_and_png(tmp_path):

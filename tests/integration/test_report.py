@@ -1,6 +1,7 @@
 """Reports: aggregates vs independent SQL, figure contents, HTML in Chromium, escaping, incrementality."""
 
 import http.server
+import io
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import transformers
 
 from klstore.config import load_report_spec
 from klstore.report import aggregate, plotting, site
+from klstore.report.observe import observe
 from klstore.spec import parse_report_spec
 from klstore.cli import main
 from klstore.spec import GenerationSpec, Prompt
@@ -68,15 +70,15 @@ def _plain_duckdb(store_uri):
     return con
 
 
-@pytest.mark.parametrize("aggregate", ["mean", "median"])
-def test_aggregates_equal_independent_sql(store_uri, aggregate):
+@pytest.mark.parametrize("how", ["mean", "median"])
+def test_aggregates_equal_independent_sql(store_uri, how):
     from klstore.store import upkeep, views
 
-    spec = _spec(aggregate=aggregate, per_prompt=0)
+    spec = _spec(aggregate=how, per_prompt=0)
     con = views.connect(store_uri)
     grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
     raw = _plain_duckdb(store_uri)
-    fn = "avg" if aggregate == "mean" else "median"
+    fn = "avg" if how == "mean" else "median"
     checked = 0
     for grid in (g for g in grids if g.kind == "aggregate"):
         labels = grid.labels
@@ -88,7 +90,7 @@ def test_aggregates_equal_independent_sql(store_uri, aggregate):
             expected[grid.layers.index(layer), gen_idx] = value
         np.testing.assert_allclose(grid.values, expected, rtol=1e-12)
         n = raw.execute(f"SELECT count(DISTINCT prompt_id) FROM raw WHERE {where}").fetchone()[0]
-        assert grid.n_prompts == n and f"{aggregate} of {n} prompts" in grid.title
+        assert grid.n_prompts == n and f"{how} of {n} prompts" in grid.title
         checked += 1
     assert checked == 3 * 2 + 3 * 2 * 2  # model x probe, and x 2 groups
 
@@ -121,7 +123,7 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     con = views.connect(store_uri)
     grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
     grid = next(g for g in grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
-    fig = plotting.draw(report._heatmap_data(grid))
+    fig = plotting.draw(site.heatmap_data(grid))
     ax, bar = fig.axes
     assert ax.get_xlabel() == "Generated Token" and ax.get_ylabel() == "Layer"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["Gen0", "Gen1", "Gen2", "Gen3"]
@@ -133,14 +135,14 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     assert cells == [f"{v:.2f}" for v in grid.values.reshape(-1)]
     assert grid.values[1].max() == 0  # last layer's logit lens
     prompt_grid = next(g for g in grids if g.kind == "prompt" and g.labels["model"] == "tiny-a")
-    fig = plotting.draw(report._heatmap_data(prompt_grid))
+    fig = plotting.draw(site.heatmap_data(prompt_grid))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     tokens = [r[0] for r in con.execute(
         "SELECT token_text FROM generations WHERE model = 'tiny-a' AND prompt_id = ? ORDER BY gen_idx",
         [prompt_grid.labels["prompt_id"]]).fetchall()]
     assert labels == list(plotting.column_labels(4, tokens)) and labels[0].startswith("Gen0\n")
     diff = next(g for g in grids if g.kind == "difference")
-    fig = plotting.draw(report._heatmap_data(diff))
+    fig = plotting.draw(site.heatmap_data(diff))
     assert fig.axes[0].images[0].get_cmap().name == "RdBu_r"
     lo, hi = fig.axes[0].images[0].get_clim()
     assert lo == -hi
@@ -156,20 +158,21 @@ def test_cells_reached_by_fewer_prompts_are_marked():
 def test_observations_come_from_the_numbers():
     def grid(values, counts=None):
         values = np.asarray(values, dtype=float)
-        return aggregate.Grid("g", "s", "t", tuple(range(values.shape[0])), tuple(f"Gen{i}" for i in range(values.shape[1])),
-                           values, np.ones_like(values, dtype=int) * 4 if counts is None else counts, 4, "kl",
-                           "aggregate", {})
-    flat = aggregate.observe(grid(np.full((4, 3), 2.0)))
+        return aggregate.Grid("g", "s", "t", tuple(range(values.shape[0])),
+                              tuple(f"Gen{i}" for i in range(values.shape[1])), values,
+                              np.ones_like(values, dtype=int) * 4 if counts is None else counts, 4, "kl",
+                              "aggregate", {})
+    flat = observe(grid(np.full((4, 3), 2.0)))
     assert flat == ["The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."]
     values = np.ones((6, 5))
     values[0, 2] = 30.0
-    notes = aggregate.observe(grid(values))
+    notes = observe(grid(values))
     assert notes[0] == "kl peaks at layer 0, Gen2 with 30 nats, 15.3x the grid mean of 1.97 nats."
     assert any(n.startswith("Gen2 stands out") for n in notes)
     assert any("1 cell is more than two standard deviations above the mean: layer 0, Gen2 (30)" in n for n in notes)
     counts = np.full((6, 5), 4)
     counts[:, 4] = 3
-    assert any("of 4, Gen4 by 3" in n for n in aggregate.observe(grid(values, counts)))
+    assert any("of 4, Gen4 by 3" in n for n in observe(grid(values, counts)))
 
 
 def _chromium():
@@ -180,7 +183,7 @@ def test_site_loads_in_headless_chromium_with_every_image(store_uri, tmp_path):
     out = tmp_path / "site" / "rep"
     result = site.build(open_store(store_uri), _spec(per_prompt=1), out=out, log=lambda m: None)
     page = (out / "index.html").read_text()
-    assert EVIL not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+    assert EVIL not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page
     assert "http://" not in page and "https://" not in page  # self-contained
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["figures"]) == result["drawn"] and all(
@@ -278,3 +281,81 @@ def test_report_cli_bad_input(store_uri, tmp_path, capsys):
     assert f"cannot write the report to {blocker / 'rep'}" in capsys.readouterr().err
     assert main(["report", "--store", store_uri, "--out", str(tmp_path / "ok")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ok" / "index.html")
+
+
+def test_partition_folder_with_a_quote_reports_it(store_uri, tmp_path):
+    """Labels are validated, but a folder renamed on disk must still be read as data, not SQL."""
+    copy = tmp_path / "store"
+    shutil.copytree(store_uri, copy)
+    for table in ("kl", "generations", "prompts"):
+        (copy / table / "model=tiny-a").rename(copy / table / "model=a'b")
+    for spec in (_spec(per_prompt=1), _spec(per_prompt=1, runs=["r1"], models=["a'b", "tiny-b"])):
+        out = tmp_path / f"rep-{len(spec.models or ())}"
+        site.build(open_store(str(copy)), spec, out=out, log=lambda m: None)
+        titles = [f["title"] for f in json.loads((out / "manifest.json").read_text())["figures"].values()]
+        assert "a'b | logit_lens | mean of 6 prompts" in titles
+        assert "a'b minus tiny-b | skip | mean" in titles
+        assert any(t.startswith("a'b | skip | ") and t.endswith(" prompts") and "animals" in t for t in titles)
+        assert "a&#39;b | logit_lens | mean of 6 prompts" in (out / "index.html").read_text()
+    with pytest.raises(KlstoreError, match="model \"a'c\" is not in the store; models: a'b, tiny-b, tiny-deep"):
+        site.build(open_store(str(copy)), _spec(models=["a'c"]), out=tmp_path / "r", log=lambda m: None)
+
+
+HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "[x](javascript:alert(1))", r"$\foo{$"]
+
+
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory):
+    """One tiny model; prompt ids and groups that are HTML, a Markdown link and broken mathtext."""
+    uri = str(tmp_path_factory.mktemp("hostile") / "store")
+    prompts = [Prompt(text, f"Prompt {i} says {text}", HOSTILE[-1 - i]) for i, text in enumerate(HOSTILE)]
+    worker = Worker("tiny-a", "tiny-a", uri, loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
+    worker.run_shard("r1", prompts, Job((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(3)))
+    return uri
+
+
+def test_hostile_ids_and_groups_are_escaped_in_html_and_markdown(hostile_store, tmp_path):
+    out = tmp_path / "rep"
+    site.build(open_store(hostile_store), _spec(per_prompt=len(HOSTILE)), out=out, log=lambda m: None)
+    titles = [f["title"] for f in json.loads((out / "manifest.json").read_text())["figures"].values()]
+    assert all(any(text in t for t in titles) for text in HOSTILE)  # they did reach the report
+    markdown = (out / "report.md").read_text()
+    for raw in ("<script>", "<img", "](javascript:"):
+        assert raw not in markdown
+    assert r"&lt;script&gt;alert\(1\)&lt;/script&gt;" in markdown
+    assert r"\[x\]\(javascript:alert\(1\)\)" in markdown
+    page = (out / "index.html").read_text()
+    assert "<script" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert 'href="javascript:' not in page and "[x](javascript:alert(1))" in page  # plain text in HTML
+
+
+def test_mathtext_in_ids_is_drawn_literally(hostile_store):
+    from klstore.store import views
+
+    spec = _spec(per_prompt=len(HOSTILE))
+    con = views.connect(hostile_store)
+    grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
+    grid = next(g for g in grids if g.kind == "prompt" and g.labels["prompt_id"] == r"$\foo{$")
+    fig = plotting.draw(site.heatmap_data(grid))
+    fig.savefig(io.BytesIO(), format="png")  # mathtext would raise: unknown symbol \foo
+    assert fig.axes[0].get_title() == r"tiny-a | logit_lens | $\foo{$"
+    group = next(g for g in grids if g.labels.get("prompt_group") == r"$\foo{$" and g.kind == "aggregate")
+    fig = plotting.draw(site.heatmap_data(group))
+    fig.savefig(io.BytesIO(), format="svg")
+    assert fig.axes[0].get_title().startswith(r"tiny-a | logit_lens | $\foo{$ | mean of ")
+    labels = plotting.draw(plotting.HeatmapData(np.ones((1, 1)), (0,), plotting.column_labels(1, ["$x$"]), "t"))
+    assert [t.get_text() for t in labels.axes[0].get_xticklabels()] == ["Gen0\n$x$"]
+
+
+@pytest.mark.parametrize("text, escaped", [
+    ("plain words 0.5", "plain words 0.5"),
+    ("<b>&'\"", "&lt;b&gt;&amp;&#x27;&quot;"),
+    ("[x](javascript:alert(1))", r"\[x\]\(javascript:alert\(1\)\)"),
+    (r"a|b *c* _d_ `e` #f !g ~h \i", r"a\|b \*c\* \_d\_ \`e\` \#f \!g \~h \\i"),
+    ("- item", r"\- item"), ("1. item", r"1\. item"), ("-0.5", "-0.5"),
+    ("see https://x.org or www.x.org", r"see https\://x.org or www\.x.org"),
+    ("two\nlines", "two lines"),
+])
+def test_markdown_escaping(text, escaped):
+    assert site.md(text) == escaped
