@@ -8,6 +8,9 @@ Synthetic rows shaped like real runs: prompts x 2 models x 2 probes x 30 layers 
 the real writer (Store.write), one file per shard of prompts. Prints numbers;
 asserts nothing. Targets (issue 3): <= 6 bytes per row; aggregation of one
 model and probe (GROUP BY layer, gen_idx, avg(kl)) <= 5 s on 2 cores.
+Targets (issue 15): `verify` >= 300 MB/s of Parquet; recording hashes and page
+checksums costs writes <= 5% (the same tables through the plain pyarrow writer
+with a temporary name and rename, in the same process, are the baseline).
 """
 
 from __future__ import annotations
@@ -97,6 +100,53 @@ def main() -> None:
     t0 = time.perf_counter()
     con.execute(whole).fetchall()
     print(f"whole-store aggregation (all models and probes), for comparison: {time.perf_counter() - t0:.2f} s")
+
+    t0 = time.perf_counter()
+    result = upkeep.verify(store)
+    verify_s = time.perf_counter() - t0
+    clean = not any(result["problems"].values()) and result["duplicate_rows"] == 0
+    print(f"verify:              {result['bytes'] / 2**20 / verify_s:.0f} MiB/s of Parquet "
+          f"({result['files']} files, {result['bytes'] / 2**20:.0f} MiB in {verify_s:.2f} s; "
+          f"{'clean' if clean else 'PROBLEMS'}; target >= 300 MB/s)")
+    write_cost(args)
+
+
+def _plain_write(table: pa.Table, final: str) -> None:
+    """The writer before records: the same Parquet options, no page checksums, tmp + rename."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from klstore.store.tables import parquet_options
+
+    options = {**parquet_options(KL_SCHEMA), "write_page_checksum": False}
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    pq.write_table(table, tmp, **options)
+    os.replace(tmp, final)
+
+
+def write_cost(args, tables: int = 24, repeats: int = 3) -> None:
+    """Records + page checksums vs the plain writer on the same tables, alternating, best of 3."""
+    rng = np.random.default_rng(1)
+    data = [shard_table(rng, i * args.prompts_per_file, args.prompts_per_file) for i in range(tables)]
+    scratch = os.path.join(args.dir + "-writecost")
+    shutil.rmtree(scratch, ignore_errors=True)
+    store = open_store(os.path.join(scratch, "recorded"), create=True)
+    best = {"recorded": float("inf"), "plain": float("inf")}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, table in enumerate(data):
+            store.write("kl", table, f"part-{i:08d}.parquet", model="m", probe="p", run_id="bench")
+        best["recorded"] = min(best["recorded"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i, table in enumerate(data):
+            _plain_write(table, os.path.join(scratch, "plain", f"part-{i:08d}.parquet"))
+        best["plain"] = min(best["plain"], time.perf_counter() - t0)
+    rows = sum(t.num_rows for t in data)
+    print(f"write cost:          records + page checksums {best['recorded']:.2f} s vs plain {best['plain']:.2f} s "
+          f"for {rows / 1e6:.1f} M rows: {100 * (best['recorded'] / best['plain'] - 1):+.1f}% (target <= +5%)")
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

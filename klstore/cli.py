@@ -440,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Options whose value may start with '-' (a layer spec such as -4--1): argparse would
-# take the value for an option, so `--layers -4--1` is joined to `--layers=-4--1`.
-_DASHED_VALUES = ("--layers",)
+# Options whose value may start with '-' (a layer spec such as -4--1, a number such as
+# -inf): argparse would take the value for an option, so `--layers -4--1` is joined to
+# `--layers=-4--1` (and `--alpha -inf` to `--alpha=-inf`, then refused as not finite).
+_DASHED_VALUES = ("--layers", "--alpha", "--scale", "--temperature", "--seed")
+_NEGATIVE_SPEC = __import__("re").compile(r"^-(\d|\.\d|inf|nan)", __import__("re").IGNORECASE)
 
 
 def _join_dashed_values(argv: list[str]) -> list[str]:
@@ -451,7 +453,10 @@ def _join_dashed_values(argv: list[str]) -> list[str]:
     for arg in args:
         if arg in _DASHED_VALUES:
             value = next(args, None)
-            out.append(arg if value is None else f"{arg}={value}")
+            if value is not None and _NEGATIVE_SPEC.match(value):
+                out.append(f"{arg}={value}")
+            else:
+                out.extend(a for a in (arg, value) if a is not None)
         else:
             out.append(arg)
     return out

@@ -5,6 +5,11 @@ class KlstoreError(Exception):
     """Bad input or an unusable environment; the message names the problem."""
 
 
+class StoreWriteError(KlstoreError, OSError):
+    """A store file could not be written, moved or deleted (full disk, read-only folder, S3 error).
+    Also an OSError, so code that handles file errors handles it."""
+
+
 class UnsupportedArchitecture(KlstoreError):
     """The model's structure (blocks, final norm, head) could not be found."""
 

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,16 +159,44 @@ def _gguf_cache_folder(source: ModelSource) -> Path:
     return cache_dir() / "dequantized" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
 
 
+@contextmanager
+def _no_gguf_progress_bar():
+    """transformers draws its GGUF conversion with a plain tqdm bar, which a log (a Ray job, CI)
+    receives as one line per update; klstore says one line instead. (Patches transformers'
+    module-level `tqdm` name for the duration, when it has one.)"""
+    import functools
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _dequantize_to_cache(source: ModelSource, folder: Path, trust_remote_code: bool) -> None:
     """Load a GGUF once and save it as a plain safetensors folder (atomically)."""
     import torch
     import transformers
 
+    import sys
+
     kwargs = dict(gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
+    print(f"klstore: dequantizing {source.gguf_file} once into the model cache {folder.parent} "
+          "(tens of seconds; later loads take a few)", file=sys.stderr, flush=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        source.location, dtype=torch.float32, **kwargs
-    )
+    with _no_gguf_progress_bar():
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=torch.float32, **kwargs
+        )
     # A GGUF-loaded model refuses save_pretrained; a fresh model built from its
     # config (without quantization_config) with the same weights saves fine.
     config = quantized.config

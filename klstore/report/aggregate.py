@@ -109,6 +109,11 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
                 raise KlstoreError(f"{column.replace('prompt_', '')} {missing[0]!r} is not in the store; "
                                    f"{key}: {', '.join(have)}")
             where = where.and_in(column, column, wanted)
+    if not con.execute(f"SELECT count(*) FROM kl WHERE {where.sql}", where.params).fetchone()[0]:
+        chose = "; ".join(f"{key}: {', '.join(map(str, getattr(spec, key)))}" for key in ("models", "probes", "groups")
+                          if getattr(spec, key)) or "all models, probes and groups"
+        raise KlstoreError(f"the report spec matches no {spec.divergence} values in the store "
+                           f"({chose}; runs: {', '.join(chosen.get('runs', [])) or spec.runs or 'all'})")
     return where, chosen
 
 

@@ -42,8 +42,6 @@ def default_out(store, spec: ReportSpec) -> Path:
 def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
           log=print) -> dict:
     """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}."""
-    from klstore import __version__
-    from klstore.report import plotting
     from klstore.store import views as query
 
     start = time.perf_counter()
@@ -53,6 +51,9 @@ def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
         raise KlstoreError(f"report output {out} exists and is not a klstore report (a symlink to a build); "
                            "choose another --out")
     builds = out.parent / f".{out.name}.builds"
+    con = query.connect(store)
+    where, chosen = _filters(con, spec)  # a spec that matches nothing fails before anything is written
+    created = not builds.exists()
     try:
         builds.mkdir(parents=True, exist_ok=True)
         probe_file = builds / f".write-test-{uuid.uuid4().hex}"
@@ -60,12 +61,22 @@ def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
         probe_file.unlink()
     except OSError as exc:
         raise KlstoreError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    try:
+        return _build(store, spec, out, builds, con, where, chosen, force, log, start)
+    except BaseException:
+        if created:  # a failed first build leaves no empty .builds folder behind
+            shutil.rmtree(builds, ignore_errors=True)
+        raise
+
+
+def _build(store, spec, out, builds, con, where, chosen, force, log, start) -> dict:
+    from klstore import __version__
+    from klstore.report import plotting
+
     previous = out.resolve() if out.is_symlink() else None
     old_manifest = {}
     if previous and (previous / "manifest.json").exists():
         old_manifest = json.loads((previous / "manifest.json").read_text())
-    con = query.connect(store)
-    where, chosen = _filters(con, spec)
     stats = _input_stats(store, chosen.get("runs"))
     all_inputs = hashlib.sha256(json.dumps([spec.describe(), sorted((f"{k}", v) for k, v in stats.items())],
                                            default=str).encode()).hexdigest()

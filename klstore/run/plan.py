@@ -148,7 +148,10 @@ class RunPlan:
         try:
             yield self
         except BaseException:
-            self.mark("failed")
+            try:
+                self.mark("failed")
+            except OSError:  # the store itself cannot be written (full, read-only): the error says so
+                pass
             raise
 
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klstore.errors import KlstoreError, first_line
+from klstore.errors import KlstoreError, StoreWriteError, first_line
 from klstore.spec import DEFAULT_STORE, DIVERGENCES, check_label
 
 # ---------------------------------------------------------------- schemas
@@ -164,19 +164,22 @@ class Store:
         """Write a whole file atomically. Locally under a unique temporary name
         (`<path>.tmp-<uuid>`, which no `*.parquet` glob matches) renamed into place;
         on S3 an object appears only when its upload completes."""
-        if not self.is_local:
-            with self.fs.open_output_stream(path) as out:
-                out.write(data)
-            return
-        os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if not self.is_local:
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+                return
+            os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError as exc:
+            raise StoreWriteError(f"cannot write {path}: {exc.strerror or first_line(exc)}") from None
 
     def read_bytes(self, path: str) -> bytes | None:
         """A whole file, or None when it does not exist."""
@@ -196,15 +199,22 @@ class Store:
             self.fs.delete_file(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
+                return
+            raise StoreWriteError(f"cannot delete {path}: {exc.strerror or first_line(exc)}") from None
 
     def move(self, source: str, target: str) -> None:
         """Rename a file (locally atomic; on S3 a copy, then a delete of the source)."""
-        if not self.is_local:
-            self.fs.copy_file(source, target)
-            self.fs.delete_file(source)
-            return
-        os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        os.replace(source, target)
+        try:
+            if not self.is_local:
+                self.fs.copy_file(source, target)
+                self.fs.delete_file(source)
+                return
+            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            os.replace(source, target)
+        except OSError as exc:
+            raise StoreWriteError(f"cannot move {source} to {target}: {exc.strerror or first_line(exc)}") from None
 
     def exists_file(self, path: str) -> bool:
         from pyarrow import fs as pafs
