@@ -25,9 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from store import LAYERS, MODELS, PROBES, TOKENS, shard_table  # noqa: E402
 
-from klstore.config import load_report_spec
+from klstore.config import load_report_spec  # noqa: E402
 from klstore.report import site  # noqa: E402
-from klstore.spec import parse_report_spec  # noqa: E402
 from klstore.store import GENERATIONS_SCHEMA, PROMPTS_SCHEMA, open_store  # noqa: E402
 
 

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=8)
     args = parser.parse_args()
 
-    from klstore.config import load_config
+    from klstore.spec import parse_experiment
     from klstore.run import runner
     from klstore.core.models import quiet_libraries
     from klstore.spec import read_prompts
@@ -45,7 +45,7 @@ def main() -> None:
             handle.write(json.dumps({"id": f"b{i:03d}", "text": p.text, "group": p.group}) + "\n")
 
     def cfg(store, actors):
-        return config_module.parse({
+        return parse_experiment({
             "name": "bench", "store": store,
             "models": [{"name": "smollm2-135m", "actors": actors}],
             "prompts": [prompts_path], "probes": ["logit_lens", "skip"], "layers": "all",

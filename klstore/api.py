@@ -26,7 +26,6 @@ import io
 import os
 import sys
 import time
-from pathlib import Path
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods

@@ -298,19 +298,25 @@ def parse_prompt(record, where: str) -> Prompt:
     return Prompt(str(checked.id), checked.text, checked.group, checked.source)
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Read and validate a JSON Lines prompt file; errors name the file and line."""
-    path = Path(path)
+def read_text(path: Path, what: str, kind: str) -> str:
+    """A UTF-8 text file (`what`: e.g. "prompts file", `kind`: e.g. "JSON Lines"); a missing,
+    unreadable, non-UTF-8 or folder path is one KlstoreError naming it."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise KlstoreError(f"prompts file not found: {path}") from None
+        raise KlstoreError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise KlstoreError(f"prompts file {path} is a folder, not a JSON Lines file") from None
+        raise KlstoreError(f"{what} {path} is a folder, not a {kind} file") from None
     except UnicodeDecodeError as exc:
         raise KlstoreError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
-        raise KlstoreError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+        raise KlstoreError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read and validate a JSON Lines prompt file; errors name the file and line."""
+    path = Path(path)
+    lines = read_text(path, "prompts file", "JSON Lines").splitlines()
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
@@ -336,16 +342,7 @@ def read_yaml(path: str | Path, what: str):
     import yaml
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KlstoreError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise KlstoreError(f"{what} {path} is a folder, not a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise KlstoreError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except OSError as exc:
-        raise KlstoreError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    text = read_text(path, what, "YAML")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

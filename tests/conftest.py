@@ -105,3 +105,31 @@ def s3_server(monkeypatch):
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="klbucket")
     yield endpoint
     server.stop()
+
+
+def kill_when_seen(marker: str, delay: float = 0.0, poll: float = 0.05, timeout: float = 120.0):
+    """Start a thread that SIGKILLs the first process whose command line contains `marker`
+    (a Ray actor's title, e.g. "Worker.run_shard"), `delay` seconds after seeing it.
+    Returns (thread, killed pids)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if marker in " ".join(proc.info["cmdline"] or []):
+                    time.sleep(delay)
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+            time.sleep(poll)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    return thread, killed

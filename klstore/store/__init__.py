@@ -19,3 +19,6 @@ from klstore.store.tables import (  # noqa: F401 - the store's public names
     work_key,
 )
 from klstore.store.views import connect, sql  # noqa: F401
+
+__all__ = ["GENERATIONS_SCHEMA", "KL_SCHEMA", "PROMPTS_SCHEMA", "RUNS_SCHEMA", "TABLES", "VIEW_COLUMNS", "Store",
+           "open_store", "work_key", "connect", "sql"]

@@ -6,15 +6,16 @@ Compaction writes through the store's one atomic writer (`Store.write_file`).
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from klstore.errors import KlstoreError
 from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecorded, read_record, record_files,
                                      recover, stray_files)
-from klstore.store.integrity import compact  # noqa: F401 - upkeep's public names: verify, compact
+from klstore.store.integrity import compact
 from klstore.store.integrity import quarantine as quarantine_files
 from klstore.store.tables import TABLES, Store
 from klstore.store.views import read_parquet_sql, sql
+
+__all__ = ["PROBLEMS", "compact", "run_summaries", "verify"]
 
 
 def run_summaries(store: Store) -> list[dict]:

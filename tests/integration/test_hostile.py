@@ -4,16 +4,13 @@ store that is byte-identical before and after."""
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
 
-import psutil
 import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import kill_when_seen, run_cli
 from klstore.cli import main
 from klstore.config import load_config
 from klstore.errors import KlstoreError
@@ -239,20 +236,7 @@ def test_run_shows_the_actors_real_error(ray_session, tiny_model_dir, tmp_path):
 
 def test_actor_killed_while_loading_is_replaced(ray_session, tmp_path):
     cfg = load_config(_config(tmp_path, [{"name": "smollm2-135m", "actors": 1}], n_prompts=2))
-    killed = []
-
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "Worker.__init__" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    thread, killed = kill_when_seen("Worker.__init__", poll=0.01)
     summary = runner.run(cfg, progress_every=1)
     thread.join()
     assert killed, "no loading actor was seen"

@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 
-from klstore.config import load_report_spec
 from klstore.report import aggregate, plotting, site
 from klstore.report.observe import observe
 from klstore.spec import parse_report_spec
@@ -72,7 +71,7 @@ def _plain_duckdb(store_uri):
 
 @pytest.mark.parametrize("how", ["mean", "median"])
 def test_aggregates_equal_independent_sql(store_uri, how):
-    from klstore.store import upkeep, views
+    from klstore.store import views
 
     spec = _spec(aggregate=how, per_prompt=0)
     con = views.connect(store_uri)
@@ -96,7 +95,7 @@ def test_aggregates_equal_independent_sql(store_uri, how):
 
 
 def test_comparisons_by_layer_and_by_relative_depth(store_uri):
-    from klstore.store import upkeep, views
+    from klstore.store import views
 
     spec = _spec(per_prompt=0)
     con = views.connect(store_uri)
@@ -117,7 +116,7 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
 
 
 def test_figure_contents_from_matplotlib_objects(store_uri):
-    from klstore.store import upkeep, views
+    from klstore.store import views
 
     spec = _spec(layers="0,-1", per_prompt=1)
     con = views.connect(store_uri)

@@ -3,11 +3,9 @@
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
@@ -18,7 +16,7 @@ from klstore.config import load_config
 from klstore.run import runner
 from klstore.store import upkeep, views
 from klstore.errors import KlstoreError
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when_seen, run_cli
 
 pytestmark = pytest.mark.real_model
 
@@ -102,22 +100,7 @@ def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
 def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, tmp_path):
     cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30,
                                      generation={"max_new_tokens": 8}))
-    killed = []
-
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if "Worker.run_shard" in cmd:
-                    time.sleep(0.3)  # well inside the shard
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=killer)
-    thread.start()
+    thread, killed = kill_when_seen("Worker.run_shard", delay=0.3)  # well inside the shard
     summary = runner.run(cfg, progress_every=1)
     thread.join()
     assert killed, "no actor was seen running a shard"

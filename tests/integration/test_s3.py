@@ -7,7 +7,7 @@ from klstore.core.models import from_objects
 from klstore.run.plan import Job
 from klstore.run.worker import Worker
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
-from klstore.store import Store, open_store, upkeep, views
+from klstore.store import open_store, upkeep, views
 from faults import Faulty
 from tiny_models import ToyTokenizer, build
 

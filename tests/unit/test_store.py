@@ -1,7 +1,6 @@
 """The store: round trips through DuckDB, idempotent rewrites, crash safety, compaction, S3."""
 
 import os
-import socket
 import subprocess
 import sys
 

@@ -11,11 +11,10 @@ import pytest
 
 from klstore.cli import main
 from klstore.core.models import from_objects
-from klstore.errors import KlstoreError
-from klstore.run.plan import Job, RunPlan, execute_local
+from klstore.run.plan import RunPlan, execute_local
 from klstore.run.worker import Worker
 from klstore.spec import ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt
-from klstore.store import Store, open_store, views
+from klstore.store import open_store, views
 from klstore.store.integrity import JOURNAL_NAME, recover
 from klstore.store.upkeep import compact, verify
 from faults import Faulty
