@@ -4,32 +4,15 @@ import pytest
 
 from klstore.cli import main
 from klstore.core.models import from_objects
-from klstore.run.plan import Job
 from klstore.run.worker import Worker
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from klstore.store import open_store, upkeep, views
 from faults import Faulty
+from store_helpers import JOB, PROMPTS, kl_rows as _kl_table, tiny_worker as _worker
 from tiny_models import ToyTokenizer, build
-
-PROMPTS = [Prompt(f"p{i}", text, group) for i, (text, group) in enumerate([
-    ("The quick brown fox", "a"), ("jumps over the lazy dog", "a"), ("Hello world, said", "b"),
-    ("One two three four", "b"), ("Sphinx of black quartz", "c")])]
-JOB = Job((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
-
 
 @pytest.fixture(scope="module")
 def tiny():
     return from_objects("tiny", build("llama"), ToyTokenizer())
-
-
-def _worker(tiny, uri):
-    return Worker("tiny", "tiny-llama", uri, loaded=tiny)
-
-
-def _kl_table(uri):
-    names, rows = views.sql(uri, "SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, "
-                                 "kl, kl_reverse, js, top1_match FROM kl ORDER BY ALL")
-    return rows
 
 
 def test_s3_round_trip(tiny, tmp_path, s3_server):
