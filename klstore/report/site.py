@@ -41,7 +41,21 @@ def default_out(store, spec: ReportSpec) -> Path:
 
 def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
           log=print) -> dict:
-    """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}."""
+    """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}.
+    A store that cannot be read (a corrupt file) is one KlstoreError naming the problem."""
+    import duckdb
+
+    from klstore.errors import first_line
+
+    try:
+        return _build_or_reuse(store, spec, out, force, log)
+    except duckdb.Error as exc:
+        message = first_line(exc)
+        hint = "" if "verify" in message else "; run `klstore verify` to check the store's files"
+        raise KlstoreError(f"cannot read the store for the report: {message}{hint}") from None
+
+
+def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log) -> dict:
     from klstore.store import views as query
 
     start = time.perf_counter()

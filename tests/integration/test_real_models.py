@@ -87,3 +87,30 @@ def test_smollm2_padded_batch_equals_single_prompts(smollm2):
             assert a.generation.token_ids == b.generation.token_ids, prompt.id
             excess = np.abs(a.values["kl"] - b.values["kl"]) - 1e-4 * np.maximum(1.0, np.abs(b.values["kl"]))
             assert (excess <= 0).all(), (prompt.id, a.probe, excess.max())
+
+
+def test_model_cache_filled_by_two_processes_at_once(tmp_path):
+    """Two processes dequantize SmolLM2 into an empty cache at the same time: both succeed,
+    one complete entry remains, no temporary folder is left, and a copy of the GGUF file
+    elsewhere (another path, same content) uses that same entry."""
+    import shutil
+    import subprocess
+    import sys
+
+    from klstore.core.models import resolve
+
+    env = {**__import__("os").environ, "KLSTORE_CACHE": str(tmp_path / "cache")}
+    copy = tmp_path / "elsewhere" / "smol.gguf"
+    copy.parent.mkdir()
+    source = resolve("smollm2-135m")
+    shutil.copy(f"{source.location}/{source.gguf_file}", copy)
+    load = "import sys; from klstore.core.models import load_model; print(load_model(sys.argv[1]).label)"
+    procs = [subprocess.Popen([sys.executable, "-c", load, "smollm2-135m"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
+    entries = sorted(p.name for p in (tmp_path / "cache" / "dequantized").iterdir())
+    assert len(entries) == 1 and ".tmp-" not in entries[0], entries
+    again = subprocess.run([sys.executable, "-c", load, str(copy)], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "dequantizing" not in again.stderr, again.stderr[-500:]
+    assert sorted(p.name for p in (tmp_path / "cache" / "dequantized").iterdir()) == entries

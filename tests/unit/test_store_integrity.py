@@ -213,6 +213,15 @@ def test_flipped_footer_and_truncated_file(tiny, tmp_path, capsys):
     assert main(["verify", "--store", uri]) == 1
     out = capsys.readouterr().out
     assert f"bad: {truncated}:" in out and f"bad: {footer}:" in out
+    # every other command: one line naming the file, or work that goes on around it
+    for argv in (["runs"], ["report", "--out", str(tmp_path / "rep")]):
+        assert main([*argv, "--store", uri]) == 2, argv
+        err = capsys.readouterr().err
+        assert truncated in err and "klstore verify" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / ".rep.builds").exists()
+    assert main(["compact", "--store", uri]) == 0  # partitions with a bad file are left as they are
+    assert "skipped" in capsys.readouterr().err
+    assert _run(tiny, uri)["status"] == "completed"  # the same run resumes around it
     # new work into the store still succeeds
     other = _config(uri).model_copy(update={"name": "other"})
     plan = RunPlan(other)
