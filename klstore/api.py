@@ -510,7 +510,7 @@ class StoreReader:
         return f"StoreReader({self.store.uri!r})" if hasattr(self.store, "uri") else "StoreReader()"
 
     def connect(self):
-        """A DuckDB connection with the four views (`klstore.store.views.connect`)."""
+        """A DuckDB connection with the five views (`klstore.store.views.connect`)."""
         from klstore.store import views
 
         return views.connect(self.store)

@@ -259,6 +259,9 @@ def _add_store_commands(sub) -> None:
     p = sub.add_parser("runs", help="list runs with status, prompts and size")
     store_arg(p)
     p.add_argument("--format", default="table", help="table (default), csv or json")
+    p.add_argument("--shards", metavar="RUN",
+                   help="for one run (its id, or a name: its newest run): throughput per node and per actor, "
+                        "and the failed and lost shard attempts")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("verify", help="check every file against its record (SHA-256) and page checksums; "
@@ -308,6 +311,13 @@ def cmd_runs(args) -> int:
     from klstore.store import upkeep
 
     _check_format(args.format)
+    if args.shards:
+        sections = upkeep.shard_summaries(_open_for_reading(args.store), args.shards)
+        for title, (names, rows) in sections.items():
+            if args.format == "table":
+                print(f"{title}:")
+            print(output.format_rows(names, rows, args.format) if rows else "(none)")
+        return 0
     runs = upkeep.run_summaries(_open_for_reading(args.store))
     names = ["run_id", "name", "status", "created_at", "prompts", "failed", "kl_rows", "bytes"]
     print(output.format_rows(names, [[r[n] for n in names] for r in runs], args.format))
@@ -356,6 +366,12 @@ def _add_run(sub) -> None:
     p.add_argument("--store", help="override the config's store")
     p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between progress lines (default 10)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the work (prompts, shards, cells, kl rows, actors, store size) and what the store "
+                        "already holds of this run; compute and write nothing")
+    p.add_argument("--shared-store", action="store_true",
+                   help="the local-folder store is mounted by every node of the cluster (NFS and the like); "
+                        "same as `shared_store: true` in the config")
     p.set_defaults(func=cmd_run)
 
 
@@ -363,12 +379,16 @@ def cmd_run(args) -> int:
     from klstore.config import load_config
 
     cfg = load_config(args.config)  # every config error before Ray starts
+    if args.shared_store:
+        cfg = cfg.model_copy(update={"shared_store": True})
     from klstore.core.models import quiet_libraries
 
     quiet_libraries()
     for model in cfg.models:  # unknown models, layers beyond a model's depth: before Ray starts
         _check_against_config(model.name, cfg.layers, model.label, model.trust_remote_code)
     store_uri = args.store or cfg.store
+    if args.dry_run:
+        return _dry_run(cfg, store_uri)
     from klstore.store import open_store
 
     open_store(store_uri, create=True)
@@ -386,6 +406,46 @@ def cmd_run(args) -> int:
         print(f"klstore: {failed} of {total} prompt x model results failed; see "
               "`klstore sql \"SELECT model, prompt_id, error FROM prompts WHERE status <> 'ok'\"`", file=sys.stderr)
     return 1 if total and failed == total else 0
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def _dry_run(cfg, store_uri: str) -> int:
+    """`klstore run --dry-run`: the run's numbers (run.plan.RunPlan.estimate), nothing computed or written."""
+    from klstore.run import runner
+    from klstore.run.plan import RunPlan, check_cluster
+
+    plan = RunPlan(cfg, store_uri, write=False)
+    nodes, where = runner.planning_nodes()
+    check_cluster(cfg, store_uri, nodes)
+    est = plan.estimate(nodes, where)
+    print(f"dry run of {est.run_id} into {store_uri}: nothing is computed or written")
+    print(f"cluster: {est.nodes} node(s), {est.cpus:g} CPUs, {est.gpus:g} GPUs: {est.cluster}")
+    names = ["model", "prompts", "shards", "shards_in_store", "layers", "cells", "kl_rows", "kl_rows_in_store",
+             "actors", "actors_started"]
+    unknown = "unknown"
+    rows = [[m.label, m.prompts, m.shards, m.shards_done, unknown if m.layers is None else m.layers,
+             unknown if m.cells is None else m.cells, unknown if m.kl_rows is None else m.kl_rows,
+             m.kl_rows_in_store, m.actors, m.actors_started] for m in est.models]
+    print(output.format_rows(names, rows, "table"))
+    print(f"cells = prompts x layers x max_new_tokens ({cfg.generation.max_new_tokens}) x probes "
+          f"({len(cfg.probes)}), one kl row each: an upper bound, since generation may stop early at an "
+          "end-of-sequence token")
+    source = (f"measured on this store's {est.bytes_measured_on} kl rows" if est.bytes_measured_on
+              else "the README's measurement; the store has no kl rows yet")
+    if est.kl_bytes is None:
+        print(f"expected kl size: unknown (a model's depth is unknown before it loads); "
+              f"{est.bytes_per_kl_row:.1f} bytes per kl row ({source})")
+    else:
+        print(f"expected kl size: {_size(est.kl_bytes)} for {est.kl_rows} kl rows at "
+              f"{est.bytes_per_kl_row:.1f} bytes per row ({source})")
+    return 0
 
 
 def cmd_runs_summary(store_uri: str, run_id: str) -> str:

@@ -17,6 +17,7 @@ An experiment config (`klstore run CONFIG`):
     generation: {max_new_tokens: 5}
     divergences: [kl, js]
     shard_size: 16
+    shared_store: false            # true: a local-folder store every node of a cluster mounts (NFS)
 
 A report spec (`klstore report SPEC`, files in reports/):
 

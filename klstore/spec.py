@@ -493,6 +493,13 @@ class ModelConfig(_Value):
     actors: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
     trust_remote_code: bool = False
 
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_above_one(cls, value):
+        if value > 1 and value != int(value):  # Ray splits one GPU, never several
+            raise _fail(f"num_gpus above 1 must be a whole number, got {value:g}")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data):
@@ -533,6 +540,7 @@ class _ExperimentFile(_Value):
     generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
     shard_size: int = Field(16, ge=1)
+    shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
 
     @field_validator("name")
     @classmethod
@@ -588,6 +596,7 @@ class ExperimentConfig(_Value):
     shard_size: int
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
+    shared_store: bool = False  # where the work goes, not what it is: not part of the identity
 
     def identity(self) -> dict:
         """What defines the work (not where it goes): hashed into the run id."""
@@ -636,7 +645,7 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
         name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths),
         probes=tuple(raw.probes), layers=raw.layers, generation=GenerationSpec(**raw.generation.model_dump()),
         divergences=tuple(raw.divergences), shard_size=raw.shard_size, source=source,
-        prompts=tuple(prompts))
+        prompts=tuple(prompts), shared_store=raw.shared_store)
 
 
 # ------------------------------------------------------------ report specs

@@ -156,7 +156,7 @@ def file_sha256(path: Path) -> str:
 
 def _gguf_cache_folder(source: ModelSource) -> Path:
     gguf = Path(source.location) / source.gguf_file
-    return cache_dir() / "dequantized" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    return cache_dir() / "dequantized" / f"sha256-{file_sha256(gguf)[:32]}"  # by content, not name
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from klstore.spec import DIVERGENCES, Prompt
-from klstore.store.tables import GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA
+from klstore.store.tables import ATTEMPT_PREFIX, GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA, SHARDS_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,23 @@ def prompt_rows(outcomes) -> pa.Table:
         rows["status"].append(outcome.status)
         rows["error"].append(outcome.error or ("; ".join(errors[:20]) if errors else None))
     return pa.table(rows, schema=PROMPTS_SCHEMA)
+
+
+def shard_attempt_row(shard_key: str, where: dict, started_at, ended_at, prompts: int, cells: int | None,
+                      outcome: str, error: str | None = None) -> pa.Table:
+    """The `shards` row of one shard attempt. `where`: node, actor, device (Worker.describe());
+    `started_at`, `ended_at`: timezone-aware datetimes; `outcome`: ok, failed or lost."""
+    seconds = (ended_at - started_at).total_seconds()
+    rate = cells / seconds if cells is not None and seconds > 0 else None
+    row = {"shard_key": [shard_key], "node": [where.get("node")], "actor": [where.get("actor")],
+           "device": [where.get("device")], "started_at": [started_at], "ended_at": [ended_at],
+           "prompts": [prompts], "cells": [cells], "cells_per_second": [rate], "outcome": [outcome],
+           "error": [error]}
+    return pa.table(row, schema=SHARDS_SCHEMA)
+
+
+def attempt_file_name(shard_key: str) -> str:
+    """attempt-<shard key>-<uuid8>.parquet: attempts of one shard never replace each other."""
+    import uuid
+
+    return f"{ATTEMPT_PREFIX}{shard_key}-{uuid.uuid4().hex[:8]}.parquet"

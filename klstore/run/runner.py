@@ -5,6 +5,11 @@ handed out one at a time as actors become free, so a slow actor never holds the 
 back; each actor writes its shards' rows straight into the store. The run's identity,
 shards, resume and `runs` row come from klstore.run.plan, as for `compute --store`.
 
+Before any actor starts, the config is checked against the joined cluster's alive nodes
+(plan.check_cluster): an actor larger than every node, a local-folder store on several
+nodes. Each shard attempt becomes a row of the `shards` table: the actor writes its
+successful ones, the scheduler those whose actor died ("lost") or that raised ("failed").
+
 Faults: an actor that dies mid-shard (e.g. SIGKILL) is replaced and its shard redone
 (the shard's files have deterministic names, so nothing is duplicated), at most
 MAX_SHARD_ATTEMPTS times; a model that cannot load fails with a message naming it and
@@ -23,9 +28,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from klstore.errors import KlstoreError, first_line, remote_message
-from klstore.run.plan import RunPlan
+from klstore.run.plan import RunPlan, actor_count, actor_cpus, check_cluster, shard_key, uses_gpus
+from klstore.run.worker import Worker
 
 MAX_SHARD_ATTEMPTS = 3  # per shard, counting attempts whose actor died
 MAX_LOAD_ATTEMPTS = 3  # per model, counting actors that died while loading it
@@ -79,7 +86,9 @@ def _init_ray(num_cpus: int | None = None):
             _check_reachable(address)
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            # a Ray of its own serves this machine only: it listens on loopback, not the network
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                     _node_ip_address="127.0.0.1")
     except KlstoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to join is one line for the user
@@ -92,24 +101,45 @@ def _init_ray(num_cpus: int | None = None):
     return ray, True
 
 
-def _actor_count(resources: dict, model, n_models: int) -> int:
-    """Configured `actors`, else as many as the cluster holds (models share it evenly)."""
-    if model.actors:
-        return model.actors
-    gpus = resources.get("GPU", 0)
-    if gpus and model.num_gpus > 0:
-        return max(1, int(gpus / model.num_gpus / n_models))
-    return max(1, int(resources.get("CPU", 1) / (model.num_cpus or 1) / n_models))
+def cluster_nodes(ray) -> list[dict]:
+    """The resources of every alive node of the joined cluster, e.g. [{"CPU": 16.0, "GPU": 4.0}]."""
+    return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]
 
 
-def _actor_cpus(resources: dict, model, total_actors: int) -> float:
-    """Configured `num_cpus`, else 1 beside a GPU, else the CPUs divided among all actors
-    (Ray sets each actor's OMP_NUM_THREADS from it, so a lone actor uses every core)."""
-    if model.num_cpus is not None:
-        return model.num_cpus
-    if resources.get("GPU", 0) and model.num_gpus > 0:
-        return 1.0
-    return float(max(1, int(resources.get("CPU", 1) // max(total_actors, 1))))
+def planning_nodes() -> tuple[list[dict], str]:
+    """The nodes a dry run plans for, and where they come from: the cluster at RAY_ADDRESS when
+    it is set (joined, read, left; nothing is started on it), else this machine as the one node
+    of the local Ray that `klstore run` would start (os.cpu_count() CPUs and torch's CUDA
+    devices), without starting Ray: a dry run should cost nothing."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray, started_here = _init_ray()
+        try:
+            return cluster_nodes(ray), f"the cluster at RAY_ADDRESS={address}"
+        finally:
+            if started_here:
+                ray.shutdown()  # leaves the cluster; it stops nothing there
+    import torch
+
+    node = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return [node], "this machine (no Ray started; the local Ray that `klstore run` would start)"
+
+
+def actor_options(model, cpus: float, gpus: bool) -> dict:
+    """The Ray options of one actor of `model`: its CPUs, and `num_gpus` when it uses GPUs."""
+    options = {"num_cpus": cpus, "max_restarts": 0}
+    if gpus:
+        options["num_gpus"] = model.num_gpus
+    return options
+
+
+class RayWorker(Worker):
+    """The Worker as a Ray actor: the same class, recording its Ray actor id in the `shards` table."""
+
+    def __init__(self, *args, **kwargs):
+        import ray
+
+        super().__init__(*args, actor=ray.get_runtime_context().get_actor_id(), **kwargs)
 
 
 def _raised_in_init(exc) -> bool:
@@ -122,12 +152,12 @@ class Scheduler:
     """Hands shards to actors per model; replaces dead actors; tracks progress.
 
     State: `queues` (shards still to hand out, per model), `in_flight` (shard task ->
-    model, actor, ShardTask), `starting` (actor readiness -> model, actor), `progress`.
+    model, actor, ShardTask, where the actor runs, when the shard started), `starting`
+    (actor readiness -> model, actor), `progress`. Each actor records its successful shard
+    attempts in the `shards` table itself; the scheduler records the failed and lost ones.
     """
 
-    def __init__(self, ray, plan: RunPlan, on_shard_done=None):
-        from klstore.run.worker import Worker
-
+    def __init__(self, ray, plan: RunPlan, on_shard_done=None, nodes: list[dict] | None = None):
         self.ray, self.plan, self.on_shard_done = ray, plan, on_shard_done
         cfg = plan.config
         self.queues: dict[str, list] = {}
@@ -139,12 +169,12 @@ class Scheduler:
             self.progress[model.label] = ModelProgress(model.label, len(cfg.prompts), prompts_done=resumed,
                                                        resumed=resumed)
             _say(f"[{model.label}] {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already in the store")
-        resources = ray.cluster_resources()
-        self.has_gpu = resources.get("GPU", 0) > 0
-        counts = {m.label: min(_actor_count(resources, m, len(cfg.models)), len(self.queues[m.label]))
+        nodes = cluster_nodes(ray) if nodes is None else nodes
+        self.gpus = {m.label: uses_gpus(nodes, m) for m in cfg.models}
+        counts = {m.label: min(actor_count(nodes, m, len(cfg.models)), len(self.queues[m.label]))
                   for m in cfg.models}
-        self.cpus = {m.label: _actor_cpus(resources, m, sum(counts.values())) for m in cfg.models}
-        self.remote_worker = ray.remote(Worker)
+        self.cpus = {m.label: actor_cpus(nodes, m, sum(counts.values())) for m in cfg.models}
+        self.remote_worker = ray.remote(RayWorker)
         self.in_flight: dict = {}
         self.starting: dict = {}
         self.first_ready: float | None = None  # when the first actor had its model loaded
@@ -155,29 +185,37 @@ class Scheduler:
                 _say(f"[{model.label}] loading model {model.name} on {counts[model.label]} actor(s)")
 
     def _start_actor(self, model) -> None:
-        options = {"num_cpus": self.cpus[model.label], "max_restarts": 0}
-        if self.has_gpu and model.num_gpus > 0:
-            options["num_gpus"] = model.num_gpus
+        options = actor_options(model, self.cpus[model.label], self.gpus[model.label])
         actor = self.remote_worker.options(**options).remote(
             model.name, model.label, self.plan.store_uri, device=model.device, dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code, num_threads=int(self.cpus[model.label]))
-        self.starting[actor.__ray_ready__.remote()] = (model, actor)
+            trust_remote_code=model.trust_remote_code, num_threads=max(1, int(self.cpus[model.label])))
+        self.starting[actor.describe.remote()] = (model, actor)  # ready once loaded: node, actor id, device
 
-    def _dispatch(self, model, actor) -> None:
+    def _dispatch(self, model, actor, where: dict) -> None:
         """Give the actor its model's next shard, or let it go when there is none."""
         queue = self.queues[model.label]
         if queue and self.progress[model.label].error is None:
             task = queue.pop(0)
             ref = actor.run_shard.remote(self.plan.run_id, task.prompts, self.plan.job, task.parts)
-            self.in_flight[ref] = (model, actor, task)
+            self.in_flight[ref] = (model, actor, task, where, datetime.now(timezone.utc))
         else:
             self.ray.kill(actor)
+
+    def _record_attempt(self, model, task, where: dict, started_at, outcome: str, error: str) -> None:
+        """The `shards` row of an attempt that did not finish (its actor died, or it raised)."""
+        from klstore.run import records
+
+        key = shard_key(task.ids)
+        row = records.shard_attempt_row(key, where, started_at, datetime.now(timezone.utc), len(task.prompts),
+                                        None, outcome, error)
+        self.plan.store.write("shards", row, records.attempt_file_name(key), model=model.label,
+                              run_id=self.plan.run_id)
 
     def _ready(self, ref) -> None:
         model, actor = self.starting.pop(ref)
         state = self.progress[model.label]
         try:
-            self.ray.get(ref)
+            where = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
             if _raised_in_init(exc):  # the model itself cannot load: the same on every actor
                 state.error = f"cannot load model {model.name!r}: {remote_message(exc)}"
@@ -198,14 +236,15 @@ class Scheduler:
             state.ready = True
             _say(f"[{model.label}] model loaded")
         self.first_ready = self.first_ready or time.time()
-        self._dispatch(model, actor)
+        self._dispatch(model, actor, where)
 
     def _finished(self, ref) -> None:
-        model, actor, task = self.in_flight.pop(ref)
+        model, actor, task, where, started_at = self.in_flight.pop(ref)
         state = self.progress[model.label]
         try:
             result = self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
+            self._record_attempt(model, task, where, started_at, "lost", first_line(exc))
             state.attempts[task.ids] = state.attempts.get(task.ids, 0) + 1
             if state.attempts[task.ids] >= MAX_SHARD_ATTEMPTS:
                 state.error = (f"shard of {len(task.prompts)} prompts failed {MAX_SHARD_ATTEMPTS} times: "
@@ -217,6 +256,7 @@ class Scheduler:
             self._start_actor(model)
             return
         except self.ray.exceptions.RayTaskError as exc:
+            self._record_attempt(model, task, where, started_at, "failed", remote_message(exc))
             state.error = f"shard failed: {remote_message(exc)}"
             _say(f"[{model.label}] {state.error}")
             return
@@ -225,7 +265,7 @@ class Scheduler:
         state.cells += result.cells
         if self.on_shard_done is not None:
             self.on_shard_done(model.label, result)
-        self._dispatch(model, actor)
+        self._dispatch(model, actor, where)
 
     def drive(self, progress_every: float) -> None:
         """Until every shard is stored or given up: wait for the next event, report progress."""
@@ -260,7 +300,7 @@ class Scheduler:
              f"ETA {eta}")
 
     def kill_all(self) -> None:
-        for _model, actor, _shard in self.in_flight.values():
+        for _model, actor, *_ in self.in_flight.values():
             self.ray.kill(actor)
         for _model, actor in self.starting.values():
             self.ray.kill(actor)
@@ -278,9 +318,11 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
     start = time.time()
     scheduler = None
     try:
+        nodes = cluster_nodes(ray)
+        check_cluster(cfg, plan.store_uri, nodes)  # before the run is marked and any actor starts
         with plan.running():
             try:
-                scheduler = Scheduler(ray, plan, on_shard_done)
+                scheduler = Scheduler(ray, plan, on_shard_done, nodes)
                 scheduler.drive(progress_every)
             except BaseException:
                 if scheduler is not None:

@@ -2,13 +2,16 @@
 
 A plain class with no Ray import: `klstore compute --store` uses it in-process,
 and the runner wraps it in a Ray actor. `__init__` loads the model; `run_shard`
-computes a shard and writes its rows straight into the store.
+computes a shard and writes its rows straight into the store, then the attempt's
+`shards` row (where it ran, when, how fast).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from klstore.errors import KlstoreError
 from klstore.run.plan import Job, shard_key, shard_parts
@@ -30,7 +33,7 @@ class Worker:
 
     def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
                  dtype: str = "auto", trust_remote_code: bool = False, loaded=None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, actor: str = "local"):
         from klstore.core.engine import Engine
         from klstore.core.models import load_model, quiet_libraries
         from klstore.store import open_store
@@ -45,8 +48,13 @@ class Worker:
         if loaded is None:
             loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.engine = Engine(loaded)
+        self.actor = actor  # recorded in the `shards` table: a Ray actor id, or "local"
         self._prepared: set = set()  # jobs checked against this model
         self._layers: dict[str, tuple[int, ...]] = {}  # layer spec -> resolved block indices
+
+    def describe(self) -> dict:
+        """Where this worker runs, as the `shards` table records it: node (host name), actor, device."""
+        return {"node": socket.gethostname(), "actor": self.actor, "device": str(self.engine.device)}
 
     def prepare(self, job: Job) -> None:
         """Check the job's probes and layers against this model (once per job), before any work."""
@@ -84,6 +92,7 @@ class Worker:
         from klstore.run import records
 
         start = time.perf_counter()
+        started_at = datetime.now(timezone.utc)
         outcomes = self.compute(prompts, job)
         key = shard_key([p.id for p in prompts])
         name = f"part-{key}.parquet"
@@ -100,4 +109,7 @@ class Worker:
         if "prompts" in wanted:
             self.store.write("prompts", records.prompt_rows(outcomes), name, model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
+        attempt = records.shard_attempt_row(key, self.describe(), started_at, datetime.now(timezone.utc),
+                                            len(prompts), cells, "ok")
+        self.store.write("shards", attempt, records.attempt_file_name(key), model=self.label, run_id=run_id)
         return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)

@@ -6,10 +6,13 @@ Layout (a local folder or an `s3://bucket/prefix`):
     <store>/generations/model=<m>/run_id=<r>/part-<key>.parquet
     <store>/prompts/model=<m>/run_id=<r>/part-<key>.parquet
     <store>/runs/run_id=<r>/run.parquet
+    <store>/shards/model=<m>/run_id=<r>/attempt-<key>-<uuid8>.parquet
 
 Partition columns (model, probe, run_id) live in the paths only. `<key>` is
 derived from the unit of work (the prompt ids of a shard), so redoing the same
-work replaces a file instead of adding rows. A local file is written under a
+work replaces a file instead of adding rows. The `shards` table is the exception: one
+file per shard attempt (a uuid in its name), so every attempt stays on record; it is
+provenance (where, when, how fast) and takes no part in resume. A local file is written under a
 temporary name (`*.tmp-<uuid>`, never matched by `*.parquet`) and renamed into
 place; an S3 object becomes visible only when its upload completes.
 This module never imports torch.
@@ -70,6 +73,19 @@ RUNS_SCHEMA = pa.schema([
     ("torch_version", pa.string()),
     ("transformers_version", pa.string()),
 ])
+SHARDS_SCHEMA = pa.schema([  # one row per shard attempt (provenance; never used for resume)
+    ("shard_key", pa.string()),
+    ("node", pa.string()),  # the host name of the machine that ran it
+    ("actor", pa.string()),  # the Ray actor id, or "local" (klstore compute --store, the Python API)
+    ("device", pa.string()),  # cpu, cuda:0, ...
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("ended_at", pa.timestamp("us", tz="UTC")),
+    ("prompts", pa.int32()),
+    ("cells", pa.int32()),  # kl rows computed (every probe); null when the attempt did not finish
+    ("cells_per_second", pa.float32()),
+    ("outcome", pa.string()),  # ok, failed (an error in the shard), lost (its actor died)
+    ("error", pa.string()),
+])
 
 # table -> (file schema, partition columns in path order)
 TABLES = {
@@ -77,6 +93,7 @@ TABLES = {
     "generations": (GENERATIONS_SCHEMA, ("model", "run_id")),
     "prompts": (PROMPTS_SCHEMA, ("model", "run_id")),
     "runs": (RUNS_SCHEMA, ("run_id",)),
+    "shards": (SHARDS_SCHEMA, ("model", "run_id")),
 }
 # the columns of each view, in the documented order
 VIEW_COLUMNS = {
@@ -88,7 +105,10 @@ VIEW_COLUMNS = {
                 "n_prompt_tokens", "n_generated", "stopped_at_eos", "status", "error"),
     "runs": ("run_id", "name", "created_at", "updated_at", "status", "config",
              "klstore_version", "torch_version", "transformers_version"),
+    "shards": ("run_id", "model", "shard_key", "node", "actor", "device", "started_at", "ended_at",
+               "prompts", "cells", "cells_per_second", "outcome", "error"),
 }
+ATTEMPT_PREFIX = "attempt-"  # shards files: attempt-<shard key>-<uuid8>.parquet
 FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy")
 TMP_MARK = ".tmp-"
 RECORD_SUFFIX = ".sha256.json"  # beside every file: {"sha256", "rows", "bytes", "shards"}

@@ -15,7 +15,7 @@ from klstore.store.integrity import quarantine as quarantine_files
 from klstore.store.tables import TABLES, Store
 from klstore.store.views import read_parquet_sql, sql
 
-__all__ = ["PROBLEMS", "compact", "run_summaries", "verify"]
+__all__ = ["PROBLEMS", "compact", "run_summaries", "shard_summaries", "verify"]
 
 
 def run_summaries(store: Store) -> list[dict]:
@@ -38,11 +38,39 @@ def run_summaries(store: Store) -> list[dict]:
     return out
 
 
+def shard_summaries(store: Store, run: str) -> dict[str, tuple[list[str], list]]:
+    """From the `shards` view, for one run (its id, or a run name: that name's newest run):
+    {"per node": ..., "per actor": ..., "failed or lost attempts": ...}, each (column names, rows).
+    Throughput is cells over the wall-clock span from the first start to the last end of the
+    successful attempts (so a node's actors working at once add up)."""
+    _, found = sql(store, "SELECT run_id FROM runs WHERE run_id = ? OR name = ? ORDER BY run_id = ? DESC, "
+                          "created_at DESC LIMIT 1", [run, run, run])
+    run_id = found[0][0] if found else run
+    _, count = sql(store, "SELECT count(*) FROM shards WHERE run_id = ?", [run_id])
+    if not count[0][0]:
+        _, runs = sql(store, "SELECT DISTINCT run_id FROM shards ORDER BY 1")
+        raise KlstoreError(f"no shard attempts recorded for run {run!r} (runs written before the shards table "
+                           f"have none); runs with attempts: {', '.join(r[0] for r in runs) or 'none'}")
+    span = "epoch(max(ended_at)) - epoch(min(started_at))"
+    throughput = (f"count(*) AS shards, sum(prompts) AS prompts, sum(cells) AS cells, round({span}, 1) AS seconds, "
+                  f"round(sum(cells) / greatest({span}, 1e-6), 1) AS cells_per_second")
+    queries = {
+        "per node": f"SELECT node, {throughput} FROM shards WHERE run_id = ? AND outcome = 'ok' "
+                    "GROUP BY node ORDER BY node",
+        "per actor": f"SELECT model, node, actor, device, {throughput} FROM shards WHERE run_id = ? "
+                     "AND outcome = 'ok' GROUP BY ALL ORDER BY model, node, actor",
+        "failed or lost attempts": "SELECT model, shard_key, node, actor, outcome, started_at, ended_at, error "
+                                   "FROM shards WHERE run_id = ? AND outcome <> 'ok' ORDER BY started_at",
+    }
+    return {title: sql(store, query, [run_id]) for title, query in queries.items()}
+
+
 _KEYS = {
     "kl": ("run_id", "model", "probe", "prompt_id", "layer", "gen_idx"),
     "generations": ("run_id", "model", "prompt_id", "gen_idx"),
     "prompts": ("run_id", "model", "prompt_id"),
     "runs": ("run_id",),
+    "shards": ("run_id", "model", "shard_key", "actor", "started_at", "outcome"),
 }
 
 

@@ -1,4 +1,4 @@
-"""DuckDB over a store: the views `kl`, `generations`, `prompts`, `runs`, and SQL on them.
+"""DuckDB over a store: the views `kl`, `generations`, `prompts`, `runs`, `shards`, and SQL on them.
 
 Local stores are read with `read_parquet(..., hive_partitioning = true,
 union_by_name = true)`, so files written by an older schema (fewer columns)
@@ -23,7 +23,7 @@ from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
-    pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
 }
 
 
@@ -75,7 +75,7 @@ def view_statements(store: Store) -> dict[str, str]:
 
 
 def connect(store: Store | str | None = None):
-    """A DuckDB connection with the four views over the store (Python API for notebooks).
+    """A DuckDB connection with the five views over the store (Python API for notebooks).
 
         con = klstore.store.connect("./klstore-data")
         con.sql("SELECT layer, avg(kl) FROM kl GROUP BY layer").df()

@@ -97,7 +97,7 @@ def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
     assert runs == [("completed",)]
 
 
-def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, tmp_path):
+def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, tmp_path, capsys):
     cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30,
                                      generation={"max_new_tokens": 8}))
     thread, killed = kill_when_seen("Worker.run_shard", delay=0.3)  # well inside the shard
@@ -111,6 +111,49 @@ def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, 
 
     result = upkeep.verify(open_store(cfg.store))
     assert result["duplicate_rows"] == 0 and not any(result["problems"].values())
+    # the shards table: the lost attempt, and its redo by another actor
+    _, lost = views.sql(cfg.store, "SELECT shard_key, actor, error, cells FROM shards WHERE outcome = 'lost'")
+    assert len(lost) == 1 and lost[0][1] and lost[0][2] and lost[0][3] is None
+    _, ok = views.sql(cfg.store, "SELECT shard_key, actor, cells, device FROM shards WHERE outcome = 'ok'")
+    assert len(ok) == 3 and len({row[0] for row in ok}) == 3 and sum(row[2] for row in ok) == n_kl
+    redo = [row for row in ok if row[0] == lost[0][0]]
+    assert len(redo) == 1 and redo[0][1] != lost[0][1] and redo[0][3] == "cpu"
+    from klstore.cli import main
+
+    assert main(["runs", "--shards", summary["run_id"], "--store", cfg.store]) == 0
+    out = capsys.readouterr().out
+    assert "failed or lost attempts:" in out and "lost" in out and lost[0][1] in out
+
+
+def test_dry_run_counts_equal_the_real_run(ray_session, tiny_model_dir, tmp_path, capsys):
+    from klstore.cli import main
+    from klstore.run.plan import RunPlan
+
+    path = _config(tmp_path, tiny_model_dir, n_prompts=8, generation={"max_new_tokens": 2})
+    cfg = load_config(path)
+    assert main(["run", "--dry-run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing is computed or written" in out and "upper bound" in out and "5.6 bytes per row" in out
+    assert not os.path.exists(cfg.store)  # a dry run creates no store
+    before = RunPlan(cfg, write=False).estimate([{"CPU": 2.0}])
+    (tiny,) = before.models
+    assert (tiny.prompts, tiny.shards, tiny.layers, tiny.kl_rows_in_store) == (8, 2, 4, 0)
+    assert tiny.cells == tiny.kl_rows == 8 * 4 * 2 * 2 and tiny.actors == 2
+    assert f" {tiny.cells} " in out
+    summary = runner.run(cfg, progress_every=5)
+    assert summary["status"] == "completed"
+    _, rows = views.sql(cfg.store, "SELECT count(*) FROM kl")
+    real = rows[0][0]
+    after = RunPlan(cfg, write=False).estimate([{"CPU": 2.0}])
+    assert after.models[0].kl_rows_in_store == real and after.models[0].shards_done == 2
+    _, eos = views.sql(cfg.store, "SELECT count(*) FILTER (WHERE stopped_at_eos) FROM prompts")
+    if eos[0][0] == 0:
+        assert real == before.kl_rows
+    else:
+        assert real < before.kl_rows
+    assert main(["run", "--dry-run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"measured on this store's {real} kl rows" in out
 
 
 def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_path):

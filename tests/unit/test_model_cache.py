@@ -35,8 +35,8 @@ def test_file_hash_is_by_content_and_remembered(tmp_path, monkeypatch):
     assert len(memos) == 2 and all(m.read_text() == expected for m in memos)
     src_a = models.ModelSource("a", str(a.parent), a.name)
     src_b = models.ModelSource("b", str(b.parent), b.name)
-    assert models._gguf_cache_folder(src_a).name.endswith(expected[:16])
-    assert models._gguf_cache_folder(src_a).name.split("-")[-1] == models._gguf_cache_folder(src_b).name.split("-")[-1]
+    assert models._gguf_cache_folder(src_a).name == f"sha256-{expected[:32]}"
+    assert models._gguf_cache_folder(src_a) == models._gguf_cache_folder(src_b)  # another name, same content
 
 
 def test_unauthenticated_cluster_gets_a_hint(monkeypatch):

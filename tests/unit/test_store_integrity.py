@@ -69,7 +69,8 @@ def test_records_written_and_verify_clean(tiny, tmp_path, baseline):
     _run(tiny, uri)
     result = verify(open_store(uri))
     assert not any(result["problems"].values()) and result["duplicate_rows"] == 0
-    assert result["files"] == 3 * 2 + 3 + 3 + 1  # kl (2 probes) + generations + prompts per shard, + run
+    # per shard: kl (2 probes) + generations + prompts + its attempt in shards; + the run
+    assert result["files"] == 3 * (2 + 1 + 1 + 1) + 1
     assert _totals(uri) == baseline
 
 
