@@ -1,0 +1,213 @@
+"""GPU check (issue 12): one command for the first machine with a CUDA device.
+
+    python benchmarks/gpu_check.py --device cuda                 # SmolLM2 + a random 1.5B Qwen2-shaped model
+    python benchmarks/gpu_check.py --device cpu --big tiny       # the same figures on a CPU, small (tested)
+
+It prints, in one run:
+1. bf16 vs fp32 agreement of the KL matrices (logit_lens and skip, all layers) on SmolLM2
+   and on a random-weight model (`--big`): max |difference| and its percentiles, in nats;
+2. the logit-lens sweep's achieved FLOP/s (FLOPs counted by torch's FlopCounterMode) against
+   a large bf16 (CUDA) or fp32 (CPU) matmul in the same process: the MFU;
+3. peak memory (CUDA: max allocated; CPU: peak resident set) against the model's size;
+4. throughput in cells per second at batch sizes 1, 4 and 16.
+Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+BIG = {  # random-weight Qwen2-shaped models
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+}
+TEXTS = ["The capital of France is", "Once upon a time, there was", "2 + 2 =", "The opposite of hot is",
+         "In 1492, Columbus", "Water boils at", "The largest planet is", "My favourite colour is"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prompts(n: int):
+    from klstore.spec import Prompt
+
+    return [Prompt(f"g{i}", TEXTS[i % len(TEXTS)]) for i in range(n)]
+
+
+def _engine(loaded):
+    from klstore.core.engine import Engine
+
+    return Engine(loaded)
+
+
+def _smollm2(device: str, dtype: str):
+    from klstore.core.models import load_model
+
+    return load_model("smollm2-135m", device=device, dtype=dtype)
+
+
+def _random_model(name: str, device: str, dtype: torch.dtype, tokenizer):
+    import transformers
+
+    from klstore.core.models import from_objects
+
+    config = transformers.Qwen2Config(**BIG[name], max_position_embeddings=4096,
+                                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return from_objects(name, model.to(device=device, dtype=dtype), tokenizer)
+
+
+class _ClampedTokenizer:
+    """SmolLM2's tokenizer with ids folded into a smaller random model's vocabulary."""
+
+    def __init__(self, tokenizer, vocab: int):
+        self.inner, self.vocab = tokenizer, vocab
+        self.eos_token_id = tokenizer.eos_token_id % vocab
+        self.chat_template = None
+        self.pad_token_id = None
+
+    def __call__(self, text):
+        return {"input_ids": [i % self.vocab for i in self.inner(text)["input_ids"]]}
+
+    def decode(self, ids):
+        return self.inner.decode(ids)
+
+
+def _matrices(engine, prompts, n_new, probes, batch_size=16):
+    from klstore.spec import GenerationSpec, ProbeSpec
+
+    specs = [ProbeSpec(p) for p in probes]
+    results = engine.run_many(prompts, specs, "all", ("kl",), GenerationSpec(n_new), batch_size=batch_size)
+    out = []
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+        out.append(result)
+    return out
+
+
+def agreement(name: str, fp32_loaded, bf16_loaded, prompts, n_new) -> None:
+    """bf16 vs fp32 KL on the same tokens: the fp32 run's generations are reused, so the cells match."""
+    from klstore.spec import ProbeSpec
+
+    fp32 = _matrices(_engine(fp32_loaded), prompts, n_new, ("logit_lens", "skip"))
+    bf16_engine = _engine(bf16_loaded)
+    diffs = []
+    for matrices in fp32:
+        trace = bf16_engine.trace(matrices[0].generation)  # teacher-forced on the fp32 continuation
+        for m in matrices:
+            other = bf16_engine.probe(trace, ProbeSpec(m.probe), m.layers, ("kl",), m.prompt)  # same cells
+            diffs.append(np.abs(other.values["kl"] - m.values["kl"]).ravel())
+    d = np.concatenate(diffs)
+    p50, p90, p99 = np.percentile(d, [50, 90, 99])
+    print(f"bf16 vs fp32 [{name}]: {d.size} cells, max |dKL| {d.max():.4g} nats; "
+          f"p50 {p50:.3g}, p90 {p90:.3g}, p99 {p99:.3g}; {100 * (d > 0.01).mean():.1f}% of cells above 0.01")
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def mfu(loaded, prompts, n_new, matmul_n: int) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine = _engine(loaded)
+    _matrices(engine, prompts[:1], n_new, ("logit_lens",))  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        _matrices(engine, prompts, n_new, ("logit_lens",))
+    flops = counter.get_total_flops()
+    _sync(loaded.device)
+    t0 = time.perf_counter()
+    _matrices(engine, prompts, n_new, ("logit_lens",))
+    _sync(loaded.device)
+    seconds = time.perf_counter() - t0
+    peak = matmul_flops(loaded.device, loaded.dtype, matmul_n)
+    print(f"MFU [{loaded.label}, logit_lens, {str(loaded.dtype).replace('torch.', '')}]: "
+          f"{flops / seconds / 1e9:.1f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s plain matmul "
+          f"({100 * flops / seconds / peak:.0f}%; {flops / 1e9:.2f} GFLOP in {seconds:.2f} s)")
+
+
+def memory(loaded, prompts, n_new) -> None:
+    size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        _matrices(_engine(loaded), prompts, n_new, ("logit_lens", "skip"))
+        peak, what = torch.cuda.max_memory_allocated(), "peak GPU memory allocated"
+    else:
+        _matrices(_engine(loaded), prompts, n_new, ("logit_lens", "skip"))
+        peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident memory (process)"
+    print(f"memory [{loaded.label}]: {what} {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB model "
+          f"(model + {(peak - size) / 2**30:.2f} GiB)")
+
+
+def throughput(loaded, n_prompts, n_new) -> None:
+    engine = _engine(loaded)
+    prompts = _prompts(n_prompts)
+    parts = []
+    for batch in (1, 4, 16):
+        _sync(loaded.device)
+        t0 = time.perf_counter()
+        results = _matrices(engine, prompts, n_new, ("logit_lens",), batch_size=batch)
+        _sync(loaded.device)
+        cells = sum(m.values["kl"].size for r in results for m in r)
+        parts.append(f"batch {batch}: {cells / (time.perf_counter() - t0):.0f}")
+    print(f"throughput [{loaded.label}, logit_lens, cells/s]: " + ", ".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--big", choices=[*BIG, "none"], default="qwen2-1.5b")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=5)
+    args = parser.parse_args()
+
+    from klstore.core.models import quiet_libraries
+
+    quiet_libraries()
+    device = torch.device(args.device)
+    prompts = _prompts(args.prompts)
+    print(f"klstore GPU check on {device} (torch {torch.__version__}"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "") + ")")
+    smol32, smol16 = _smollm2(args.device, "float32"), _smollm2(args.device, "bfloat16")
+    agreement("smollm2-135m", smol32, smol16, prompts, args.tokens)
+    fast = smol16 if device.type == "cuda" else smol32
+    mfu(fast, prompts, args.tokens, matmul_n=8192 if device.type == "cuda" else 1024)
+    memory(fast, prompts, args.tokens)
+    throughput(fast, args.prompts, args.tokens)
+    if args.big != "none":
+        tokenizer = _ClampedTokenizer(smol32.tokenizer, BIG[args.big]["vocab_size"])
+        big32 = _random_model(args.big, args.device, torch.float32, tokenizer)
+        big16 = _random_model(args.big, args.device, torch.bfloat16, tokenizer)
+        agreement(args.big, big32, big16, prompts, args.tokens)
+        del big32
+        chosen = big16 if device.type == "cuda" else _random_model(args.big, args.device, torch.float32, tokenizer)
+        mfu(chosen, prompts, args.tokens, matmul_n=8192 if device.type == "cuda" else 1024)
+        memory(chosen, prompts, args.tokens)
+        throughput(chosen, args.prompts, args.tokens)
+
+
+if __name__ == "__main__":
+    main()
