@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from engine import matmul_gflops  # noqa: E402  (benchmarks/engine.py: the same yardstick)
 
 BIG = {  # random-weight Qwen2-shaped models
     "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -118,18 +119,6 @@ def agreement(name: str, fp32_loaded, bf16_loaded, prompts, n_new) -> None:
           f"p50 {p50:.3g}, p90 {p90:.3g}, p99 {p99:.3g}; {100 * (d > 0.01).mean():.1f}% of cells above 0.01")
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
 def mfu(loaded, prompts, n_new, matmul_n: int) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -143,7 +132,7 @@ def mfu(loaded, prompts, n_new, matmul_n: int) -> None:
     _matrices(engine, prompts, n_new, ("logit_lens",))
     _sync(loaded.device)
     seconds = time.perf_counter() - t0
-    peak = matmul_flops(loaded.device, loaded.dtype, matmul_n)
+    peak = matmul_gflops(loaded.device, loaded.dtype, n=matmul_n) * 1e9
     print(f"MFU [{loaded.label}, logit_lens, {str(loaded.dtype).replace('torch.', '')}]: "
           f"{flops / seconds / 1e9:.1f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s plain matmul "
           f"({100 * flops / seconds / peak:.0f}%; {flops / 1e9:.2f} GFLOP in {seconds:.2f} s)")
