@@ -134,12 +134,17 @@ def actor_options(model, cpus: float, gpus: bool) -> dict:
 
 
 class RayWorker(Worker):
-    """The Worker as a Ray actor: the same class, recording its Ray actor id in the `shards` table."""
+    """The Worker as a Ray actor: the same class, recording its Ray actor id and node
+    (`<host>/<Ray node id, 12 hex>`: several nodes can share a host) in the `shards` table."""
 
     def __init__(self, *args, **kwargs):
+        import socket
+
         import ray
 
-        super().__init__(*args, actor=ray.get_runtime_context().get_actor_id(), **kwargs)
+        context = ray.get_runtime_context()
+        super().__init__(*args, actor=context.get_actor_id(),
+                         node=f"{socket.gethostname()}/{context.get_node_id()[:12]}", **kwargs)
 
 
 def _raised_in_init(exc) -> bool:

@@ -33,7 +33,7 @@ class Worker:
 
     def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
                  dtype: str = "auto", trust_remote_code: bool = False, loaded=None,
-                 num_threads: int | None = None, actor: str = "local"):
+                 num_threads: int | None = None, actor: str = "local", node: str | None = None):
         from klstore.core.engine import Engine
         from klstore.core.models import load_model, quiet_libraries
         from klstore.store import open_store
@@ -49,12 +49,13 @@ class Worker:
             loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.engine = Engine(loaded)
         self.actor = actor  # recorded in the `shards` table: a Ray actor id, or "local"
+        self.node = node or socket.gethostname()  # likewise: the host (and Ray node) it runs on
         self._prepared: set = set()  # jobs checked against this model
         self._layers: dict[str, tuple[int, ...]] = {}  # layer spec -> resolved block indices
 
     def describe(self) -> dict:
-        """Where this worker runs, as the `shards` table records it: node (host name), actor, device."""
-        return {"node": socket.gethostname(), "actor": self.actor, "device": str(self.engine.device)}
+        """Where this worker runs, as the `shards` table records it: node, actor, device."""
+        return {"node": self.node, "actor": self.actor, "device": str(self.engine.device)}
 
     def prepare(self, job: Job) -> None:
         """Check the job's probes and layers against this model (once per job), before any work."""

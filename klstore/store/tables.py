@@ -75,7 +75,7 @@ RUNS_SCHEMA = pa.schema([
 ])
 SHARDS_SCHEMA = pa.schema([  # one row per shard attempt (provenance; never used for resume)
     ("shard_key", pa.string()),
-    ("node", pa.string()),  # the host name of the machine that ran it
+    ("node", pa.string()),  # the host name; under Ray "<host>/<node id[:12]>" (nodes can share a host)
     ("actor", pa.string()),  # the Ray actor id, or "local" (klstore compute --store, the Python API)
     ("device", pa.string()),  # cpu, cuda:0, ...
     ("started_at", pa.timestamp("us", tz="UTC")),
