@@ -133,3 +133,28 @@ def kill_when_seen(marker: str, delay: float = 0.0, poll: float = 0.05, timeout:
     thread = threading.Thread(target=killer)
     thread.start()
     return thread, killed
+
+
+def stop_processes(markers) -> None:
+    """Stop only the processes a test started: those whose command line holds one of the
+    markers (a temp dir, a port), and their children; SIGTERM, then SIGKILL after 15 s."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"])
+             if any(m in " ".join(p.info["cmdline"] or []) for m in markers)]
+    for proc in list(procs):
+        try:
+            procs += [c for c in proc.children(recursive=True) if c not in procs]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass

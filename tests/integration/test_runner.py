@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import yaml
 
@@ -16,7 +15,7 @@ from klstore.config import load_config
 from klstore.run import runner
 from klstore.store import upkeep, views
 from klstore.errors import KlstoreError
-from conftest import REPO, kill_when_seen, run_cli
+from conftest import REPO, kill_when_seen, run_cli, stop_processes
 
 pytestmark = pytest.mark.real_model
 
@@ -272,21 +271,5 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
 
 def _stop_ray_started_in(temp_dir):
     """Stop only the Ray processes of the cluster started under temp_dir (not `ray stop`)."""
-    marker = str(temp_dir)
-    procs = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if marker in " ".join(proc.info["cmdline"] or []):
-            procs.append(proc)
-    for proc in procs:
-        for child in proc.children(recursive=True):
-            if child not in procs:
-                procs.append(child)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    gone, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        proc.kill()
+    stop_processes([str(temp_dir)])
     shutil.rmtree(temp_dir, ignore_errors=True)
