@@ -391,20 +391,26 @@ class Engine:
 
         blocks = self.adapter.blocks
         try:
+            # A block's `forward` may already be an instance attribute: accelerate's hook wrapper
+            # (device_map, offload), which loads the block's weights and moves its inputs. Ours
+            # calls it (`block.forward` below is that wrapper), and the finally restores it.
+            for k in range(self.n_layers):
+                originals[k] = blocks[k].__dict__.get("forward")
             for k in range(min(row_layers), self.n_layers):
-                originals[k] = blocks[k].forward
                 blocks[k].forward = make_forward(k, blocks[k])
             # Blocks below the lowest intervened layer are replayed from the trace.
             for k in range(0, min(row_layers)):
                 blocks[k].forward = self._replay(trace.outputs[k], batch, trace.returns_tuple)
-                originals[k] = None
             self.model(input_ids=trace.input_ids.expand(batch, -1), use_cache=False)
             raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
         except _StopForward as stop:
             return stop.hidden
         finally:
-            for k in originals:
-                del blocks[k].forward
+            for k, previous in originals.items():
+                if previous is None:
+                    blocks[k].__dict__.pop("forward", None)
+                else:
+                    blocks[k].forward = previous
 
     @staticmethod
     def _replay(clean: torch.Tensor, batch: int, as_tuple: bool):
