@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -504,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -inf): argparse would take the value for an option, so `--layers -4--1` is joined to
 # `--layers=-4--1` (and `--alpha -inf` to `--alpha=-inf`, then refused as not finite).
 _DASHED_VALUES = ("--layers", "--alpha", "--scale", "--temperature", "--seed")
-_NEGATIVE_SPEC = __import__("re").compile(r"^-(\d|\.\d|inf|nan)", __import__("re").IGNORECASE)
+_NEGATIVE_SPEC = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
 def _join_dashed_values(argv: list[str]) -> list[str]:

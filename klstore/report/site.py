@@ -145,11 +145,11 @@ def _input_stats(store, chosen_runs) -> dict:
     """(model, probe) -> sorted (path, SHA-256) of the kl files a figure reads: the hash from the
     file's record (written with the file), or computed when it has none. A redone shard or a
     compaction changes it; nothing else does (no sizes or times, which S3 does not keep)."""
-    from klstore.store.integrity import file_sha256, read_record
+    from klstore.store.integrity import file_sha256, read_record, visible
 
     stats: dict = {}
     root = store.root.rstrip("/") + "/"
-    for path in store.visible_files("kl"):
+    for path in visible(store, "kl"):
         parts = dict(p.split("=", 1) for p in path.split("/") if "=" in p)
         if chosen_runs is not None and parts.get("run_id") not in chosen_runs:
             continue

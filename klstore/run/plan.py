@@ -274,6 +274,7 @@ class RunPlan:
         this run, the actors `nodes` can place, and the expected size of the `kl` files."""
         from klstore.core.models import read_shape
         from klstore.spec import parse_layers
+        from klstore.store.integrity import visible
         from klstore.store.views import sql
 
         cfg = self.config
@@ -283,7 +284,7 @@ class RunPlan:
             _, rows = sql(self.store, "SELECT model, count(*) FROM kl WHERE run_id = ? GROUP BY model", [self.run_id])
             in_store = dict(rows)
             measured_rows = sql(self.store, "SELECT count(*) FROM kl")[1][0][0]
-            measured_bytes = sum(self.store.fs.get_file_info(path).size for path in self.store.visible_files("kl"))
+            measured_bytes = sum(self.store.fs.get_file_info(path).size for path in visible(self.store, "kl"))
         per_prompt = cfg.generation.max_new_tokens * len(cfg.probes)
         models = []
         for model in cfg.models:

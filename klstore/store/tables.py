@@ -284,13 +284,6 @@ class Store:
         return sorted(info.path for info in self.fs.get_file_info(selector)
                       if info.type == pafs.FileType.File and info.path.endswith(suffix))
 
-    def visible_files(self, table: str) -> list[str]:
-        """The table's files as klstore reads them: every row exactly once, also while a
-        compaction is under way (its journal says whether the sources or the merged file count)."""
-        from klstore.store.integrity import visible
-
-        return visible(self, table)
-
     def exists(self) -> bool:
         from pyarrow import fs as pafs
 

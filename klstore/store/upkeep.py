@@ -8,7 +8,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from klstore.errors import KlstoreError
-from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecorded, read_record, record_files,
+from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecorded, read_record, record_files, visible,
                                      recover, stray_files)
 from klstore.store.integrity import compact
 from klstore.store.integrity import quarantine as quarantine_files
@@ -102,8 +102,8 @@ def verify(store: Store, quarantine: bool = False, record: bool = False, log=lam
     for table in TABLES:
         good: dict[str, list[str]] = {}
         unrecorded_folders: set[str] = set()
-        _, unrecorded = missing_or_unrecorded(store, table)
-        for path in store.visible_files(table):
+        orphans, unrecorded = missing_or_unrecorded(store, table)  # one listing, before any check
+        for path in visible(store, table):
             info = read_record(store, path)
             problem = check_file(store, path, info)
             checked += 1
@@ -116,7 +116,6 @@ def verify(store: Store, quarantine: bool = False, record: bool = False, log=lam
             good.setdefault(folder, []).append(path)
             if info is None:
                 unrecorded_folders.add(folder)
-        orphans, _ = missing_or_unrecorded(store, table)
         problems["missing"] += [f"{p}: its file is missing" for p in orphans]
         problems["unrecorded"] += [f"{p}: no record" for p in unrecorded if p not in to_quarantine]
         for path in stray_files(store, table):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from klstore.errors import KlstoreError, first_line
+from klstore.store.integrity import visible
 from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
 
 _DUCK_TYPES = {
@@ -157,7 +158,7 @@ def _create_views(con, store: Store) -> None:
 
     if store.is_local:
         for table in TABLES:
-            files = store.visible_files(table)
+            files = visible(store, table)
             if not files:
                 con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
                 continue
@@ -171,7 +172,7 @@ def _create_views(con, store: Store) -> None:
     import pyarrow.dataset as ds
 
     for table, (schema, partitions) in TABLES.items():
-        files = store.visible_files(table)
+        files = visible(store, table)
         if not files:
             con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
             continue
