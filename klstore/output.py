@@ -10,6 +10,29 @@ from klstore.errors import KlstoreError
 
 FORMATS = ("table", "csv", "json")
 
+# How whitespace and control characters in a token are shown (CLI tables, figure axes, report).
+_VISIBLE = {" ": "\u2423", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def visible_token(text: str | None) -> str:
+    """A token's text with every whitespace or control character made visible: a space is
+    `\u2423`, newline/tab/return are `\\n`/`\\t`/`\\r`, other control or invisible characters
+    `\\xNN`/`\\uNNNN`. None (no text known) is `?`; the empty string is `\u2205`."""
+    if text is None:
+        return "?"
+    if text == "":
+        return "\u2205"
+    out = []
+    for char in text:
+        if char in _VISIBLE:
+            out.append(_VISIBLE[char])
+        elif not char.isprintable() or char.isspace():
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
 
 def format_table(matrix, divergence_names=None) -> str:
     """Rows = layers, columns = Gen t with its token text; one table per divergence."""
