@@ -68,6 +68,11 @@ def _add_compute(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.add_argument("--tokens", action="store_true",
+                   help="print what each layer predicts (the top-1 token of Q per layer and generated token) "
+                        "instead of divergences; with --json, the top-k tokens and probabilities")
+    p.add_argument("--topk", type=_topk, default=5, metavar="K",
+                   help="lens tokens kept per cell: the top-K tokens of Q (default 5, 0: none)")
     p.add_argument("--png", metavar="PATH",
                    help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name")
     p.add_argument("--store", metavar="PATH",
@@ -78,8 +83,23 @@ def _add_compute(sub) -> None:
     p.set_defaults(func=cmd_compute)
 
 
+def _topk(text: str) -> int:
+    from klstore.spec import check_topk
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = text
+    return check_topk(value)
+
+
 def _compute_inputs(args):
     """Validate everything that needs no model, so bad input fails before a slow load."""
+    if args.tokens and args.store:
+        raise KlstoreError("--tokens prints a table; with --store the lens tokens go to the store "
+                           "(query the lens_tokens view)")
+    if args.tokens and not args.topk:
+        raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
     from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,
                               parse_layers, read_prompts)
 
@@ -144,15 +164,17 @@ def cmd_compute(args) -> int:
     layers = parse_layers(args.layers, engine.n_layers, loaded.label)
     prepare_probes(engine, probes, spec)  # vectors, sub-layers: checked before any work
     encoded = [engine.encode(prompt, spec) for prompt in prompts]  # empty, too long: before any work
-    results = engine.run_many(prompts, probes, layers, divergences, spec, encoded=encoded)
+    results = engine.run_many(prompts, probes, layers, divergences, spec, encoded=encoded, topk=args.topk)
+    decode = engine.tokenizer.decode
     for result in results:
         if isinstance(result, Exception):
             raise result
         if not args.json:
             for matrix in result:
-                print(output.format_table(matrix))
+                print(output.format_tokens(matrix, decode) if args.tokens else output.format_table(matrix))
     if args.json:
-        print(json.dumps(output.results_to_json(loaded.label, results), indent=1))
+        lens = decode if args.tokens else None
+        print(json.dumps(output.results_to_json(loaded.label, results, lens), indent=1))
     if png:
         _write_pngs(png, results, divergences[0])
     failed = [err for matrices in results for m in matrices for err in m.errors]
@@ -176,8 +198,8 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
     cfg = ExperimentConfig(
         name=check_label(args.run, "run name"), store=args.store, models=(model,),
         prompt_paths=(args.prompts,) if args.prompts else (), probes=tuple(probes), layers=args.layers,
-        generation=spec, divergences=divergences, shard_size=args.shard_size, source="klstore compute",
-        prompts=tuple(prompts))
+        generation=spec, divergences=divergences, shard_size=args.shard_size, topk=args.topk,
+        source="klstore compute", prompts=tuple(prompts))
     plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
     worker = Worker(args.model, label, plan.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)

@@ -52,11 +52,56 @@ def format_table(matrix, divergence_names=None) -> str:
     return "\n".join(lines)
 
 
+def format_tokens(matrix, decode, width: int = 12) -> str:
+    """The classic logit-lens table: rows = layers, columns = Gen t, each cell the top-1 token
+    of Q_{l,t} (whitespace made visible, cut to `width` characters)."""
+    gen = matrix.generation
+    if matrix.topk_ids is None or matrix.topk_ids.shape[-1] == 0:
+        raise KlstoreError("no lens tokens were computed (topk = 0)")
+    heads = [f"Gen{i} {visible_token(text)}" for i, text in enumerate(gen.token_texts)]
+    col = max([width] + [len(h) for h in heads])
+    texts: dict[int, str] = {}
+
+    def shown(token: int) -> str:
+        if token not in texts:
+            text = visible_token(decode([token]))
+            texts[token] = text if len(text) <= width else text[:width - 1] + "\u2026"
+        return texts[token]
+
+    lines = [f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | top-1 token of Q per layer"
+             + (" | stopped at EOS" if gen.stopped_at_eos else ""),
+             "layer " + " ".join(h.rjust(col) for h in heads)]
+    for row, layer in enumerate(matrix.layers):
+        lines.append(f"{layer:>5} " + " ".join(shown(int(t)).rjust(col) for t in matrix.topk_ids[row, :, 0]))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _lens_json(matrix, decode) -> dict:
+    """Per layer and generated token: the top-k tokens of Q (id, text, prob) and the generated
+    token's rank and log-probability under Q."""
+    if matrix.topk_ids is None:
+        return {"topk": None, "gen_rank": None, "gen_logq": None}
+    texts: dict[int, str] = {}
+
+    def text(token: int) -> str:
+        if token not in texts:
+            texts[token] = decode([token])
+        return texts[token]
+
+    topk = [[[{"id": int(t), "text": text(int(t)), "prob": float(p)} for t, p in zip(ids, probs)]
+             for ids, probs in zip(row_ids, row_probs)]
+            for row_ids, row_probs in zip(matrix.topk_ids, matrix.topk_probs)]
+    return {"topk": topk, "gen_rank": matrix.gen_rank.tolist(), "gen_logq": _nan_to_none(matrix.gen_logq)}
+
+
 def _nan_to_none(array):
     return [[None if v != v else float(v) for v in row] for row in array.tolist()]
 
 
-def results_to_json(model: str, results) -> dict:
+def results_to_json(model: str, results, decode=None) -> dict:
+    """The CLI's --json document; with `decode` (token ids -> text) each probe also carries its
+    lens tokens (`_lens_json`)."""
     prompts = []
     for matrices in results:
         first = matrices[0]
@@ -71,6 +116,7 @@ def results_to_json(model: str, results) -> dict:
                 "probe": m.probe, "params": m.probe_params, "layers": list(m.layers),
                 "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
                 "top1_match": m.top1_match.tolist(), "errors": list(m.errors),
+                **(_lens_json(m, decode) if decode is not None else {}),
             } for m in matrices],
         })
     return {"model": model, "prompts": prompts}

@@ -181,6 +181,17 @@ def check_device(value: str) -> str:
     return value
 
 
+DEFAULT_TOPK = 5  # lens tokens per cell (docs/conventions.md, "Lens tokens")
+MAX_TOPK = 100
+
+
+def check_topk(value) -> int:
+    """A number of lens tokens per cell: an integer from 0 (none) to MAX_TOPK."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOPK:
+        raise KlstoreError(f"topk must be an integer from 0 to {MAX_TOPK}, got {value!r}")
+    return value
+
+
 def check_divergences(names) -> tuple[str, ...]:
     """Validate divergence names; returns them as a tuple, deduplicated in order."""
     result: list[str] = []
@@ -539,6 +550,7 @@ class _ExperimentFile(_Value):
     layers: Any = "all"
     generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
+    topk: int = Field(DEFAULT_TOPK, ge=0, le=MAX_TOPK)  # lens tokens kept per cell; 0: none
     shard_size: int = Field(16, ge=1)
     shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
 
@@ -594,6 +606,7 @@ class ExperimentConfig(_Value):
     generation: GenerationSpec
     divergences: tuple[str, ...]
     shard_size: int
+    topk: int = DEFAULT_TOPK
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity
@@ -605,7 +618,11 @@ class ExperimentConfig(_Value):
         digest = hashlib.sha256()
         for prompt in self.prompts:
             digest.update(f"{prompt.id}\t{prompt.group}\t{prompt.text}\t{prompt.source}\n".encode())
+        # topk joins the identity only when it is not the default, so run ids of stores written
+        # before lens tokens existed stay the same (resuming them adds the tokens to new shards).
+        extra = {} if self.topk == DEFAULT_TOPK else {"topk": self.topk}
         return {
+            **extra,
             "name": self.name,
             "models": [{"name": m.name, "label": m.label, "dtype": m.dtype} for m in self.models],
             "prompts_sha256": digest.hexdigest(),
@@ -644,7 +661,7 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
     return ExperimentConfig(
         name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths),
         probes=tuple(raw.probes), layers=raw.layers, generation=GenerationSpec(**raw.generation.model_dump()),
-        divergences=tuple(raw.divergences), shard_size=raw.shard_size, source=source,
+        divergences=tuple(raw.divergences), shard_size=raw.shard_size, topk=raw.topk, source=source,
         prompts=tuple(prompts), shared_store=raw.shared_store)
 
 

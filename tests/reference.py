@@ -75,13 +75,14 @@ def _block_outputs_at_last(model64, ids):
 
 @torch.no_grad()
 def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params=None,
-                       return_margin=False):
+                       return_margin=False, return_logq=False):
     """{divergence: (len(layers), n_gen) float64} and top1 (len(layers), n_gen) = argmax Q.
     With return_margin, also the (len(layers), n_gen) gap in nats between Q's two most
     likely tokens (a near tie there may be broken either way in float32).
 
     params (interventions): noise {scale, seed, prompt_id}, steer {alpha, vectors (L, H)},
     patch {source_ids}.
+    With return_logq, the last element returned is log Q, (len(layers), n_gen, V) float64.
     """
     params = params or {}
     ids = torch.tensor([sequence])
@@ -89,7 +90,7 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
     clean = model64(input_ids=ids, use_cache=False).logits[0, pos]
     blocks = _blocks(model64)
     rows = {name: [] for name in ("kl", "kl_reverse", "js")}
-    top1, margin = [], []
+    top1, margin, logqs = [], [], []
     for layer in layers:
         if probe == "logit_lens":
             store = {}
@@ -137,10 +138,10 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
         top1.append(q.argmax(-1))
         best2 = q.double().log_softmax(-1).topk(2, dim=-1).values
         margin.append(best2[..., 0] - best2[..., 1])
+        logqs.append(q.double().log_softmax(-1))
     out = {name: torch.stack(v) for name, v in rows.items()}
-    if return_margin:
-        return out, torch.stack(top1), torch.stack(margin)
-    return out, torch.stack(top1)
+    result = (out, torch.stack(top1)) + ((torch.stack(margin),) if return_margin else ())
+    return result + ((torch.stack(logqs),) if return_logq else ())
 
 
 LN2 = math.log(2.0)

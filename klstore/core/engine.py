@@ -72,6 +72,11 @@ class KLMatrix:
     gen_logprob: np.ndarray  # float32 (n,): log P_t(Gen t)
     gen_entropy: np.ndarray  # float32 (n,): entropy of P_t, nats
     errors: tuple[str, ...] = ()
+    # What each layer predicts (docs/conventions.md, "Lens tokens"); None when topk = 0.
+    topk_ids: np.ndarray | None = None  # int32 (len(layers), n, k): top-k tokens of Q_{l,t}, by rank
+    topk_probs: np.ndarray | None = None  # float32 (len(layers), n, k): their probabilities under Q
+    gen_rank: np.ndarray | None = None  # int32 (len(layers), n): 1 + #{v: Q(v) > Q(Gen t)}
+    gen_logq: np.ndarray | None = None  # float32 (len(layers), n): log Q_{l,t}(Gen t)
 
 
 class _StopForward(Exception):
@@ -131,6 +136,23 @@ class Engine:
         text_config = self.model.config.get_text_config()
         self.context_length = getattr(text_config, "max_position_embeddings", None) or getattr(
             text_config, "n_positions", None)
+
+    def vocabulary(self) -> list[str]:
+        """Every token id's decoded text, in id order (the store's `tokens` table)."""
+        size = self.model.get_output_embeddings().weight.shape[0]
+        batch = getattr(self.tokenizer, "batch_decode", None)
+        if batch is not None:
+            try:
+                return list(batch([[i] for i in range(size)]))
+            except (IndexError, KeyError, OverflowError, TypeError, ValueError):
+                pass  # some id past the tokenizer's own vocabulary (padded heads): one by one
+        return [self._decode_one(i) for i in range(size)]
+
+    def _decode_one(self, token: int) -> str:
+        try:
+            return self.tokenizer.decode([token])
+        except (IndexError, KeyError, OverflowError, TypeError, ValueError):
+            return ""  # an id the tokenizer has no text for (a padded head row)
 
     # ------------------------------------------------------------------ prompts
     def _eos_ids(self) -> set[int]:
@@ -420,12 +442,19 @@ class Engine:
     @torch.no_grad()
     def probe(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
               divergences: tuple[str, ...], prompt: Prompt,
-              context: ProbeContext | None = None) -> KLMatrix:
-        """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`)."""
+              context: ProbeContext | None = None, topk: int = 5) -> KLMatrix:
+        """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`),
+        with each cell's lens tokens: the top-`topk` tokens of Q (none when 0), and the rank and
+        log-probability of the generated token under Q."""
         gen = trace.generation
         gen_ids = torch.tensor(gen.token_ids, device=self.device)
         values = {d: np.full((len(layers), gen.n), np.nan, dtype=np.float32) for d in divergences}
         top1 = np.zeros((len(layers), gen.n), dtype=bool)
+        k = min(topk, trace.ref_logp.shape[-1])
+        topk_ids = np.zeros((len(layers), gen.n, k), dtype=np.int32) if k else None
+        topk_probs = np.zeros((len(layers), gen.n, k), dtype=np.float32) if k else None
+        gen_rank = np.zeros((len(layers), gen.n), dtype=np.int32)
+        gen_logq = np.zeros((len(layers), gen.n), dtype=np.float32)
         row_of = {layer: i for i, layer in enumerate(layers)}
         context = context or ProbeContext(prompt.id)
         cells = self._cells_per_chunk(trace.ref_logp.shape[-1])
@@ -439,7 +468,14 @@ class Engine:
                 for name, tensor in result.items():
                     values[name][rows, cols] = tensor.float().cpu().numpy()
                 top1[rows, cols] = (logq.argmax(-1) == gen_ids[cols]).cpu().numpy()
-                del logq, result
+                target = logq.gather(-1, gen_ids[cols].expand(logq.shape[0], -1).unsqueeze(-1))  # (R, m, 1)
+                gen_logq[rows, cols] = target[..., 0].float().cpu().numpy()
+                gen_rank[rows, cols] = (1 + (logq > target).sum(-1)).cpu().numpy()
+                if k:
+                    best = logq.topk(k, dim=-1)  # sorted: rank 1 first
+                    topk_ids[rows, cols] = best.indices.cpu().numpy()
+                    topk_probs[rows, cols] = best.values.exp().float().cpu().numpy()
+                del logq, result, target
         ref = trace.ref_logp
         logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
         entropy = (-(ref.exp() * ref).nan_to_num().sum(-1)).float().cpu().numpy()
@@ -453,19 +489,20 @@ class Engine:
             model=self.loaded.label, prompt=prompt, probe=spec.name, probe_params=dict(spec.params),
             layers=tuple(layers), n_layers_total=self.n_layers, generation=gen, values=values,
             top1_match=top1, gen_logprob=logprob.astype(np.float32),
-            gen_entropy=entropy.astype(np.float32), errors=tuple(errors))
+            gen_entropy=entropy.astype(np.float32), errors=tuple(errors),
+            topk_ids=topk_ids, topk_probs=topk_probs, gen_rank=gen_rank, gen_logq=gen_logq)
 
     # ---------------------------------------------------------------- many prompts
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-                 batch_size: int = 16, encoded: list[list[int]] | None = None) -> list:
+                 batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5) -> list:
         """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
 
         `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
         ids when the caller already checked them with `encode`. Generation and the clean trace
         run `batch_size` prompts at a time (left-padded); the probes then run per prompt. A
         batch that fails as a whole is redone one prompt at a time, so one bad prompt cannot
-        take its neighbours down.
+        take its neighbours down. `topk`: lens tokens kept per cell (0: none).
         """
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
@@ -487,25 +524,26 @@ class Engine:
             except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
                 traces = [None] * len(chunk)
             for (i, ids), trace in zip(chunk, traces):
-                results[i] = self._run_one(prompts[i], ids, probes, layers, divergences, spec, trace)
+                results[i] = self._run_one(prompts[i], ids, probes, layers, divergences, spec, trace, topk)
         return results
 
-    def _run_one(self, prompt, ids, probes, layers, divergences, spec, trace=None):
+    def _run_one(self, prompt, ids, probes, layers, divergences, spec, trace=None, topk=5):
         """One prompt's KLMatrix list, or the exception that stopped it."""
         try:
             if trace is None:
                 trace = self.trace(self.generate(ids, spec))
             return [self.probe(trace, probe, layers, divergences, prompt,
-                               self.probe_context(probe, prompt, trace.generation, spec))
+                               self.probe_context(probe, prompt, trace.generation, spec), topk)
                     for probe in probes]
         except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
             return exc
 
     # ---------------------------------------------------------------- one call
     def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
-            divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec()) -> list[KLMatrix]:
+            divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
+            topk: int = 5) -> list[KLMatrix]:
         """Generate once, trace once, then one KLMatrix per probe (errors raised)."""
-        result = self.run_many([prompt], probes, layers, divergences, spec)[0]
+        result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk)[0]
         if isinstance(result, Exception):
             raise result
         return result

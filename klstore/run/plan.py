@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
-from klstore.spec import ExperimentConfig, GenerationSpec, ProbeSpec, Prompt, check_label
+from klstore.spec import DEFAULT_TOPK, ExperimentConfig, GenerationSpec, ProbeSpec, Prompt, check_label
 from klstore.store.tables import Store, open_store, work_key
 
 # Bytes on disk per `kl` row measured on 100 M rows (README, "Performance": benchmarks/store.py);
@@ -57,6 +57,7 @@ class Job:
     layers: str = "all"
     divergences: tuple[str, ...] = ("kl",)
     generation: GenerationSpec = GenerationSpec()
+    topk: int = DEFAULT_TOPK  # lens tokens per cell (0: none)
 
 
 def run_id_for(identity: dict) -> str:
@@ -233,7 +234,7 @@ class RunPlan:
         identity = config.identity()
         self.run_id = run_id_for(identity)
         self.record = {**identity, "store": self.store_uri, "source": config.source}
-        self.job = Job(config.probes, config.layers, config.divergences, config.generation)
+        self.job = Job(config.probes, config.layers, config.divergences, config.generation, config.topk)
         self.shards: list[tuple[Prompt, ...]] = [
             tuple(config.prompts[i:i + config.shard_size])
             for i in range(0, len(config.prompts), config.shard_size)]

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from klstore.spec import DIVERGENCES, Prompt
-from klstore.store.tables import ATTEMPT_PREFIX, GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA, SHARDS_SCHEMA
+from klstore.store.tables import (ATTEMPT_PREFIX, GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA, SHARDS_SCHEMA,
+                                  TOKENS_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def kl_rows(outcomes, probe: str) -> pa.Table:
                 "top1_match": pa.array(m.top1_match.reshape(-1)),
                 "n_layers": pa.array(np.full(count, m.n_layers_total, np.int16)),
             }
+            columns.update(_lens_columns(m, count))
             for name in DIVERGENCES:
                 flat = _float_column(m, name, (n_rows, n_cols))
                 if flat is None:
@@ -60,6 +62,43 @@ def kl_rows(outcomes, probe: str) -> pa.Table:
                     columns[name] = pa.array(flat, mask=~np.isfinite(flat))
             parts.append(pa.table(columns).select(KL_SCHEMA.names).cast(KL_SCHEMA))
     return pa.concat_tables(parts) if parts else KL_SCHEMA.empty_table()
+
+
+def _lens_columns(m, count: int) -> dict:
+    """topk_ids/topk_probs (lists of k per cell; null when k = 0), gen_rank and gen_logq (null when
+    not finite, or when the matrix has none)."""
+    out = {}
+    if m.topk_ids is None or m.topk_ids.shape[-1] == 0:
+        out["topk_ids"] = pa.nulls(count, pa.list_(pa.int32()))
+        out["topk_probs"] = pa.nulls(count, pa.list_(pa.float32()))
+    else:
+        k = m.topk_ids.shape[-1]
+        offsets = pa.array(np.arange(0, (count + 1) * k, k, dtype=np.int32))
+        out["topk_ids"] = pa.ListArray.from_arrays(offsets, pa.array(m.topk_ids.reshape(-1).astype(np.int32)))
+        out["topk_probs"] = pa.ListArray.from_arrays(
+            offsets, pa.array(m.topk_probs.reshape(-1).astype(np.float32)))
+    if m.gen_rank is None:
+        out["gen_rank"] = pa.nulls(count, pa.int32())
+        out["gen_logq"] = pa.nulls(count, pa.float32())
+    else:
+        logq = m.gen_logq.astype(np.float32).reshape(-1)
+        out["gen_rank"] = pa.array(m.gen_rank.reshape(-1).astype(np.int32))
+        out["gen_logq"] = pa.array(logq, mask=~np.isfinite(logq))
+    return out
+
+
+def token_rows(texts) -> pa.Table:
+    """A model's vocabulary: token id i has text texts[i] (the `tokens` table)."""
+    return pa.table({"token_id": pa.array(np.arange(len(texts), dtype=np.int32)),
+                     "token_text": pa.array(list(texts), pa.string())}, schema=TOKENS_SCHEMA)
+
+
+def tokens_file_name(texts) -> str:
+    """vocab-<16 hex of the texts' SHA-256>.parquet: one file per distinct vocabulary."""
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"vocab-{digest}.parquet"
 
 
 def generation_rows(outcomes) -> pa.Table:

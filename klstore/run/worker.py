@@ -52,6 +52,7 @@ class Worker:
         self.node = node or socket.gethostname()  # likewise: the host (and Ray node) it runs on
         self._prepared: set = set()  # jobs checked against this model
         self._layers: dict[str, tuple[int, ...]] = {}  # layer spec -> resolved block indices
+        self._tokens_written = False  # the model's vocabulary is in the store
 
     def describe(self) -> dict:
         """Where this worker runs, as the `shards` table records it: node, actor, device."""
@@ -76,7 +77,7 @@ class Worker:
 
         self.prepare(job)
         results = self.engine.run_many(list(prompts), list(job.probes), self._layers[job.layers], job.divergences,
-                                       job.generation)
+                                       job.generation, topk=job.topk)
         outcomes = []
         for prompt, result in zip(prompts, results):
             if isinstance(result, KlstoreError):
@@ -87,6 +88,26 @@ class Worker:
                 outcomes.append(PromptOutcome(prompt, tuple(result)))
         return outcomes
 
+    def _write_tokens(self) -> None:
+        """The model's vocabulary into the `tokens` table, once (before the shard's rows that use it)."""
+        if self._tokens_written:
+            return
+        from klstore.run import records
+
+        from klstore.store.tables import RECORD_SUFFIX
+
+        texts = self.engine.vocabulary()
+        name = records.tokens_file_name(texts)
+        present = self.store.partition_files("tokens", model=self.label)
+        if not any(path.endswith("/" + name) for path in present):
+            self.store.write("tokens", records.token_rows(texts), name, model=self.label)
+            # One vocabulary per label: another one here came from a model that had this label
+            # before (or an older tokenizer); the newest wins (README, "Lens tokens").
+            for path in present:
+                self.store.delete(path)
+                self.store.delete(path + RECORD_SUFFIX)
+        self._tokens_written = True
+
     def run_shard(self, run_id: str, prompts, job: Job, parts=None) -> ShardResult:
         """Compute a shard and write its files (only `parts` when given, see plan.ShardTask);
         the prompts file goes last (it marks the shard done)."""
@@ -95,6 +116,8 @@ class Worker:
         start = time.perf_counter()
         started_at = datetime.now(timezone.utc)
         outcomes = self.compute(prompts, job)
+        if job.topk:
+            self._write_tokens()
         key = shard_key([p.id for p in prompts])
         name = f"part-{key}.parquet"
         wanted = set(parts or shard_parts(job.probes))

@@ -194,7 +194,7 @@ def _compact_partition(store: Store, folder: str, names: list[str], target: str,
                "pid": os.getpid(), "at": time.time()}
     store.put_bytes(journal_path, json.dumps(journal).encode())
     merged = pa.concat_tables(parts)
-    merged = merged.sort_by([(c, "ascending") for c in ("prompt_id", "layer", "gen_idx", "started_at", "shard_key")
+    merged = merged.sort_by([(c, "ascending") for c in ("prompt_id", "layer", "gen_idx", "started_at", "shard_key", "token_id")
                              if c in schema.names])
     pending = f"{folder}/{target}{PENDING_SUFFIX}"
     store.write_file(pending, merged, schema, shards=shards)

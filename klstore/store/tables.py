@@ -7,6 +7,7 @@ Layout (a local folder or an `s3://bucket/prefix`):
     <store>/prompts/model=<m>/run_id=<r>/part-<key>.parquet
     <store>/runs/run_id=<r>/run.parquet
     <store>/shards/model=<m>/run_id=<r>/attempt-<key>-<uuid8>.parquet
+    <store>/tokens/model=<m>/vocab-<sha256 of the texts, 16 hex>.parquet
 
 Partition columns (model, probe, run_id) live in the paths only. `<key>` is
 derived from the unit of work (the prompt ids of a shard), so redoing the same
@@ -42,6 +43,15 @@ KL_SCHEMA = pa.schema([
     *[(name, pa.float32()) for name in DIVERGENCES],  # null where not asked for
     ("top1_match", pa.bool_()),
     ("n_layers", pa.int16()),
+    # lens tokens (docs/conventions.md); null in files written before them, or with topk = 0
+    ("topk_ids", pa.list_(pa.int32())),  # the top-k tokens of Q, rank 1 first
+    ("topk_probs", pa.list_(pa.float32())),  # their probabilities under Q
+    ("gen_rank", pa.int32()),  # rank of the generated token under Q (1 = top)
+    ("gen_logq", pa.float32()),  # log Q(generated token)
+])
+TOKENS_SCHEMA = pa.schema([  # each model's vocabulary, once per model (joined by the lens_tokens view)
+    ("token_id", pa.int32()),
+    ("token_text", pa.string()),
 ])
 GENERATIONS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
@@ -94,11 +104,12 @@ TABLES = {
     "prompts": (PROMPTS_SCHEMA, ("model", "run_id")),
     "runs": (RUNS_SCHEMA, ("run_id",)),
     "shards": (SHARDS_SCHEMA, ("model", "run_id")),
+    "tokens": (TOKENS_SCHEMA, ("model",)),
 }
 # the columns of each view, in the documented order
 VIEW_COLUMNS = {
     "kl": ("run_id", "model", "probe", "prompt_id", "prompt_group", "layer", "gen_idx",
-           *DIVERGENCES, "top1_match", "n_layers"),
+           *DIVERGENCES, "top1_match", "n_layers", "topk_ids", "topk_probs", "gen_rank", "gen_logq"),
     "generations": ("run_id", "model", "prompt_id", "prompt_group", "gen_idx", "token_id",
                     "token_text", "logprob", "entropy"),
     "prompts": ("run_id", "model", "prompt_id", "prompt_group", "prompt_text", "source_text",
@@ -107,9 +118,10 @@ VIEW_COLUMNS = {
              "klstore_version", "torch_version", "transformers_version"),
     "shards": ("run_id", "model", "shard_key", "node", "actor", "device", "started_at", "ended_at",
                "prompts", "cells", "cells_per_second", "outcome", "error"),
+    "tokens": ("model", "token_id", "token_text"),
 }
 ATTEMPT_PREFIX = "attempt-"  # shards files: attempt-<shard key>-<uuid8>.parquet
-FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy")
+FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy", "gen_logq")
 TMP_MARK = ".tmp-"
 RECORD_SUFFIX = ".sha256.json"  # beside every file: {"sha256", "rows", "bytes", "shards"}
 PENDING_SUFFIX = ".pending"  # a compaction's merged file before it replaces its sources

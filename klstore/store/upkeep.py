@@ -13,7 +13,7 @@ from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecord
 from klstore.store.integrity import compact
 from klstore.store.integrity import quarantine as quarantine_files
 from klstore.store.tables import TABLES, Store
-from klstore.store.views import read_parquet_sql, sql
+from klstore.store.views import present_columns, read_parquet_sql, sql
 
 __all__ = ["PROBLEMS", "compact", "run_summaries", "shard_summaries", "verify"]
 
@@ -71,6 +71,7 @@ _KEYS = {
     "prompts": ("run_id", "model", "prompt_id"),
     "runs": ("run_id",),
     "shards": ("run_id", "model", "shard_key", "actor", "started_at", "outcome"),
+    "tokens": ("model", "token_id"),
 }
 
 
@@ -153,8 +154,8 @@ def _duplicates(store: Store, table: str, paths: list[str]) -> tuple[int, list[s
     keys = ", ".join(_KEYS[table])
     con = duckdb.connect(":memory:")
     if store.is_local:
-        source = f"({read_parquet_sql(table, '$files')})"
         params = {"files": paths}
+        source = f"({read_parquet_sql(table, '$files', present_columns(con, table, '$files', params))})"
     else:
         import pyarrow.dataset as ds
 

@@ -1,4 +1,6 @@
-"""DuckDB over a store: the views `kl`, `generations`, `prompts`, `runs`, `shards`, and SQL on them.
+"""DuckDB over a store: a view per table (`kl`, `generations`, `prompts`, `runs`, `shards`, `tokens`),
+the derived views `lens_tokens` and `settling`, the macros `settling_depth(g)` and
+`deep_thinking(g, rho)`, and SQL on them.
 
 Local stores are read with `read_parquet(..., hive_partitioning = true,
 union_by_name = true)`, so files written by an older schema (fewer columns)
@@ -25,6 +27,53 @@ from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
 _DUCK_TYPES = {
     pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
     pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.list_(pa.int32()): "INTEGER[]", pa.list_(pa.float32()): "FLOAT[]",
+}
+
+# Views and macros over the tables (docs/conventions.md, "Lens tokens" and "Settling depth").
+# They read only the table views, so they work the same on local and S3 stores.
+DERIVED_VIEWS = {
+    "lens_tokens": """
+        SELECT k.run_id, k.model, k.probe, k.prompt_id, k.prompt_group, k.layer, k.gen_idx,
+               k.rank, k.token_id, t.token_text, k.prob
+        FROM (SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx,
+                     unnest(range(1, len(topk_ids) + 1)) AS rank, unnest(topk_ids) AS token_id,
+                     unnest(topk_probs) AS prob
+              FROM kl WHERE topk_ids IS NOT NULL) k
+        LEFT JOIN tokens t ON t.model = k.model AND t.token_id = k.token_id""",
+    "settling": """
+        SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group, gen_idx,
+               any_value(n_layers) AS n_layers, settle_layer,
+               (settle_layer + 1) / any_value(n_layers) AS settle_fraction
+        FROM (SELECT *, min(layer) FILTER (WHERE layer > last_miss)
+                            OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx) AS settle_layer
+              FROM (SELECT *, coalesce(max(layer) FILTER (WHERE NOT top1_match)
+                                  OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx), -1) AS last_miss
+                    FROM kl))
+        GROUP BY run_id, model, probe, prompt_id, gen_idx, settle_layer""",
+}
+DERIVED_MACROS = {
+    "settling_depth": ("g, metric := 'kl'", """
+        SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group, gen_idx,
+               any_value(n_layers) AS n_layers, settle_layer,
+               (settle_layer + 1) / any_value(n_layers) AS settle_fraction
+        FROM (SELECT *, min(layer) FILTER (WHERE layer > last_miss)
+                            OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx) AS settle_layer
+              FROM (SELECT *, coalesce(max(layer) FILTER (WHERE NOT coalesce(
+                                  CASE metric WHEN 'kl' THEN kl WHEN 'kl_reverse' THEN kl_reverse
+                                              WHEN 'js' THEN js
+                                              ELSE error('settling_depth: metric must be kl, kl_reverse or js')
+                                  END <= g, false))
+                                  OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx), -1) AS last_miss
+                    FROM kl))
+        GROUP BY run_id, model, probe, prompt_id, gen_idx, settle_layer"""),
+    "deep_thinking": ("g, rho, metric := 'js'", """
+        SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group,
+               count(*) AS n_tokens,
+               count(*) FILTER (WHERE settle_layer IS NULL OR settle_fraction > rho) AS n_deep,
+               n_deep / n_tokens AS deep_share
+        FROM settling_depth(g, metric := metric)
+        GROUP BY run_id, model, probe, prompt_id"""),
 }
 
 
@@ -46,15 +95,35 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def read_parquet_sql(table: str, source: str) -> str:
+def read_parquet_sql(table: str, source: str, present=None) -> str:
     """SELECT of a table's view columns from `read_parquet(<source>)`; `source` is SQL for the
-    file list: a parameter (`$files`) or a variable (`getvariable('klstore_kl')`)."""
+    file list: a parameter (`$files`) or a variable (`getvariable('klstore_kl')`). Columns not
+    in `present` (the files' columns, when known) read as typed nulls: files from before a column
+    existed (see `present_columns`)."""
     _, partitions = TABLES[table]
     hive_types = ", ".join(f"{_quote(p)}: 'VARCHAR'" for p in partitions)
     types = _column_types(table)
-    cols = ", ".join(f"CAST({c} AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table])
+    cols = ", ".join(f"CAST({c if present is None or c in present else 'NULL'} AS {types[c]}) AS {c}"
+                     for c in VIEW_COLUMNS[table])
     return (f"SELECT {cols} FROM read_parquet({source}, hive_partitioning = true, "
             f"union_by_name = true, hive_types = {{{hive_types}}})")
+
+
+def present_columns(con, table: str, source: str, params=None) -> set[str]:
+    """The columns that the files behind `source` have (their union, partition keys included)."""
+    _, partitions = TABLES[table]
+    hive_types = ", ".join(f"{_quote(p)}: 'VARCHAR'" for p in partitions)
+    rows = con.execute(f"DESCRIBE SELECT * FROM read_parquet({source}, hive_partitioning = true, "
+                       f"union_by_name = true, hive_types = {{{hive_types}}})", params).fetchall()
+    return {row[0] for row in rows}
+
+
+def _derived_statements() -> list[str]:
+    """CREATE statements of the derived views and macros (after the table views)."""
+    out = [f"CREATE OR REPLACE VIEW {name} AS {body.strip()};" for name, body in DERIVED_VIEWS.items()]
+    out += [f"CREATE OR REPLACE MACRO {name}({args}) AS TABLE {body.strip()};"
+            for name, (args, body) in DERIVED_MACROS.items()]
+    return out
 
 
 def view_statements(store: Store) -> dict[str, str]:
@@ -63,15 +132,21 @@ def view_statements(store: Store) -> dict[str, str]:
     The shell has no parameters, so the store's path is written as a quoted literal here;
     klstore's own connections use `connect()`, which passes paths as values.
     """
+    import duckdb
+
     out = {}
+    con = duckdb.connect(":memory:")
     for table in TABLES:
         if store.is_local and not store.files(table):
             body = _empty_view(table)
         elif store.is_local:
-            body = read_parquet_sql(table, _quote(store.path(table, "**", "*.parquet")))
+            present = present_columns(con, table, "$files", {"files": store.files(table)})
+            body = read_parquet_sql(table, _quote(store.path(table, "**", "*.parquet")), present)
         else:
             body = read_parquet_sql(table, _quote(f"s3://{store.root}/{table}/**/*.parquet"))
         out[table] = f"CREATE OR REPLACE VIEW {table} AS {body};"
+    for statement in _derived_statements():
+        out[statement.split()[4].split("(")[0]] = statement
     return out
 
 
@@ -164,10 +239,13 @@ def _create_views(con, store: Store) -> None:
                 continue
             variable = f"klstore_{table}"
             con.execute(f"SET VARIABLE {variable} = ?", [files])
+            source = f"getvariable({_quote(variable)})"
             try:
-                con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, f'getvariable({_quote(variable)})')}")
+                present = present_columns(con, table, source)
+                con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, source, present)}")
             except duckdb.Error as exc:
                 _failing_view(con, table, _unreadable(store, files) or first_line(exc))
+        _create_derived(con)
         return
     import pyarrow.dataset as ds
 
@@ -183,6 +261,12 @@ def _create_views(con, store: Store) -> None:
         con.register(f"_{table}_dataset", dataset)
         cols = ", ".join(VIEW_COLUMNS[table])
         con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM _{table}_dataset")
+    _create_derived(con)
+
+
+def _create_derived(con) -> None:
+    for statement in _derived_statements():
+        con.execute(statement)
 
 
 def sql(store: Store | str | None, query: str, params=None):

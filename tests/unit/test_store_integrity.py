@@ -70,7 +70,8 @@ def test_records_written_and_verify_clean(tiny, tmp_path, baseline):
     result = verify(open_store(uri))
     assert not any(result["problems"].values()) and result["duplicate_rows"] == 0
     # per shard: kl (2 probes) + generations + prompts + its attempt in shards; + the run
-    assert result["files"] == 3 * (2 + 1 + 1 + 1) + 1
+    # + the model's vocabulary (tokens)
+    assert result["files"] == 3 * (2 + 1 + 1 + 1) + 1 + 1
     assert _totals(uri) == baseline
 
 
