@@ -90,7 +90,10 @@ def _topk(text: str) -> int:
         value = int(text)
     except ValueError:
         value = text
-    return check_topk(value)
+    try:
+        return check_topk(value)
+    except KlstoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _compute_inputs(args):

@@ -94,6 +94,9 @@ def _what_of(error: dict) -> str:
         return f"> {ctx['gt']:g}"
     if kind == "less_than":
         return f"< {ctx['lt']}"
+    if kind == "less_than_equal":
+        bound = ctx["le"]
+        return f"at most {bound}" if isinstance(bound, int) else f"<= {bound:g}"
     if kind == "literal_error":
         return str(ctx.get("expected", "")).replace("'", "")
     return error["msg"][0].lower() + error["msg"][1:]

@@ -57,6 +57,33 @@ def test_table_json_and_png(tmp_path):
     assert ((js_values >= 0) & (js_values <= np.log(2))).all()
 
 
+def test_tokens_table_and_json():
+    """The classic logit-lens table: the last layer's top-1 token is the generated one (greedy),
+    shown with its space made visible; --json carries the top-k with probabilities."""
+    args = ("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+            "--layers", "0,25-29", "-n", "3", "--tokens")
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "top-1 token of Q per layer" in lines[0]
+    assert "Gen0 \u2423Paris" in lines[1]
+    rows = [line.split() for line in lines[2:8]]
+    assert [int(r[0]) for r in rows] == [0, 25, 26, 27, 28, 29]
+    assert rows[-1][1] == "\u2423Paris"
+    doc = json.loads(run_cli(*args, "--json", "--topk", "3").stdout)
+    probe = doc["prompts"][0]["probes"][0]
+    tokens = doc["prompts"][0]["tokens"]
+    assert len(probe["topk"]) == 6 and len(probe["topk"][0]) == 3 and len(probe["topk"][0][0]) == 3
+    for row in probe["topk"]:
+        for cell in row:
+            probs = [t["prob"] for t in cell]
+            assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert [cell[0]["text"] for cell in probe["topk"][-1]] == [t["text"] for t in tokens]
+    assert probe["gen_rank"][-1] == [1, 1, 1]
+    np.testing.assert_allclose(probe["gen_logq"][-1], [t["logprob"] for t in tokens], atol=1e-5)
+    assert all(r >= 1 for row in probe["gen_rank"] for r in row)
+
+
 def test_prompts_file(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "a", "text": "The capital of France is", "group": "geo"}\n\n'
@@ -85,6 +112,11 @@ def _bad_file(tmp_path, text):
     (["--model", "smollm2-135m", "--prompt", "   "], "prompt is empty"),
     (["--model", "smollm2-135m", "--prompt", "word " * 9000], "exceeds smollm2-135m's context of 8192"),
     (["--model", "smollm2-135m", "--prompt", "x", "--divergence", "l1"], "unknown divergence 'l1'"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--topk", "-1"], "topk must be an integer from 0 to 100, got -1"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--topk", "five"], "topk must be an integer from 0 to 100, got 'five'"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--topk", "101"], "topk must be an integer from 0 to 100, got 101"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--topk", "0"], "--tokens needs lens tokens"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--store", "s"], "query the lens_tokens view"),
 ])
 def test_bad_input(args, message):
     out = run_cli("compute", *args)

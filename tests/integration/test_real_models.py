@@ -9,6 +9,7 @@ import torch
 from klstore.core.engine import Engine
 from klstore.spec import GenerationSpec, Prompt
 from klstore.spec import ProbeSpec
+from lens_checks import check_lens_tokens
 from reference import reference_matrices
 
 pytestmark = pytest.mark.real_model
@@ -24,8 +25,9 @@ def test_smollm2_matches_float64_reference(smollm2):
     model64 = copy.deepcopy(smollm2.model).double()
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
     for result in (lens, skip):
-        expected, _ = reference_matrices(model64, sequence, len(gen.prompt_ids), gen.n,
-                                         result.probe, result.layers)
+        expected, _, logq64 = reference_matrices(model64, sequence, len(gen.prompt_ids), gen.n,
+                                                 result.probe, result.layers, return_logq=True)
+        assert check_lens_tokens(result, logq64, 5) > 100  # top-5 of Q, Gen t's rank and log Q
         for name in ("kl", "kl_reverse", "js"):
             want = expected[name].numpy()
             excess = np.abs(result.values[name] - want) - 1e-4 * np.maximum(1.0, np.abs(want))

@@ -43,6 +43,10 @@ def test_valid_config_fills_defaults(config_file):
     ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
     ({"shard_size": 0}, "cfg.yaml: shard_size must be at least 1, got 0"),
     ({"shard_size": True}, "cfg.yaml: shard_size must be an integer, got True"),
+    ({"topk": -1}, "cfg.yaml: topk must be at least 0, got -1"),
+    ({"topk": 101}, "cfg.yaml: topk must be at most 100, got 101"),
+    ({"topk": "5"}, "cfg.yaml: topk must be an integer, got '5'"),
+    ({"topk": 2.5}, "cfg.yaml: topk must be an integer, got 2.5"),
     ({"probes": ["lens"]}, "unknown probe 'lens'"),
     ({"probes": []}, "cfg.yaml: probes: empty"),
     ({"divergences": "kl"}, "cfg.yaml: divergences must be a list, got 'kl'"),
@@ -158,3 +162,6 @@ def test_experiment_identity_is_stable():
         "probes": [{"name": "noise", "scale": 1.0, "seed": 0}], "layers": "all", "divergences": ["kl"],
         "generation": {"max_new_tokens": 5, "do_sample": False, "seed": 0, "temperature": 1.0, "chat": False},
         "shard_size": 16}
+    # topk joins the identity only when it is not the default (older run ids stay valid)
+    assert "topk" not in cfg.identity()
+    assert parse_experiment({**data, "topk": 0}).identity()["topk"] == 0
