@@ -66,7 +66,7 @@ def test_tokens_table_and_json():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "top-1 token of Q per layer" in lines[0]
-    assert "Gen0 \u2423Paris" in lines[1]
+    assert "Gen0 \u2423Paris" in lines[1] and "Gen2 \\n" in lines[1]
     rows = [line.split() for line in lines[2:8]]
     assert [int(r[0]) for r in rows] == [0, 25, 26, 27, 28, 29]
     assert rows[-1][1] == "\u2423Paris"

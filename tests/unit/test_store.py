@@ -212,16 +212,29 @@ def test_store_bad_input_leaves_store_untouched(tmp_path):
 
 
 def test_readme_example_queries_run(tiny, tmp_path):
-    """The five queries in the README's store section run against a real store."""
+    """The README's example queries run against a real store of two models, and answer per model."""
+
     from conftest import REPO
 
     text = (REPO / "README.md").read_text()
-    block = text.split("Five queries users want:")[1].split("```sql")[1].split("```")[0]
+    block = text.split("Queries users want")[1].split("```sql")[1].split("```")[0]
     statements = [s.strip() for s in block.split(";") if s.strip()]
-    assert len(statements) == 5
+    assert len(statements) == 7
     uri = str(tmp_path / "store")
-    worker = Worker("tiny", "smollm2-135m", uri, loaded=tiny)  # the label the examples name
-    worker.run_shard("r1", PROMPTS, JOB)
-    for statement in statements:
+    prompts = [Prompt("fact-01", PROMPTS[0].text, PROMPTS[0].group), *PROMPTS[1:]]  # the id example 6 names
+    for label in ("smollm2-135m", "other-model"):  # smollm2-135m: the label example 1 names
+        Worker("tiny", label, uri, loaded=tiny).run_shard("r1", prompts, JOB)
+    results = {}
+    for number, statement in enumerate(statements, 1):
         names, rows = views.sql(uri, statement)
         assert rows, statement
+        results[number] = [dict(zip(names, row)) for row in rows]
+    # 2: at most three layers per (model, group), both models present
+    per = {}
+    for row in results[2]:
+        per.setdefault((row["model"], row["prompt_group"]), []).append(row["layer"])
+    assert {m for m, _ in per} == {"smollm2-135m", "other-model"} and all(len(v) == 3 for v in per.values())
+    assert {r["model"] for r in results[4]} == {"smollm2-135m", "other-model"} and len(results[4]) == 10
+    assert {(r["model"], r["rank"]) for r in results[6]} == {(m, k) for m in ("smollm2-135m", "other-model")
+                                                              for k in (1, 2, 3)}
+    assert all(0 <= r["deep_thinking_ratio"] <= 1 for r in results[7])
