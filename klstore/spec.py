@@ -683,6 +683,9 @@ class ReportSpec(_Value):
     groups: Any = None
     group_by: Any = (("model", "probe"), ("model", "probe", "prompt_group"))
     aggregate: Literal["mean", "median"] = "mean"
+    # colour range of every figure (klstore.report.scale): robust ends it at Q3 + 3 IQR when a
+    # value lies beyond, so one outlying layer (Gemma-3's logit-lens layer 0) cannot wash out the rest
+    color_scale: Literal["linear", "log", "robust"] = "robust"
     layers: Any = "all"  # a layer spec, or JSON {model or "default": spec}
     divergence: str = "kl"
     shared_scale: bool = False
