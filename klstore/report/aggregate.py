@@ -5,7 +5,9 @@
 `collect` then asks the store's views for every grid the spec wants: one per
 grouping key (mean or median over prompts of the non-null values; non-finite
 values are stored as null and never averaged in), model-vs-model and
-group-vs-group differences, and per-prompt grids with the generated tokens.
+group-vs-group differences (per-prompt grids: klstore.report.prompts). For the interactive
+hover each aggregate cell also carries its mean, median, largest value and the prompt that
+holds it.
 
 Every value reaches DuckDB as a parameter. Only identifiers are formatted into
 the SQL text, and only from klstore.spec's fixed whitelists: the divergence
@@ -46,6 +48,11 @@ class Grid:
     inputs: tuple = ()  # (model, probe) partitions it reads
     ylabel: str = "Layer"
     observations: list = field(default_factory=list)
+    # for the interactive figure (klstore.report.interactive); arrays are (len(layers), len(columns))
+    hover: dict = field(default_factory=dict)  # aggregate: mean, median, max, max_at; prompt: lens tokens
+    settling: dict | None = None  # the settling depth behind it (observe.settling_sentences)
+    scale: object = None  # its klstore.report.scale.Scale, set by site before drawing
+    page: str | None = None  # prompt grids: the site path of the prompt's own page
 
 
 @dataclass(frozen=True)
@@ -72,14 +79,16 @@ class Filter:
 
 # ------------------------------------------------------------------ filters
 def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
-    """The filter for the spec and what it chose ({'runs': [...]} where it picks runs);
-    unknown names are errors that list what exists."""
+    """The filter for the spec's values (its selection, and the divergence not null) and what it
+    chose: {'runs': [...]} where it picks runs, and 'selection', the same filter without the
+    divergence condition (for views without that column, such as `settling`).
+    Unknown names are errors that list what exists."""
     def existing(column):  # column: run_id, model, probe or prompt_group (a fixed name)
         return sorted(str(r[0]) for r in con.execute(f"SELECT DISTINCT {column} FROM kl").fetchall())
 
     if not con.execute("SELECT count(*) FROM kl").fetchone()[0]:
         raise KlstoreError("the store is empty: no kl rows to report on (run `klstore run` first)")
-    where = Filter(f"{spec.divergence} IS NOT NULL")  # divergence: a DIVERGENCES name
+    where = Filter()
     chosen: dict = {}
     if spec.runs == "latest":  # each model's newest run (by the runs table)
         latest = con.execute(f"""
@@ -109,6 +118,8 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
                 raise KlstoreError(f"{column.replace('prompt_', '')} {missing[0]!r} is not in the store; "
                                    f"{key}: {', '.join(have)}")
             where = where.and_in(column, column, wanted)
+    chosen["selection"] = where
+    where = where.and_(f"{spec.divergence} IS NOT NULL")  # divergence: a DIVERGENCES name
     if not con.execute(f"SELECT count(*) FROM kl WHERE {where.sql}", where.params).fetchone()[0]:
         chose = "; ".join(f"{key}: {', '.join(map(str, getattr(spec, key)))}" for key in ("models", "probes", "groups")
                           if getattr(spec, key)) or "all models, probes and groups"
@@ -129,14 +140,22 @@ def _slug(*parts) -> str:
 
 
 def _grid_from_rows(rows, layers, n_cols):
-    values = np.full((len(layers), n_cols), np.nan)
-    counts = np.zeros((len(layers), n_cols), dtype=int)
+    """(values, counts), each (len(layers), n_cols), from rows of (layer, gen_idx, value, count)."""
+    values, counts = _arrays_from_rows(rows, layers, n_cols, (np.nan, 0))
+    return values, counts.astype(int)
+
+
+def _arrays_from_rows(rows, layers, n_cols, fills):
+    """One (len(layers), n_cols) array per field after (layer, gen_idx) in `rows`; `fills`
+    gives each array's value where a cell has no row (NaN for numbers, None for objects)."""
     index = {layer: i for i, layer in enumerate(layers)}
-    for layer, gen_idx, value, count in rows:
+    arrays = [np.full((len(layers), n_cols), fill, dtype=float if isinstance(fill, (int, float)) else object)
+              for fill in fills]
+    for layer, gen_idx, *fields in rows:
         if layer in index and gen_idx < n_cols:
-            values[index[layer], gen_idx] = value
-            counts[index[layer], gen_idx] = count
-    return values, counts
+            for array, value in zip(arrays, fields):
+                array[index[layer], gen_idx] = np.nan if value is None and array.dtype == float else value
+    return arrays
 
 
 def _sql_aggregate(spec: ReportSpec) -> str:
@@ -154,46 +173,58 @@ def _n_layers(con, where: Filter) -> dict:
     return n_layers
 
 
-def collect(con, spec: ReportSpec, where: Filter) -> list[Grid]:
-    """Every grid the spec asks for, straight from the store's views (`where` from _filters)."""
-    agg, div = _sql_aggregate(spec), spec.divergence
-    n_layers = _n_layers(con, where)
+def collect(con, spec: ReportSpec, where: Filter, n_layers: dict | None = None) -> list[Grid]:
+    """Every aggregate and difference grid the spec asks for, straight from the store's views
+    (`where` from _filters; per-prompt grids come from klstore.report.prompts)."""
+    n_layers = n_layers or _n_layers(con, where)
     grids: list[Grid] = []
     overall: dict = {}
     by_group: dict = {}
     for grouping in spec.group_by:
-        dims = ", ".join(grouping)  # names from REPORT_DIMENSIONS (validated)
-        cells = con.execute(
-            f"SELECT {dims}, layer, gen_idx, {agg}({div}), count({div}) FROM kl WHERE {where.sql} "
-            f"GROUP BY ALL ORDER BY ALL", where.params).fetchall()
-        prompts = {tuple(r[:-1]): r[-1] for r in con.execute(
-            f"SELECT {dims}, count(DISTINCT prompt_id) FROM kl WHERE {where.sql} GROUP BY ALL",
-            where.params).fetchall()}
-        figures: dict = {}
-        for row in cells:
-            figures.setdefault(tuple(row[:len(grouping)]), []).append(row[len(grouping):])
-        section = "by " + ", ".join(DIM_TITLES[d] for d in grouping)
-        for key, rows in figures.items():
-            labels = dict(zip(grouping, key))
-            model = labels.get("model")
-            layers = _layers_for(spec, model, n_layers[model]) if model else tuple(sorted({r[0] for r in rows}))
-            n_cols = max(r[1] for r in rows) + 1
-            values, counts = _grid_from_rows(rows, layers, n_cols)
-            title = " | ".join(f"{labels[d]}" for d in grouping) + f" | {spec.aggregate} of {prompts[key]} prompts"
-            grid = Grid(_slug("agg", *grouping, *key), section, title, layers,
-                        tuple(f"Gen{i}" for i in range(n_cols)), values, counts, prompts[key], div,
-                        "aggregate", labels, inputs=_inputs_for(labels, n_layers))
+        for grid in _aggregates(con, spec, where, grouping, n_layers):
             grids.append(grid)
             if set(grouping) >= {"model", "probe"}:
                 target = by_group if "prompt_group" in grouping else overall
-                target[key] = grid
+                target[tuple(grid.labels[d] for d in grouping)] = grid
     if spec.compare_models:
         grids += _model_comparisons(con, spec, where, n_layers)
     if spec.compare_groups:
         grids += _group_comparisons(by_group)
-    if spec.per_prompt:
-        grids += _per_prompt(con, spec, where, n_layers)
     return grids
+
+
+def _aggregates(con, spec: ReportSpec, where: Filter, grouping, n_layers) -> list[Grid]:
+    """One grid per combination of the grouping's dimensions: the spec's aggregate per cell, and
+    for the hover the mean, median, largest value and the (model, run, prompt) that holds it."""
+    div = spec.divergence
+    dims = ", ".join(grouping)  # names from REPORT_DIMENSIONS (validated)
+    cells = con.execute(
+        f"SELECT {dims}, layer, gen_idx, avg({div}), median({div}), count({div}), max({div}), "
+        f"arg_max({{'model': model, 'run_id': run_id, 'prompt_id': prompt_id}}, {div}) "
+        f"FROM kl WHERE {where.sql} GROUP BY {dims}, layer, gen_idx ORDER BY {dims}, layer, gen_idx",
+        where.params).fetchall()
+    prompts = {tuple(r[:-1]): r[-1] for r in con.execute(
+        f"SELECT {dims}, count(DISTINCT prompt_id) FROM kl WHERE {where.sql} GROUP BY ALL",
+        where.params).fetchall()}
+    figures: dict = {}
+    for row in cells:
+        figures.setdefault(tuple(row[:len(grouping)]), []).append(row[len(grouping):])
+    section = "by " + ", ".join(DIM_TITLES[d] for d in grouping)
+    out = []
+    for key, rows in figures.items():
+        labels = dict(zip(grouping, key))
+        model = labels.get("model")
+        layers = _layers_for(spec, model, n_layers[model]) if model else tuple(sorted({r[0] for r in rows}))
+        n_cols = max(r[1] for r in rows) + 1
+        mean, median, counts, top, top_at = _arrays_from_rows(rows, layers, n_cols, (np.nan, np.nan, 0, np.nan, None))
+        title = " | ".join(f"{labels[d]}" for d in grouping) + f" | {spec.aggregate} of {prompts[key]} prompts"
+        out.append(Grid(_slug("agg", *grouping, *key), section, title, layers,
+                        tuple(f"Gen{i}" for i in range(n_cols)), mean if spec.aggregate == "mean" else median,
+                        counts.astype(int), prompts[key], div, "aggregate", labels,
+                        inputs=_inputs_for(labels, n_layers),
+                        hover={"aggregate": spec.aggregate, "mean": mean, "median": median, "max": top,
+                               "max_at": top_at}))
+    return out
 
 
 def _inputs_for(labels: dict, n_layers: dict) -> tuple:
@@ -240,7 +271,8 @@ def _model_comparisons(con, spec, where: Filter, n_layers) -> list[Grid]:
                 out.append(Grid(_slug("cmp-models", probe, a, b), "model comparisons", title, tuple(shown),
                                 tuple(f"Gen{c}" for c in range(n_cols)), values, counts,
                                 int(counts.max()) if counts.size else 0, spec.divergence, "difference",
-                                {"probe": probe, "a": a, "b": b}, inputs=((a, probe), (b, probe)), ylabel=ylabel))
+                                {"probe": probe, "a": a, "b": b}, inputs=((a, probe), (b, probe)), ylabel=ylabel,
+                                hover={"a": va[rows_a, :n_cols], "b": vb[rows_b, :n_cols]}))
     return out
 
 
@@ -271,42 +303,7 @@ def _group_comparisons(by_group: dict) -> list[Grid]:
                             tuple(f"Gen{c}" for c in range(n_cols)), x.values[:, :n_cols] - other, counts,
                             int(counts.max()) if counts.size else 0, x.divergence, "difference",
                             {"model": model, "probe": probe, "a": name, "b": other_name},
-                            inputs=((model, probe),)))
-    return out
-
-
-def _per_prompt(con, spec, where: Filter, n_layers) -> list[Grid]:
-    """The first `per_prompt` prompts (by id) per model and probe, from their latest run,
-    with the generated token texts on the x axis."""
-    from klstore.report.plotting import column_labels
-
-    out = []
-    params = {**where.params, "per_prompt": spec.per_prompt}
-    picks = con.execute(f"""
-        SELECT model, probe, prompt_id, arg_max(run_id, coalesce(r.created_at, {_EPOCH})) AS latest
-        FROM kl LEFT JOIN runs r USING (run_id) WHERE {where.sql} GROUP BY model, probe, prompt_id
-        QUALIFY row_number() OVER (PARTITION BY model, probe ORDER BY prompt_id) <= $per_prompt
-        ORDER BY ALL""", params).fetchall()
-    for model, probe, prompt_id, run_id in picks:
-        rows = con.execute(f"SELECT layer, gen_idx, {spec.divergence}, 1 FROM kl WHERE model = ? AND probe = ? "
-                           "AND prompt_id = ? AND run_id = ?", [model, probe, prompt_id, run_id]).fetchall()
-        tokens = con.execute("SELECT gen_idx, token_text FROM generations WHERE model = ? AND prompt_id = ? "
-                             "AND run_id = ? ORDER BY gen_idx", [model, prompt_id, run_id]).fetchall()
-        text = con.execute("SELECT prompt_text FROM prompts WHERE model = ? AND prompt_id = ? AND run_id = ?",
-                           [model, prompt_id, run_id]).fetchone()
-        if not rows:
-            continue
-        layers = _layers_for(spec, model, n_layers[model])
-        n_cols = max(r[1] for r in rows) + 1
-        values, counts = _grid_from_rows(rows, layers, n_cols)
-        texts = [t for _, t in tokens][:n_cols]
-        columns = column_labels(n_cols, texts) if len(texts) == n_cols else column_labels(n_cols)
-        out.append(Grid(_slug("prompt", model, probe, prompt_id), "per-prompt heatmaps",
-                        f"{model} | {probe} | {prompt_id}", layers, columns, values, counts, 1,
-                        spec.divergence, "prompt",
-                        {"model": model, "probe": probe, "prompt_id": prompt_id,
-                         "prompt_text": text[0] if text else "", "run_id": run_id},
-                        inputs=((model, probe),)))
+                            inputs=((model, probe),), hover={"a": x.values[:, :n_cols], "b": other}))
     return out
 
 

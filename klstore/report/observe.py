@@ -1,7 +1,18 @@
-"""Numbers -> sentences: what an analyst would say about a grid (peaks, standout cells,
-columns and layers, early ends of sequence, and for differences who is higher where).
+"""Numbers -> sentences: what an analyst would say about a grid, and nothing it cannot back.
 
-Reads only the grid's arrays and labels; units are nats.
+Reads only the grid's arrays, labels and settling summary; units are nats. The rules
+(also in the README, "Observations"):
+
+- a generated token **stands out** only when its column mean is at least `STANDOUT`
+  (1.25) times the runner-up's: a lead within 25% is not a standout;
+- the tokens are **alike** only when the largest column mean is at most `ALIKE`
+  (1.25) times the smallest; between the two rules the sentence gives the range and
+  its ratio, and claims nothing;
+- a grid is **flat** when its spread is under 5% of its mean;
+- the divergence **falls/rises with depth** when the first and last thirds of the
+  listed layers differ by at least 2x;
+- every figure names its **settling depth** (the `settling` view: the shallowest layer
+  from which the top-1 token of Q stays the generated token through the last layer).
 """
 
 from __future__ import annotations
@@ -10,60 +21,115 @@ import numpy as np
 
 from klstore.report.aggregate import Grid
 
+STANDOUT = 1.25  # leader / runner-up, at least
+ALIKE = 1.25  # largest / smallest column mean, at most
+FLAT = 0.05  # spread / mean, under
+TREND = 2.0  # first third / last third (or back), at least
+UNIT = "nats"
+
 
 def _cell(grid: Grid, r: int, c: int) -> str:
     return f"layer {grid.layers[r]}, Gen{c}" if grid.ylabel == "Layer" else f"depth {grid.layers[r]}, Gen{c}"
+
+
+def _ratio(big: float, small: float) -> float:
+    """big / small for non-negative means; infinite when only `small` is (about) zero."""
+    if small > 0:
+        return big / small
+    return float("inf") if big > 0 else 1.0
+
+
+def columns_sentence(col_means) -> str | None:
+    """The generated tokens compared by their column means, under the STANDOUT and ALIKE rules."""
+    means = np.asarray(col_means, dtype=np.float64)
+    shown = [(i, m) for i, m in enumerate(means) if np.isfinite(m)]
+    if len(shown) < 2:
+        return None
+    ranked = sorted(shown, key=lambda item: -item[1])
+    (best, top), (second, runner) = ranked[0], ranked[1]
+    (low, bottom) = ranked[-1]
+    lead = _ratio(top, runner)
+    if lead >= STANDOUT:
+        times = "" if not np.isfinite(lead) else f", {lead:.2f}x the runner-up Gen{second} ({runner:.3g})"
+        return f"Gen{best} stands out: its mean {top:.3g} {UNIT} is the highest{times}."
+    spread = _ratio(top, bottom)
+    if spread <= ALIKE:
+        return (f"The generated tokens are alike: column means range from {bottom:.3g} to {top:.3g} {UNIT} "
+                f"({spread:.2f}x).")
+    return (f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}), {spread:.2f}x; "
+            f"Gen{best} leads Gen{second} by {lead:.2f}x, under the {STANDOUT:.2f}x a standout needs.")
+
+
+def settling_sentences(grid: Grid) -> list[str]:
+    """The figure's settling depth, from `grid.settling` (filled in by aggregate)."""
+    info = grid.settling
+    if not info:
+        return []
+    if grid.kind == "prompt":
+        return [_prompt_settling(info)]
+    if grid.kind == "difference":
+        sides = [f"{grid.labels[side]}: {_summary_text(info[side])}" for side in ("a", "b") if info.get(side)]
+        return ["Top-1 settling depth: " + "; ".join(sides) + "."] if sides else []
+    return [f"Top-1 settling depth: {_summary_text(info)}."]
+
+
+def _summary_text(info: dict) -> str:
+    """'median layer 14 of 30 (depth fraction 0.50) over 120 tokens; 8 never settle'."""
+    n, settled = info["n_tokens"], info["n_settled"]
+    if not settled:
+        return f"none of {n} tokens settles (the last layer's top-1 is never the generated token)"
+    where = (f"median layer {info['median_layer']:g} of {info['n_layers']} "
+             f"(depth fraction {info['median_fraction']:.2f})" if info.get("n_layers")
+             else f"median depth fraction {info['median_fraction']:.2f}")
+    never = f"; {n - settled} never settle" if settled < n else ""
+    return f"{where} over {n} token{'s' if n != 1 else ''}{never}"
+
+
+def _prompt_settling(info: dict) -> str:
+    """'Top-1 settles at layer 12 for Gen0, never for Gen2 (of 30 layers).'"""
+    parts = [f"{'never' if layer is None else f'layer {layer}'} for Gen{i}"
+             for i, layer in enumerate(info["layers"])]
+    return f"Top-1 settling depth: {', '.join(parts)} (of {info['n_layers']} layers)."
 
 
 def observe(grid: Grid) -> list[str]:
     """What an analyst would say about the grid, from its numbers."""
     v = grid.values
     finite = v[np.isfinite(v)]
-    unit = "nats"
     if finite.size == 0:
-        return ["No finite values in this grid."]
+        return ["No finite values in this grid."] + settling_sentences(grid)
+    out = _difference(grid, v, finite) if grid.kind == "difference" else _levels(grid, v, finite)
+    note = grid.scale.note() if grid.scale is not None else None
+    if note:
+        out.append(note)
+    return out + settling_sentences(grid)
+
+
+def _difference(grid: Grid, v, finite) -> list[str]:
+    mean, lo, hi = float(finite.mean()), float(finite.min()), float(finite.max())
+    a, b = grid.labels["a"], grid.labels["b"]
+    higher = int((finite > 0).sum())
+    r, c = np.unravel_index(np.nanargmax(np.abs(np.where(np.isfinite(v), v, 0))), v.shape)
+    out = [f"{a} is higher than {b} in {higher} of {finite.size} cells; the mean difference is {mean:+.3g} {UNIT}.",
+           f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}."]
+    if hi - lo <= FLAT * max(abs(mean), 1e-12) or max(abs(lo), abs(hi)) < 1e-3:
+        out.append("The difference is flat: the two are practically the same here.")
+    return out
+
+
+def _levels(grid: Grid, v, finite) -> list[str]:
     mean, std, lo, hi = float(finite.mean()), float(finite.std()), float(finite.min()), float(finite.max())
-    out = []
-    if grid.kind == "difference":
-        a, b = grid.labels["a"], grid.labels["b"]
-        higher = int((finite > 0).sum())
-        r, c = np.unravel_index(np.nanargmax(np.abs(np.where(np.isfinite(v), v, 0))), v.shape)
-        out.append(f"{a} is higher than {b} in {higher} of {finite.size} cells; the mean difference is "
-                   f"{mean:+.3g} {unit}.")
-        out.append(f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {unit}.")
-        if hi - lo <= 0.05 * max(abs(mean), 1e-12) or max(abs(lo), abs(hi)) < 1e-3:
-            out.append("The difference is flat: the two are practically the same here.")
-        return out
     spread = hi - lo
-    if spread <= 0.05 * max(abs(mean), 1e-12) or spread < 1e-6:
-        out.append(f"The grid is flat: every cell is within {spread:.3g} {unit} of the others "
-                   f"(mean {mean:.3g} {unit}).")
-        return out
+    if spread <= FLAT * max(abs(mean), 1e-12) or spread < 1e-6:
+        return [f"The grid is flat: every cell is within {spread:.3g} {UNIT} of the others (mean {mean:.3g} {UNIT})."]
+    masked = np.where(np.isfinite(v), v, np.nan)
     r, c = np.unravel_index(np.nanargmax(np.where(np.isfinite(v), v, -np.inf)), v.shape)
-    out.append(f"{grid.divergence} peaks at {_cell(grid, r, c)} with {v[r, c]:.3g} {unit}, "
-               f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {unit}.")
-    col_means = np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)
+    out = [f"{grid.divergence} peaks at {_cell(grid, r, c)} with {v[r, c]:.3g} {UNIT}, "
+           f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {UNIT}."]
     if v.shape[1] > 1:
-        best = int(np.nanargmax(col_means))
-        others = float(np.nanmean(np.delete(col_means, best)))
-        if others > 0 and col_means[best] / others >= 1.3:
-            out.append(f"Gen{best} stands out: its mean {col_means[best]:.3g} {unit} is "
-                       f"{col_means[best] / others:.1f}x that of the other tokens ({others:.3g}).")
-        else:
-            out.append(f"The generated tokens are alike: column means range from {np.nanmin(col_means):.3g} "
-                       f"to {np.nanmax(col_means):.3g} {unit}.")
-    row_means = np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=1)
-    if v.shape[0] > 2:
-        top = np.argsort(-np.nan_to_num(row_means, nan=-np.inf))[:3]
-        names = ", ".join(f"{grid.layers[i]} ({row_means[i]:.3g})" for i in top)
-        noun = "Layers" if grid.ylabel == "Layer" else "Depths"
-        out.append(f"{noun} with the highest mean {grid.divergence}: {names}.")
-        third = max(1, len(row_means) // 3)
-        early, late = float(np.nanmean(row_means[:third])), float(np.nanmean(row_means[-third:]))
-        if early > 0 and late > 0 and max(early, late) / min(early, late) >= 2:
-            trend = "falls" if early > late else "rises"
-            out.append(f"{grid.divergence} {trend} with depth: {early:.3g} {unit} on average in the first third "
-                       f"of the listed layers, {late:.3g} in the last third.")
+        sentence = columns_sentence(np.nanmean(masked, axis=0))
+        out += [sentence] if sentence else []
+    out += _rows(grid, np.nanmean(masked, axis=1))
     outliers = np.argwhere(np.isfinite(v) & (v > mean + 2 * std)) if std > 0 else []
     if len(outliers):
         listed = "; ".join(f"{_cell(grid, r, c)} ({v[r, c]:.3g})" for r, c in outliers[:5])
@@ -75,4 +141,21 @@ def observe(grid: Grid) -> list[str]:
         short = sorted({int(c) for c in np.where(grid.counts.min(axis=0) < full)[0]})
         parts = ", ".join(f"Gen{c} by {int(grid.counts[:, c].min())}" for c in short[:5])
         out.append(f"Not every prompt reached every token (early end of sequence): of {full}, {parts}.")
+    return out
+
+
+def _rows(grid: Grid, row_means) -> list[str]:
+    """The layers with the highest means, and a trend with depth where the thirds differ by TREND."""
+    if len(row_means) <= 2:
+        return []
+    top = np.argsort(-np.nan_to_num(row_means, nan=-np.inf))[:3]
+    names = ", ".join(f"{grid.layers[i]} ({row_means[i]:.3g})" for i in top)
+    noun = "Layers" if grid.ylabel == "Layer" else "Depths"
+    out = [f"{noun} with the highest mean {grid.divergence}: {names}."]
+    third = max(1, len(row_means) // 3)
+    early, late = float(np.nanmean(row_means[:third])), float(np.nanmean(row_means[-third:]))
+    if early > 0 and late > 0 and max(early, late) / min(early, late) >= TREND:
+        trend = "falls" if early > late else "rises"
+        out.append(f"{grid.divergence} {trend} with depth: {early:.3g} {UNIT} on average in the first third "
+                   f"of the listed layers, {late:.3g} in the last third.")
     return out

@@ -1,21 +1,34 @@
-"""Heatmaps in the style of the seed figure. Receives plain arrays; knows nothing of models.
+"""Heatmaps in the style of the seed figure (PNG/SVG for papers). Receives plain arrays;
+knows nothing of models.
 
 y axis "Layer" (the listed layers top to bottom), x axis "Generated Token"
-(Gen0..GenN-1, or token texts), YlOrRd (light yellow = low, dark red = high),
-colour bar "<divergence> (nats)", values annotated in the cells when the grid is small.
-Text that may come from users (titles, token texts, labels) is drawn with mathtext
-off, so `$x$` shows as typed instead of being parsed as TeX.
+(Gen0..GenN-1, or token texts shown by klstore.output.visible_token), YlOrRd (light yellow
+= low, dark red = high), colour bar "<divergence> (nats)", values annotated in the cells
+when the grid is small. The colour range follows a klstore.report.scale.Scale when given:
+cells beyond it are hatched and the colour bar gets an arrow on that end. Text that may
+come from users (titles, token texts, labels) is drawn with mathtext off, so `$x$` shows as
+typed instead of being parsed as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
+faster to write, and editable in a paper.
+
+The layout is computed from the label lengths instead of matplotlib's tight_layout (which
+renders every text once more); `draw(..., figure=fig)` redraws into an existing Figure of the
+same size, so a drawing process keeps one canvas per size (klstore.report.drawing).
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 
+from klstore.output import visible_token
 from klstore.spec import DIVERGENCES
 
 DIVERGENCE_LABELS = {name: f"{label} (nats)" for name, label in DIVERGENCES.items()}
+DPI = 110
+_CHAR = 0.075  # inches per character of a 10 pt tick label (a generous average)
+_TITLE_CHAR = 0.095  # inches per character of the 12 pt title
 
 
 @dataclass(frozen=True)
@@ -23,7 +36,7 @@ class HeatmapData:
     """A layers x tokens grid to draw. values: (len(layers), len(columns)); NaN = no value."""
 
     values: np.ndarray
-    layers: tuple[int, ...]
+    layers: tuple
     columns: tuple[str, ...]
     title: str
     divergence: str = "kl"
@@ -31,30 +44,30 @@ class HeatmapData:
     cmap: str = "YlOrRd"  # differences use a diverging map centred on 0 ("RdBu_r")
     colorbar_label: str | None = None  # default: from the divergence
     ylabel: str = "Layer"
+    scale: object = None  # a klstore.report.scale.Scale; None: min..max (symmetric for diverging maps)
 
 
 def column_labels(n: int, texts=None) -> tuple[str, ...]:
-    """Gen0..Gen{n-1}, with the token text beneath when given."""
+    """Gen0..Gen{n-1}, with the token text beneath when given (whitespace made visible)."""
     if texts is None:
         return tuple(f"Gen{i}" for i in range(n))
     return tuple(f"Gen{i}\n{_shown(t)}" for i, t in enumerate(texts))
 
 
-def _shown(text: str) -> str:
-    text = text.replace("\n", "\\n").replace("\t", "\\t")
-    return repr(text)[1:-1] if text.strip() == "" else text[:12]
+def _shown(text) -> str:
+    shown = visible_token(text)
+    return shown if len(shown) <= 12 else shown[:11] + "\u2026"
 
 
-def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None,
-         annotate: bool | None = None):
-    """A matplotlib Figure of the grid (Agg backend; the caller saves or inspects it)."""
-    from matplotlib.figure import Figure
+def figure_size(n_rows: int, n_cols: int) -> tuple[float, float]:
+    return max(4.5, 1.1 * n_cols + 2.5), max(3.0, 0.42 * n_rows + 1.6)
 
-    values = np.asarray(data.values, dtype=np.float64)
-    n_rows, n_cols = values.shape
-    fig = Figure(figsize=(max(4.5, 1.1 * n_cols + 2.5), max(3.0, 0.42 * n_rows + 1.6)))
-    ax = fig.add_subplot(1, 1, 1)
-    masked = np.ma.masked_invalid(values)
+
+def _range(data: HeatmapData, values, vmin, vmax):
+    """(lo, hi, log, above mask, below mask) of the colour range."""
+    scale = data.scale
+    if scale is not None and vmin is None and vmax is None:
+        return scale.lo, scale.hi, scale.log, scale.above, scale.below
     finite = values[np.isfinite(values)]
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
@@ -63,38 +76,97 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
         lo = -hi
     if hi <= lo:
         hi = lo + 1e-9
-    image = ax.imshow(masked, cmap=data.cmap, aspect="auto", vmin=lo, vmax=hi, interpolation="nearest")
+    none = np.zeros(values.shape, dtype=bool)
+    return lo, hi, False, none, none
+
+
+def _layout(fig, data: HeatmapData, n_rows: int, title_lines: int):
+    """(axes, colour bar axes) placed from the label lengths, in inches."""
+    width, height = fig.get_size_inches()
+    y_chars = max([len(str(layer)) for layer in data.layers] + [1])
+    x_lines = max([str(c).count("\n") + 1 for c in data.columns] + [1])
+    left = 0.55 + _CHAR * y_chars
+    right = 1.25
+    top = 0.2 + 0.24 * title_lines
+    bottom = 0.45 + 0.19 * x_lines
+    ax = fig.add_axes((left / width, bottom / height, (width - left - right) / width, (height - top - bottom) / height))
+    cax = fig.add_axes(((width - right + 0.15) / width, bottom / height, 0.18 / width, (height - top - bottom) / height))
+    return ax, cax
+
+
+def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None,
+         annotate: bool | None = None, figure=None):
+    """A matplotlib Figure of the grid (Agg backend; the caller saves or inspects it).
+    `figure`: a Figure to clear and draw into when it has this grid's size (else a new one)."""
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+
+    values = np.asarray(data.values, dtype=np.float64)
+    n_rows, n_cols = values.shape
+    size = figure_size(n_rows, n_cols)
+    if figure is not None and tuple(figure.get_size_inches()) == size:
+        figure.clear()
+        fig = figure
+    else:
+        fig = Figure(figsize=size, dpi=DPI)
+    lo, hi, log, above, below = _range(data, values, vmin, vmax)
+    title = textwrap.wrap(data.title, max(20, int((size[0] - 0.3) / _TITLE_CHAR)), break_on_hyphens=False) or [""]
+    ax, cax = _layout(fig, data, n_rows, len(title))
+    shown = np.ma.masked_invalid(np.clip(values, lo, None) if log else values)
+    norm = LogNorm(lo, hi, clip=False) if log else Normalize(lo, hi)
+    image = ax.imshow(shown, cmap=data.cmap, aspect="auto", norm=norm, interpolation="nearest")
     literal = {"usetex": False, "parse_math": False}  # user text: never TeX or mathtext
     ax.set_xticks(range(n_cols), labels=list(data.columns), **literal)
     ax.set_yticks(range(n_rows), labels=[str(layer) for layer in data.layers], **literal)
     ax.set_xlabel("Generated Token")
     ax.set_ylabel(data.ylabel, **literal)
-    ax.set_title(data.title, **literal)
-    fig.colorbar(image, ax=ax, label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence))
+    ax.set_title("\n".join(title), **literal)
+    extend = {(False, False): "neither", (True, False): "max", (False, True): "min", (True, True): "both"}
+    fig.colorbar(image, cax=cax, extend=extend[(bool(above.any()), bool(below.any() and not log))],
+                 label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence))
+    _mark(ax, above | (below if not log else np.zeros_like(below)))
     if annotate is None:
         annotate = n_rows * n_cols <= 400
     if annotate:
-        full = None if data.counts is None else int(np.max(data.counts))
-        for r in range(n_rows):
-            for c in range(n_cols):
-                value = values[r, c]
-                if not np.isfinite(value):
-                    text, colour = "n/a", "black"
-                else:
-                    text = f"{value:.2f}"
-                    strength = (value - lo) / (hi - lo)
-                    dark = strength > 0.6 if data.cmap == "YlOrRd" else abs(strength - 0.5) > 0.3
-                    colour = "white" if dark else "black"
-                if full is not None and data.counts[r, c] < full:
-                    text += f"\nn={int(data.counts[r, c])}"
-                ax.text(c, r, text, ha="center", va="center", fontsize=8, color=colour, **literal)
-    fig.tight_layout()
+        _annotate(ax, data, values, norm, lo if log else None, literal)
     return fig
 
 
-def save(data: HeatmapData, path, *more_paths, **kwargs):
+def _mark(ax, clipped) -> None:
+    """Hatch the cells beyond the colour range."""
+    from matplotlib.patches import Rectangle
+
+    for r, c in np.argwhere(clipped):
+        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="white",
+                               linewidth=0))
+
+
+def _annotate(ax, data: HeatmapData, values, norm, floor, literal) -> None:
+    """The value in each cell (n/a where none), and `n=<count>` where fewer prompts reached it;
+    white on dark colours. `floor`: a log scale's bottom (smaller values take its colour)."""
+    full = None if data.counts is None else int(np.max(data.counts))
+    n_rows, n_cols = values.shape
+    for r in range(n_rows):
+        for c in range(n_cols):
+            value = values[r, c]
+            if not np.isfinite(value):
+                text, colour = "n/a", "black"
+            else:
+                text = f"{value:.2f}"
+                strength = float(np.clip(norm(value if floor is None else max(value, floor)), 0, 1))
+                dark = strength > 0.6 if data.cmap == "YlOrRd" else abs(strength - 0.5) > 0.3
+                colour = "white" if dark else "black"
+            if full is not None and data.counts[r, c] < full:
+                text += f"\nn={int(data.counts[r, c])}"
+            ax.text(c, r, text, ha="center", va="center", fontsize=8, color=colour, **literal)
+
+
+def save(data: HeatmapData, path, *more_paths, figure=None, **kwargs):
     """Draw and write the figure to each path (format from the suffix: .png, .svg, .pdf)."""
-    fig = draw(data, **kwargs)
-    for target in (path, *more_paths):
-        fig.savefig(target, dpi=110)
+    import matplotlib
+
+    fig = draw(data, figure=figure, **kwargs)
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "klstore"}):
+        for target in (path, *more_paths):
+            fig.savefig(target, dpi=DPI)
     return fig

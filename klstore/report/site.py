@@ -1,14 +1,25 @@
-"""Grids -> a static site: figures, index.html, report.md and manifest.json, published atomically.
+"""Grids -> a static, self-contained site: interactive figures, PNG/SVG, pages per prompt,
+index.html, report.md and manifest.json, published atomically.
 
-`build` filters and aggregates (klstore.report.aggregate), writes observations
-(klstore.report.observe) and figures (PNG + SVG, klstore.report.plotting) into a
-fresh build folder. A figure whose inputs (spec, partition files, shared scale)
-are unchanged is copied from the previous build instead of redrawn; when no input
-changed at all, nothing is built. index.html and report.md are rendered from the
-jinja2 templates in templates/: HTML with autoescaping, Markdown through the `md`
-filter (user strings can become neither live HTML nor links). The output path is
-a symlink swapped atomically to the new build, so a reader never sees a half-built
-report. This module never imports torch.
+`build` filters and aggregates (klstore.report.aggregate), reads settling depths
+(klstore.report.settling) and per-prompt maps with their lens tokens (klstore.report.prompts),
+chooses each figure's colour scale (klstore.report.scale), writes observations
+(klstore.report.observe), draws PNG + SVG in parallel processes (klstore.report.drawing) and
+the interactive figures' JSON (klstore.report.interactive) into a fresh build folder:
+
+    index.html                    summary, every figure in a grid, each enlarged on click
+    probes/<model, probe>.html    every prompt with its settling depths, linking its map
+    prompts/<prompt>.html         one prompt's interactive map and its logit-lens token table
+    figures/<figure>.png|svg      matplotlib figures for papers (report.md embeds the PNGs)
+    assets/                       plotly.min.js (offline bundle, once), report.js, report.css
+    report.md, manifest.json
+
+A figure whose inputs (spec, partition files, shared scale) are unchanged is copied from the
+previous build instead of redrawn; when no input changed at all, nothing is built. Pages are
+rendered from the jinja2 templates in templates/: HTML with autoescaping, Markdown through
+the `md` filter (user strings can become neither live HTML nor links), figure JSON through
+interactive.script_json. The output path is a symlink swapped atomically to the new build,
+so a reader never sees a half-built report. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -22,14 +33,21 @@ import re
 import shutil
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.report.aggregate import Grid, _filters, _summary, collect
+from klstore.output import visible_token
+from klstore.report import aggregate, drawing, interactive, prompts, settling
+from klstore.report.aggregate import Grid, _filters, _summary
 from klstore.report.observe import observe
+from klstore.report.scale import bounds, choose
 from klstore.spec import ReportSpec
+
+SITE_VERSION = 2  # part of every cache key: a new site layout redraws everything once
+ASSETS = ("report.js", "report.css")  # from templates/, copied into assets/ with plotly.min.js
 
 
 # -------------------------------------------------------------------- build
@@ -40,22 +58,23 @@ def default_out(store, spec: ReportSpec) -> Path:
 
 
 def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
-          log=print) -> dict:
+          log=print, workers: int | None = None) -> dict:
     """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}.
+    `workers`: drawing processes (None: one per available CPU; 1: draw in this process).
     A store that cannot be read (a corrupt file) is one KlstoreError naming the problem."""
     import duckdb
 
     from klstore.errors import first_line
 
     try:
-        return _build_or_reuse(store, spec, out, force, log)
+        return _build_or_reuse(store, spec, out, force, log, workers)
     except duckdb.Error as exc:
         message = first_line(exc)
         hint = "" if "verify" in message else "; run `klstore verify` to check the store's files"
         raise KlstoreError(f"cannot read the store for the report: {message}{hint}") from None
 
 
-def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log) -> dict:
+def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> dict:
     from klstore.store import views as query
 
     start = time.perf_counter()
@@ -76,69 +95,168 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log) -> dict:
     except OSError as exc:
         raise KlstoreError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     try:
-        return _build(store, spec, out, builds, con, where, chosen, force, log, start)
+        return _build(store, spec, out, builds, con, where, chosen, force, log, start, workers)
     except BaseException:
         if created:  # a failed first build leaves no empty .builds folder behind
             shutil.rmtree(builds, ignore_errors=True)
         raise
 
 
-def _build(store, spec, out, builds, con, where, chosen, force, log, start) -> dict:
+class Report:
+    """What one build shows: the index's grids, every prompt page's grid, the listings."""
+
+    def __init__(self, grids, pages, listings, summary, shared):
+        self.grids, self.pages, self.listings, self.summary = grids, pages, listings, summary
+        self.shared = shared  # section -> (lo, hi) when the spec shares one scale per section
+        self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
+
+
+def gather(con, spec: ReportSpec, where, chosen) -> Report:
+    """Every grid, page and listing of the report, with settling, scales and observations."""
+    settling.load(con, chosen["selection"])
+    n_layers = aggregate._n_layers(con, where)
+    grids = aggregate.collect(con, spec, where, n_layers)
+    listings = prompts.listings(con)
+    pages = []
+    for listing in listings:
+        mine = prompts.grids(con, spec, where, n_layers, listing)
+        by_id = {g.fig_id: g for g in mine}
+        pages += mine
+        examples = [prompts.prompt_fig_id(listing.model, listing.probe, r.prompt_id)
+                    for r in listing.examples(spec.per_prompt)]
+        grids += [by_id[f] for f in examples if f in by_id]
+    settling.attach(con, grids)
+    shared = _set_scales(spec, grids, pages)
+    for grid in grids + [p for p in pages if p not in grids]:
+        grid.observations = observe(grid)
+    return Report(grids, pages, listings, _summary(con, spec, where), shared)
+
+
+def _set_scales(spec: ReportSpec, grids, pages) -> dict:
+    """Each grid's colour Scale: its own, or its section's (shared_scale). Returns the shared
+    (lo, hi) per section (part of the figures' cache keys)."""
+    shared = _shared_scales(spec, grids) if spec.shared_scale else {}
+    for grid in grids + [p for p in pages if p not in grids]:
+        grid.scale = choose(grid.values, spec.color_scale, grid.kind == "difference", shared.get(grid.section))
+    return shared
+
+
+def _build(store, spec, out, builds, con, where, chosen, force, log, start, workers) -> dict:
     from klstore import __version__
-    from klstore.report import plotting
 
     previous = out.resolve() if out.is_symlink() else None
     old_manifest = {}
     if previous and (previous / "manifest.json").exists():
         old_manifest = json.loads((previous / "manifest.json").read_text())
     stats = _input_stats(store, chosen.get("runs"))
-    all_inputs = hashlib.sha256(json.dumps([spec.describe(), sorted((f"{k}", v) for k, v in stats.items())],
+    all_inputs = hashlib.sha256(json.dumps([SITE_VERSION, spec.describe(),
+                                            sorted((f"{k}", v) for k, v in stats.items())],
                                            default=str).encode()).hexdigest()
     if not force and old_manifest.get("inputs_sha256") == all_inputs:
         log(f"report {spec.name}: inputs unchanged, nothing to redraw")
         return {"index": out / "index.html", "drawn": 0, "reused": len(old_manifest.get("figures", {})),
                 "seconds": time.perf_counter() - start, "changed": False}
-    grids = collect(con, spec, where)
-    build_dir = builds / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    (build_dir / "figures").mkdir(parents=True)
-    scales = _shared_scales(grids) if spec.shared_scale else {}
-    drawn = reused = 0
-    figures = {}
-    for grid in grids:
-        grid.observations = observe(grid)
-        key = _figure_key(spec, grid, stats, json.dumps(scales.get(grid.section)))
-        png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
-        old = old_manifest.get("figures", {}).get(grid.fig_id)
-        if not force and old and old.get("key") == key and previous and (previous / png).exists() \
-                and (previous / svg).exists():
-            shutil.copy2(previous / png, build_dir / png)
-            shutil.copy2(previous / svg, build_dir / svg)
-            reused += 1
-        else:
-            lo, hi = scales.get(grid.section, (None, None))
-            plotting.save(heatmap_data(grid), build_dir / png, build_dir / svg, vmin=lo, vmax=hi)
-            drawn += 1
-        figures[grid.fig_id] = {"key": key, "png": png, "svg": svg, "title": grid.title,
-                                "section": grid.section, "observations": grid.observations,
-                                "inputs": [list(i) for i in grid.inputs]}
-    summary = _summary(con, spec, where)
+    with drawing.Drawer(workers) as drawer:  # its processes start while the queries run
+        report = gather(con, spec, where, chosen)
+        build_dir = builds / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        for folder in ("figures", "assets", "probes", "prompts"):
+            (build_dir / folder).mkdir(parents=True)
+        shared = report.shared
+        jobs, figures, reused = [], {}, 0
+        for grid in report.grids:
+            key = _figure_key(spec, grid, stats, json.dumps(shared.get(grid.section)))
+            png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
+            old = old_manifest.get("figures", {}).get(grid.fig_id)
+            if not force and old and old.get("key") == key and previous and (previous / png).exists() \
+                    and (previous / svg).exists():
+                shutil.copy2(previous / png, build_dir / png)
+                shutil.copy2(previous / svg, build_dir / svg)
+                reused += 1
+            else:
+                jobs.append(drawing.Job(heatmap_data(grid), (str(build_dir / png), str(build_dir / svg))))
+            figures[grid.fig_id] = {"key": key, "png": png, "svg": svg, "title": grid.title,
+                                    "section": grid.section, "observations": grid.observations,
+                                    "inputs": [list(i) for i in grid.inputs]}
+        drawn = drawer.draw(jobs)
+        if drawer.broken:
+            log("report: the drawing processes died (a script calling the report must keep its code under "
+                "`if __name__ == \"__main__\":`); drew the figures in this process instead")
+    _write_site(build_dir, spec, store, report)
     manifest = {
         "report": spec.name, "spec": spec.describe(), "spec_source": spec.source, "store": store.uri,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "klstore_version": __version__,
         "inputs_sha256": all_inputs,
         "input_files": {f"{m}/{p}": files for (m, p), files in sorted(stats.items(), key=str)},
         "figures": figures,
+        "pages": {"probes": [listing.page for listing in report.listings], "prompts": len(report.pages)},
     }
     (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    (build_dir / "index.html").write_text(render_html(spec, grids, summary, store.uri), encoding="utf-8")
-    (build_dir / "report.md").write_text(render_markdown(spec, grids, summary), encoding="utf-8")
     _publish(build_dir, out)
     for old_build in builds.iterdir():
         if old_build.is_dir() and old_build != build_dir:
             shutil.rmtree(old_build, ignore_errors=True)
     seconds = time.perf_counter() - start
-    log(f"report {spec.name}: {len(grids)} figures ({drawn} drawn, {reused} unchanged) in {seconds:.1f} s")
+    log(f"report {spec.name}: {len(report.grids)} figures ({drawn} drawn, {reused} unchanged), "
+        f"{len(report.pages)} prompt pages in {seconds:.1f} s")
     return {"index": out / "index.html", "drawn": drawn, "reused": reused, "seconds": seconds, "changed": True}
+
+
+def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> None:
+    """index.html, the listing and prompt pages, report.md and the assets."""
+    env = _environment(autoescape=True)
+    _copy_assets(build_dir / "assets")
+    (build_dir / "index.html").write_text(render_html(spec, report, store.uri, env), encoding="utf-8")
+    listing_template, prompt_template = env.get_template("probe.html.j2"), env.get_template("prompt.html.j2")
+    by_probe: dict = {}
+    for page in report.pages:
+        by_probe.setdefault((page.labels["model"], page.labels["probe"]), []).append(page)
+    for listing in report.listings:
+        (build_dir / listing.page).write_text(listing_template.render(
+            spec=spec, listing=listing, root="../", shown=visible_token, figures=_figures_json({})),
+            encoding="utf-8")
+        for grid in by_probe.get((listing.model, listing.probe), []):
+            (build_dir / grid.page).write_text(prompt_template.render(
+                spec=spec, grid=grid, listing=listing, root="../", shown=visible_token, lens=_lens_table(grid),
+                figures=_figures_json({grid.fig_id: interactive.figure(grid, report.prompt_pages)})),
+                encoding="utf-8")
+    (build_dir / "report.md").write_text(render_markdown(spec, report.grids, report.summary), encoding="utf-8")
+
+
+def _copy_assets(folder: Path) -> None:
+    """plotly.js's offline bundle (from the plotly package) and the report's own JS and CSS."""
+    from importlib.resources import files
+
+    bundle = files("plotly") / "package_data" / "plotly.min.js"
+    with bundle.open("rb") as source, open(folder / "plotly.min.js", "wb") as target:
+        shutil.copyfileobj(source, target)
+    templates = files("klstore.report") / "templates"
+    for name in ASSETS:
+        (folder / name).write_bytes((templates / name).read_bytes())
+
+
+def _figures_json(figures: dict):
+    """Figure JSON for a `<script type="application/json">` element (escaped by script_json)."""
+    from markupsafe import Markup
+
+    return Markup(interactive.script_json(figures))
+
+
+def _lens_table(grid: Grid) -> list:
+    """Rows of the logit-lens token table: (layer, [(top-1 text, its probability, top-1 is the
+    generated token, the top-k as one line)] per generated token)."""
+    topk, match = grid.hover.get("topk"), grid.hover.get("top1_match")
+    if topk is None or not any(cell for cell in topk.flat):
+        return []
+    rows = []
+    for r, layer in enumerate(grid.layers):
+        cells = []
+        for c in range(topk.shape[1]):
+            tokens = topk[r, c] or []
+            first = tokens[0] if tokens else (None, float("nan"))
+            listed = "  ".join(f"{i}. {visible_token(t)} {p:.3f}" for i, (t, p) in enumerate(tokens, 1))
+            cells.append((visible_token(first[0]) if tokens else "", first[1], bool(match[r, c]), listed))
+        rows.append((layer, cells))
+    return rows
 
 
 def _input_stats(store, chosen_runs) -> dict:
@@ -180,17 +298,15 @@ def _publish(build_dir: Path, out: Path) -> None:
     os.replace(link, out)
 
 
-def _shared_scales(grids) -> dict:
-    """section -> (vmin, vmax) over all its grids; symmetric about 0 where it holds differences."""
+def _shared_scales(spec: ReportSpec, grids) -> dict:
+    """section -> (lo, hi) over all its grids under the spec's colour scale (symmetric about 0
+    where the section holds differences)."""
     scales = {}
     for section in {g.section for g in grids}:
-        values = np.concatenate([g.values[np.isfinite(g.values)] for g in grids if g.section == section] or [[]])
+        members = [g for g in grids if g.section == section]
+        values = np.concatenate([g.values[np.isfinite(g.values)] for g in members] or [[]])
         if values.size:
-            if any(g.kind == "difference" for g in grids if g.section == section):
-                bound = float(np.abs(values).max())
-                scales[section] = (-bound, bound)
-            else:
-                scales[section] = (float(values.min()), float(values.max()))
+            scales[section] = bounds(values, spec.color_scale, any(g.kind == "difference" for g in members))
     return scales
 
 
@@ -201,9 +317,11 @@ def heatmap_data(grid: Grid):
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
     if grid.kind == "difference":
         return HeatmapData(grid.values, grid.layers, grid.columns, grid.title, grid.divergence,
-                           counts=None, cmap="RdBu_r", colorbar_label=f"Difference in {label}", ylabel=grid.ylabel)
+                           counts=None, cmap="RdBu_r", colorbar_label=f"Difference in {label}", ylabel=grid.ylabel,
+                           scale=grid.scale)
     return HeatmapData(grid.values, grid.layers, grid.columns, grid.title, grid.divergence,
-                       counts=grid.counts if grid.kind == "aggregate" else None, ylabel=grid.ylabel)
+                       counts=grid.counts if grid.kind == "aggregate" else None, ylabel=grid.ylabel,
+                       scale=grid.scale)
 
 
 # ------------------------------------------------------------------- render
@@ -263,17 +381,30 @@ def _heading(grid: Grid) -> str:
     return str(grid.labels.get("model") or grid.labels.get("probe"))
 
 
-def render_html(spec: ReportSpec, grids, summary, store_uri: str) -> str:
-    """index.html: self-contained (inline CSS, local images); every user string escaped."""
+def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> str:
+    """index.html: every figure in a grid (interactive, its PNG until drawn), the summary, the
+    listing pages; every user string escaped."""
+    grids = report.grids
     names = list(dict.fromkeys(g.section for g in grids))  # in order of first appearance
     sections = []
     for i, name in enumerate(names):
         ordered = sorted((g for g in grids if g.section == name), key=_heading)
         sections.append({"id": f"s{i}", "title": name.capitalize(),
                          "headings": [(head, list(items)) for head, items in itertools.groupby(ordered, _heading)]})
-    return _environment(autoescape=True).get_template("index.html.j2").render(
+    largest = {g.fig_id: _largest(g, report.prompt_pages) for g in grids if g.kind == "aggregate"}
+    figures = {g.fig_id: interactive.figure(g, report.prompt_pages) for g in grids}
+    return (env or _environment(autoescape=True)).get_template("index.html.j2").render(
         spec=spec, store_uri=store_uri, built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        summary_names=summary[0], summary_rows=summary[1], sections=sections)
+        summary_names=report.summary[0], summary_rows=report.summary[1], sections=sections,
+        listings=report.listings, largest=largest, figures=_figures_json(figures), root="")
+
+
+def _largest(grid: Grid, pages: dict, top: int = 3) -> list:
+    """The prompts that hold the largest value in the most cells: [(prompt id, cells, page or None)]."""
+    held = Counter((at["model"], at["run_id"], at["prompt_id"]) for at in grid.hover.get("max_at", np.empty(0)).flat
+                   if at)
+    return [(key[2] if "model" in grid.labels else f"{key[2]} ({key[0]})", n, pages.get(key))
+            for key, n in held.most_common(top)]
 
 
 def render_markdown(spec: ReportSpec, grids, summary) -> str:

@@ -1,12 +1,9 @@
-"""Reports: aggregates vs independent SQL, figure contents, HTML in Chromium, escaping, incrementality."""
+"""Reports: aggregates vs independent SQL, figure contents, pages, escaping, incrementality.
+(In a browser: tests/integration/test_report_browser.py; observation rules: tests/unit/test_observe.py.)"""
 
-import http.server
 import io
 import json
 import shutil
-import subprocess
-import threading
-from functools import partial
 
 import duckdb
 import numpy as np
@@ -15,7 +12,6 @@ import torch
 import transformers
 
 from klstore.report import aggregate, plotting, site
-from klstore.report.observe import observe
 from klstore.spec import parse_report_spec
 from klstore.cli import main
 from klstore.spec import GenerationSpec, Prompt
@@ -60,6 +56,15 @@ def store_uri(tmp_path_factory):
 
 def _spec(**changes):
     return parse_report_spec({"name": "t", **changes})
+
+
+def _gather(store_uri, spec):
+    """Every grid of the report (aggregates, differences, per-prompt examples) and its pages."""
+    from klstore.store import views
+
+    con = views.connect(store_uri)
+    where, chosen = aggregate._filters(con, spec)
+    return site.gather(con, spec, where, chosen), con
 
 
 def _plain_duckdb(store_uri):
@@ -118,9 +123,9 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
 def test_figure_contents_from_matplotlib_objects(store_uri):
     from klstore.store import views
 
-    spec = _spec(layers="0,-1", per_prompt=1)
-    con = views.connect(store_uri)
-    grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
+    spec = _spec(layers="0,-1", per_prompt=1, color_scale="linear")
+    report, con = _gather(store_uri, spec)
+    grids = report.grids
     grid = next(g for g in grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
     fig = plotting.draw(site.heatmap_data(grid))
     ax, bar = fig.axes
@@ -154,77 +159,25 @@ def test_cells_reached_by_fewer_prompts_are_marked():
     assert texts == ["1.00", "2.00\nn=3"]
 
 
-def test_observations_come_from_the_numbers():
-    def grid(values, counts=None):
-        values = np.asarray(values, dtype=float)
-        return aggregate.Grid("g", "s", "t", tuple(range(values.shape[0])),
-                              tuple(f"Gen{i}" for i in range(values.shape[1])), values,
-                              np.ones_like(values, dtype=int) * 4 if counts is None else counts, 4, "kl",
-                              "aggregate", {})
-    flat = observe(grid(np.full((4, 3), 2.0)))
-    assert flat == ["The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."]
-    values = np.ones((6, 5))
-    values[0, 2] = 30.0
-    notes = observe(grid(values))
-    assert notes[0] == "kl peaks at layer 0, Gen2 with 30 nats, 15.3x the grid mean of 1.97 nats."
-    assert any(n.startswith("Gen2 stands out") for n in notes)
-    assert any("1 cell is more than two standard deviations above the mean: layer 0, Gen2 (30)" in n for n in notes)
-    counts = np.full((6, 5), 4)
-    counts[:, 4] = 3
-    assert any("of 4, Gen4 by 3" in n for n in observe(grid(values, counts)))
-
-
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def test_site_loads_in_headless_chromium_with_every_image(store_uri, tmp_path):
+def test_site_files_links_and_assets(store_uri, tmp_path):
+    """The site's files: figures, pages per (model, probe) and per prompt, plotly.js once, and no
+    address outside the site in any page (the browser checks are in test_report_browser.py)."""
     out = tmp_path / "site" / "rep"
-    result = site.build(open_store(store_uri), _spec(per_prompt=1), out=out, log=lambda m: None)
+    result = site.build(open_store(store_uri), _spec(per_prompt=2), out=out, log=lambda m: None)
     page = (out / "index.html").read_text()
-    assert EVIL not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page
-    assert "http://" not in page and "https://" not in page  # self-contained
+    assert EVIL not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page  # a-evil
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["figures"]) == result["drawn"] and all(
         (out / f["png"]).stat().st_size > 1000 and (out / f["svg"]).exists() for f in manifest["figures"].values())
     assert (out / "report.md").read_text().startswith("# KL report: t")
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
-    harness = tmp_path / "site" / "harness.html"
-    harness.write_text("""<!DOCTYPE html><html><body><iframe id="f" src="rep/index.html" width="1200" height="900"></iframe>
-<script>
-const f = document.getElementById('f');
-f.onload = () => {
-  const imgs = Array.from(f.contentDocument.images);
-  const settle = () => Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; })));
-  settle().then(() => {
-    const ok = imgs.filter(i => i.naturalWidth > 0).length;
-    document.body.setAttribute('data-result', JSON.stringify({n: imgs.length, ok: ok}));
-  });
-};
-</script></body></html>""")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        run = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}", "--enable-logging=stderr", "--v=0",
-             "--virtual-time-budget=15000", "--dump-dom",
-             f"http://127.0.0.1:{server.server_address[1]}/harness.html"],
-            capture_output=True, text=True, timeout=120)
-    finally:
-        server.shutdown()
-    marker = 'data-result="'
-    assert marker in run.stdout, run.stderr[-2000:]
-    found = json.loads(run.stdout.split(marker)[1].split('"')[0].replace("&quot;", '"'))
-    assert found["n"] == len(manifest["figures"]) and found["ok"] == found["n"]
-    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Failed to load resource" in line]
-    assert console == []
+    assert sorted(p.name for p in (out / "assets").iterdir()) == ["plotly.min.js", "report.css", "report.js"]
+    assert (out / "assets" / "plotly.min.js").stat().st_size > 1_000_000
+    assert len(manifest["pages"]["probes"]) == 3 * 2 and manifest["pages"]["prompts"] == 3 * 2 * 6
+    for html_file in [out / "index.html", *(out / "probes").iterdir(), *(out / "prompts").iterdir()]:
+        text = html_file.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, html_file
+    listing = (out / manifest["pages"]["probes"][0]).read_text()
+    assert listing.count('href="../prompts/') == 6 and "settling layer per token" in listing
 
 
 def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(store_uri, tmp_path):
@@ -324,17 +277,20 @@ def test_hostile_ids_and_groups_are_escaped_in_html_and_markdown(hostile_store, 
     assert r"&lt;script&gt;alert\(1\)&lt;/script&gt;" in markdown
     assert r"\[x\]\(javascript:alert\(1\)\)" in markdown
     page = (out / "index.html").read_text()
-    assert "<script" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert 'href="javascript:' not in page and "[x](javascript:alert(1))" in page  # plain text in HTML
+    pages = [out / "index.html", *(out / "probes").iterdir(), *(out / "prompts").iterdir()]
+    assert len(pages) == 1 + 1 + len(HOSTILE)
+    for path in pages:
+        text = path.read_text()
+        assert text.count("<script") == 3 and "<img src=x" not in text, path  # figure JSON, plotly.js, report.js
+        figures = text.split('id="klstore-figures">')[1].split("</script>")[0]
+        assert "<" not in figures and ">" not in figures and "&" not in figures  # \u003c etc.
+        assert all(json.loads(figures).keys())
 
 
 def test_mathtext_in_ids_is_drawn_literally(hostile_store):
-    from klstore.store import views
-
-    spec = _spec(per_prompt=len(HOSTILE))
-    con = views.connect(hostile_store)
-    grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
+    grids = _gather(hostile_store, _spec(per_prompt=len(HOSTILE)))[0].grids
     grid = next(g for g in grids if g.kind == "prompt" and g.labels["prompt_id"] == r"$\foo{$")
     fig = plotting.draw(site.heatmap_data(grid))
     fig.savefig(io.BytesIO(), format="png")  # mathtext would raise: unknown symbol \foo

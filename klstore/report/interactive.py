@@ -1,0 +1,206 @@
+"""Grids -> interactive figures: plotly.js figure objects (plain dicts) and safe JSON for pages.
+
+The site ships plotly.js once (`assets/plotly.min.js`, from the plotly package's offline
+bundle); each page carries its figures as JSON in a `<script type="application/json">`
+element that `assets/report.js` parses and draws. `script_json` escapes `<`, `>` and `&`
+as `\\u003c` etc., so no text inside can close the element or start markup.
+
+Plotly renders a subset of HTML in titles, tick labels and hover labels (`<b>`, `<br>`,
+entities). Every text that comes from the store (model labels, prompt ids and texts, token
+texts) therefore goes through `_text`: whitespace made visible (klstore.output.visible_token
+for tokens) and HTML-escaped, so plotly shows `<script>` as those characters and never
+as a tag.
+
+Hover, per cell: the value, the number of prompts behind it, and
+- on per-prompt maps: the top-k tokens of Q with probabilities, the generated token, its rank
+  and log-probability under Q;
+- on aggregate maps: mean, median, and the prompt with the largest value (a click on the cell
+  in the enlarged figure opens that prompt's map, when it has a page);
+- on differences: the two values subtracted.
+Cells beyond a robust scale are marked with a triangle (log: below the floor, not marked).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+
+import numpy as np
+
+from klstore.output import visible_token
+from klstore.report.aggregate import Grid
+
+# ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
+YLORRD = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
+RDBU_R = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d",
+          "#b2182b", "#67001f"]
+ANNOTATE_MAX = 400  # cells; larger grids show their values on hover only
+
+
+def script_json(value) -> str:
+    """JSON that is safe inside a `<script>` element: `<`, `>`, `&`, U+2028 and U+2029 escaped."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text
+
+
+def _text(value) -> str:
+    """A store string for plotly's HTML-like text: one line, HTML-escaped."""
+    return html.escape(" ".join(str(value).splitlines()), quote=True)
+
+
+def _token(text) -> str:
+    """A token for hover text: whitespace made visible, in quotes, HTML-escaped."""
+    return html.escape(f'"{visible_token(text)}"', quote=True)
+
+
+def _num(value, digits: int = 4):
+    """A JSON number (None where not finite)."""
+    if value is None:
+        return None
+    value = float(value)
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+
+
+def _colorscale(colours) -> list:
+    return [[i / (len(colours) - 1), c] for i, c in enumerate(colours)]
+
+
+def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
+    """The plotly figure of a grid: {"data", "layout", "links"}; `links[r][c]` is the site path
+    a click on that cell opens (aggregate maps: the largest value's prompt page), or None.
+    `prompt_pages`: (model, run_id, prompt_id) -> site path of the prompts that have a page."""
+    values = np.asarray(grid.values, dtype=np.float64)
+    n_rows, n_cols = values.shape
+    scale = grid.scale
+    z = values if scale is None or not scale.log else np.log10(np.clip(values, scale.lo, None))
+    hover, links = _hover(grid, prompt_pages or {})
+    heat = {
+        "type": "heatmap", "z": [[_num(v, 6) for v in row] for row in z],
+        "x": list(range(n_cols)), "y": list(range(n_rows)),
+        "colorscale": _colorscale(RDBU_R if grid.kind == "difference" else YLORRD),
+        "customdata": hover, "hovertemplate": "%{customdata}<extra></extra>",
+        "colorbar": _colorbar(grid), "xgap": 1, "ygap": 1,
+    }
+    if scale is not None:
+        heat["zmin"], heat["zmax"] = ((math.log10(scale.lo), math.log10(scale.hi)) if scale.log
+                                      else (scale.lo, scale.hi))
+    if n_rows * n_cols <= ANNOTATE_MAX:
+        heat["text"] = [["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in row] for row in values]
+        heat["texttemplate"] = "%{text}"
+        heat["textfont"] = {"size": 10}
+    data = [heat]
+    if scale is not None and scale.n_above:
+        rows, cols = np.nonzero(scale.above)
+        data.append({"type": "scatter", "mode": "markers", "x": cols.tolist(), "y": rows.tolist(),
+                     "marker": {"symbol": "triangle-up-open", "size": 9, "color": "#ffffff",
+                                "line": {"width": 1.5}},
+                     "hoverinfo": "skip", "showlegend": False, "name": "above the scale"})
+    return {"data": data, "layout": _layout(grid, n_rows, n_cols), "links": links}
+
+
+def _colorbar(grid: Grid) -> dict:
+    from klstore.report.plotting import DIVERGENCE_LABELS
+
+    label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
+    bar = {"title": {"text": f"Difference in {label}" if grid.kind == "difference" else label, "side": "right"},
+           "thickness": 14}
+    scale = grid.scale
+    if scale is not None and scale.log:
+        lo, hi = math.floor(math.log10(scale.lo)), math.ceil(math.log10(scale.hi))
+        bar["tickvals"] = list(range(lo, hi + 1))
+        bar["ticktext"] = [f"{10.0 ** k:g}" for k in range(lo, hi + 1)]
+    return bar
+
+
+def _layout(grid: Grid, n_rows: int, n_cols: int) -> dict:
+    return {
+        "title": {"text": _text(grid.title), "font": {"size": 13}, "x": 0.02, "xanchor": "left"},
+        "xaxis": {"tickvals": list(range(n_cols)), "ticktext": [_column(c) for c in grid.columns],
+                  "title": {"text": "Generated Token"}, "showgrid": False, "zeroline": False},
+        "yaxis": {"tickvals": list(range(n_rows)), "ticktext": [_text(layer) for layer in grid.layers],
+                  "autorange": "reversed", "title": {"text": _text(grid.ylabel)}, "showgrid": False,
+                  "zeroline": False},
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 60},
+        "height": max(300, 18 * n_rows + 140),
+        "hoverlabel": {"align": "left"},
+    }
+
+
+def _column(label: str) -> str:
+    """An x tick label: 'Gen2' or 'Gen2<br>␣the' (column_labels already made the token visible)."""
+    return "<br>".join(_text(part) for part in str(label).split("\n"))
+
+
+def _hover(grid: Grid, pages: dict) -> tuple[list, list]:
+    """Per cell: the hover text (HTML for plotly, store strings escaped) and the link a click opens."""
+    n_rows, n_cols = grid.values.shape
+    hover = [[None] * n_cols for _ in range(n_rows)]
+    links = [[None] * n_cols for _ in range(n_rows)]
+    cell = {"aggregate": _aggregate_cell, "prompt": _prompt_cell, "difference": _difference_cell}[grid.kind]
+    for r in range(n_rows):
+        for c in range(n_cols):
+            hover[r][c], links[r][c] = cell(grid, r, c, pages)
+    return hover, links
+
+
+def _where(grid: Grid, r: int, c: int) -> str:
+    noun = "layer" if grid.ylabel == "Layer" else "depth"
+    column = str(grid.columns[c]).replace("\n", " ")
+    return f"<b>{noun} {_text(grid.layers[r])}, {_text(column)}</b>"
+
+
+def _value(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4g}"
+
+
+def _aggregate_cell(grid: Grid, r: int, c: int, pages: dict):
+    h = grid.hover
+    n = int(grid.counts[r, c])
+    lines = [_where(grid, r, c),
+             f"{grid.divergence} {_value(grid.values[r, c])} nats ({h.get('aggregate', 'mean')} over prompts)",
+             f"{n} prompt{'s' if n != 1 else ''}"]
+    link = None
+    if h:
+        lines.append(f"mean {_value(h['mean'][r, c])} · median {_value(h['median'][r, c])}")
+        at = h["max_at"][r, c]
+        if at:
+            lines.append(f"largest {_value(h['max'][r, c])}: prompt {_text(at['prompt_id'])}"
+                         + ("" if "model" in grid.labels else f" ({_text(at['model'])})"))
+            link = pages.get((at["model"], at["run_id"], at["prompt_id"]))
+            if link:
+                lines.append("<i>click (enlarged) to open its map</i>")
+    return "<br>".join(lines), link
+
+
+def _prompt_cell(grid: Grid, r: int, c: int, pages: dict):
+    h = grid.hover
+    lines = [_where(grid, r, c), f"{grid.divergence} {_value(grid.values[r, c])} nats (1 prompt)"]
+    tokens = h.get("tokens") or []
+    generated = tokens[c] if c < len(tokens) else None
+    rank, logq = h["gen_rank"][r, c], h["gen_logq"][r, c]
+    gen_line = f"generated Gen{c}: {_token(generated)}"
+    if np.isfinite(rank):
+        gen_line += f", rank {int(rank)} under Q (log Q {logq:.3g})"
+    lines.append(gen_line)
+    topk = h["topk"][r, c]
+    if topk:
+        lines.append(f"top-{len(topk)} of Q:")
+        lines += [f"{i}. {_token(text)}  {prob:.3f}" for i, (text, prob) in enumerate(topk, 1)]
+    else:
+        lines.append("top-k tokens not stored (topk = 0, or a run from before lens tokens)")
+    return "<br>".join(lines), None
+
+
+def _difference_cell(grid: Grid, r: int, c: int, pages: dict):
+    h = grid.hover
+    a, b = grid.labels["a"], grid.labels["b"]
+    lines = [_where(grid, r, c), f"{_text(a)} minus {_text(b)}: {_value(grid.values[r, c])} nats"]
+    if h:
+        lines.append(f"{_text(a)} {_value(h['a'][r, c])} · {_text(b)} {_value(h['b'][r, c])}")
+    n = int(grid.counts[r, c])
+    lines.append(f"{n} prompt{'s' if n != 1 else ''} behind it (the smaller side)")
+    return "<br>".join(lines), None

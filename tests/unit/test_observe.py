@@ -1,0 +1,211 @@
+"""Honest observations and colour scales, on constructed grids (no store, no browser).
+
+The rules under test (README, "Observations"; klstore/report/observe.py): a token stands out
+only when its column mean is at least 1.25x the runner-up's; the tokens are alike only when
+the largest column mean is at most 1.25x the smallest; otherwise the sentence gives the range.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from klstore.report import interactive, observe, prompts, scale
+from klstore.report.aggregate import Grid
+from klstore.report.observe import columns_sentence
+from klstore.spec import parse_report_spec
+
+
+def grid(values, kind="aggregate", labels=None, settling=None, counts=None):
+    values = np.asarray(values, dtype=float)
+    return Grid("g", "s", "t", tuple(range(values.shape[0])), tuple(f"Gen{i}" for i in range(values.shape[1])),
+                values, np.full(values.shape, 4) if counts is None else counts, 4, "kl", kind, labels or {},
+                settling=settling)
+
+
+def columns(*means, rows=6):
+    """A grid whose column c has mean means[c] (rows vary around it, so it is not flat)."""
+    wobble = np.linspace(-0.1, 0.1, rows)[:, None]
+    return grid(np.asarray(means, dtype=float)[None, :] * (1 + wobble))
+
+
+def notes(g):
+    return observe.observe(g)
+
+
+# ------------------------------------------------------------------ standout and alike
+def test_a_near_tie_is_not_a_standout():
+    """Gen0 leads Gen3 by under 5%: the sentence may not say Gen0 stands out."""
+    said = notes(columns(10.0, 4.0, 4.2, 9.6, 4.1))
+    assert not any("stands out" in n for n in said)
+    line = next(n for n in said if n.startswith("Column means range"))
+    assert "Gen0 leads Gen3 by 1.04x, under the 1.25x a standout needs" in line
+
+
+def test_a_wide_range_is_not_alike():
+    """A 1.95x spread between the column means is neither alike nor a standout: numbers only."""
+    said = notes(columns(1.95, 1.9, 1.5, 1.2, 1.0))
+    assert not any("alike" in n for n in said) and not any("stands out" in n for n in said)
+    assert any("Column means range from 1 nats (Gen4) to 1.95 (Gen0), 1.95x" in n for n in said)
+
+
+@pytest.mark.parametrize("means, sentence", [
+    ((5.0, 4.0, 1.0), "Gen0 stands out: its mean 5 nats is the highest, 1.25x the runner-up Gen1 (4)."),
+    ((4.9, 4.0, 1.0), None),  # 1.225x: just under the margin
+    ((1.0, 1.25, 1.1), "The generated tokens are alike: column means range from 1 to 1.25 nats (1.25x)."),
+    ((1.0, 1.26, 1.1), None),  # 1.26x: just over the spread
+    ((2.0, 0.0), "Gen0 stands out: its mean 2 nats is the highest."),  # the runner-up is 0
+])
+def test_the_margins_at_their_edges(means, sentence):
+    said = columns_sentence(means)
+    if sentence is None:
+        assert "stands out" not in said and "alike" not in said and said.startswith("Column means range")
+    else:
+        assert said == sentence
+
+
+def test_single_column_and_flat_grids_claim_nothing_about_columns():
+    assert columns_sentence([3.0]) is None
+    assert notes(grid(np.full((4, 3), 2.0))) == [
+        "The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."]
+
+
+def test_peak_outliers_and_early_ends_are_reported():
+    values = np.ones((6, 5))
+    values[0, 2] = 30.0
+    counts = np.full((6, 5), 4)
+    counts[:, 4] = 3
+    said = notes(grid(values, counts=counts))
+    assert said[0] == "kl peaks at layer 0, Gen2 with 30 nats, 15.3x the grid mean of 1.97 nats."
+    assert any(n.startswith("Gen2 stands out") for n in said)
+    assert any("1 cell is more than two standard deviations above the mean: layer 0, Gen2 (30)" in n for n in said)
+    assert any("of 4, Gen4 by 3" in n for n in said)
+
+
+# ------------------------------------------------------------------ settling depth
+def test_every_kind_of_figure_names_its_settling_depth():
+    aggregate = grid(np.arange(12.0).reshape(4, 3), settling={
+        "n_tokens": 30, "n_settled": 24, "median_layer": 14.0, "median_fraction": 0.5, "n_layers": 30})
+    assert notes(aggregate)[-1] == ("Top-1 settling depth: median layer 14 of 30 (depth fraction 0.50) "
+                                    "over 30 tokens; 6 never settle.")
+    mixed = grid(np.arange(12.0).reshape(4, 3), settling={
+        "n_tokens": 2, "n_settled": 2, "median_layer": 3.0, "median_fraction": 0.25, "n_layers": None})
+    assert notes(mixed)[-1] == "Top-1 settling depth: median depth fraction 0.25 over 2 tokens."
+    prompt = grid(np.arange(12.0).reshape(4, 3), kind="prompt", settling={"layers": [2, None, 3], "n_layers": 4})
+    assert notes(prompt)[-1] == "Top-1 settling depth: layer 2 for Gen0, never for Gen1, layer 3 for Gen2 (of 4 layers)."
+    summary = {"n_tokens": 5, "n_settled": 0, "median_layer": None, "median_fraction": None, "n_layers": 4}
+    difference = grid(np.arange(12.0).reshape(4, 3) - 5, kind="difference", labels={"a": "m1", "b": "m2"},
+                      settling={"a": summary, "b": None})
+    assert notes(difference)[-1] == ("Top-1 settling depth: m1: none of 5 tokens settles "
+                                     "(the last layer's top-1 is never the generated token).")
+
+
+# ------------------------------------------------------------------ colour scales
+# Gemma-3-270m's logit lens, kl averaged over the 24 demo prompts (klstore compute --model gemma3-270m
+# --prompts jobs/prompts/demo.jsonl --json, rows = layers 0..17): layer 0 washes out the rest.
+GEMMA_LOGIT_LENS = np.array([
+    [65.2, 61.6, 142.4, 139.2, 124.1], [28.0, 22.0, 27.8, 29.2, 29.3], [24.0, 21.4, 24.2, 25.9, 26.8],
+    [24.3, 20.8, 25.2, 26.3, 27.3], [19.7, 17.5, 19.7, 22.6, 23.7], [15.0, 12.0, 13.4, 16.3, 15.8],
+    [15.4, 13.5, 16.7, 17.7, 16.8], [12.4, 10.5, 13.2, 13.8, 13.6], [11.9, 10.1, 12.6, 13.3, 13.0],
+    [11.2, 9.3, 11.6, 11.7, 12.5], [6.8, 6.1, 7.6, 7.0, 8.0], [7.8, 5.0, 6.2, 6.8, 7.8],
+    [5.7, 6.2, 5.5, 5.3, 5.9], [4.3, 4.3, 3.4, 3.3, 4.4], [3.4, 2.5, 2.1, 2.7, 3.6],
+    [2.6, 1.5, 1.8, 2.0, 1.9], [0.8, 0.4, 0.5, 0.7, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+
+
+def test_robust_scale_clips_one_outlying_layer_and_counts_the_cells():
+    linear = scale.choose(GEMMA_LOGIT_LENS, "linear", False)
+    robust = scale.choose(GEMMA_LOGIT_LENS, "robust", False)
+    assert (linear.lo, linear.hi, linear.n_above) == (0.0, 142.4, 0)
+    q1, q3 = np.percentile(GEMMA_LOGIT_LENS, [25, 75])
+    assert robust.hi == pytest.approx(q3 + 3 * (q3 - q1)) == pytest.approx(65.9, abs=0.05)
+    assert robust.above[0].tolist() == [False, False, True, True, True] and not robust.above[1:].any()
+    assert robust.note() == "3 cells above the colour scale's top of 65.9 nats (drawn in the top colour and marked)."
+    # every other layer now spans 44% of the colours instead of 21%
+    assert GEMMA_LOGIT_LENS[1:].max() / robust.hi > 2 * GEMMA_LOGIT_LENS[1:].max() / linear.hi
+    # why not a plain high percentile: the 99th lies inside layer 0
+    assert np.percentile(GEMMA_LOGIT_LENS, 99) > 124
+
+
+def test_robust_scale_leaves_a_grid_without_outliers_alone():
+    smooth = np.linspace(12, 0, 30)[:, None] * np.ones((1, 5))
+    assert scale.bounds(smooth, "robust", False) == scale.bounds(smooth, "linear", False) == (0.0, 12.0)
+    assert scale.choose(smooth, "robust", False).note() is None
+
+
+def test_log_scale_spans_four_decades_and_floors_zeros():
+    values = np.array([[100.0, 1.0], [0.001, 0.0]])
+    log = scale.choose(values, "log", False)
+    assert log.log and log.hi == 100.0 and log.lo == pytest.approx(0.01)
+    assert log.n_below == 2 and log.n_above == 0
+    assert "2 cells below the log scale's floor of 0.01 nats" in log.note()
+
+
+def test_differences_are_symmetric_and_never_log():
+    values = np.array([[-1.0, 0.5], [0.2, 40.0], [0.1, -0.3], [0.4, 0.2]])
+    for kind in scale.SCALES:
+        chosen = scale.choose(values, kind, True)
+        assert chosen.lo == -chosen.hi and not chosen.log
+    assert scale.choose(values, "linear", True).hi == 40.0
+    assert scale.choose(values, "robust", True).above[1, 1]
+
+
+def test_shared_bounds_mark_cells_against_the_section_scale():
+    chosen = scale.choose(np.array([[1.0, 5.0]]), "robust", False, shared=(0.0, 4.0))
+    assert (chosen.lo, chosen.hi, chosen.n_above) == (0.0, 4.0, 1)
+
+
+def test_report_spec_color_scale_default_and_error():
+    from klstore.errors import KlstoreError
+
+    assert parse_report_spec({}).color_scale == scale.DEFAULT_SCALE == "robust"
+    with pytest.raises(KlstoreError, match=r"^s.yaml: color_scale must be linear, log or robust, got 'loud'$"):
+        parse_report_spec({"color_scale": "loud"}, "s.yaml")
+
+
+# ------------------------------------------------------------------ figure JSON
+def test_script_json_cannot_close_its_script_element():
+    hostile = {"t": "</script><script>alert(1)</script> & <!-- \u2028"}
+    text = interactive.script_json(hostile)
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == hostile
+
+
+def test_store_text_in_figures_is_escaped_and_tokens_visible():
+    values = np.array([[1.0, 2.0]])
+    g = grid(values, kind="prompt", labels={"model": "m", "probe": "p", "prompt_id": "<b>x</b>"})
+    g.title = "m | p | <img src=x onerror=alert(1)>"
+    g.columns = ("Gen0\n<script>", "Gen1\n\u2423")
+    topk = np.empty((1, 2), dtype=object)
+    topk[0, 0] = [(" <i>", 0.5), ("\n", 0.25)]
+    g.hover = {"topk": topk, "gen_rank": np.array([[1.0, np.nan]]), "gen_logq": np.array([[-0.7, np.nan]]),
+               "top1_match": np.array([[True, None]], dtype=object), "tokens": ["<script>", " "]}
+    fig = interactive.figure(g)
+    assert fig["layout"]["title"]["text"] == "m | p | &lt;img src=x onerror=alert(1)&gt;"
+    assert fig["layout"]["xaxis"]["ticktext"] == ["Gen0<br>&lt;script&gt;", "Gen1<br>\u2423"]
+    hover = fig["data"][0]["customdata"][0][0]
+    assert "generated Gen0: &quot;&lt;script&gt;&quot;, rank 1 under Q" in hover
+    assert "1. &quot;\u2423&lt;i&gt;&quot;  0.500<br>2. &quot;\\n&quot;  0.250" in hover
+    assert "top-k tokens not stored" in fig["data"][0]["customdata"][0][1]
+    assert "<i>" not in json.dumps(fig).replace("<i>click", "")
+
+
+def test_aggregate_hover_counts_prompts_and_links_the_largest():
+    values = np.array([[1.0, 3.0]])
+    at = np.empty((1, 2), dtype=object)
+    at[0, 1] = {"model": "m", "run_id": "r", "prompt_id": "p<7>"}
+    g = grid(values, labels={"model": "m", "probe": "p"}, counts=np.array([[12, 11]]))
+    g.hover = {"aggregate": "mean", "mean": values, "median": values / 2, "max": values * 3, "max_at": at}
+    fig = interactive.figure(g, {("m", "r", "p<7>"): "prompts/x.html"})
+    hover = fig["data"][0]["customdata"][0]
+    assert "12 prompts" in hover[0] and "11 prompts" in hover[1]
+    assert "mean 3 · median 1.5" in hover[1] and "largest 9: prompt p&lt;7&gt;" in hover[1]
+    assert fig["links"] == [[None, "prompts/x.html"]]
+
+
+# ------------------------------------------------------------------ example picks
+def test_examples_come_from_every_group_in_turn():
+    rows = [prompts.PromptRow(f"{g}-{i}", g, "r") for g in ("c", "a", "b") for i in range(3)]
+    order = [r.prompt_id for r in prompts.round_robin(rows)]
+    assert order[:3] == ["a-0", "b-0", "c-0"] and order[3:6] == ["a-1", "b-1", "c-1"] and len(order) == 9
+    uneven = [prompts.PromptRow("x-0", "x", "r")] + [prompts.PromptRow(f"y-{i}", "y", "r") for i in range(3)]
+    assert [r.prompt_id for r in prompts.round_robin(uneven)] == ["x-0", "y-0", "y-1", "y-2"]
