@@ -48,13 +48,15 @@ def script_json(value) -> str:
 
 
 def _text(value) -> str:
-    """A store string for plotly's HTML-like text: one line, HTML-escaped."""
-    return html.escape(" ".join(str(value).splitlines()), quote=True)
+    """A store string for plotly's HTML-like text: one line, with &, < and > as entities (which
+    plotly shows as the characters; it has no attributes to break out of once no tag can form,
+    and it would show &quot; literally)."""
+    return html.escape(" ".join(str(value).splitlines()), quote=False)
 
 
 def _token(text) -> str:
     """A token for hover text: whitespace made visible, in quotes, HTML-escaped."""
-    return html.escape(f'"{visible_token(text)}"', quote=True)
+    return html.escape(f'"{visible_token(text)}"', quote=False)
 
 
 def _num(value, digits: int = 4):

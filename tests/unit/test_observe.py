@@ -183,8 +183,8 @@ def test_store_text_in_figures_is_escaped_and_tokens_visible():
     assert fig["layout"]["title"]["text"] == "m | p | &lt;img src=x onerror=alert(1)&gt;"
     assert fig["layout"]["xaxis"]["ticktext"] == ["Gen0<br>&lt;script&gt;", "Gen1<br>\u2423"]
     hover = fig["data"][0]["customdata"][0][0]
-    assert "generated Gen0: &quot;&lt;script&gt;&quot;, rank 1 under Q" in hover
-    assert "1. &quot;\u2423&lt;i&gt;&quot;  0.500<br>2. &quot;\\n&quot;  0.250" in hover
+    assert 'generated Gen0: "&lt;script&gt;", rank 1 under Q' in hover
+    assert '1. "\u2423&lt;i&gt;"  0.500<br>2. "\\n"  0.250' in hover
     assert "top-k tokens not stored" in fig["data"][0]["customdata"][0][1]
     assert "<i>" not in json.dumps(fig).replace("<i>click", "")
 
