@@ -6,7 +6,8 @@ Synthetic rows shaped like real runs: prompts x 2 models x 2 probes x 30 layers 
 5 tokens, only `kl` asked for (kl_reverse and js null), KL values log-normal
 (full-entropy float mantissas, the hard case for compression). Rows go through
 the real writer (Store.write), one file per shard of prompts. Prints numbers;
-asserts nothing. Targets (issue 3): <= 6 bytes per row; aggregation of one
+asserts nothing. Lens tokens (issue 11): <= 8 bytes per (cell, rank) row at k = 5,
+measured on real SmolLM2 rows (`--lens-only` for just that). Targets (issue 3): <= 6 bytes per row; aggregation of one
 model and probe (GROUP BY layer, gen_idx, avg(kl)) <= 5 s on 2 cores.
 Targets (issue 15): `verify` >= 300 MB/s of Parquet; recording hashes and page
 checksums costs writes <= 5% (the same tables through the plain pyarrow writer
@@ -51,6 +52,8 @@ def shard_table(rng, first_prompt: int, n_prompts: int) -> pa.Table:
         "kl_reverse": pa.nulls(n, pa.float32()), "js": pa.nulls(n, pa.float32()),
         "top1_match": rng.random(n) < np.exp(-(LAYERS - layer) / 6.0),
         "n_layers": np.full(n, LAYERS, np.int16),
+        "topk_ids": pa.nulls(n, pa.list_(pa.int32())), "topk_probs": pa.nulls(n, pa.list_(pa.float32())),
+        "gen_rank": pa.nulls(n, pa.int32()), "gen_logq": pa.nulls(n, pa.float32()),
     }, schema=KL_SCHEMA)
 
 
@@ -59,7 +62,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--dir", default="/tmp/klstore-bench")
     parser.add_argument("--prompts-per-file", type=int, default=2048)
+    parser.add_argument("--lens-only", action="store_true", help="only the lens-token bytes (real SmolLM2 rows)")
+    parser.add_argument("--lens-prompts", type=int, default=24)
     args = parser.parse_args()
+    lens_bytes(args)
+    if args.lens_only:
+        return
 
     shutil.rmtree(args.dir, ignore_errors=True)
     store = open_store(args.dir, create=True)
@@ -109,6 +117,43 @@ def main() -> None:
           f"({result['files']} files, {result['bytes'] / 2**20:.0f} MiB in {verify_s:.2f} s; "
           f"{'clean' if clean else 'PROBLEMS'}; target >= 300 MB/s)")
     write_cost(args)
+
+
+def lens_bytes(args) -> None:
+    """Bytes on disk per (cell, rank) row of lens tokens at k = 5, on real rows: SmolLM2's logit
+    lens and skip over the demo prompts, the same kl rows written with and without the lens
+    columns (rank and log Q included in the cost), one file per probe."""
+    import dataclasses
+
+    from klstore.core.engine import Engine
+    from klstore.core.models import load_model
+    from klstore.demo import REPO
+    from klstore.run.records import PromptOutcome, kl_rows
+    from klstore.spec import GenerationSpec, ProbeSpec, read_prompts
+
+    prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[:args.lens_prompts]
+    engine = Engine(load_model("smollm2-135m", device="cpu"))
+    probes = [ProbeSpec("logit_lens"), ProbeSpec("skip")]
+    results = engine.run_many(prompts, probes, "all", ("kl",), GenerationSpec(5), topk=5)
+    outcomes = [PromptOutcome(p, tuple(r)) for p, r in zip(prompts, results)]
+    bare = [PromptOutcome(o.prompt, tuple(dataclasses.replace(m, topk_ids=None, topk_probs=None, gen_rank=None,
+                                                              gen_logq=None) for m in o.matrices))
+            for o in outcomes]
+    scratch = args.dir + "-lens"
+    shutil.rmtree(scratch, ignore_errors=True)
+    sizes, cells = {}, 0
+    for name, rows_of in (("with", outcomes), ("without", bare)):
+        store = open_store(os.path.join(scratch, name), create=True)
+        for probe in probes:
+            table = kl_rows(rows_of, probe.name)
+            cells += table.num_rows if name == "with" else 0
+            store.write("kl", table, "part-bench.parquet", model="smollm2-135m", probe=probe.name, run_id="bench")
+        sizes[name] = sum(os.path.getsize(f) for f in store.files("kl"))
+    per = (sizes["with"] - sizes["without"]) / (cells * 5)
+    print(f"lens tokens:         {per:.2f} bytes per (cell, rank) row at k = 5 (target <= 8), "
+          f"incl. gen_rank and gen_logq; {cells:,} cells of SmolLM2 (logit_lens + skip, {len(prompts)} prompts); "
+          f"kl files {sizes['without'] / 1024:.0f} KiB -> {sizes['with'] / 1024:.0f} KiB")
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _plain_write(table: pa.Table, final: str) -> None:

@@ -464,7 +464,7 @@ def _dry_run(cfg, store_uri: str) -> int:
           f"({len(cfg.probes)}), one kl row each: an upper bound, since generation may stop early at an "
           "end-of-sequence token")
     source = (f"measured on this store's {est.bytes_measured_on} kl rows" if est.bytes_measured_on
-              else "the README's measurement; the store has no kl rows yet")
+              else f"the README's measurement for topk {cfg.topk}; the store has no kl rows yet")
     if est.kl_bytes is None:
         print(f"expected kl size: unknown (a model's depth is unknown before it loads); "
               f"{est.bytes_per_kl_row:.1f} bytes per kl row ({source})")

@@ -29,7 +29,8 @@ from klstore.store.tables import Store, open_store, work_key
 
 # Bytes on disk per `kl` row measured on 100 M rows (README, "Performance": benchmarks/store.py);
 # the dry run uses it when the store holds no `kl` rows to measure.
-MEASURED_BYTES_PER_KL_ROW = 5.6
+MEASURED_BYTES_PER_KL_ROW = 3.5  # benchmarks/store.py, without lens tokens
+MEASURED_BYTES_PER_LENS_TOKEN = 5.2  # benchmarks/store.py: per (cell, rank) at k = 5, SmolLM2
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ class RunPlan:
                 cells=None if layers is None else len(cfg.prompts) * layers * per_prompt,
                 kl_rows_in_store=int(in_store.get(model.label, 0)), actors=actors,
                 actors_started=min(actors, len(todo))))
-        per_row = measured_bytes / measured_rows if measured_rows else MEASURED_BYTES_PER_KL_ROW
+        per_row = (measured_bytes / measured_rows if measured_rows
+                   else MEASURED_BYTES_PER_KL_ROW + cfg.topk * MEASURED_BYTES_PER_LENS_TOKEN)
         return Estimate(
             run_id=self.run_id, store=self.store_uri, models=tuple(models), nodes=len(nodes),
             cpus=sum(node.get("CPU", 0) for node in nodes), gpus=sum(node.get("GPU", 0) for node in nodes),

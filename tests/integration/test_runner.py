@@ -132,7 +132,7 @@ def test_dry_run_counts_equal_the_real_run(ray_session, tiny_model_dir, tmp_path
     cfg = load_config(path)
     assert main(["run", "--dry-run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "nothing is computed or written" in out and "upper bound" in out and "5.6 bytes per row" in out
+    assert "nothing is computed or written" in out and "upper bound" in out and "29.5 bytes per row" in out
     assert not os.path.exists(cfg.store)  # a dry run creates no store
     before = RunPlan(cfg, write=False).estimate([{"CPU": 2.0}])
     (tiny,) = before.models

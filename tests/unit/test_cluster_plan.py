@@ -147,7 +147,7 @@ def test_dry_run_estimate_counts_the_store(tiny, tmp_path, monkeypatch):
     assert (model.prompts, model.shards, model.shards_done, model.layers) == (5, 3, 0, 4)
     assert model.cells == model.kl_rows == 5 * 4 * 3 * 2 and model.kl_rows_in_store == 0
     assert (model.actors, model.actors_started) == (2, 2)
-    assert before.bytes_measured_on == 0 and before.bytes_per_kl_row == 5.6
+    assert before.bytes_measured_on == 0 and before.bytes_per_kl_row == 3.5 + 5 * 5.2
     _run(tiny, uri)
     after = RunPlan(_config(uri), write=False).estimate([{"CPU": 2.0}], "test")
     _, kl = views.sql(uri, "SELECT count(*) FROM kl")
