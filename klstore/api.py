@@ -40,7 +40,8 @@ BATCH_SIZE = 16
 
 # ------------------------------------------------------------------- loading
 def load(name: str | None = None, *, model=None, tokenizer=None, device: str = "auto", dtype: str = "auto",
-         trust_remote_code: bool = False, label: str | None = None) -> "Lens":
+         trust_remote_code: bool = False, label: str | None = None, device_map=None,
+         max_memory=None) -> "Lens":
     """Load a model by name, or wrap a transformers model already in memory.
 
     Args:
@@ -51,6 +52,9 @@ def load(name: str | None = None, *, model=None, tokenizer=None, device: str = "
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ... (with `name` only).
         dtype: `auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16`, `float16` (with `name` only).
         trust_remote_code: allow model code from the model's repository (with `name` only).
+        device_map, max_memory: split the model over several devices (and offload to CPU or
+            disk) with accelerate, e.g. `device_map="balanced"` over every visible GPU
+            (with `name` only; see the README, "Models larger than one device").
         label: the model's name in results and in a store; default: derived from `name` as the
             CLI does (`owner/name` -> `owner--name`, a path -> its stem), or `model` for an
             in-memory model.
@@ -75,7 +79,10 @@ def load(name: str | None = None, *, model=None, tokenizer=None, device: str = "
     if not isinstance(name, str):
         raise KlstoreError(f"load: the model name must be a string, got {type(name).__name__}")
     label = check_label(label or model_label(name), "model label")
-    loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    from klstore.spec import check_device_map
+
+    loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                        device_map=check_device_map(device_map), max_memory=max_memory)
     return Lens._wrap(loaded, label=label, name=name, dtype=dtype, device=device,
                       trust_remote_code=trust_remote_code)
 

@@ -184,6 +184,32 @@ def check_device(value: str) -> str:
     return value
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(value):
+    """An accelerate device_map: a strategy name, or {module name: device} where a device is a
+    GPU index, cpu, disk or cuda[:N]. `meta` is refused: a module left there has no weights."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in DEVICE_MAP_STRATEGIES:
+            raise KlstoreError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a mapping "
+                               f"of module names to devices, got {value!r}")
+        return value
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise KlstoreError(f"device_map must be a strategy name or a mapping of module names to devices, "
+                           f"got {value!r}")
+    for module, device in value.items():
+        if device == "meta":
+            raise KlstoreError(f"device_map puts {module!r} on the meta device, where it has no weights: "
+                               "give it a GPU index, cpu or disk")
+        if isinstance(device, bool) or not (isinstance(device, int) and device >= 0 or device in ("cpu", "disk")
+                                            or isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device)):
+            raise KlstoreError(f"device_map[{module!r}] must be a GPU index, cpu, disk or cuda:N, got {device!r}")
+    return dict(value)
+
+
 DEFAULT_TOPK = 5  # lens tokens per cell (docs/conventions.md, "Lens tokens")
 MAX_TOPK = 100
 
@@ -506,6 +532,15 @@ class ModelConfig(_Value):
     num_cpus: float | None = Field(None, gt=0)  # None: 1 with GPUs, else the CPUs shared among actors
     actors: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
     trust_remote_code: bool = False
+    # Split one model over an actor's devices (accelerate): a strategy or {module: device}.
+    # None: "balanced" when the actor has several GPUs (num_gpus > 1), else the whole model on one device.
+    device_map: Any = None  # str | {module: device}, checked by check_device_map
+    max_memory: dict[str | int, str | int] | None = None  # per device, e.g. {0: 20GiB, cpu: 64GiB}
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value):
+        return _rule(check_device_map, value)
 
     @field_validator("num_gpus")
     @classmethod

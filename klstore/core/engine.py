@@ -270,8 +270,8 @@ class Engine:
         first = len(generation.prompt_ids) - 1
         positions = torch.arange(first, first + generation.n, device=self.device)
         outputs, as_tuple = self._record(input_ids)
-        with torch.no_grad():
-            ref_logp = self.adapter.log_probs(outputs[-1][0, positions])
+        with torch.no_grad():  # (a model split over devices: each output stays on its block's device)
+            ref_logp = self.adapter.log_probs(outputs[-1][0, positions.to(outputs[-1].device)])
         return Trace(generation, input_ids, positions, outputs, ref_logp, as_tuple)
 
     def _left_pad(self, sequences: list[list[int]]):
@@ -300,14 +300,14 @@ class Engine:
             first = len(gen.prompt_ids) - 1
             where = torch.arange(first, first + gen.n, device=self.device)
             with torch.no_grad():
-                ref_logp = self.adapter.log_probs(own[-1][0, where])
+                ref_logp = self.adapter.log_probs(own[-1][0, where.to(own[-1].device)])
             traces.append(Trace(gen, torch.tensor([seq], device=self.device), where, own, ref_logp, as_tuple))
         return traces
 
     def last_position_outputs(self, prompt_ids: list[int]) -> torch.Tensor:
         """Block outputs at the prompt's last position: (n_layers, H), float32."""
         outputs, _ = self._record(torch.tensor([prompt_ids], device=self.device))
-        return torch.stack([out[0, -1].float() for out in outputs])
+        return torch.stack([out[0, -1].float().to(self.device) for out in outputs])
 
     # ---------------------------------------------------------- probe set-up
     def prepare(self, spec: ProbeSpec, steer_vectors: torch.Tensor | None = None) -> None:
@@ -362,11 +362,12 @@ class Engine:
         rows = max(1, self._cells_per_chunk(trace.ref_logp.shape[-1]) // n)
         for start in range(0, len(layers), rows):
             chunk = layers[start:start + rows]
-            if spec.is_readout:  # logit lens: decode the recorded block outputs
-                final = torch.stack([trace.outputs[l][0] for l in chunk])
+            if spec.is_readout:  # logit lens: decode the recorded block outputs (on the last one's device)
+                where = trace.outputs[-1].device
+                final = torch.stack([trace.outputs[l][0].to(where) for l in chunk])
             else:  # an intervention: the layer sweep
                 final = self._run_rows(trace, spec, chunk, context)
-            yield chunk, final[:, trace.positions]
+            yield chunk, final[:, trace.positions.to(final.device)]
 
     def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
                   context: ProbeContext) -> torch.Tensor:
@@ -380,10 +381,10 @@ class Engine:
             original = block.forward
 
             def forward(*args, **kwargs):
-                hidden = _hidden_arg(args, kwargs)
-                out = trace.outputs[k].expand(batch, -1, -1)
-                below = (row_layer < k).nonzero().flatten()  # rows already changed lower down
-                here = (row_layer == k).nonzero().flatten()
+                out = trace.outputs[k].expand(batch, -1, -1)  # on block k's device
+                hidden = _hidden_arg(args, kwargs).to(out.device)
+                below = (row_layer < k).nonzero().flatten().to(out.device)  # rows already changed lower down
+                here = (row_layer == k).nonzero().flatten().to(out.device)
                 if below.numel() or here.numel():
                     out = out.clone()
 
@@ -395,7 +396,7 @@ class Engine:
                     return result[0] if isinstance(result, tuple) else result
 
                 if below.numel():
-                    out[below] = run(below, hidden[below])
+                    out[below] = run(below, hidden[below]).to(out.device)
                 if here.numel():
                     site = BlockSite(
                         layer=k,
@@ -404,7 +405,7 @@ class Engine:
                         run=lambda x, rows=here: run(rows, x),
                         sublayer=lambda which, k=k, block=block: self.adapter.sublayer(block, which, k),
                     )
-                    out[here] = intervene(spec, site, context)
+                    out[here] = intervene(spec, site, context).to(out.device)
                 if k == last:
                     raise _StopForward(out)
                 return (out,) if trace.returns_tuple else out
@@ -447,7 +448,7 @@ class Engine:
         with each cell's lens tokens: the top-`topk` tokens of Q (none when 0), and the rank and
         log-probability of the generated token under Q."""
         gen = trace.generation
-        gen_ids = torch.tensor(gen.token_ids, device=self.device)
+        gen_ids = torch.tensor(gen.token_ids, device=trace.ref_logp.device)  # P and Q meet on the head's device
         values = {d: np.full((len(layers), gen.n), np.nan, dtype=np.float32) for d in divergences}
         top1 = np.zeros((len(layers), gen.n), dtype=bool)
         k = min(topk, trace.ref_logp.shape[-1])

@@ -287,12 +287,18 @@ def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto",
-         trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer by name; GGUF files go through the dequantized cache."""
+         trust_remote_code: bool = False, device_map=None, max_memory=None) -> LoadedModel:
+    """Load model and tokenizer by name; GGUF files go through the dequantized cache.
+
+    With `device_map` (an accelerate strategy such as "balanced", or {module: device}) the
+    model is split over the visible devices (under Ray: the actor's GPUs) and, where
+    `max_memory` leaves too little room, offloaded to CPU or disk; it is never moved whole."""
     import transformers
 
     source = resolve(name)
     dev, torch_dtype = pick_device_dtype(device, dtype)
+    if device_map is not None:
+        return _load_dispatched(source, name, torch_dtype, trust_remote_code, device_map, max_memory)
     location, extra = source.location, {}
     if source.gguf_file is not None:
         folder = _gguf_cache_folder(source)
@@ -310,8 +316,76 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto",
     return LoadedModel(source.label, model, tokenizer, dev, torch_dtype)
 
 
+def _load_dispatched(source: ModelSource, name: str, torch_dtype, trust_remote_code: bool,
+                     device_map, max_memory) -> LoadedModel:
+    import tempfile
+
+    import transformers
+
+    location = source.location
+    if source.gguf_file is not None:
+        folder = _gguf_cache_folder(source)
+        if not (folder / "config.json").exists():
+            _dequantize_to_cache(source, folder, trust_remote_code)
+        location = str(folder)
+    offload = tempfile.mkdtemp(prefix="klstore-offload-")  # used only if blocks go to disk
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+            max_memory=max_memory, offload_folder=offload)
+    except (OSError, ValueError) as exc:
+        raise KlstoreError(f"cannot load model {name!r} with device_map {device_map!r}: {first_line(exc)}") from None
+    check_no_meta(model, source.label)
+    model.eval()
+    return LoadedModel(source.label, model, tokenizer, input_device(model), torch_dtype)
+
+
+def _offloaded(module) -> bool:
+    """Whether accelerate loads this module's weights at call time (CPU or disk offload)."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return any(getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None for h in hooks)
+
+
+def check_no_meta(model, label: str) -> None:
+    """Every weight has data somewhere: on a device, or offloaded where accelerate fetches it.
+    A module left on the meta device (a device_map entry `meta`, or too little memory with no
+    offload) would fail mid-run with "cannot copy out of meta tensor": refuse it now, in one line."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    on_meta = [module for module, device in placed.items() if device == "meta"]
+    if not on_meta:
+        covered = set()
+        for module_name, module in model.named_modules():
+            if _offloaded(module):
+                covered.add(module_name)
+        for param_name, param in model.named_parameters():
+            if param.device.type == "meta" and not any(
+                    param_name.startswith(prefix + ".") or prefix == "" for prefix in covered):
+                on_meta.append(param_name.rsplit(".", 1)[0])
+    if on_meta:
+        raise KlstoreError(f"{label}: the device_map leaves {len(set(on_meta))} module(s) on the meta device, "
+                           f"with no weights (first: {sorted(set(on_meta))[0]}): give them a device, cpu or disk")
+
+
+def input_device(model):
+    """Where a dispatched model's input ids go: its input embedding's execution device."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    param = next(embed.parameters())
+    return param.device if param.device.type != "meta" else torch.device("cpu")
+
+
 def from_objects(label: str, model, tokenizer) -> LoadedModel:
-    """Wrap an already-built model (e.g. a tiny random one in tests) as a LoadedModel."""
+    """Wrap an already-built model (e.g. a tiny random one in tests, or one dispatched by
+    accelerate) as a LoadedModel. Its device is where its input ids go."""
+    check_no_meta(model, label)
     param = next(model.parameters())
     model.eval()
-    return LoadedModel(label, model, tokenizer, param.device, param.dtype)
+    device = input_device(model) if getattr(model, "hf_device_map", None) else param.device
+    return LoadedModel(label, model, tokenizer, device, param.dtype)

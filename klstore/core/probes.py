@@ -104,6 +104,6 @@ def intervene(spec: ProbeSpec, site: BlockSite, context: ProbeContext) -> torch.
         return (out.float() + params["alpha"] * vector).to(out.dtype)
     if name == "patch":
         patched = out.clone()
-        patched[:, context.patch_position] = context.source_last[site.layer].to(out.dtype)
+        patched[:, context.patch_position] = context.source_last[site.layer].to(out.device, out.dtype)
         return patched
     raise KlstoreError(f"probe {name!r} is not an intervention")

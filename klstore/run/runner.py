@@ -133,6 +133,14 @@ def actor_options(model, cpus: float, gpus: bool) -> dict:
     return options
 
 
+def device_map_for(model):
+    """The model's device_map, or "balanced" for an actor with several GPUs (Ray gives it
+    CUDA_VISIBLE_DEVICES = its own GPUs, so accelerate splits the blocks over exactly those)."""
+    if model.device_map is not None:
+        return model.device_map
+    return "balanced" if model.num_gpus > 1 and model.device != "cpu" else None
+
+
 class RayWorker(Worker):
     """The Worker as a Ray actor: the same class, recording its Ray actor id and node
     (`<host>/<Ray node id, 12 hex>`: several nodes can share a host) in the `shards` table."""
@@ -193,7 +201,8 @@ class Scheduler:
         options = actor_options(model, self.cpus[model.label], self.gpus[model.label])
         actor = self.remote_worker.options(**options).remote(
             model.name, model.label, self.plan.store_uri, device=model.device, dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code, num_threads=max(1, int(self.cpus[model.label])))
+            trust_remote_code=model.trust_remote_code, num_threads=max(1, int(self.cpus[model.label])),
+            device_map=device_map_for(model), max_memory=model.max_memory)
         self.starting[actor.describe.remote()] = (model, actor)  # ready once loaded: node, actor id, device
 
     def _dispatch(self, model, actor, where: dict) -> None:

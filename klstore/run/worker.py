@@ -33,7 +33,8 @@ class Worker:
 
     def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
                  dtype: str = "auto", trust_remote_code: bool = False, loaded=None,
-                 num_threads: int | None = None, actor: str = "local", node: str | None = None):
+                 num_threads: int | None = None, actor: str = "local", node: str | None = None,
+                 device_map=None, max_memory=None):
         from klstore.core.engine import Engine
         from klstore.core.models import load_model, quiet_libraries
         from klstore.store import open_store
@@ -46,7 +47,8 @@ class Worker:
         self.label = check_label(label, "model label")
         self.store = open_store(store_uri, create=True)
         if loaded is None:
-            loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                device_map=device_map, max_memory=max_memory)
         self.engine = Engine(loaded)
         self.actor = actor  # recorded in the `shards` table: a Ray actor id, or "local"
         self.node = node or socket.gethostname()  # likewise: the host (and Ray node) it runs on
@@ -56,6 +58,10 @@ class Worker:
 
     def describe(self) -> dict:
         """Where this worker runs, as the `shards` table records it: node, actor, device."""
+        placed = getattr(self.engine.model, "hf_device_map", None)
+        if placed and len(set(placed.values())) > 1:  # split over devices: name them all
+            names = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()})
+            return {"node": self.node, "actor": self.actor, "device": "+".join(names)}
         return {"node": self.node, "actor": self.actor, "device": str(self.engine.device)}
 
     def prepare(self, job: Job) -> None:

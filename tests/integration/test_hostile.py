@@ -105,6 +105,10 @@ def test_compute_bad_input(args, message, seeded_store, bad_files, tmp_path):
     (b"name: x\nmodels: [nope-model]\nprompts: [{path: P}]\nprobes: [logit_lens]\n", "unknown model 'nope-model'"),
     (b"name: x\nmodels: [{name: smollm2-135m, dtype: fp8}]\nprompts: [{path: P}]\nprobes: [logit_lens]\n",
      "models[0].dtype: unknown dtype 'fp8'"),
+    (b"name: x\nmodels: [{name: smollm2-135m, device_map: {model.layers.3: meta}}]\nprompts: [{path: P}]\n"
+     b"probes: [logit_lens]\n", "device_map puts 'model.layers.3' on the meta device"),
+    (b"name: x\nmodels: [{name: smollm2-135m, device_map: fastest}]\nprompts: [{path: P}]\nprobes: [logit_lens]\n",
+     "device_map must be one of auto, balanced, balanced_low_0, sequential"),
 ])
 def test_run_bad_config_before_ray(tmp_path, seeded_store, content, message):
     prompts = tmp_path / "p.jsonl"

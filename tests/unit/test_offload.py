@@ -45,3 +45,42 @@ def test_offloaded_equals_plain(engines, probe):
         assert (a.values["kl"] > 1e-4).any()
     after = [block.__dict__.get("forward") for block in offloaded.adapter.blocks]
     assert all(a is b for a, b in zip(after, hooks))  # the very same accelerate wrappers
+
+
+def test_load_model_dispatches_by_device_map(engines, tmp_path, monkeypatch):
+    """The config's device_map path (klstore.core.models.load_model), offloading to disk."""
+    from klstore.core.models import load_model
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: ToyTokenizer())
+    plain, _, model, _ = engines
+    folder = tmp_path / "m"
+    build("llama").save_pretrained(folder)  # the same seeded weights as the fixture's model
+    loaded = load_model(str(folder), device="cpu", device_map="auto", max_memory={"cpu": "120KB"})
+    assert "disk" in set(loaded.model.hf_device_map.values())
+    engine = Engine(from_objects("split", loaded.model, ToyTokenizer()))
+    a = plain.run(PROMPT, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(3))[0]
+    b = engine.run(PROMPT, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(3))[0]
+    np.testing.assert_allclose(b.values["kl"], a.values["kl"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_left_on_meta_is_one_line_error(tmp_path, monkeypatch):
+    """A device_map entry `meta` (the config refuses it; the loader checks again), and an
+    in-memory model with weightless blocks: refused before any work, naming the module."""
+    import accelerate
+
+    from klstore.core.models import load_model
+    from klstore.errors import KlstoreError
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: ToyTokenizer())
+    folder = tmp_path / "m"
+    build("llama").save_pretrained(folder)
+    placed = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "meta",
+              "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu",
+              "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(KlstoreError, match=r"leaves 1 module\(s\) on the meta device.*model\.layers\.1"):
+        load_model(str(folder), device="cpu", device_map=placed)
+    with accelerate.init_empty_weights():
+        empty = transformers.AutoModelForCausalLM.from_config(build("llama").config)
+    with pytest.raises(KlstoreError, match="on the meta device") as info:
+        from_objects("empty", empty, ToyTokenizer())
+    assert "\n" not in str(info.value)
