@@ -135,8 +135,7 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     assert bar.get_ylabel() == "KL divergence (nats)" and ax.get_title() == grid.title
     assert ax.images[0].get_cmap().name == "YlOrRd"
     np.testing.assert_allclose(ax.images[0].get_array(), grid.values)
-    cells = [t.get_text() for t in ax.texts]
-    assert cells == [f"{v:.2f}" for v in grid.values.reshape(-1)]
+    assert _cell_texts(ax, grid.values.shape) == [f"{v:.2f}" for v in grid.values.reshape(-1)]
     assert grid.values[1].max() == 0  # last layer's logit lens
     prompt_grid = next(g for g in grids if g.kind == "prompt" and g.labels["model"] == "tiny-a")
     fig = plotting.draw(site.heatmap_data(prompt_grid))
@@ -150,6 +149,37 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     assert fig.axes[0].images[0].get_cmap().name == "RdBu_r"
     lo, hi = fig.axes[0].images[0].get_clim()
     assert lo == -hi
+
+
+def _cell_texts(ax, shape) -> list:
+    """The annotation of each cell, row by row: a column's values are one text per colour,
+    a line per row (empty where the other colour's text holds the value)."""
+    cells = {}
+    for text in ax.texts:
+        column = round(text.get_position()[0])
+        for row, line in enumerate(text.get_text().split("\n")):
+            if line:
+                assert (row, column) not in cells
+                cells[(row, column)] = line
+    return [cells.get((r, c)) for r in range(shape[0]) for c in range(shape[1])]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 18, 30, 61])
+def test_column_annotations_line_up_with_the_rows(rows):
+    """Each column's lines span exactly the heatmap's height, centred on it, in PNG and SVG
+    (so the value of row r is drawn in row r)."""
+    values = np.linspace(0, 9, rows * 3).reshape(rows, 3)
+    fig = plotting.draw(plotting.HeatmapData(values, tuple(range(rows)), plotting.column_labels(3), "t"))
+    ax = fig.axes[0]
+    assert _cell_texts(ax, values.shape) == [f"{v:.2f}" for v in values.reshape(-1)]
+    for dpi in (plotting.DPI, 72):  # the PNG's and the SVG's
+        fig.set_dpi(dpi)
+        renderer = fig.canvas.get_renderer()
+        box = ax.get_window_extent(renderer)
+        for text in ax.texts:
+            extent = text.get_window_extent(renderer)
+            assert extent.height == pytest.approx(box.height, abs=1.0)
+            assert (extent.y0 + extent.y1) / 2 == pytest.approx((box.y0 + box.y1) / 2, abs=0.5)
 
 
 def test_cells_reached_by_fewer_prompts_are_marked():
