@@ -13,6 +13,15 @@ The naive baseline is what a user writes by hand: `generate()`, then per layer
 one full hooked forward (full-vocabulary logits at every position) for
 interventions, or one hooked forward decoding every layer at full vocabulary
 at every position for the logit lens; divergences from klstore.divergence.
+With --roofline it prints instead, per probe (logit_lens, skip, patch by default), where
+the time goes: the engine's phases run one by one from the outside (generation, clean
+trace, layer sweep, unembedding, divergences, top-1 and lens tokens, writing the rows
+into a temporary store), each phase's FLOPs and its fraction of the matmul rate, the
+FLOP lower bound of the work the cells require, and the fraction of the plain matmul
+FLOP/s that the whole computation achieves against that bound:
+
+    python benchmarks/engine.py --roofline       # 8 prompts x 30 layers x 5 tokens (1,200 cells)
+
 Prints numbers; asserts nothing.
 """
 
@@ -164,6 +173,223 @@ def bench_probes(engine, prompts, n_new, probes, steer_file):
               f"{gflops / peak:8.0%} {peak_rss_gib():12.2f}", flush=True)
 
 
+# ------------------------------------------------------------------ roofline
+ROOFLINE_PROBES = ("logit_lens", "skip", "patch")
+PHASES = ("generation", "clean trace", "layer sweep", "unembedding", "divergences", "top-1, lens tokens",
+          "writing rows")
+
+
+class _Clock:
+    """Seconds per phase; `with clock("name"):` adds the block's (synchronised) time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    def __call__(self, phase):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                _sync(clock.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(clock.device)
+                clock.seconds[phase] += time.perf_counter() - self.t0
+
+        return _Span()
+
+
+def flop_counts(engine, probe: str, generations, layers, source_lengths,
+                batch_size: int = 16) -> tuple[dict, dict]:
+    """(FLOPs the engine performs per phase, FLOPs the cells require at least, per phase).
+
+    Only weight matmuls count, a multiply-add as 2 FLOPs: a block costs 2 x its parameters
+    per position it runs on. Attention scores (QK^T, AV), norms, activations and the
+    divergences' elementwise work are left out (attention is under 1% of a block's FLOPs at
+    these lengths). Per prompt, with T = prompt + n - 1 teacher-forced positions, n cells per
+    layer, V x H the head (the engine's generation and trace run a left-padded batch, so they
+    perform the block work on the batch's longest T for every prompt; the bound uses each T):
+      clean pass    2 * (block parameters) * T: once required (generation and trace do the
+                    same blocks on the same tokens; the engine does it twice today);
+      reference     2 * V * H * n: the head at the n positions giving P_t;
+      layer sweep   for a row intervening at layer l, the blocks above l: 2 * params(k) per
+                    position, for every position (skip: all positions change at l) or, for
+                    patch, only the n positions from the patched one on (the earlier ones
+                    stay clean); patch also needs the source prompt's clean pass;
+      unembedding   2 * V * H per cell (KL needs Q's whole vocabulary).
+    """
+    per_block = [sum(p.numel() for p in block.parameters()) for block in engine.adapter.blocks]
+    total = sum(per_block)
+    vocab, hidden = engine.model.get_output_embeddings().weight.shape
+    last = engine.n_layers - 1
+    done = dict.fromkeys(PHASES, 0.0)
+    need = dict.fromkeys(("clean pass", "layer sweep", "unembedding"), 0.0)
+    for i, (gen, source_len) in enumerate(zip(generations, source_lengths)):
+        n = gen.n
+        positions = len(gen.prompt_ids) + n - 1
+        batch = generations[i - i % batch_size:i - i % batch_size + batch_size]  # run_many's batch of this prompt
+        padded = max(len(g.prompt_ids) for g in batch) + max(g.n for g in batch) - 1
+        head = 2.0 * vocab * hidden
+        done["generation"] += 2.0 * total * padded + head * n  # prefill + n-1 steps; head at 1 position
+        done["clean trace"] += 2.0 * total * max(len(g.prompt_ids) + g.n - 1 for g in batch) + head * n
+        need["clean pass"] += 2.0 * total * positions
+        need["unembedding"] += head * n + head * n * len(layers)
+        done["unembedding"] += head * n * len(layers)
+        if probe == "logit_lens":
+            continue
+        above = [2.0 * sum(per_block[l + 1:last + 1]) for l in layers]
+        if probe in ("ablate_attn", "ablate_mlp"):  # block l itself runs again, a sub-layer zeroed
+            above = [a + 2.0 * per_block[l] for a, l in zip(above, layers)]
+        done["layer sweep"] += sum(above) * positions
+        need["layer sweep"] += sum(above) * (n if probe == "patch" else positions)
+        if probe == "patch":
+            done["layer sweep"] += 2.0 * total * source_len
+            need["layer sweep"] += 2.0 * total * source_len
+    return done, need
+
+
+def _lens_tokens(logq, gen_ids, cols, k):
+    """What engine.probe computes per cell besides the divergences: top-1 match, rank and
+    log Q of the generated token, the top-k tokens of Q."""
+    top1 = (logq.argmax(-1) == gen_ids[cols]).cpu().numpy()
+    target = logq.gather(-1, gen_ids[cols].expand(logq.shape[0], -1).unsqueeze(-1))
+    rank = (1 + (logq > target).sum(-1)).cpu().numpy()
+    if k:
+        best = logq.topk(k, dim=-1)
+        best.indices.cpu().numpy(), best.values.exp().float().cpu().numpy()
+    return top1, target[..., 0].float().cpu().numpy(), rank
+
+
+@torch.no_grad()
+def phase_run(engine, prompts, spec, layers, gen_spec, results, clock, divergences=("kl",)):
+    """engine.run_many's work for one batch, phase by phase from the outside, then the
+    worker's writes of `results` (engine.run_many's own output) into a temporary store."""
+    import inspect
+    import tempfile
+
+    from klstore.core import divergence
+    from klstore.run import records
+    from klstore.store import open_store
+
+    topk = inspect.signature(engine.probe).parameters.get("topk")
+    k = topk.default if topk is not None else 0
+    with clock("generation"):
+        ids = [engine.encode(p, gen_spec) for p in prompts]
+        generations = engine.generate_batch(ids, gen_spec)
+    with clock("clean trace"):
+        traces = engine.trace_batch(generations)
+    for prompt, trace in zip(prompts, traces):
+        gen_ids = torch.tensor(trace.generation.token_ids, device=engine.device)
+        n = trace.generation.n
+        with clock("layer sweep"):  # patch: its source prompt's pass is part of the sweep
+            context = engine.probe_context(spec, prompt, trace.generation, gen_spec)
+        cells = engine._cells_per_chunk(trace.ref_logp.shape[-1])
+        pieces = engine._final_hidden(trace, spec, layers, context)
+        while True:
+            with clock("layer sweep"):
+                piece = next(pieces, None)
+            if piece is None:
+                break
+            chunk, hidden = piece
+            step = max(1, cells // len(chunk))
+            for p0 in range(0, n, step):
+                cols = slice(p0, min(p0 + step, n))
+                with clock("unembedding"):
+                    logq = engine.adapter.log_probs(hidden[:, cols])
+                with clock("divergences"):
+                    result = divergence.compute(divergences, trace.ref_logp[cols].unsqueeze(0), logq)
+                    {name: t.float().cpu().numpy() for name, t in result.items()}
+                with clock("top-1, lens tokens"):
+                    _lens_tokens(logq, gen_ids, cols, k)
+    outcomes = [records.PromptOutcome(p, tuple(r)) for p, r in zip(prompts, results)]
+    with tempfile.TemporaryDirectory() as tmp, clock("writing rows"):
+        store = open_store(tmp, create=True)
+        where = dict(model=engine.loaded.label, run_id="bench")
+        store.write("kl", records.kl_rows(outcomes, spec.name), "part-bench.parquet", probe=spec.name, **where)
+        store.write("generations", records.generation_rows(outcomes), "part-bench.parquet", **where)
+        store.write("prompts", records.prompt_rows(outcomes), "part-bench.parquet", **where)
+    return generations
+
+
+def roofline(engine, prompts, n_new, probes, repeat=3):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from klstore.spec import GenerationSpec, ProbeSpec, Prompt, parse_layers
+
+    device, dtype = engine.device, engine.loaded.dtype
+    gen = GenerationSpec(max_new_tokens=n_new)
+    layers = parse_layers("all", engine.n_layers, engine.loaded.label)
+    vocab, hidden = engine.model.get_output_embeddings().weight.shape
+    peak = matmul_gflops(device, dtype)
+    head_rows = max(1, engine._cells_per_chunk(vocab))
+    head_shape = _shape_gflops(device, dtype, head_rows, hidden, vocab)
+    print(f"yardstick: plain torch.matmul 2048^3 ({dtype}) {peak:.1f} GFLOP/s; the head's own shape "
+          f"({head_rows} x {hidden}) @ ({hidden} x {vocab}) {head_shape:.1f} GFLOP/s")
+    cells_total = None
+    for name in probes:
+        spec = ProbeSpec(name)
+        engine.prepare(spec)
+        results = engine.run_many(prompts, [spec], layers, ("kl",), gen)  # warm-up
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        cells_total = sum(r[0].values["kl"].size for r in results)
+        # Each repetition: the yardstick, the end-to-end run, the phases one by one. Each figure is
+        # its best over the repetitions, so a burst of load from other processes hits none of them.
+        e2e, best, generations = float("inf"), dict.fromkeys(PHASES, float("inf")), None
+        for _ in range(repeat):
+            peak = max(peak, matmul_gflops(device, dtype))
+            _sync(device)
+            t0 = time.perf_counter()
+            engine.run_many(prompts, [spec], layers, ("kl",), gen)
+            _sync(device)
+            e2e = min(e2e, time.perf_counter() - t0)
+            clock = _Clock(device)
+            generations = phase_run(engine, prompts, spec, layers, gen, results, clock)
+            best = {phase: min(best[phase], clock.seconds[phase]) for phase in PHASES}
+        with FlopCounterMode(display=False) as counter:
+            engine.run_many(prompts, [spec], layers, ("kl",), gen)
+        sources = [len(engine.encode(Prompt(p.id, p.source), gen)) if name == "patch" else 0 for p in prompts]
+        done, need = flop_counts(engine, name, generations, layers, sources)
+        compute = sum(v for k, v in best.items() if k != "writing rows")
+        total = sum(best.values())
+        print(f"\n{name}: {cells_total} cells; engine.run_many end-to-end {e2e:.3f} s; the phases below, "
+              f"run one by one: {compute:.3f} s without writing ({(compute - e2e) / e2e:+.0%} vs end-to-end), "
+              f"{total:.3f} s with it (each the best of {repeat}; matmul yardstick {peak:.1f} GFLOP/s)")
+        print(f"  {'phase':20} {'s':>7} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of matmul':>9}")
+        for phase in PHASES:
+            sec, flops = best[phase], done.get(phase, 0.0)
+            rate = f"{flops / sec / 1e9:8.1f} {flops / sec / 1e9 / peak:9.0%}" if flops and sec else f"{'':8} {'':9}"
+            print(f"  {phase:20} {sec:7.3f} {sec / total:6.0%} {flops / 1e9:7.1f} {rate}")
+        dominant = max(PHASES, key=best.get)
+        bound = sum(need.values())
+        floor = bound / (peak * 1e9)
+        print(f"  dominant phase: {dominant} ({best[dominant] / total:.0%} of the phases' time)")
+        print(f"  FLOPs performed: {sum(done.values()) / 1e9:.1f} G by this count, "
+              f"{counter.get_total_flops() / 1e9:.1f} G by torch's FlopCounterMode (all matmuls, attention too)")
+        parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in need.items() if v)
+        print(f"  lower bound (work the cells require): {bound / 1e9:.1f} GFLOP ({parts}); at "
+              f"{peak:.0f} GFLOP/s that is {floor:.3f} s")
+        print(f"  achieved: {bound / e2e / 1e9:.1f} GFLOP/s = {floor / e2e:.0%} of the plain matmul rate "
+              f"(lower bound / end-to-end time)")
+    print(f"\nthe matmul yardstick is the best of its measurements so far, {peak:.1f} GFLOP/s at the end; "
+          "a probe's fractions use the value printed with it")
+
+
+def _shape_gflops(device, dtype, m, k, n, reps=5) -> float:
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
 def gemma_memory():
     from klstore.core.engine import Engine
     from klstore.spec import GenerationSpec, Prompt
@@ -189,16 +415,22 @@ def gemma_memory():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, help="default 16 (8 with --roofline)")
     parser.add_argument("-n", type=int, default=5)
-    parser.add_argument("--probes", default=",".join(PROBES))
+    parser.add_argument("--probes", help=f"default {','.join(PROBES)} ({','.join(ROOFLINE_PROBES)} with --roofline)")
     parser.add_argument("--gemma-memory", action="store_true")
+    parser.add_argument("--roofline", action="store_true", help="time per phase and FLOP bounds instead")
+    parser.add_argument("--repeat", type=int, default=3, help="--roofline: best of this many runs")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="random-weight model of this size instead of SmolLM2")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     if args.gemma_memory:
         gemma_memory()
         return
+    if args.prompts is None:
+        args.prompts = 8 if args.roofline else 16
+    if args.probes is None:
+        args.probes = ",".join(ROOFLINE_PROBES if args.roofline else PROBES)
 
     import tempfile
 
@@ -227,7 +459,10 @@ def main() -> None:
     torch.save(torch.randn(hidden, generator=torch.Generator().manual_seed(0)), steer_file)
     print(f"{loaded.label}: {engine.n_layers} layers, {args.prompts} prompts x {args.n} tokens, "
           f"device {loaded.device}, {torch.get_num_threads()} threads")
-    bench_probes(engine, prompts, args.n, args.probes.split(","), steer_file)
+    if args.roofline:
+        roofline(engine, prompts, args.n, args.probes.split(","), args.repeat)
+    else:
+        bench_probes(engine, prompts, args.n, args.probes.split(","), steer_file)
 
 
 if __name__ == "__main__":

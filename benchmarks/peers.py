@@ -2,7 +2,7 @@
 
     make bench                          # nnsight==0.8.1 in its own environment (build/venv-bench), then this
     python benchmarks/peers.py          # 8 prompts x 30 layers x 5 generated tokens = 1,200 cells per probe
-    python benchmarks/peers.py --quick  # 2 prompts x 4 layers x 2 tokens, one repetition (the tests' smoke run)
+    python benchmarks/peers.py --quick  # 2 prompts x 4 layers x 2 tokens, once, tuned peer only (the tests' run)
 
 The task: SmolLM2-135M-Instruct (the offline demo model) in float32 on the CPU, the first
 8 prompts of jobs/prompts/demo.jsonl, greedy continuation, probes `logit_lens` and `skip`
@@ -13,21 +13,28 @@ the probe and the divergences, i.e. prompt texts -> a [layers x tokens] KL matri
 Every measurement is repeated (`--repeat`, best of 3 by default), the sides alternating,
 so load from other processes hits both alike.
 
-The nnsight side is written as a competent nnsight user would (nnsight's own API, the
-fastest form found; nnsight 0.8.1):
-- generation: one `model.generate` with one invoke per prompt (left-padded batch);
-- logit_lens: one trace with one invoke per prompt that saves every block's output at the
-  positions predicting Gen t (the last n positions: the batch is left-padded) and the
-  clean logits; those are then decoded with the model's own final norm and head;
-- skip: per prompt one trace with one invoke per layer (`layer.output = layer.input`;
-  nnsight's `.skip()` refuses a batch in which invokes skip different layers) and
-  `logits_to_keep=n`, so the head runs only at the positions predicting Gen t;
-- KL: torch.nn.functional.kl_div(log Q, log P, log_target=True), summed over the vocabulary.
+Two forms of the peer run against the same model (nnsight 0.8.1, its own API throughout):
+- `nnsight`: the fastest form found, as a competent user would tune it:
+  - generation: one `model.generate` with one invoke per prompt (a left-padded batch);
+  - logit_lens: one trace with one invoke per prompt that saves every block's output at the
+    positions predicting Gen t (the last n positions: the batch is left-padded) and the
+    clean logits (`logits_to_keep=n`); the saved states are then decoded with the model's
+    own final norm and head;
+  - skip: per prompt one trace with one invoke per layer (`layer.output = layer.input`;
+    nnsight's `.skip()` refuses a batch whose invokes skip different layers) and
+    `logits_to_keep=n`, so the head runs only at the positions predicting Gen t;
+- `nnsight (tutorial form)`: as nnsight's logit-lens tutorial writes it: the head decodes
+  every layer inside the trace at every position (`lm.lm_head(lm.model.norm(layer.output))`)
+  and the model's logits come at every position; the positions predicting Gen t are
+  taken afterwards. Skip as above without `logits_to_keep`.
+Both compute KL with torch.nn.functional.kl_div(log Q, log P, log_target=True) summed over
+the vocabulary. klstore runs with its defaults, so it also computes each cell's top-1
+match, top-5 lens tokens and the generated token's rank, which the peer does not.
 
-It prints both times, their ratio, the max |difference| between the two KL matrices
-and, on the first `--reference` prompts, each side's max |difference| from the
-independent float64 implementation in tests/reference.py. Without nnsight it prints
-klstore's numbers alone and says that nnsight is missing. Prints numbers; asserts nothing.
+It prints the times, the ratios, the max |difference| between the KL matrices and, on the
+first `--reference` prompts, each side's max |difference| from the independent float64
+implementation in tests/reference.py. Without nnsight it prints klstore's numbers alone
+and says that nnsight is missing. Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
@@ -113,6 +120,44 @@ def nnsight_cells(lm, probe: str, prompts_ids: list[list[int]], layers: list[int
     return matrices, generated
 
 
+@torch.no_grad()
+def nnsight_cells_documented(lm, probe: str, prompts_ids: list[list[int]], layers: list[int], n: int,
+                             eos: set[int], pad: int) -> tuple[list[np.ndarray], list[list[int]]]:
+    """`nnsight_cells` in the form of nnsight's own logit-lens tutorial: the head decodes every
+    layer inside the trace at every position, and the model's logits are computed at every
+    position; the positions predicting Gen t are taken afterwards."""
+    generated = nnsight_generate(lm, prompts_ids, n, eos, pad)
+    sequences = [ids + gen[:-1] for ids, gen in zip(prompts_ids, generated)]
+    blocks = lm.model.layers
+    saved: list = []
+    with lm.trace() as tracer:
+        for seq in sequences:
+            with tracer.invoke(seq):
+                if probe == "logit_lens":
+                    lens = [lm.lm_head(lm.model.norm(blocks[l].output))[0] for l in layers]  # each (T, V)
+                    saved.append((torch.stack(lens), lm.output.logits[0]))
+                else:
+                    saved.append(lm.output.logits[0])
+    matrices = []
+    for i, seq in enumerate(sequences):
+        m = len(generated[i])
+        if probe == "logit_lens":
+            lens, clean = saved[i]
+            logp = clean[-m:].float().log_softmax(-1)
+            logq = lens[:, -m:].float().log_softmax(-1)
+        else:
+            logp = saved[i][-m:].float().log_softmax(-1)
+            rows: list = []
+            with lm.trace() as tracer:
+                for layer in layers:
+                    with tracer.invoke(seq):
+                        blocks[layer].output = blocks[layer].input
+                        rows.append(lm.output.logits[0])
+            logq = torch.stack(rows)[:, -m:].float().log_softmax(-1)
+        matrices.append(_kl(logp.unsqueeze(0), logq).numpy())
+    return matrices, generated
+
+
 # ------------------------------------------------------------------ klstore
 def klstore_cells(engine, probe: str, prompts, layers: tuple[int, ...], n: int, **options) -> list[np.ndarray]:
     from klstore.spec import GenerationSpec, ProbeSpec
@@ -185,7 +230,7 @@ def main() -> int:
     cells = len(prompts) * len(layers) * args.n
 
     lm = None
-    peer = "nnsight not installed"
+    peer = None
     if not args.no_peer:
         try:
             import nnsight
@@ -199,7 +244,7 @@ def main() -> int:
                 print(f"note: the benchmark's peer is pinned at {NNSIGHT_PIN}; this is {peer}")
     print(f"{loaded.label} float32 on CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"{len(prompts)} prompts x {len(layers)} layers x {args.n} tokens = {cells} cells per probe; "
-          f"best of {args.repeat}; peer: {peer}", flush=True)
+          f"best of {args.repeat}; peer: {peer or 'none'}", flush=True)
 
     # klstore first on the bare model, then again once nnsight has wrapped it (its hooks sit on
     # every module), so the ratio is taken under the same conditions.
@@ -208,47 +253,60 @@ def main() -> int:
     for probe in probes:
         run_k[probe]()  # warm-up
         bare[probe] = best_of(args.repeat, run_k[probe])
-    if peer.startswith("nnsight "):
+    forms = {}
+    if peer is not None:
         lm = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task="text-generation")
         lm.tokenizer.padding_side = "left"
         eos, pad = engine._eos, engine._pad_id
+        forms = {"nnsight": nnsight_cells, "nnsight (tutorial form)": nnsight_cells_documented}
+        if args.quick:
+            forms.pop("nnsight (tutorial form)")
 
-    rows = []
+    table = []  # (probe, klstore bare s, klstore wrapped s, {form: (s, max|diff|)}, klstore cells, nnsight cells)
     for probe in probes:
         k_time, k_cells = bare[probe]
-        if lm is None:
-            rows.append((probe, k_time, None, None, None, k_cells, None))
-            continue
-        run_n = lambda probe=probe: nnsight_cells(lm, probe, prompts_ids, list(layers), args.n, eos, pad)  # noqa: E731
-        _, generated = run_n()  # warm-up
-        mine = [r.token_ids for r in engine.generate_batch(prompts_ids, _gen(args.n))]
-        if [tuple(g) for g in generated] != [tuple(g) for g in mine]:
-            print(f"warning: nnsight's greedy continuations differ from klstore's for {probe}")
-        k_best, n_best = float("inf"), float("inf")
-        n_cells = None
-        for _ in range(args.repeat):  # alternate, so both sides see the same load
-            k_best = min(k_best, best_of(1, run_k[probe])[0])
-            t, (n_cells, _) = best_of(1, run_n)
-            n_best = min(n_best, t)
-        rows.append((probe, k_time, k_best, n_best, max_diff(k_cells, n_cells), k_cells, n_cells))
+        runs = {form: (lambda fn=fn, probe=probe: fn(lm, probe, prompts_ids, list(layers), args.n, eos, pad))
+                for form, fn in forms.items()}
+        results = {}
+        for form, run in runs.items():
+            _, generated = run()  # warm-up
+            mine = [r.token_ids for r in engine.generate_batch(prompts_ids, _gen(args.n))]
+            if [tuple(g) for g in generated] != [tuple(g) for g in mine]:
+                print(f"warning: {form}'s greedy continuations differ from klstore's ({probe})")
+        best = dict.fromkeys(["klstore", *runs], float("inf"))
+        for _ in range(args.repeat if runs else 0):  # alternate, so every side sees the same load
+            best["klstore"] = min(best["klstore"], best_of(1, run_k[probe])[0])
+            for form, run in runs.items():
+                seconds, (cells_out, _) = best_of(1, run)
+                best[form] = min(best[form], seconds)
+                results[form] = cells_out
+        table.append((probe, k_time, best["klstore"] if runs else None,
+                      {form: (best[form], max_diff(k_cells, results[form])) for form in runs},
+                      k_cells, results.get("nnsight")))
 
-    print(f"\n{'probe':11} {'klstore s':>9} {'(wrapped)':>9} {'nnsight s':>9} {'ratio':>6} "
-          f"{'max|klstore-nnsight|':>20}")
-    for probe, k_time, k_wrapped, n_time, diff, _, _ in rows:
-        if n_time is None:
-            print(f"{probe:11} {k_time:9.3f} {'-':>9} {'-':>9} {'-':>6} {'-':>20}")
-        else:
-            print(f"{probe:11} {k_time:9.3f} {k_wrapped:9.3f} {n_time:9.3f} {n_time / min(k_time, k_wrapped):5.2f}x "
-                  f"{diff:20.2e}")
-    print("klstore s: on the bare model; (wrapped): the same after nnsight wrapped it, alternating with nnsight; "
-          "ratio = nnsight / the faster klstore time")
+    header = f"{'probe':11} {'klstore s':>9} {'(wrapped)':>9}"
+    for form in forms or ["nnsight"]:
+        header += f" {form + ' s':>{max(9, len(form) + 2)}} {'ratio':>6} {'max|diff|':>9}"
+    print("\n" + header)
+    for probe, k_time, k_wrapped, peers_out, _, _ in table:
+        line = f"{probe:11} {k_time:9.3f} {k_wrapped if k_wrapped is not None else float('nan'):9.3f}"
+        if not peers_out:
+            line = f"{probe:11} {k_time:9.3f} {'-':>9} {'-':>9} {'-':>6} {'-':>9}"
+        fastest = min(k_time, k_wrapped or k_time)
+        for form, (seconds, diff) in peers_out.items():
+            line += f" {seconds:{max(9, len(form) + 2)}.3f} {seconds / fastest:5.2f}x {diff:9.1e}"
+        print(line)
+    if forms:
+        print("klstore s: alone on the model; (wrapped): again once nnsight wrapped the same model, alternating "
+              "with the peer; ratio = peer time / the faster klstore time (above 1: klstore is faster); "
+              "max|diff|: the largest |KL difference| between klstore's and the peer's matrices, nats")
 
     if args.reference:
         count = min(args.reference, len(prompts))
         model64 = copy.deepcopy(loaded.model).double()
         generated = [r.token_ids for r in engine.generate_batch(prompts_ids[:count], _gen(args.n))]
         print(f"\nfloat64 reference (tests/reference.py) on the first {count} prompts:")
-        for probe, _, _, _, _, k_cells, n_cells in rows:
+        for probe, _, _, _, k_cells, n_cells in table:
             ref = reference_cells(model64, probe, prompts_ids[:count], generated, list(layers))
             line = f"  {probe:11} max|klstore - float64| {max_diff(k_cells[:count], ref):.2e}"
             if n_cells is not None:

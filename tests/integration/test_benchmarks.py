@@ -1,0 +1,70 @@
+"""benchmarks/peers.py and benchmarks/engine.py --roofline run end to end (small) and print every figure.
+
+Speed is not asserted (it is measured by the benchmarks); FLOP counts are, since they do not
+depend on the machine: the roofline's own count of the FLOPs performed must agree with torch's
+FlopCounterMode.
+"""
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.real_model
+
+NUMBER = r"([0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)"
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_peers_quick_prints_klstore_and_the_peer_or_says_it_is_missing():
+    text = _run("benchmarks/peers.py", "--quick")
+    assert "2 prompts x 4 layers x 2 tokens = 16 cells per probe" in text, text
+    has_peer = importlib.util.find_spec("nnsight") is not None
+    for probe in ("logit_lens", "skip"):
+        if has_peer:
+            row = re.search(rf"^{probe} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}x +{NUMBER}$", text, re.M)
+            assert row, text
+            assert float(row.group(5)) < 1e-2, text  # the two KL matrices agree
+        else:
+            row = re.search(rf"^{probe} +{NUMBER} +- +- +- +-$", text, re.M)
+            assert row and float(row.group(1)) > 0, text
+    if not has_peer:
+        assert "nnsight is missing" in text and "make bench" in text, text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nnsight") is None,
+                    reason="without nnsight, the test above already runs klstore alone")
+def test_peers_without_the_peer_even_when_installed():
+    text = _run("benchmarks/peers.py", "--quick", "--no-peer", "--probes", "logit_lens")
+    assert re.search(rf"^logit_lens +{NUMBER} +- +- +- +-$", text, re.M), text
+
+
+def test_engine_roofline_prints_phases_bounds_and_the_matmul_fraction():
+    text = _run("benchmarks/engine.py", "--roofline", "--prompts", "2", "-n", "2", "--repeat", "1")
+    assert re.search(rf"plain torch.matmul 2048\^3 \(torch.float32\) {NUMBER} GFLOP/s", text), text
+    for probe in ("logit_lens", "skip", "patch"):
+        section = text.split(f"\n{probe}: ", 1)[1].split("\n\n", 1)[0]
+        for phase in ("generation", "clean trace", "layer sweep", "unembedding", "divergences",
+                      "top-1, lens tokens", "writing rows"):
+            assert re.search(rf"^  {re.escape(phase)} +{NUMBER} +{NUMBER}%", section, re.M), section
+        assert re.search(r"dominant phase: (generation|clean trace|layer sweep|unembedding|divergences|"
+                         r"top-1, lens tokens|writing rows) \(", section), section
+        assert re.search(rf"end-to-end {NUMBER} s", section), section
+        bound = re.search(rf"lower bound \(work the cells require\): {NUMBER} GFLOP", section)
+        assert bound and float(bound.group(1)) > 0, section
+        achieved = re.search(rf"achieved: {NUMBER} GFLOP/s = {NUMBER}% of the plain matmul rate", section)
+        assert achieved and float(achieved.group(1)) > 0, section
+        counts = re.search(rf"FLOPs performed: {NUMBER} G by this count, {NUMBER} G by torch's FlopCounterMode",
+                           section)
+        assert counts, section
+        mine, torchs = float(counts.group(1)), float(counts.group(2))
+        assert mine == pytest.approx(torchs, rel=0.1), section
