@@ -30,7 +30,7 @@ DIM_TITLES = {"model": "model", "probe": "probe", "prompt_group": "group"}
 _EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"  # runs missing from the runs table count as oldest
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its arrays have no single truth value
 class Grid:
     """One figure's numbers: values (len(layers), len(columns)), NaN where no value."""
 

@@ -75,25 +75,42 @@ class Drawer:
         self.workers = max(1, workers if workers is not None else available_cpus())
         self.broken = False  # the worker processes died; drawn in this process instead
         self._pool = None
+        self._jobs: list[Job] = []
+        self._futures: list = []
         if self.workers > 1:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=_context())
             self._warm = [self._pool.submit(_ready) for _ in range(self.workers)]
 
-    def draw(self, jobs: list[Job]) -> int:
-        """Draw every job; returns how many. The first error is raised (close() cancels the rest)."""
-        if self._pool is None or len(jobs) <= 1:
+    def submit(self, jobs: list[Job]) -> None:
+        """Start drawing the jobs (in this process: at wait())."""
+        self._jobs += jobs
+        if self._pool is not None:
+            self._futures += [self._pool.submit(draw_one, job) for job in jobs]
+
+    def wait(self) -> int:
+        """Wait for every submitted job; returns how many were drawn. The first error is raised
+        (close() cancels the rest); if the worker processes died, all are drawn here instead."""
+        jobs, futures = self._jobs, self._futures
+        self._jobs, self._futures = [], []
+        if self._pool is None:
             for job in jobs:
                 draw_one(job)
             _FIGURES.clear()
             return len(jobs)
         try:
-            for future in [self._pool.submit(draw_one, job) for job in jobs]:
+            for future in futures:
                 future.result()
         except BrokenProcessPool:
             self.close()
             self.broken = True
-            return self.draw(jobs)
+            self.submit(jobs)
+            return self.wait()
         return len(jobs)
+
+    def draw(self, jobs: list[Job]) -> int:
+        """Draw the jobs and wait for them."""
+        self.submit(jobs)
+        return self.wait()
 
     def close(self) -> None:
         if self._pool is not None:

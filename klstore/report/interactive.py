@@ -22,6 +22,7 @@ Cells beyond a robust scale are marked with a triangle (log: below the floor, no
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -54,6 +55,13 @@ def _text(value) -> str:
     return html.escape(" ".join(str(value).splitlines()), quote=False)
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def shown_token(text) -> str:
+    """klstore.output.visible_token, remembered: a report shows the same tokens many times."""
+    return visible_token(text)
+
+
+@functools.lru_cache(maxsize=1 << 17)
 def _token(text) -> str:
     """A token for hover text: whitespace made visible, in quotes, HTML-escaped."""
     return html.escape(f'"{visible_token(text)}"', quote=False)

@@ -14,6 +14,7 @@ maps still draw, and their hover says the tokens were not stored.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,13 @@ class PromptRow:
         settled = [s for s in self.settle if s is not None]
         if not settled or not self.n_layers:
             return None
-        return float(np.median([(s + 1) / self.n_layers for s in settled]))
+        return (statistics.median(settled) + 1) / self.n_layers
+
+    @property
+    def settle_text(self) -> str:
+        """'12 · never · 14 (of 30)': the settling layer per generated token."""
+        layers = " · ".join("never" if s is None else str(s) for s in self.settle)
+        return f"{layers} (of {self.n_layers})" if self.n_layers else layers
 
 
 @dataclass

@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.output import visible_token
 from klstore.report import aggregate, drawing, interactive, prompts, settling
 from klstore.report.aggregate import Grid, _filters, _summary
 from klstore.report.observe import observe
@@ -111,32 +110,41 @@ class Report:
         self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
 
 
-def gather(con, spec: ReportSpec, where, chosen) -> Report:
-    """Every grid, page and listing of the report, with settling, scales and observations."""
-    settling.load(con, chosen["selection"])
+def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None) -> Report:
+    """Every grid, page and listing of the report, with settling, scales and observations.
+    `on_figures(grids)` gets the index's grids as soon as their numbers and scales are known
+    (aggregates and differences first, then the per-prompt examples), so that drawing them
+    can start while the rest is read."""
     n_layers = aggregate._n_layers(con, where)
     grids = aggregate.collect(con, spec, where, n_layers)
+    shared = _set_scales(spec, grids)
+    on_figures(grids)
+    settling.load(con, chosen["selection"])
     listings = prompts.listings(con)
-    pages = []
+    pages, examples = [], []
     for listing in listings:
         mine = prompts.grids(con, spec, where, n_layers, listing)
         by_id = {g.fig_id: g for g in mine}
         pages += mine
-        examples = [prompts.prompt_fig_id(listing.model, listing.probe, r.prompt_id)
-                    for r in listing.examples(spec.per_prompt)]
-        grids += [by_id[f] for f in examples if f in by_id]
+        examples += [by_id[f] for f in (prompts.prompt_fig_id(listing.model, listing.probe, r.prompt_id)
+                                        for r in listing.examples(spec.per_prompt)) if f in by_id]
+    shared.update(_set_scales(spec, examples))
+    for page in pages:
+        if page.scale is None:  # not an example: its own scale, or the section's
+            page.scale = choose(page.values, spec.color_scale, False, shared.get(page.section))
+    on_figures(examples)
+    grids += examples
     settling.attach(con, grids)
-    shared = _set_scales(spec, grids, pages)
-    for grid in grids + [p for p in pages if p not in grids]:
+    for grid in grids + [p for p in pages if p not in examples]:
         grid.observations = observe(grid)
     return Report(grids, pages, listings, _summary(con, spec, where), shared)
 
 
-def _set_scales(spec: ReportSpec, grids, pages) -> dict:
+def _set_scales(spec: ReportSpec, grids) -> dict:
     """Each grid's colour Scale: its own, or its section's (shared_scale). Returns the shared
     (lo, hi) per section (part of the figures' cache keys)."""
     shared = _shared_scales(spec, grids) if spec.shared_scale else {}
-    for grid in grids + [p for p in pages if p not in grids]:
+    for grid in grids:
         grid.scale = choose(grid.values, spec.color_scale, grid.kind == "difference", shared.get(grid.section))
     return shared
 
@@ -156,15 +164,17 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         log(f"report {spec.name}: inputs unchanged, nothing to redraw")
         return {"index": out / "index.html", "drawn": 0, "reused": len(old_manifest.get("figures", {})),
                 "seconds": time.perf_counter() - start, "changed": False}
-    with drawing.Drawer(workers) as drawer:  # its processes start while the queries run
-        report = gather(con, spec, where, chosen)
-        build_dir = builds / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        for folder in ("figures", "assets", "probes", "prompts"):
-            (build_dir / folder).mkdir(parents=True)
-        shared = report.shared
-        jobs, figures, reused = [], {}, 0
-        for grid in report.grids:
-            key = _figure_key(spec, grid, stats, json.dumps(shared.get(grid.section)))
+    build_dir = builds / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    for folder in ("figures", "assets", "probes", "prompts"):
+        (build_dir / folder).mkdir(parents=True)
+    keys: dict = {}
+    reused = 0
+
+    def draw_or_reuse(grids):  # called by gather as soon as the grids' numbers and scales are known
+        nonlocal reused
+        jobs = []
+        for grid in grids:
+            key = keys[grid.fig_id] = _figure_key(spec, grid, stats, json.dumps(report_shared(grid)))
             png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
             old = old_manifest.get("figures", {}).get(grid.fig_id)
             if not force and old and old.get("key") == key and previous and (previous / png).exists() \
@@ -174,14 +184,22 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
                 reused += 1
             else:
                 jobs.append(drawing.Job(heatmap_data(grid), (str(build_dir / png), str(build_dir / svg))))
-            figures[grid.fig_id] = {"key": key, "png": png, "svg": svg, "title": grid.title,
-                                    "section": grid.section, "observations": grid.observations,
-                                    "inputs": [list(i) for i in grid.inputs]}
-        drawn = drawer.draw(jobs)
+        drawer.submit(jobs)
+
+    def report_shared(grid):
+        scale = grid.scale
+        return [scale.lo, scale.hi] if spec.shared_scale and scale is not None else None
+
+    with drawing.Drawer(workers) as drawer:  # its processes start while the queries run
+        report = gather(con, spec, where, chosen, on_figures=draw_or_reuse)
+        _write_site(build_dir, spec, store, report)  # while the figures are drawn
+        drawn = drawer.wait()
         if drawer.broken:
             log("report: the drawing processes died (a script calling the report must keep its code under "
                 "`if __name__ == \"__main__\":`); drew the figures in this process instead")
-    _write_site(build_dir, spec, store, report)
+    figures = {g.fig_id: {"key": keys[g.fig_id], "png": f"figures/{g.fig_id}.png", "svg": f"figures/{g.fig_id}.svg",
+                          "title": g.title, "section": g.section, "observations": g.observations,
+                          "inputs": [list(i) for i in g.inputs]} for g in report.grids}
     manifest = {
         "report": spec.name, "spec": spec.describe(), "spec_source": spec.source, "store": store.uri,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "klstore_version": __version__,
@@ -212,11 +230,11 @@ def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> Non
         by_probe.setdefault((page.labels["model"], page.labels["probe"]), []).append(page)
     for listing in report.listings:
         (build_dir / listing.page).write_text(listing_template.render(
-            spec=spec, listing=listing, root="../", shown=visible_token, figures=_figures_json({})),
+            spec=spec, listing=listing, root="../", shown=interactive.shown_token, figures=_figures_json({})),
             encoding="utf-8")
         for grid in by_probe.get((listing.model, listing.probe), []):
             (build_dir / grid.page).write_text(prompt_template.render(
-                spec=spec, grid=grid, listing=listing, root="../", shown=visible_token, lens=_lens_table(grid),
+                spec=spec, grid=grid, listing=listing, root="../", shown=interactive.shown_token, lens=_lens_table(grid),
                 figures=_figures_json({grid.fig_id: interactive.figure(grid, report.prompt_pages)})),
                 encoding="utf-8")
     (build_dir / "report.md").write_text(render_markdown(spec, report.grids, report.summary), encoding="utf-8")
@@ -253,8 +271,8 @@ def _lens_table(grid: Grid) -> list:
         for c in range(topk.shape[1]):
             tokens = topk[r, c] or []
             first = tokens[0] if tokens else (None, float("nan"))
-            listed = "  ".join(f"{i}. {visible_token(t)} {p:.3f}" for i, (t, p) in enumerate(tokens, 1))
-            cells.append((visible_token(first[0]) if tokens else "", first[1], bool(match[r, c]), listed))
+            listed = "  ".join(f"{i}. {interactive.shown_token(t)} {p:.3f}" for i, (t, p) in enumerate(tokens, 1))
+            cells.append((interactive.shown_token(first[0]) if tokens else "", first[1], bool(match[r, c]), listed))
         rows.append((layer, cells))
     return rows
 
