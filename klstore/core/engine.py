@@ -459,24 +459,28 @@ class Engine:
         row_of = {layer: i for i, layer in enumerate(layers)}
         context = context or ProbeContext(prompt.id)
         cells = self._cells_per_chunk(trace.ref_logp.shape[-1])
+        ref_p = trace.ref_logp.exp() if "kl" in divergences else None  # P, once per prompt (float32+)
         for chunk, hidden in self._final_hidden(trace, spec, layers, context):
             rows = [row_of[layer] for layer in chunk]
             step = max(1, cells // len(chunk))  # positions per piece, so log Q stays in budget
             for p0 in range(0, gen.n, step):
                 cols = slice(p0, min(p0 + step, gen.n))
                 logq = self.adapter.log_probs(hidden[:, cols])  # (R, m, V)
-                result = divergence.compute(divergences, trace.ref_logp[cols].unsqueeze(0), logq)
+                result = divergence.compute_rows(divergences, trace.ref_logp[cols], logq,
+                                                 None if ref_p is None else ref_p[cols])
                 for name, tensor in result.items():
                     values[name][rows, cols] = tensor.float().cpu().numpy()
-                top1[rows, cols] = (logq.argmax(-1) == gen_ids[cols]).cpu().numpy()
                 target = logq.gather(-1, gen_ids[cols].expand(logq.shape[0], -1).unsqueeze(-1))  # (R, m, 1)
                 gen_logq[rows, cols] = target[..., 0].float().cpu().numpy()
-                gen_rank[rows, cols] = (1 + (logq > target).sum(-1)).cpu().numpy()
+                # rank = 1 + #{v: Q(v) > Q(Gen t)}; an int32 sum of the comparison is 3x faster than bool.sum
+                rank = 1 + torch.gt(logq, target).sum(-1, dtype=torch.int32)
+                gen_rank[rows, cols] = rank.cpu().numpy()
+                top1[rows, cols] = (rank == 1).cpu().numpy()  # = (argmax Q == Gen t) but for exact ties
                 if k:
                     best = logq.topk(k, dim=-1)  # sorted: rank 1 first
                     topk_ids[rows, cols] = best.indices.cpu().numpy()
                     topk_probs[rows, cols] = best.values.exp().float().cpu().numpy()
-                del logq, result, target
+                del logq, result, target, rank
         ref = trace.ref_logp
         logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
         entropy = (-(ref.exp() * ref).nan_to_num().sum(-1)).float().cpu().numpy()

@@ -68,3 +68,25 @@ def test_check_names():
     assert check_divergences(["js", "kl", "js"]) == ("js", "kl")
     with pytest.raises(KlstoreError, match="unknown divergence 'l2'"):
         check_divergences(["l2"])
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 1000, 49152])
+def test_kl_rows_equals_kl_against_float64(vocab):
+    """The engine's forward KL (blocked dot products, no vocabulary-sized temporary) against
+    float64, including a Q that is -inf where P is 0 (recomputed elementwise) and one that is
+    -inf where P is not (+inf, reported by the engine as non-finite)."""
+    from klstore.core.divergence import compute_rows, kl
+
+    g = torch.Generator().manual_seed(vocab)
+    logp = (3 * torch.randn(3, vocab, generator=g)).log_softmax(-1)
+    logq = (4 * torch.randn(5, 3, vocab, generator=g)).log_softmax(-1)
+    logp[0, 0] = -float("inf")  # P(v) = 0 ...
+    logp[0] = logp[0] - logp[0].logsumexp(-1)
+    logq[1, 0, 0] = -float("inf")  # ... where Q(v) = 0: the term is 0
+    logq[2, 1, 3] = -float("inf")  # Q(v) = 0 where P(v) > 0: +inf
+    got = compute_rows(("kl", "js"), logp, logq)
+    want = kl(logp.double().unsqueeze(0), logq.double())
+    finite = torch.isfinite(want)
+    assert not finite[2, 1] and got["kl"][2, 1] == float("inf")
+    torch.testing.assert_close(got["kl"][finite].double(), want[finite], atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(got["js"], divergence.js(logp.unsqueeze(0), logq))

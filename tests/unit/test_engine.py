@@ -62,7 +62,9 @@ def test_layer_subset_equals_rows_of_all(engine):
     full = engine.run(PROMPT, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(3))[0]
     part = engine.run(PROMPT, [ProbeSpec("skip")], "-1,1", ("kl",), GenerationSpec(3))[0]
     assert part.layers == (1, 3)
-    np.testing.assert_allclose(part.values["kl"], full.values["kl"][[1, 3]], atol=1e-6)
+    # The forward KL's dot products go through BLAS, whose summation order depends on how many
+    # rows a batch has: up to ~2e-6 apart here (the 1e-5 bound of issue #13).
+    np.testing.assert_allclose(part.values["kl"], full.values["kl"][[1, 3]], atol=1e-5, rtol=0)
 
 
 def test_chunked_sweep_equals_unchunked(engine):
@@ -70,7 +72,7 @@ def test_chunked_sweep_equals_unchunked(engine):
     for probe in ("logit_lens", "skip"):
         a = engine.run(PROMPT, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(3))[0]
         b = small.run(PROMPT, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(3))[0]
-        np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=1e-6)
+        np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=1e-5, rtol=0)  # see above
 
 
 def test_sampling_is_seeded(engine):
