@@ -308,8 +308,17 @@ class RunPlan:
             cluster=cluster, bytes_per_kl_row=per_row, bytes_measured_on=int(measured_rows))
 
     def mark(self, status: str) -> None:
-        """Write the run's row with `status` (running, completed or failed)."""
-        self.store.write_run(self.run_id, self.config.name, status, self.record, versions())
+        """Write the run's row with `status` (running, completed or failed); a completed run's
+        noise floor is the largest its shard attempts measured (docs/conventions.md)."""
+        floor = self.noise_floor() if status == "completed" else None
+        self.store.write_run(self.run_id, self.config.name, status, self.record, versions(), floor)
+
+    def noise_floor(self) -> float | None:
+        """max(noise_floor) over this run's shard attempts (None when none measured one)."""
+        from klstore.store.views import sql
+
+        _, rows = sql(self.store, "SELECT max(noise_floor) FROM shards WHERE run_id = ?", [self.run_id])
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     @contextmanager
     def running(self):

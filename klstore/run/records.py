@@ -138,7 +138,7 @@ def prompt_rows(outcomes) -> pa.Table:
 
 
 def shard_attempt_row(shard_key: str, where: dict, started_at, ended_at, prompts: int, cells: int | None,
-                      outcome: str, error: str | None = None) -> pa.Table:
+                      outcome: str, error: str | None = None, noise_floor: float | None = None) -> pa.Table:
     """The `shards` row of one shard attempt. `where`: node, actor, device (Worker.describe());
     `started_at`, `ended_at`: timezone-aware datetimes; `outcome`: ok, failed or lost."""
     seconds = (ended_at - started_at).total_seconds()
@@ -146,7 +146,7 @@ def shard_attempt_row(shard_key: str, where: dict, started_at, ended_at, prompts
     row = {"shard_key": [shard_key], "node": [where.get("node")], "actor": [where.get("actor")],
            "device": [where.get("device")], "started_at": [started_at], "ended_at": [ended_at],
            "prompts": [prompts], "cells": [cells], "cells_per_second": [rate], "outcome": [outcome],
-           "error": [error]}
+           "error": [error], "noise_floor": [noise_floor]}
     return pa.table(row, schema=SHARDS_SCHEMA)
 
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import numpy as np
+
 from klstore.errors import KlstoreError
 from klstore.run.plan import Job, shard_key, shard_parts
 from klstore.spec import check_label
@@ -55,6 +57,7 @@ class Worker:
         self._prepared: set = set()  # jobs checked against this model
         self._layers: dict[str, tuple[int, ...]] = {}  # layer spec -> resolved block indices
         self._tokens_written = False  # the model's vocabulary is in the store
+        self._floor_measured = False  # this worker measured a noise floor (once is enough)
 
     def describe(self) -> dict:
         """Where this worker runs, as the `shards` table records it: node, actor, device."""
@@ -93,6 +96,30 @@ class Worker:
             else:
                 outcomes.append(PromptOutcome(prompt, tuple(result)))
         return outcomes
+
+    def _noise_floor(self, outcomes, job: Job) -> float | None:
+        """The largest |divergence| difference between the shard's first good prompt as computed
+        in its batch and computed alone (every probe, layer and divergence), over the generated
+        tokens both computations share. None when the shard had one prompt (no batch) or none ok.
+        In fp32 on CPU it is ~1e-6; on GPUs in bf16 batch composition moves results more."""
+        if len(outcomes) < 2:
+            return None
+        first = next((o for o in outcomes if o.status == "ok"), None)
+        if first is None:
+            return None
+        alone = self.engine.run_many([first.prompt], list(job.probes), self._layers[job.layers], job.divergences,
+                                     job.generation, batch_size=1, topk=0)[0]
+        if isinstance(alone, Exception):
+            return None
+        worst = 0.0
+        for batched, single in zip(first.matrices, alone):
+            a, b = batched.generation.token_ids, single.generation.token_ids
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            for name, values in batched.values.items():
+                diff = np.abs(values[:, :same].astype(np.float64) - single.values[name][:, :same])
+                if np.isfinite(diff).any():
+                    worst = max(worst, float(np.nanmax(diff)))
+        return worst
 
     def _write_tokens(self) -> None:
         """The model's vocabulary into the `tokens` table, once (before the shard's rows that use it)."""
@@ -139,7 +166,11 @@ class Worker:
         if "prompts" in wanted:
             self.store.write("prompts", records.prompt_rows(outcomes), name, model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
+        floor = None
+        if not self._floor_measured:  # once per worker: one prompt again, alone (costs one prompt)
+            floor = self._noise_floor(outcomes, job)
+            self._floor_measured = floor is not None
         attempt = records.shard_attempt_row(key, self.describe(), started_at, datetime.now(timezone.utc),
-                                            len(prompts), cells, "ok")
+                                            len(prompts), cells, "ok", noise_floor=floor)
         self.store.write("shards", attempt, records.attempt_file_name(key), model=self.label, run_id=run_id)
         return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)

@@ -82,6 +82,7 @@ RUNS_SCHEMA = pa.schema([
     ("klstore_version", pa.string()),
     ("torch_version", pa.string()),
     ("transformers_version", pa.string()),
+    ("noise_floor", pa.float32()),  # max |divergence(batched) - divergence(alone)| over the sampled cells
 ])
 SHARDS_SCHEMA = pa.schema([  # one row per shard attempt (provenance; never used for resume)
     ("shard_key", pa.string()),
@@ -95,6 +96,7 @@ SHARDS_SCHEMA = pa.schema([  # one row per shard attempt (provenance; never used
     ("cells_per_second", pa.float32()),
     ("outcome", pa.string()),  # ok, failed (an error in the shard), lost (its actor died)
     ("error", pa.string()),
+    ("noise_floor", pa.float32()),  # measured on this attempt's first prompt, else null (docs/conventions.md)
 ])
 
 # table -> (file schema, partition columns in path order)
@@ -115,9 +117,9 @@ VIEW_COLUMNS = {
     "prompts": ("run_id", "model", "prompt_id", "prompt_group", "prompt_text", "source_text",
                 "n_prompt_tokens", "n_generated", "stopped_at_eos", "status", "error"),
     "runs": ("run_id", "name", "created_at", "updated_at", "status", "config",
-             "klstore_version", "torch_version", "transformers_version"),
+             "klstore_version", "torch_version", "transformers_version", "noise_floor"),
     "shards": ("run_id", "model", "shard_key", "node", "actor", "device", "started_at", "ended_at",
-               "prompts", "cells", "cells_per_second", "outcome", "error"),
+               "prompts", "cells", "cells_per_second", "outcome", "error", "noise_floor"),
     "tokens": ("model", "token_id", "token_text"),
 }
 ATTEMPT_PREFIX = "attempt-"  # shards files: attempt-<shard key>-<uuid8>.parquet
@@ -263,7 +265,7 @@ class Store:
         return self.fs.get_file_info(path).type == pafs.FileType.File
 
     def write_run(self, run_id: str, name: str, status: str, config: dict,
-                  versions: dict[str, str]) -> None:
+                  versions: dict[str, str], noise_floor: float | None = None) -> None:
         """Create or update the run's row, keeping its original created_at."""
         now = datetime.now(timezone.utc)
         existing = self.read_run(run_id)
@@ -272,7 +274,7 @@ class Store:
             "name": [name], "created_at": [created], "updated_at": [now], "status": [status],
             "config": [json.dumps(config, sort_keys=True)],
             "klstore_version": [versions.get("klstore")], "torch_version": [versions.get("torch")],
-            "transformers_version": [versions.get("transformers")],
+            "transformers_version": [versions.get("transformers")], "noise_floor": [noise_floor],
         }
         self.write("runs", pa.table(row, schema=RUNS_SCHEMA), "run.parquet", run_id=run_id)
 

@@ -238,3 +238,32 @@ def test_readme_example_queries_run(tiny, tmp_path):
     assert {(r["model"], r["rank"]) for r in results[6]} == {(m, k) for m in ("smollm2-135m", "other-model")
                                                               for k in (1, 2, 3)}
     assert all(0 <= r["deep_thinking_ratio"] <= 1 for r in results[7])
+
+
+def test_noise_floor_is_measured_once_per_worker_and_recorded(tiny, tmp_path):
+    """The shard's first prompt again, alone: |batched - alone| over every cell (fp32 on CPU: tiny,
+    but measured). Recorded on that attempt's shards row, and as the run's max on completion."""
+    from klstore.run.plan import RunPlan, execute_local
+    from klstore.spec import ExperimentConfig, ModelConfig
+
+    uri = str(tmp_path / "store")
+    cfg = ExperimentConfig(name="floor", store=uri, models=(ModelConfig(name="tiny", label="tiny-llama"),),
+                           prompt_paths=(), probes=JOB.probes, layers="all", generation=JOB.generation,
+                           divergences=JOB.divergences, shard_size=3, prompts=tuple(PROMPTS))
+    plan = RunPlan(cfg)
+    worker = _worker(tiny, plan.store)
+    execute_local(plan, worker, say=lambda m: None)
+    _, shards = views.sql(uri, "SELECT prompts, noise_floor FROM shards ORDER BY noise_floor NULLS LAST")
+    assert [s[0] for s in shards] == [3, 2] or [s[0] for s in shards] == [2, 3]
+    floors = [s[1] for s in shards if s[1] is not None]
+    assert len(floors) == 1 and 0 <= floors[0] < 1e-4
+    # the same prompt alone vs in its batch, recomputed here independently
+    engine = Engine(tiny)
+    batched = engine.run_many(PROMPTS[:3], list(JOB.probes), "all", JOB.divergences, JOB.generation)[0]
+    alone = engine.run_many(PROMPTS[:1], list(JOB.probes), "all", JOB.divergences, JOB.generation,
+                            batch_size=1)[0]
+    expected = max(float(np.nanmax(np.abs(b.values[d].astype(np.float64) - a.values[d])))
+                   for b, a in zip(batched, alone) for d in JOB.divergences)
+    assert floors[0] == pytest.approx(expected, abs=1e-9)
+    _, runs = views.sql(uri, "SELECT status, noise_floor FROM runs")
+    assert runs == [("completed", pytest.approx(floors[0]))]
