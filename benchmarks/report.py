@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--skip-serial", action="store_true", help="skip the single-process builds")
     parser.add_argument("--demo-only", action="store_true", help="only the demo-shaped report")
     args = parser.parse_args()
+    shutil.rmtree(args.dir, ignore_errors=True)  # a report left from a previous run would be found unchanged
     print(f"{drawing.available_cpus()} CPUs available")
     demo_shape(args.dir, args.skip_serial)
     if not args.demo_only:

@@ -21,6 +21,7 @@ import numpy as np
 
 from klstore.report import settling
 from klstore.report.aggregate import _EPOCH, Filter, Grid, _arrays_from_rows, _layers_for, _slug
+from klstore.report.interactive import shown_token
 from klstore.report.plotting import column_labels
 
 PAGES_PER_PROBE = 250  # prompt pages per (model, probe); every prompt is listed regardless
@@ -46,6 +47,11 @@ class PromptRow:
         if not settled or not self.n_layers:
             return None
         return (statistics.median(settled) + 1) / self.n_layers
+
+    @property
+    def tokens_text(self) -> str:
+        """The generated tokens, whitespace made visible, one space apart."""
+        return " ".join(shown_token(t) for t in self.tokens)
 
     @property
     def settle_text(self) -> str:
