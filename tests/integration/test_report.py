@@ -210,6 +210,26 @@ def test_site_files_links_and_assets(store_uri, tmp_path):
     assert listing.count('href="../prompts/') == 6 and "settling layer per token" in listing
 
 
+def test_a_store_from_before_lens_tokens_still_reports(store_uri, tmp_path):
+    """kl files without the lens-token columns and no tokens table: every page is still written,
+    and the prompt pages say the tokens were not stored."""
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_uri, copy)
+    shutil.rmtree(copy / "tokens")
+    for path in (copy / "kl").rglob("*.parquet"):
+        table = pq.read_table(path, partitioning=None)
+        pq.write_table(table.drop_columns(["topk_ids", "topk_probs", "gen_rank", "gen_logq"]), path)
+    out = tmp_path / "rep"
+    site.build(open_store(str(copy)), _spec(per_prompt=1), out=out, log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pages"]["prompts"] == 3 * 2 * 6
+    page = (out / "prompts").glob("prompt-tiny-a-logit_lens-p0-*.html").__next__().read_text()
+    assert "No lens tokens were stored for this prompt" in page and "top-k tokens not stored" in page
+    assert "Top-1 settling depth: " in page  # top1_match was stored before lens tokens were
+
+
 def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(store_uri, tmp_path):
     out = tmp_path / "rep"
     spec = _spec(per_prompt=0)
