@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -42,11 +43,13 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def draw_one(job: Job) -> str:
-    """Draw and save one figure, redrawing into this process's Figure of that size."""
+def draw_one(job: Job) -> float:
+    """Draw and save one figure, redrawing into this process's Figure of that size; returns
+    the CPU seconds it took (benchmarks add them up)."""
+    start = time.process_time()
     size = plotting.figure_size(*job.data.values.shape)
     _FIGURES[size] = plotting.save(job.data, *job.paths, figure=_FIGURES.get(size))
-    return job.paths[0]
+    return time.process_time() - start
 
 
 def _ready() -> int:
@@ -74,6 +77,8 @@ class Drawer:
     def __init__(self, workers: int | None = None):
         self.workers = max(1, workers if workers is not None else available_cpus())
         self.broken = False  # the worker processes died; drawn in this process instead
+        self.cpu_seconds = 0.0  # spent drawing, in whichever process drew
+        self.local_seconds = 0.0  # of which in this process
         self._pool = None
         self._jobs: list[Job] = []
         self._futures: list = []
@@ -93,13 +98,13 @@ class Drawer:
         jobs, futures = self._jobs, self._futures
         self._jobs, self._futures = [], []
         if self._pool is None:
-            for job in jobs:
-                draw_one(job)
+            spent = sum(draw_one(job) for job in jobs)
+            self.cpu_seconds += spent
+            self.local_seconds += spent
             _FIGURES.clear()
             return len(jobs)
         try:
-            for future in futures:
-                future.result()
+            self.cpu_seconds += sum(future.result() for future in futures)
         except BrokenProcessPool:
             self.close()
             self.broken = True

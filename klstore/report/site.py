@@ -58,7 +58,8 @@ def default_out(store, spec: ReportSpec) -> Path:
 
 def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
           log=print, workers: int | None = None) -> dict:
-    """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}.
+    """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}
+    and, when it built, 'cpu_seconds': {'main': this process's work but drawing, 'drawing': the figures'}.
     `workers`: drawing processes (None: one per available CPU; 1: draw in this process).
     A store that cannot be read (a corrupt file) is one KlstoreError naming the problem."""
     import duckdb
@@ -190,6 +191,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         scale = grid.scale
         return [scale.lo, scale.hi] if spec.shared_scale and scale is not None else None
 
+    main_cpu = time.process_time()
     with drawing.Drawer(workers) as drawer:  # its processes start while the queries run
         report = gather(con, spec, where, chosen, on_figures=draw_or_reuse)
         _write_site(build_dir, spec, store, report)  # while the figures are drawn
@@ -216,7 +218,9 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
     seconds = time.perf_counter() - start
     log(f"report {spec.name}: {len(report.grids)} figures ({drawn} drawn, {reused} unchanged), "
         f"{len(report.pages)} prompt pages in {seconds:.1f} s")
-    return {"index": out / "index.html", "drawn": drawn, "reused": reused, "seconds": seconds, "changed": True}
+    return {"index": out / "index.html", "drawn": drawn, "reused": reused, "seconds": seconds, "changed": True,
+            "cpu_seconds": {"main": time.process_time() - main_cpu - drawer.local_seconds,
+                            "drawing": drawer.cpu_seconds}}
 
 
 def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> None:
