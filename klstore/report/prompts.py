@@ -5,7 +5,8 @@ its settling depths (`Listing`). Up to `PAGES_PER_PROBE` of them get a page of t
 interactive map whose hover shows the top-k tokens of Q, the generated token and its rank; the
 first `per_prompt` of those are also drawn as PNG/SVG examples in the report's index. Both are
 picked round-robin over the prompt groups (each group's prompts by id, one group after the
-other), so every group is represented, not the first one alone.
+other), so every group is represented, not the first one alone; the examples of the k-th
+(model, probe) start at the k-th group, so that two examples each still cover three groups.
 
 Token ids become texts through the store's `tokens` view (each model's vocabulary once).
 Files written before lens tokens existed (or with topk = 0) have null token columns: their
@@ -73,20 +74,27 @@ class Listing:
     def n_pages(self) -> int:
         return sum(1 for r in self.rows if r.page)
 
-    def examples(self, n: int) -> list:
-        """The first n prompts with a page, round-robin over the groups."""
-        return [r for r in round_robin(self.rows) if r.page][:n]
+    def examples(self, n: int, start: int = 0) -> list:
+        """The first n prompts with a page, round-robin over the groups from the start-th group
+        (the report starts the k-th (model, probe) at group k, so that a few examples per
+        (model, probe) still cover every group)."""
+        return [r for r in round_robin(self.rows, start) if r.page][:n]
 
 
-def round_robin(rows: list) -> list:
+def round_robin(rows: list, start: int = 0) -> list:
     """Rows (with prompt_group, prompt_id) ordered group by group: each group's first prompt
-    (by id), then each group's second, ... so any prefix spreads over the groups."""
+    (by id), then each group's second, ... so any prefix spreads over the groups. The groups
+    take turns in name order, beginning with the (start mod number of groups)-th."""
     by_group: dict = {}
     for row in sorted(rows, key=lambda r: (r.prompt_group, r.prompt_id)):
         by_group.setdefault(row.prompt_group, []).append(row)
+    groups = list(by_group.values())
+    if groups:
+        first = start % len(groups)
+        groups = groups[first:] + groups[:first]
     order, depth = [], 0
     while len(order) < len(rows):
-        order += [group[depth] for group in by_group.values() if depth < len(group)]
+        order += [group[depth] for group in groups if depth < len(group)]
         depth += 1
     return order
 

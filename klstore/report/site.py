@@ -123,12 +123,12 @@ def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None) 
     settling.load(con, chosen["selection"])
     listings = prompts.listings(con)
     pages, examples = [], []
-    for listing in listings:
+    for k, listing in enumerate(listings):
         mine = prompts.grids(con, spec, where, n_layers, listing)
         by_id = {g.fig_id: g for g in mine}
         pages += mine
         examples += [by_id[f] for f in (prompts.prompt_fig_id(listing.model, listing.probe, r.prompt_id)
-                                        for r in listing.examples(spec.per_prompt)) if f in by_id]
+                                        for r in listing.examples(spec.per_prompt, k)) if f in by_id]
     shared.update(_set_scales(spec, examples))
     for page in pages:
         if page.scale is None:  # not an example: its own scale, or the section's

@@ -209,3 +209,7 @@ def test_examples_come_from_every_group_in_turn():
     assert order[:3] == ["a-0", "b-0", "c-0"] and order[3:6] == ["a-1", "b-1", "c-1"] and len(order) == 9
     uneven = [prompts.PromptRow("x-0", "x", "r")] + [prompts.PromptRow(f"y-{i}", "y", "r") for i in range(3)]
     assert [r.prompt_id for r in prompts.round_robin(uneven)] == ["x-0", "y-0", "y-1", "y-2"]
+    # two examples for each of three (model, probe) listings: every group appears
+    assert [r.prompt_id for r in prompts.round_robin(rows, 1)][:3] == ["b-0", "c-0", "a-0"]
+    picked = {r.prompt_group for k in range(3) for r in prompts.round_robin(rows, k)[:2]}
+    assert picked == {"a", "b", "c"}
