@@ -228,20 +228,23 @@ def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> Non
     env = _environment(autoescape=True)
     _copy_assets(build_dir / "assets")
     (build_dir / "index.html").write_text(render_html(spec, report, store.uri, env), encoding="utf-8")
-    listing_template, prompt_template = env.get_template("probe.html.j2"), env.get_template("prompt.html.j2")
     by_probe: dict = {}
     for page in report.pages:
         by_probe.setdefault((page.labels["model"], page.labels["probe"]), []).append(page)
     for listing in report.listings:
-        (build_dir / listing.page).write_text(listing_template.render(
-            spec=spec, listing=listing, root="../", shown=interactive.shown_token, figures=_figures_json({})),
-            encoding="utf-8")
+        (build_dir / listing.page).write_text(env.get_template("probe.html.j2").render(
+            spec=spec, listing=listing, root="../", figures=_figures_json({})), encoding="utf-8")
         for grid in by_probe.get((listing.model, listing.probe), []):
-            (build_dir / grid.page).write_text(prompt_template.render(
-                spec=spec, grid=grid, listing=listing, root="../", shown=interactive.shown_token, lens=_lens_table(grid),
-                figures=_figures_json({grid.fig_id: interactive.figure(grid, report.prompt_pages)})),
-                encoding="utf-8")
+            (build_dir / grid.page).write_text(render_prompt_page(env, spec, grid, listing, report.prompt_pages),
+                                               encoding="utf-8")
     (build_dir / "report.md").write_text(render_markdown(spec, report.grids, report.summary), encoding="utf-8")
+
+
+def render_prompt_page(env, spec: ReportSpec, grid: Grid, listing, pages: dict) -> str:
+    """prompts/<prompt>.html: the prompt's interactive map, observations and logit-lens table."""
+    return env.get_template("prompt.html.j2").render(
+        spec=spec, grid=grid, listing=listing, root="../", shown=interactive.shown_token, lens=_lens_table(grid),
+        figures=_figures_json({grid.fig_id: interactive.figure(grid, pages)}))
 
 
 def _copy_assets(folder: Path) -> None:

@@ -121,8 +121,6 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
 
 
 def test_figure_contents_from_matplotlib_objects(store_uri):
-    from klstore.store import views
-
     spec = _spec(layers="0,-1", per_prompt=1, color_scale="linear")
     report, con = _gather(store_uri, spec)
     grids = report.grids
