@@ -31,6 +31,7 @@ import numpy as np
 
 from klstore.output import visible_token
 from klstore.report.aggregate import Grid
+from klstore.report.plotting import DIVERGENCE_LABELS, cell_text
 
 # ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
 YLORRD = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
@@ -99,22 +100,19 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
         heat["zmin"], heat["zmax"] = ((math.log10(scale.lo), math.log10(scale.hi)) if scale.log
                                       else (scale.lo, scale.hi))
     if n_rows * n_cols <= ANNOTATE_MAX:
-        heat["text"] = [["n/a" if not np.isfinite(v) else f"{v:.2f}" for v in row] for row in values]
+        heat["text"] = [[cell_text(v) for v in row] for row in values]
         heat["texttemplate"] = "%{text}"
         heat["textfont"] = {"size": 10}
     data = [heat]
     if scale is not None and scale.n_above:
         rows, cols = np.nonzero(scale.above)
-        data.append({"type": "scatter", "mode": "markers", "x": cols.tolist(), "y": rows.tolist(),
-                     "marker": {"symbol": "triangle-up-open", "size": 9, "color": "#ffffff",
-                                "line": {"width": 1.5}},
+        data.append({"type": "scatter", "mode": "markers", "x": (cols + 0.38).tolist(), "y": (rows - 0.28).tolist(),
+                     "marker": {"symbol": "triangle-up", "size": 7, "color": "#ffffff"},  # the cell's top right
                      "hoverinfo": "skip", "showlegend": False, "name": "above the scale"})
     return {"data": data, "layout": _layout(grid, n_rows, n_cols), "links": links}
 
 
 def _colorbar(grid: Grid) -> dict:
-    from klstore.report.plotting import DIVERGENCE_LABELS
-
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
     bar = {"title": {"text": f"Difference in {label}" if grid.kind == "difference" else label, "side": "right"},
            "thickness": 14}

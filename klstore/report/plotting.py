@@ -59,6 +59,15 @@ def _shown(text) -> str:
     return shown if len(shown) <= 12 else shown[:11] + "\u2026"
 
 
+def cell_text(value: float) -> str:
+    """A cell's value as shown in it: two decimals, 'n/a' where there is none, and no '-0.00'
+    for a float error just below zero (the last layer's logit lens)."""
+    if not np.isfinite(value):
+        return "n/a"
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
 def figure_size(n_rows: int, n_cols: int) -> tuple[float, float]:
     return max(4.5, 1.1 * n_cols + 2.5), max(3.0, 0.42 * n_rows + 1.6)
 
@@ -158,12 +167,10 @@ def _annotate(ax, data: HeatmapData, values, norm, floor, literal) -> None:
     for r in range(n_rows):
         for c in range(n_cols):
             value = values[r, c]
+            texts[r, c] = cell_text(value)
             if np.isfinite(value):
-                texts[r, c] = f"{value:.2f}"
                 strength = float(np.clip(norm(value if floor is None else max(value, floor)), 0, 1))
                 dark[r, c] = strength > 0.6 if data.cmap == "YlOrRd" else abs(strength - 0.5) > 0.3
-            else:
-                texts[r, c] = "n/a"
     if full is not None and (data.counts < full).any():
         for r in range(n_rows):
             for c in range(n_cols):
