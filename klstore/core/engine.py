@@ -23,6 +23,8 @@ Shapes: B batch rows, T positions, H hidden size, V vocabulary, R probe rows, n 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -348,7 +350,16 @@ class Engine:
             source = Prompt(f"{prompt.id}:source", prompt.source, prompt.group)
             ctx.source_last = self.last_position_outputs(self.encode(source, generation_spec))
             ctx.patch_position = len(generation.prompt_ids) - 1
+            if ctx.patch_position > 0:
+                ctx.prefix_cache = self._prefix_cache(list(generation.prompt_ids[:ctx.patch_position]))
         return ctx
+
+    @torch.no_grad()
+    def _prefix_cache(self, ids: list[int]):
+        """The clean KV cache of `ids` (the model's own cache type: sliding windows included)."""
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, **self._keep_kwargs)
+        cache = getattr(out, "cache", None)
+        return out.past_key_values if cache is None else cache
 
     # -------------------------------------------------------------------- probes
     def _cells_per_chunk(self, vocab: int) -> int:
@@ -365,6 +376,10 @@ class Engine:
             if spec.is_readout:  # logit lens: decode the recorded block outputs (on the last one's device)
                 where = trace.outputs[-1].device
                 final = torch.stack([trace.outputs[l][0].to(where) for l in chunk])
+            elif context.prefix_cache is not None:  # patch: only the positions from the patched one on
+                final = self._run_rows_from(trace, spec, chunk, context)
+                yield chunk, final[:, (trace.positions - context.patch_position).to(final.device)]
+                continue
             else:  # an intervention: the layer sweep
                 final = self._run_rows(trace, spec, chunk, context)
             yield chunk, final[:, trace.positions.to(final.device)]
@@ -425,6 +440,67 @@ class Engine:
             for k in range(0, min(row_layers)):
                 blocks[k].forward = self._replay(trace.outputs[k], batch, trace.returns_tuple)
             self.model(input_ids=trace.input_ids.expand(batch, -1), use_cache=False)
+            raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
+        except _StopForward as stop:
+            return stop.hidden
+        finally:
+            for k, previous in originals.items():
+                if previous is None:
+                    blocks[k].__dict__.pop("forward", None)
+                else:
+                    blocks[k].forward = previous
+
+    def _run_rows_from(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
+                       context: ProbeContext) -> torch.Tensor:
+        """The layer sweep over positions `start = context.patch_position` onward only, for an
+        intervention that leaves every earlier position clean (patch): those positions' keys and
+        values come from the clean prefix cache. Returns the last block's output (R, T - start, H).
+
+        Unlike `_run_rows`, every row runs through every block from the lowest intervened
+        layer up (a KV cache holds all R rows, so a block cannot run a subset of them); rows
+        whose intervention lies higher are then reset to the clean output. On a long prompt
+        this is still far less work: T - start positions instead of T."""
+        start = context.patch_position
+        batch = len(row_layers)
+        row_layer = torch.tensor(row_layers)
+        last, low = self.n_layers - 1, min(row_layers)
+        shifted = dataclasses.replace(context, patch_position=0, prefix_cache=None)
+        cache = copy.deepcopy(context.prefix_cache)
+        cache.batch_repeat_interleave(batch)
+        originals = {}
+
+        def make_forward(k: int, block):
+            original = block.forward
+
+            def forward(*args, **kwargs):
+                clean = trace.outputs[k][:, start:]  # (1, T - start, H) on block k's device
+                result = original(*args, **kwargs)  # every row: the cache's rows stay aligned
+                out = (result[0] if isinstance(result, tuple) else result).to(clean.device).clone()
+                above = (row_layer > k).nonzero().flatten().to(clean.device)  # still clean here
+                here = (row_layer == k).nonzero().flatten().to(clean.device)
+                if above.numel():
+                    out[above] = clean.to(out.dtype)
+                if here.numel():
+                    site = BlockSite(layer=k, hidden_in=_hidden_arg(args, kwargs).to(clean.device)[here],
+                                     clean_out=clean.expand(here.numel(), -1, -1), run=None,
+                                     sublayer=lambda which: None)
+                    out[here] = intervene(spec, site, shifted).to(out.dtype)
+                if k == last:
+                    raise _StopForward(out)
+                return (out,) if trace.returns_tuple else out
+
+            return forward
+
+        blocks = self.adapter.blocks
+        try:
+            for k in range(self.n_layers):
+                originals[k] = blocks[k].__dict__.get("forward")
+            for k in range(low, self.n_layers):
+                blocks[k].forward = make_forward(k, blocks[k])
+            for k in range(0, low):  # below every intervention: clean, replayed, never computed
+                blocks[k].forward = self._replay(trace.outputs[k][:, start:], batch, trace.returns_tuple)
+            self.model(input_ids=trace.input_ids[:, start:].expand(batch, -1), use_cache=True,
+                       **{self._cache_arg: cache})
             raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
         except _StopForward as stop:
             return stop.hidden

@@ -58,6 +58,9 @@ class ProbeContext:
     steer_vectors: torch.Tensor | None = None  # (n_layers, H)
     source_last: torch.Tensor | None = None  # (n_layers, H): source prompt's block outputs, last position
     patch_position: int | None = None  # the last prompt position
+    # patch: the clean KV cache of the positions before patch_position, so the layer sweep
+    # recomputes only the positions from the patched one on (Engine._run_rows_from)
+    prefix_cache: object | None = None
 
 
 def noise_seed(seed: int, prompt_id: str, layer: int) -> int:
