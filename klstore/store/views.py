@@ -32,6 +32,17 @@ _DUCK_TYPES = {
 
 # Views and macros over the tables (docs/conventions.md, "Lens tokens" and "Settling depth").
 # They read only the table views, so they work the same on local and S3 stores.
+# Settling, in one pass per column: the good layers in order, those above the deepest bad
+# layer (or -1), the first of them (null when there is none: the deepest layer is bad).
+_SETTLE = ("list_filter(list(layer ORDER BY layer) FILTER (WHERE {good}), "
+           "lambda x: x > coalesce(max(layer) FILTER (WHERE NOT ({good})), -1))[1]")
+_METRIC = ("CASE metric WHEN 'kl' THEN kl WHEN 'kl_reverse' THEN kl_reverse WHEN 'js' THEN js "
+           "ELSE error('settling_depth: metric must be kl, kl_reverse or js') END")
+_SETTLING = """
+        SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group, gen_idx,
+               any_value(n_layers) AS n_layers, {settle} AS settle_layer,
+               (settle_layer + 1) / any_value(n_layers) AS settle_fraction
+        FROM kl GROUP BY run_id, model, probe, prompt_id, gen_idx"""
 DERIVED_VIEWS = {
     "lens_tokens": """
         SELECT k.run_id, k.model, k.probe, k.prompt_id, k.prompt_group, k.layer, k.gen_idx,
@@ -41,32 +52,11 @@ DERIVED_VIEWS = {
                      unnest(topk_probs) AS prob
               FROM kl WHERE topk_ids IS NOT NULL) k
         LEFT JOIN tokens t ON t.model = k.model AND t.token_id = k.token_id""",
-    "settling": """
-        SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group, gen_idx,
-               any_value(n_layers) AS n_layers, settle_layer,
-               (settle_layer + 1) / any_value(n_layers) AS settle_fraction
-        FROM (SELECT *, min(layer) FILTER (WHERE layer > last_miss)
-                            OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx) AS settle_layer
-              FROM (SELECT *, coalesce(max(layer) FILTER (WHERE NOT top1_match)
-                                  OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx), -1) AS last_miss
-                    FROM kl))
-        GROUP BY run_id, model, probe, prompt_id, gen_idx, settle_layer""",
+    "settling": _SETTLING.format(settle=_SETTLE.format(good="top1_match")),
 }
 DERIVED_MACROS = {
-    "settling_depth": ("g, metric := 'kl'", """
-        SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group, gen_idx,
-               any_value(n_layers) AS n_layers, settle_layer,
-               (settle_layer + 1) / any_value(n_layers) AS settle_fraction
-        FROM (SELECT *, min(layer) FILTER (WHERE layer > last_miss)
-                            OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx) AS settle_layer
-              FROM (SELECT *, coalesce(max(layer) FILTER (WHERE NOT coalesce(
-                                  CASE metric WHEN 'kl' THEN kl WHEN 'kl_reverse' THEN kl_reverse
-                                              WHEN 'js' THEN js
-                                              ELSE error('settling_depth: metric must be kl, kl_reverse or js')
-                                  END <= g, false))
-                                  OVER (PARTITION BY run_id, model, probe, prompt_id, gen_idx), -1) AS last_miss
-                    FROM kl))
-        GROUP BY run_id, model, probe, prompt_id, gen_idx, settle_layer"""),
+    "settling_depth": ("g, metric := 'kl'",
+                       _SETTLING.format(settle=_SETTLE.format(good=f"coalesce({_METRIC} <= g, false)"))),
     "deep_thinking": ("g, rho, metric := 'js'", """
         SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group,
                count(*) AS n_tokens,
