@@ -9,7 +9,11 @@ It prints, in one run:
 2. the logit-lens sweep's achieved FLOP/s (FLOPs counted by torch's FlopCounterMode) against
    a large bf16 (CUDA) or fp32 (CPU) matmul in the same process: the MFU;
 3. peak memory (CUDA: max allocated; CPU: peak resident set) against the model's size;
-4. throughput in cells per second at batch sizes 1, 4 and 16.
+4. throughput in cells per second at batch sizes 1, 4 and 16;
+5. the batch noise floor in bf16 and fp32: max |KL(in a batch of 16) - KL(alone)| (what each
+   run records in runs.noise_floor);
+6. with two or more CUDA devices: SmolLM2 split over all of them (`device_map="balanced"`)
+   against the whole model on one device, for logit_lens, skip and patch (max |difference|).
 Prints numbers; asserts nothing.
 """
 
@@ -165,6 +169,41 @@ def throughput(loaded, n_prompts, n_new) -> None:
     print(f"throughput [{loaded.label}, logit_lens, cells/s]: " + ", ".join(parts))
 
 
+def noise_floor(loaded, prompts, n_new) -> None:
+    """max |KL batched - KL alone| over every cell of the first prompt (runs.noise_floor's rule)."""
+    engine = _engine(loaded)
+    batched = _matrices(engine, prompts, n_new, ("logit_lens", "skip"), batch_size=16)[0]
+    alone = _matrices(engine, prompts[:1], n_new, ("logit_lens", "skip"), batch_size=1)[0]
+    worst = 0.0
+    for b, a in zip(batched, alone):
+        same = next((i for i, (x, y) in enumerate(zip(b.generation.token_ids, a.generation.token_ids)) if x != y),
+                    min(b.generation.n, a.generation.n))
+        worst = max(worst, float(np.nanmax(np.abs(b.values["kl"][:, :same].astype(np.float64)
+                                                  - a.values["kl"][:, :same]))))
+    print(f"noise floor [{loaded.label}, {str(loaded.dtype).replace('torch.', '')}]: max |KL(batch of 16) - "
+          f"KL(alone)| = {worst:.3g} nats")
+
+
+def split_check(n_new: int) -> None:
+    """The model split over every visible CUDA device against the whole model on one."""
+    from klstore.core.models import load_model
+    from klstore.spec import GenerationSpec, ProbeSpec, Prompt
+
+    if torch.cuda.device_count() < 2:
+        print(f"split over devices: skipped ({torch.cuda.device_count()} CUDA device(s); needs 2 or more)")
+        return
+    whole = _engine(load_model("smollm2-135m", device="cuda:0", dtype="float32"))
+    split = _engine(load_model("smollm2-135m", device="cuda", dtype="float32", device_map="balanced"))
+    prompt = Prompt("s", TEXTS[0], source=TEXTS[1])
+    placed = sorted({str(d) for d in split.model.hf_device_map.values()})
+    for probe in ("logit_lens", "skip", "patch"):
+        a = whole.run(prompt, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(n_new))[0]
+        b = split.run(prompt, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(n_new))[0]
+        diff = float(np.abs(a.values["kl"] - b.values["kl"]).max())
+        print(f"split over devices {'+'.join(placed)} [{probe}]: max |dKL| vs one device {diff:.3g} nats "
+              f"(same tokens: {a.generation.token_ids == b.generation.token_ids})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +225,10 @@ def main() -> None:
     mfu(fast, prompts, args.tokens, matmul_n=8192 if device.type == "cuda" else 1024)
     memory(fast, prompts, args.tokens)
     throughput(fast, args.prompts, args.tokens)
+    noise_floor(smol32, prompts, args.tokens)
+    if device.type == "cuda":
+        noise_floor(smol16, prompts, args.tokens)
+    split_check(args.tokens)
     if args.big != "none":
         tokenizer = _ClampedTokenizer(smol32.tokenizer, BIG[args.big]["vocab_size"])
         big32 = _random_model(args.big, args.device, torch.float32, tokenizer)

@@ -29,3 +29,7 @@ def test_gpu_check_on_cpu_prints_every_figure():
         speed = re.search(rf"throughput \[{model}, logit_lens, cells/s\]: batch 1: (\d+), batch 4: (\d+), "
                           r"batch 16: (\d+)", text)
         assert speed and all(int(v) > 0 for v in speed.groups()), text
+    floor = re.search(r"noise floor \[smollm2-135m, float32\]: max \|KL\(batch of 16\) - KL\(alone\)\| = "
+                      r"([0-9.e+-]+) nats", text)
+    assert floor and 0 <= float(floor.group(1)) < 1e-3, text  # fp32 on CPU: rounding only
+    assert "split over devices: skipped (0 CUDA device(s)" in text
