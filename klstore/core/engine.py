@@ -390,7 +390,6 @@ class Engine:
         batch = len(row_layers)
         row_layer = torch.tensor(row_layers, device=self.device)
         last = self.n_layers - 1
-        originals = {}
 
         def make_forward(k: int, block):
             original = block.forward
@@ -427,19 +426,24 @@ class Engine:
 
             return forward
 
+        low = min(row_layers)
+        forwards = {k: make_forward(k, self.adapter.blocks[k]) for k in range(low, self.n_layers)}
+        # Blocks below the lowest intervened layer are replayed from the trace.
+        forwards.update({k: self._replay(trace.outputs[k], batch, trace.returns_tuple) for k in range(low)})
+        return self._sweep(forwards, input_ids=trace.input_ids.expand(batch, -1), use_cache=False)
+
+    def _sweep(self, forwards: dict, **model_inputs) -> torch.Tensor:
+        """One model forward with block k's `forward` replaced by forwards[k]; returns the hidden
+        state the last block raises (_StopForward). A block's `forward` may already be an
+        instance attribute: accelerate's hook wrapper (device_map, offload), which loads the
+        block's weights and moves its inputs. Ours call it (`block.forward` at make time is that
+        wrapper), and the finally puts the very same wrapper back."""
         blocks = self.adapter.blocks
+        originals = {k: blocks[k].__dict__.get("forward") for k in range(self.n_layers)}
         try:
-            # A block's `forward` may already be an instance attribute: accelerate's hook wrapper
-            # (device_map, offload), which loads the block's weights and moves its inputs. Ours
-            # calls it (`block.forward` below is that wrapper), and the finally restores it.
-            for k in range(self.n_layers):
-                originals[k] = blocks[k].__dict__.get("forward")
-            for k in range(min(row_layers), self.n_layers):
-                blocks[k].forward = make_forward(k, blocks[k])
-            # Blocks below the lowest intervened layer are replayed from the trace.
-            for k in range(0, min(row_layers)):
-                blocks[k].forward = self._replay(trace.outputs[k], batch, trace.returns_tuple)
-            self.model(input_ids=trace.input_ids.expand(batch, -1), use_cache=False)
+            for k, forward in forwards.items():
+                blocks[k].forward = forward
+            self.model(**model_inputs)
             raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
         except _StopForward as stop:
             return stop.hidden
@@ -467,7 +471,6 @@ class Engine:
         shifted = dataclasses.replace(context, patch_position=0, prefix_cache=None)
         cache = copy.deepcopy(context.prefix_cache)
         cache.batch_repeat_interleave(batch)
-        originals = {}
 
         def make_forward(k: int, block):
             original = block.forward
@@ -491,25 +494,11 @@ class Engine:
 
             return forward
 
-        blocks = self.adapter.blocks
-        try:
-            for k in range(self.n_layers):
-                originals[k] = blocks[k].__dict__.get("forward")
-            for k in range(low, self.n_layers):
-                blocks[k].forward = make_forward(k, blocks[k])
-            for k in range(0, low):  # below every intervention: clean, replayed, never computed
-                blocks[k].forward = self._replay(trace.outputs[k][:, start:], batch, trace.returns_tuple)
-            self.model(input_ids=trace.input_ids[:, start:].expand(batch, -1), use_cache=True,
-                       **{self._cache_arg: cache})
-            raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
-        except _StopForward as stop:
-            return stop.hidden
-        finally:
-            for k, previous in originals.items():
-                if previous is None:
-                    blocks[k].__dict__.pop("forward", None)
-                else:
-                    blocks[k].forward = previous
+        forwards = {k: make_forward(k, self.adapter.blocks[k]) for k in range(low, self.n_layers)}
+        forwards.update({k: self._replay(trace.outputs[k][:, start:], batch, trace.returns_tuple)
+                         for k in range(low)})  # below every intervention: clean, replayed, never computed
+        return self._sweep(forwards, input_ids=trace.input_ids[:, start:].expand(batch, -1), use_cache=True,
+                           **{self._cache_arg: cache})
 
     @staticmethod
     def _replay(clean: torch.Tensor, batch: int, as_tuple: bool):
