@@ -29,7 +29,8 @@ import time
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
-from klstore.spec import GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label, model_label
+from klstore.spec import (GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label, check_topk,
+                          model_label)
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
 
@@ -118,7 +119,8 @@ class Lens:
 
     def compute(self, prompts, probes=("logit_lens",), layers: str | int = "all", n: int = 5,
                 divergences=("kl",), *, sample: bool = False, seed: int = 0, temperature: float = 1.0,
-                chat: bool = False, source: str | None = None, progress: bool = True) -> "Result":
+                chat: bool = False, source: str | None = None, progress: bool = True,
+                topk: int = 5) -> "Result":
         """Generate a continuation per prompt and compute each probe's layer x token matrices.
 
         Args:
@@ -139,6 +141,7 @@ class Lens:
             source: the patch probe's source prompt, for a single prompt text (`--source`).
             progress: a progress bar (tqdm, when installed) or one stderr line per batch of
                 16 prompts; `False` silences it.
+            topk: lens tokens kept per cell (the CLI's `--topk`; 0: none); see `Result.lens_tokens`.
 
         Returns:
             A `Result`. Non-finite cells are NaN and reported as a warning (`Result.errors`).
@@ -150,6 +153,7 @@ class Lens:
         spec = GenerationSpec(max_new_tokens=n, do_sample=sample, seed=seed, temperature=temperature,
                               chat=chat)
         divergences = check_divergences(_names(divergences, "divergence"))
+        topk = check_topk(topk)
         probe_specs = _probes(probes, seed)
         prompt_list = _prompts(prompts, source)
         if any(p.name == "patch" for p in probe_specs):
@@ -175,13 +179,14 @@ class Lens:
                 # One run_many call per batch: the batches are those of one call over all
                 # prompts, and of `compute --store`'s shards (same size), so the numbers agree.
                 results += self.engine.run_many(prompt_list[start:stop], probe_specs, resolved, divergences,
-                                                spec, batch_size=BATCH_SIZE, encoded=encoded[start:stop])
+                                                spec, batch_size=BATCH_SIZE, encoded=encoded[start:stop],
+                                                topk=topk)
                 bar.update(len(results))
         for result in results:
             if isinstance(result, Exception):
                 raise result
         res = Result(self, prompt_list, probe_specs, layer_spec, divergences, spec, results,
-                     prompt_path=str(prompts) if _is_path(prompts) else None)
+                     prompt_path=str(prompts) if _is_path(prompts) else None, topk=topk)
         if res.errors:
             import warnings
 
@@ -316,8 +321,9 @@ class Result:
     """
 
     def __init__(self, lens: Lens, prompts, probes, layers: str, divergences, generation, results,
-                 prompt_path: str | None = None):
+                 prompt_path: str | None = None, topk: int = 5):
         self.lens = lens
+        self.topk = topk
         self.prompts: list[Prompt] = list(prompts)
         self.probes: list[ProbeSpec] = list(probes)
         self.layer_spec = layers
@@ -382,6 +388,25 @@ class Result:
     def top1(self, prompt=0, probe: str | None = None):
         """numpy bool array (len(layers), n_generated): argmax Q_{l,t} == Gen t."""
         return self.klmatrix(prompt, probe).top1_match.copy()
+
+    def lens_tokens(self, prompt=0, probe: str | None = None) -> dict:
+        """What each layer predicts: `topk[i][t]` lists the top-k tokens of Q_{layers[i], t}
+        (`id`, `text`, `prob`, rank order), `gen_rank[i][t]` is the rank of Gen t under Q (1 =
+        top) and `gen_logq[i][t]` its log-probability (the CLI's `--tokens --json`). Empty
+        lists when computed with `topk=0` (ranks and log Q are kept)."""
+        from klstore.output import lens_json
+
+        m = self.klmatrix(prompt, probe)
+        out = lens_json(m, self.lens.engine.tokenizer.decode)
+        if out["topk"] is None:
+            out = {"topk": [], "gen_rank": m.gen_rank.tolist(), "gen_logq": m.gen_logq.tolist()}
+        return out
+
+    def lens_table(self, prompt=0, probe: str | None = None) -> str:
+        """The classic logit-lens table as text (rows = layers, cells = top-1 token of Q)."""
+        from klstore.output import format_tokens
+
+        return format_tokens(self.klmatrix(prompt, probe), self.lens.engine.tokenizer.decode)
 
     def tokens(self, prompt=0) -> list[dict]:
         """The clean continuation: per generated token its `gen_idx`, `id`, `text`, `logprob`
@@ -476,7 +501,7 @@ class Result:
             name=check_label(run, "run name"), store=str(store), models=(ModelConfig(**self.lens._model_config),),
             prompt_paths=(self._prompt_path,) if self._prompt_path else (), probes=tuple(self.probes),
             layers=self.layer_spec, generation=self.generation, divergences=self.divergences,
-            shard_size=BATCH_SIZE, source="klstore api", prompts=tuple(self.prompts))
+            shard_size=BATCH_SIZE, topk=self.topk, source="klstore api", prompts=tuple(self.prompts))
         plan = RunPlan(cfg)
         worker = _ComputedWorker(self._outcomes(), self.lens, str(store))
         worker.prepare(plan.job)

@@ -83,17 +83,12 @@ def _add_compute(sub) -> None:
     p.set_defaults(func=cmd_compute)
 
 
-def _topk(text: str) -> int:
-    from klstore.spec import check_topk
-
+def _topk(text: str):
+    """argparse type: an int when the text is one (checked with the other inputs by check_topk)."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        value = text
-    try:
-        return check_topk(value)
-    except KlstoreError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
 
 def _compute_inputs(args):
@@ -101,6 +96,9 @@ def _compute_inputs(args):
     if args.tokens and args.store:
         raise KlstoreError("--tokens prints a table; with --store the lens tokens go to the store "
                            "(query the lens_tokens view)")
+    from klstore.spec import check_topk
+
+    args.topk = check_topk(args.topk)
     if args.tokens and not args.topk:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
     from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,

@@ -77,7 +77,7 @@ def format_tokens(matrix, decode, width: int = 12) -> str:
     return "\n".join(lines)
 
 
-def _lens_json(matrix, decode) -> dict:
+def lens_json(matrix, decode) -> dict:
     """Per layer and generated token: the top-k tokens of Q (id, text, prob) and the generated
     token's rank and log-probability under Q."""
     if matrix.topk_ids is None:
@@ -101,7 +101,7 @@ def _nan_to_none(array):
 
 def results_to_json(model: str, results, decode=None) -> dict:
     """The CLI's --json document; with `decode` (token ids -> text) each probe also carries its
-    lens tokens (`_lens_json`)."""
+    lens tokens (`lens_json`)."""
     prompts = []
     for matrices in results:
         first = matrices[0]
@@ -116,7 +116,7 @@ def results_to_json(model: str, results, decode=None) -> dict:
                 "probe": m.probe, "params": m.probe_params, "layers": list(m.layers),
                 "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
                 "top1_match": m.top1_match.tolist(), "errors": list(m.errors),
-                **(_lens_json(m, decode) if decode is not None else {}),
+                **(lens_json(m, decode) if decode is not None else {}),
             } for m in matrices],
         })
     return {"model": model, "prompts": prompts}

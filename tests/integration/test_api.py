@@ -95,6 +95,13 @@ def test_result_views(result, tmp_path):
     assert result.matrix(0).shape == (len(LAYERS.split(",")) + 6, 5)  # 0, 15-21 (7), 27
     assert result.matrix("prompt", "skip", "js").dtype == np.float32
     assert [t["gen_idx"] for t in result.tokens("prompt")] == list(range(5))
+    lens = result.lens_tokens(0, "logit_lens")  # what each layer predicts, as `compute --tokens --json`
+    m = result.klmatrix(0, "logit_lens")
+    assert [[[t["id"] for t in cell] for cell in row] for row in lens["topk"]] == m.topk_ids.tolist()
+    assert lens["topk"][-1][0][0]["text"] == result.lens.engine.tokenizer.decode([int(m.topk_ids[-1, 0, 0])])
+    assert lens["gen_rank"] == m.gen_rank.tolist()
+    table = result.lens_table(0, "logit_lens").splitlines()
+    assert "top-1 token of Q per layer" in table[0] and len(table) == 2 + len(result.layers)
     html = result._repr_html_()
     assert "klstore Result: smollm2-135m" in html and "data:image/png;base64," in html
     fig = result.plot(0, "skip", "js")
@@ -158,6 +165,7 @@ BAD_INPUTS = {
                      dict(probes=[{"name": "noise", "params": {"scale": -1.0}}])),
     "n <= 0": (_cli("-n", "0"), dict(n=0)),
     "patch without source": (_cli("--probe", "patch"), dict(probes=["patch"])),
+    "topk": (_cli("--topk", "101"), dict(topk=101)),
 }
 
 
