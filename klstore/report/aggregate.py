@@ -53,6 +53,10 @@ class Grid:
     settling: dict | None = None  # the settling depth behind it (observe.settling_sentences)
     scale: object = None  # its klstore.report.scale.Scale, set by site before drawing
     page: str | None = None  # prompt grids: the site path of the prompt's own page
+    # klstore.report.floor, set by site before drawing: the runs' noise floor (nats; None: not
+    # measured) and the cells whose |value| lies below it (marked in the figures)
+    noise_floor: float | None = None
+    below_floor: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

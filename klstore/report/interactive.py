@@ -18,6 +18,8 @@ Hover, per cell: the value, the number of prompts behind it, and
   in the enlarged figure opens that prompt's map, when it has a page);
 - on differences: the two values subtracted.
 Cells beyond a robust scale are marked with a triangle (log: below the floor, not marked).
+Cells below the runs' noise floor (klstore.report.floor) get a small dot in their bottom-left
+corner, as in the PNG, and the hover line "below the noise floor (X nats)".
 """
 
 from __future__ import annotations
@@ -109,6 +111,13 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
         data.append({"type": "scatter", "mode": "markers", "x": (cols + 0.38).tolist(), "y": (rows - 0.28).tolist(),
                      "marker": {"symbol": "triangle-up", "size": 7, "color": "#ffffff"},  # the cell's top right
                      "hoverinfo": "skip", "showlegend": False, "name": "above the scale"})
+    quiet = _quiet(grid)
+    if quiet.any():
+        rows, cols = np.nonzero(quiet)
+        data.append({"type": "scatter", "mode": "markers", "x": (cols - 0.36).tolist(), "y": (rows + 0.3).tolist(),
+                     "marker": {"symbol": "circle", "size": 5, "color": "#333333",  # the cell's bottom left
+                                "line": {"width": 1, "color": "#ffffff"}},
+                     "hoverinfo": "skip", "showlegend": False, "name": "below the noise floor"})
     return {"data": data, "layout": _layout(grid, n_rows, n_cols), "links": links}
 
 
@@ -143,15 +152,27 @@ def _column(label: str) -> str:
     return "<br>".join(_text(part) for part in str(label).split("\n"))
 
 
+def _quiet(grid: Grid) -> np.ndarray:
+    """The cells below the noise floor (none when it was not measured)."""
+    if grid.noise_floor is None or grid.below_floor is None:
+        return np.zeros(grid.values.shape, dtype=bool)
+    return np.asarray(grid.below_floor, dtype=bool)
+
+
 def _hover(grid: Grid, pages: dict) -> tuple[list, list]:
     """Per cell: the hover text (HTML for plotly, store strings escaped) and the link a click opens."""
     n_rows, n_cols = grid.values.shape
     hover = [[None] * n_cols for _ in range(n_rows)]
     links = [[None] * n_cols for _ in range(n_rows)]
     cell = {"aggregate": _aggregate_cell, "prompt": _prompt_cell, "difference": _difference_cell}[grid.kind]
+    quiet = _quiet(grid)
+    note = (f"<i>{'not a difference: ' if grid.kind == 'difference' else ''}"
+            f"below the noise floor ({grid.noise_floor:.2g} nats)</i>") if quiet.any() else ""
     for r in range(n_rows):
         for c in range(n_cols):
             hover[r][c], links[r][c] = cell(grid, r, c, pages)
+            if quiet[r, c]:
+                hover[r][c] += "<br>" + note
     return hover, links
 
 

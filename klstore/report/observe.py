@@ -12,7 +12,11 @@ Reads only the grid's arrays, labels and settling summary; units are nats. The r
 - the divergence **falls/rises with depth** when the first and last thirds of the
   listed layers differ by at least 2x;
 - every figure names its **settling depth** (the `settling` view: the shallowest layer
-  from which the top-1 token of Q stays the generated token through the last layer).
+  from which the top-1 token of Q stays the generated token through the last layer);
+- where the runs measured a **noise floor** (klstore.report.floor), every figure names it with
+  its number and how many cells lie below it, and nothing smaller than it is called a
+  difference: not a standout's lead, a trend, an outlier, nor a model's or group's cell being
+  higher or lower than the other's (such cells are counted as within the floor).
 """
 
 from __future__ import annotations
@@ -39,8 +43,13 @@ def _ratio(big: float, small: float) -> float:
     return float("inf") if big > 0 else 1.0
 
 
-def columns_sentence(col_means) -> str | None:
-    """The generated tokens compared by their column means, under the STANDOUT and ALIKE rules."""
+def _floor(value: float) -> str:
+    return f"{value:.2g} {UNIT}"
+
+
+def columns_sentence(col_means, floor: float | None = None) -> str | None:
+    """The generated tokens compared by their column means, under the STANDOUT and ALIKE rules;
+    a lead or spread smaller than the noise floor `floor` (nats) is no difference."""
     means = np.asarray(col_means, dtype=np.float64)
     shown = [(i, m) for i, m in enumerate(means) if np.isfinite(m)]
     if len(shown) < 2:
@@ -49,6 +58,13 @@ def columns_sentence(col_means) -> str | None:
     (best, top), (second, runner) = ranked[0], ranked[1]
     (low, bottom) = ranked[-1]
     lead = _ratio(top, runner)
+    if floor is not None and top - bottom < floor:
+        return (f"The generated tokens' column means ({bottom:.3g} to {top:.3g} {UNIT}) differ by less than "
+                f"the noise floor of {_floor(floor)}: no token differs from another here.")
+    if lead >= STANDOUT and floor is not None and top - runner < floor:
+        return (f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}); Gen{best} "
+                f"leads Gen{second} by {top - runner:.3g} {UNIT}, under the noise floor of {_floor(floor)}: "
+                "not a standout.")
     if lead >= STANDOUT:
         times = "" if not np.isfinite(lead) else f", {lead:.2f}x the runner-up Gen{second} ({runner:.3g})"
         return f"Gen{best} stands out: its mean {top:.3g} {UNIT} is the highest{times}."
@@ -92,6 +108,20 @@ def _prompt_settling(info: dict) -> str:
     return f"Top-1 settling depth: {', '.join(parts)} (of {info['n_layers']} layers)."
 
 
+def floor_sentence(grid: Grid) -> str | None:
+    """'Noise floor 9.5e-07 nats: 3 of 16 cells below it (marked with a dot).', or None when not measured."""
+    if grid.noise_floor is None:
+        return None
+    finite = np.isfinite(grid.values)
+    n = int((np.asarray(grid.below_floor, dtype=bool) & finite).sum()) if grid.below_floor is not None else 0
+    total = int(finite.sum())
+    if grid.kind == "difference":
+        return (f"Noise floor {_floor(grid.noise_floor)} (the larger of the two sides'): {n} of {total} "
+                f"differences below it{' (marked with a dot; not differences)' if n else ''}.")
+    marked = " (marked with a dot)" if n else ""
+    return f"Noise floor {_floor(grid.noise_floor)}: {n} of {total} cells below it{marked}."
+
+
 def observe(grid: Grid) -> list[str]:
     """What an analyst would say about the grid, from its numbers."""
     v = grid.values
@@ -102,16 +132,34 @@ def observe(grid: Grid) -> list[str]:
     note = grid.scale.note() if grid.scale is not None else None
     if note:
         out.append(note)
+    said = floor_sentence(grid)
+    if said:
+        out.append(said)
     return out + settling_sentences(grid)
 
 
 def _difference(grid: Grid, v, finite) -> list[str]:
     mean, lo, hi = float(finite.mean()), float(finite.min()), float(finite.max())
     a, b = grid.labels["a"], grid.labels["b"]
-    higher = int((finite > 0).sum())
+    floor = grid.noise_floor
     r, c = np.unravel_index(np.nanargmax(np.abs(np.where(np.isfinite(v), v, 0))), v.shape)
-    out = [f"{a} is higher than {b} in {higher} of {finite.size} cells; the mean difference is {mean:+.3g} {UNIT}.",
-           f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}."]
+    if floor is None:
+        higher = int((finite > 0).sum())
+        out = [f"{a} is higher than {b} in {higher} of {finite.size} cells; the mean difference is "
+               f"{mean:+.3g} {UNIT}.",
+               f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}."]
+    else:  # a difference smaller than the floor is no difference
+        higher, lower = int((finite >= floor).sum()), int((finite <= -floor).sum())
+        within = finite.size - higher - lower
+        if abs(v[r, c]) < floor:
+            return [f"{a} and {b} differ by less than the noise floor of {_floor(floor)} in every cell "
+                    f"(the largest |difference| is {abs(v[r, c]):.3g} {UNIT}, at {_cell(grid, r, c)}): "
+                    "the two are the same here, as far as this run can measure."]
+        mean_text = (f"the mean difference is {mean:+.3g} {UNIT}" if abs(mean) >= floor else
+                     f"the mean difference, {mean:+.3g} {UNIT}, is within the noise floor")
+        out = [f"{a} is higher than {b} in {higher} of {finite.size} cells and lower in {lower}; "
+               f"{within} differ by less than the noise floor of {_floor(floor)}; {mean_text}.",
+               f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}."]
     if hi - lo <= FLAT * max(abs(mean), 1e-12) or max(abs(lo), abs(hi)) < 1e-3:
         out.append("The difference is flat: the two are practically the same here.")
     return out
@@ -120,17 +168,24 @@ def _difference(grid: Grid, v, finite) -> list[str]:
 def _levels(grid: Grid, v, finite) -> list[str]:
     mean, std, lo, hi = float(finite.mean()), float(finite.std()), float(finite.min()), float(finite.max())
     spread = hi - lo
-    if spread <= FLAT * max(abs(mean), 1e-12) or spread < 1e-6:
-        return [f"The grid is flat: every cell is within {spread:.3g} {UNIT} of the others (mean {mean:.3g} {UNIT})."]
+    floor = grid.noise_floor
+    if floor is not None and np.abs(finite).max() < floor:
+        return [f"Every cell is below the noise floor of {_floor(floor)} (the largest is {np.abs(finite).max():.3g} "
+                f"{UNIT}): no value here is distinguishable from 0."]
+    if spread <= FLAT * max(abs(mean), 1e-12) or spread < 1e-6 or (floor is not None and spread < floor):
+        within = "" if floor is None or spread >= floor else f", under the noise floor of {_floor(floor)}"
+        return [f"The grid is flat: every cell is within {spread:.3g} {UNIT} of the others{within} "
+                f"(mean {mean:.3g} {UNIT})."]
     masked = np.where(np.isfinite(v), v, np.nan)
     r, c = np.unravel_index(np.nanargmax(np.where(np.isfinite(v), v, -np.inf)), v.shape)
     out = [f"{grid.divergence} peaks at {_cell(grid, r, c)} with {v[r, c]:.3g} {UNIT}, "
            f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {UNIT}."]
     if v.shape[1] > 1:
-        sentence = columns_sentence(np.nanmean(masked, axis=0))
+        sentence = columns_sentence(np.nanmean(masked, axis=0), floor)
         out += [sentence] if sentence else []
     out += _rows(grid, np.nanmean(masked, axis=1))
-    outliers = np.argwhere(np.isfinite(v) & (v > mean + 2 * std)) if std > 0 else []
+    beyond = 0.0 if floor is None else floor  # an outlier stands more than the floor above the mean
+    outliers = np.argwhere(np.isfinite(v) & (v > mean + 2 * std) & (v - mean >= beyond)) if std > 0 else []
     if len(outliers):
         listed = "; ".join(f"{_cell(grid, r, c)} ({v[r, c]:.3g})" for r, c in outliers[:5])
         more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
@@ -154,7 +209,9 @@ def _rows(grid: Grid, row_means) -> list[str]:
     out = [f"{noun} with the highest mean {grid.divergence}: {names}."]
     third = max(1, len(row_means) // 3)
     early, late = float(np.nanmean(row_means[:third])), float(np.nanmean(row_means[-third:]))
-    if early > 0 and late > 0 and max(early, late) / min(early, late) >= TREND:
+    floor = grid.noise_floor
+    if early > 0 and late > 0 and max(early, late) / min(early, late) >= TREND and (
+            floor is None or abs(early - late) >= floor):
         trend = "falls" if early > late else "rises"
         out.append(f"{grid.divergence} {trend} with depth: {early:.3g} {UNIT} on average in the first third "
                    f"of the listed layers, {late:.3g} in the last third.")

@@ -5,9 +5,11 @@ y axis "Layer" (the listed layers top to bottom), x axis "Generated Token"
 (Gen0..GenN-1, or token texts shown by klstore.output.visible_token), YlOrRd (light yellow
 = low, dark red = high), colour bar "<divergence> (nats)", values annotated in the cells
 when the grid is small. The colour range follows a klstore.report.scale.Scale when given:
-cells beyond it are hatched and the colour bar gets an arrow on that end. Text that may
-come from users (titles, token texts, labels) is drawn with mathtext off, so `$x$` shows as
-typed instead of being parsed as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
+cells beyond it are hatched and the colour bar gets an arrow on that end. Cells below the
+runs' noise floor (klstore.report.floor; |value|, or |difference|, under it) get a small dot
+in their bottom-left corner, clear of the value, and the title a line saying what the dot
+means. Text that may come from users (titles, token texts, labels) is drawn with mathtext
+off, so `$x$` shows as typed instead of being parsed as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
 faster to write, and editable in a paper.
 
 The layout is computed from the label lengths instead of matplotlib's tight_layout (which
@@ -45,6 +47,8 @@ class HeatmapData:
     colorbar_label: str | None = None  # default: from the divergence
     ylabel: str = "Layer"
     scale: object = None  # a klstore.report.scale.Scale; None: min..max (symmetric for diverging maps)
+    noise_floor: float | None = None  # nats; None: not measured (nothing marked)
+    below_floor: np.ndarray | None = None  # cells whose |value| lies below noise_floor (dotted)
 
 
 def column_labels(n: int, texts=None) -> tuple[str, ...]:
@@ -121,7 +125,11 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
         fig = Figure(figsize=size, dpi=DPI)
         FigureCanvasAgg(fig)  # a renderer to measure text with (_row_linespacing)
     lo, hi, log, above, below = _range(data, values, vmin, vmax)
-    title = textwrap.wrap(data.title, max(20, int((size[0] - 0.3) / _TITLE_CHAR)), break_on_hyphens=False) or [""]
+    width = max(20, int((size[0] - 0.3) / _TITLE_CHAR))
+    title = textwrap.wrap(data.title, width, break_on_hyphens=False) or [""]
+    quiet = floor_marks(data, values.shape)
+    if quiet.any():
+        title += textwrap.wrap(floor_legend(data), width)
     ax, cax = _layout(fig, data, n_rows, len(title))
     shown = np.ma.masked_invalid(np.clip(values, lo, None) if log else values)
     norm = LogNorm(lo, hi, clip=False) if log else Normalize(lo, hi)
@@ -136,6 +144,7 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
     fig.colorbar(image, cax=cax, extend=extend[(bool(above.any()), bool(below.any() and not log))],
                  label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence))
     _mark(ax, above | (below if not log else np.zeros_like(below)))
+    _dot(ax, quiet)
     if annotate is None:
         annotate = n_rows * n_cols <= 400
     if annotate:
@@ -150,6 +159,31 @@ def _mark(ax, clipped) -> None:
     for r, c in np.argwhere(clipped):
         ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor=(1, 1, 1, 0.5),
                                linewidth=0))
+
+
+def floor_marks(data: HeatmapData, shape) -> np.ndarray:
+    """The cells to dot: below the noise floor (none when it was not measured)."""
+    if data.noise_floor is None or data.below_floor is None:
+        return np.zeros(shape, dtype=bool)
+    return np.asarray(data.below_floor, dtype=bool)
+
+
+def floor_legend(data: HeatmapData) -> str:
+    """The title's line on the dots (short enough for the narrowest figure's one line)."""
+    return f"\u2022 below the noise floor ({data.noise_floor:.2g} nats)"
+
+
+def _dot(ax, quiet) -> None:
+    """A small dark dot, ringed in white (seen on light and dark colours), in the bottom-left
+    corner of each cell below the noise floor; the axes keep their limits."""
+    if not quiet.any():
+        return
+    rows, cols = np.nonzero(quiet)
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    ax.scatter(cols - 0.36, rows + 0.3, s=14, marker="o", c="#333333", edgecolors="white", linewidths=0.6,
+               zorder=3, gid="below-noise-floor")
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
 
 
 def _annotate(ax, data: HeatmapData, values, norm, floor, literal) -> None:

@@ -3,7 +3,8 @@ index.html, report.md and manifest.json, published atomically.
 
 `build` filters and aggregates (klstore.report.aggregate), reads settling depths
 (klstore.report.settling) and per-prompt maps with their lens tokens (klstore.report.prompts),
-chooses each figure's colour scale (klstore.report.scale), writes observations
+chooses each figure's colour scale (klstore.report.scale) and noise floor (klstore.report.floor:
+the cells below it are marked), writes observations
 (klstore.report.observe), draws PNG + SVG in parallel processes (klstore.report.drawing) and
 the interactive figures' JSON (klstore.report.interactive) into a fresh build folder:
 
@@ -39,13 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.report import aggregate, drawing, interactive, prompts, settling
+from klstore.report import aggregate, drawing, floor, interactive, prompts, settling
 from klstore.report.aggregate import Grid, _filters, _summary
 from klstore.report.observe import observe
 from klstore.report.scale import bounds, choose
 from klstore.spec import ReportSpec
 
-SITE_VERSION = 2  # part of every cache key: a new site layout redraws everything once
+SITE_VERSION = 3  # part of every cache key: a new site layout redraws everything once
 ASSETS = ("report.js", "report.css")  # from templates/, copied into assets/ with plotly.min.js
 
 
@@ -105,20 +106,25 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
 class Report:
     """What one build shows: the index's grids, every prompt page's grid, the listings."""
 
-    def __init__(self, grids, pages, listings, summary, shared):
+    def __init__(self, grids, pages, listings, summary, shared, floors=None):
         self.grids, self.pages, self.listings, self.summary = grids, pages, listings, summary
         self.shared = shared  # section -> (lo, hi) when the spec shares one scale per section
+        self.floors = floors or floor.Floors({})  # the noise floor of each (model, run) shown
         self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
 
 
-def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None) -> Report:
-    """Every grid, page and listing of the report, with settling, scales and observations.
-    `on_figures(grids)` gets the index's grids as soon as their numbers and scales are known
-    (aggregates and differences first, then the per-prompt examples), so that drawing them
-    can start while the rest is read."""
+def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None,
+           floors: floor.Floors | None = None) -> Report:
+    """Every grid, page and listing of the report, with settling, scales, noise floors and
+    observations. `on_figures(grids)` gets the index's grids as soon as their numbers, scales
+    and floors are known (aggregates and differences first, then the per-prompt examples), so
+    that drawing them can start while the rest is read. `floors`: the runs' noise floors
+    (floor.load; read here when not given)."""
+    floors = floors if floors is not None else floor.load(con, chosen["selection"])
     n_layers = aggregate._n_layers(con, where)
     grids = aggregate.collect(con, spec, where, n_layers)
     shared = _set_scales(spec, grids)
+    _set_floors(grids, floors)
     on_figures(grids)
     settling.load(con, chosen["selection"])
     listings = prompts.listings(con)
@@ -133,12 +139,27 @@ def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None) 
     for page in pages:
         if page.scale is None:  # not an example: its own scale, or the section's
             page.scale = choose(page.values, spec.color_scale, False, shared.get(page.section))
+    _set_floors(pages, floors)
     on_figures(examples)
     grids += examples
     settling.attach(con, grids)
     for grid in grids + [p for p in pages if p not in examples]:
         grid.observations = observe(grid)
-    return Report(grids, pages, listings, _summary(con, spec, where), shared)
+    return Report(grids, pages, listings, _with_floors(_summary(con, spec, where), floors), shared, floors)
+
+
+def _set_floors(grids, floors: floor.Floors) -> None:
+    """Each grid's noise floor (the largest over the runs its rows come from) and the cells below it."""
+    for grid in grids:
+        grid.noise_floor = floor.for_grid(grid, floors)
+        grid.below_floor = floor.below(grid.values, grid.noise_floor)
+
+
+def _with_floors(summary, floors: floor.Floors):
+    """The summary table with a column for each row's model's noise floor."""
+    names, rows = summary
+    per_model = floors.per_model()
+    return names + ["noise floor"], [(*row, floor.text(per_model.get(str(row[0]), (None,))[0])) for row in rows]
 
 
 def _set_scales(spec: ReportSpec, grids) -> dict:
@@ -158,8 +179,9 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
     if previous and (previous / "manifest.json").exists():
         old_manifest = json.loads((previous / "manifest.json").read_text())
     stats = _input_stats(store, chosen.get("runs"))
+    floors = floor.load(con, chosen["selection"])  # a floor recorded later (the run completing) redraws
     all_inputs = hashlib.sha256(json.dumps([SITE_VERSION, spec.describe(),
-                                            sorted((f"{k}", v) for k, v in stats.items())],
+                                            sorted((f"{k}", v) for k, v in stats.items()), floors.key()],
                                            default=str).encode()).hexdigest()
     if not force and old_manifest.get("inputs_sha256") == all_inputs:
         log(f"report {spec.name}: inputs unchanged, nothing to redraw")
@@ -175,7 +197,8 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         nonlocal reused
         jobs = []
         for grid in grids:
-            key = keys[grid.fig_id] = _figure_key(spec, grid, stats, json.dumps(report_shared(grid)))
+            extra = json.dumps([report_shared(grid), grid.noise_floor])
+            key = keys[grid.fig_id] = _figure_key(spec, grid, stats, extra)
             png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
             old = old_manifest.get("figures", {}).get(grid.fig_id)
             if not force and old and old.get("key") == key and previous and (previous / png).exists() \
@@ -193,7 +216,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
 
     main_cpu = time.process_time()
     with drawing.Drawer(workers) as drawer:  # its processes start while the queries run
-        report = gather(con, spec, where, chosen, on_figures=draw_or_reuse)
+        report = gather(con, spec, where, chosen, on_figures=draw_or_reuse, floors=floors)
         _write_site(build_dir, spec, store, report)  # while the figures are drawn
         drawn = drawer.wait()
         if drawer.broken:
@@ -201,12 +224,14 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
                 "`if __name__ == \"__main__\":`); drew the figures in this process instead")
     figures = {g.fig_id: {"key": keys[g.fig_id], "png": f"figures/{g.fig_id}.png", "svg": f"figures/{g.fig_id}.svg",
                           "title": g.title, "section": g.section, "observations": g.observations,
+                          "noise_floor": g.noise_floor, "below_noise_floor": int(g.below_floor.sum()),
                           "inputs": [list(i) for i in g.inputs]} for g in report.grids}
     manifest = {
         "report": spec.name, "spec": spec.describe(), "spec_source": spec.source, "store": store.uri,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "klstore_version": __version__,
         "inputs_sha256": all_inputs,
         "input_files": {f"{m}/{p}": files for (m, p), files in sorted(stats.items(), key=str)},
+        "noise_floor": {model: value for model, (value, _, _) in floors.per_model().items()},
         "figures": figures,
         "pages": {"probes": [listing.page for listing in report.listings], "prompts": len(report.pages)},
     }
@@ -237,7 +262,8 @@ def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> Non
         for grid in by_probe.get((listing.model, listing.probe), []):
             (build_dir / grid.page).write_text(render_prompt_page(env, spec, grid, listing, report.prompt_pages),
                                                encoding="utf-8")
-    (build_dir / "report.md").write_text(render_markdown(spec, report.grids, report.summary), encoding="utf-8")
+    (build_dir / "report.md").write_text(render_markdown(spec, report.grids, report.summary, report.floors),
+                                         encoding="utf-8")
 
 
 def render_prompt_page(env, spec: ReportSpec, grid: Grid, listing, pages: dict) -> str:
@@ -340,13 +366,13 @@ def heatmap_data(grid: Grid):
     from klstore.report.plotting import DIVERGENCE_LABELS, HeatmapData
 
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
+    marks = {"scale": grid.scale, "noise_floor": grid.noise_floor, "below_floor": grid.below_floor}
     if grid.kind == "difference":
         return HeatmapData(grid.values, grid.layers, grid.columns, grid.title, grid.divergence,
                            counts=None, cmap="RdBu_r", colorbar_label=f"Difference in {label}", ylabel=grid.ylabel,
-                           scale=grid.scale)
+                           **marks)
     return HeatmapData(grid.values, grid.layers, grid.columns, grid.title, grid.divergence,
-                       counts=grid.counts if grid.kind == "aggregate" else None, ylabel=grid.ylabel,
-                       scale=grid.scale)
+                       counts=grid.counts if grid.kind == "aggregate" else None, ylabel=grid.ylabel, **marks)
 
 
 # ------------------------------------------------------------------- render
@@ -421,6 +447,7 @@ def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> s
     return (env or _environment(autoescape=True)).get_template("index.html.j2").render(
         spec=spec, store_uri=store_uri, built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         summary_names=report.summary[0], summary_rows=report.summary[1], sections=sections,
+        noise_floor=floor.summary_line(report.floors),
         listings=report.listings, largest=largest, figures=_figures_json(figures), root="")
 
 
@@ -432,9 +459,10 @@ def _largest(grid: Grid, pages: dict, top: int = 3) -> list:
             for key, n in held.most_common(top)]
 
 
-def render_markdown(spec: ReportSpec, grids, summary) -> str:
-    """report.md: the summary table and every figure with its observations; each value through
-    the `md` filter (`md_code` inside a code span)."""
+def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | None = None) -> str:
+    """report.md: the summary table, the noise floor per model and every figure with its
+    observations; each value through the `md` filter (`md_code` inside a code span)."""
     sections = [(name.capitalize(), list(items)) for name, items in itertools.groupby(grids, lambda g: g.section)]
     return _environment(autoescape=False).get_template("report.md.j2").render(
-        spec=spec, summary_names=summary[0], summary_rows=summary[1], sections=sections).rstrip("\n") + "\n"
+        spec=spec, summary_names=summary[0], summary_rows=summary[1], sections=sections,
+        noise_floor=floor.summary_line(floors or floor.Floors({}))).rstrip("\n") + "\n"

@@ -209,8 +209,9 @@ def test_site_files_links_and_assets(store_uri, tmp_path):
 
 
 def test_a_store_from_before_lens_tokens_still_reports(store_uri, tmp_path):
-    """kl files without the lens-token columns and no tokens table: every page is still written,
-    and the prompt pages say the tokens were not stored."""
+    """kl files without the lens-token columns, no tokens table, and a runs row from before
+    runs.noise_floor: every page is still written, the prompt pages say the tokens were not
+    stored, and the report says the noise floor was not measured (and marks nothing)."""
     import pyarrow.parquet as pq
 
     copy = tmp_path / "store"
@@ -219,10 +220,19 @@ def test_a_store_from_before_lens_tokens_still_reports(store_uri, tmp_path):
     for path in (copy / "kl").rglob("*.parquet"):
         table = pq.read_table(path, partitioning=None)
         pq.write_table(table.drop_columns(["topk_ids", "topk_probs", "gen_rank", "gen_logq"]), path)
+    for path in (copy / "runs").rglob("*.parquet"):
+        pq.write_table(pq.read_table(path, partitioning=None).drop_columns(["noise_floor"]), path)
     out = tmp_path / "rep"
     site.build(open_store(str(copy)), _spec(per_prompt=1), out=out, log=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pages"]["prompts"] == 3 * 2 * 6
+    assert manifest["noise_floor"] == {"tiny-a": None, "tiny-b": None, "tiny-deep": None}
+    assert all(f["noise_floor"] is None and f["below_noise_floor"] == 0 for f in manifest["figures"].values())
+    assert not any("noise floor" in note.lower() for f in manifest["figures"].values() for note in f["observations"])
+    for name in ("index.html", "report.md"):
+        assert "Noise floor: not measured" in (out / name).read_text(), name
+    svg = next(iter(manifest["figures"].values()))["svg"]
+    assert "below-noise-floor" not in (out / svg).read_text()
     page = (out / "prompts").glob("prompt-tiny-a-logit_lens-p0-*.html").__next__().read_text()
     assert "No lens tokens were stored for this prompt" in page and "top-k tokens not stored" in page
     assert "Top-1 settling depth: " in page  # top1_match was stored before lens tokens were
@@ -299,6 +309,139 @@ def test_partition_folder_with_a_quote_reports_it(store_uri, tmp_path):
         assert "a&#39;b | logit_lens | mean of 6 prompts" in (out / "index.html").read_text()
     with pytest.raises(KlstoreError, match="model \"a'c\" is not in the store; models: a'b, tiny-b, tiny-deep"):
         site.build(open_store(str(copy)), _spec(models=["a'c"]), out=tmp_path / "r", log=lambda m: None)
+
+
+# ------------------------------------------------------------------ noise floor
+FLOORS = {"r1": 0.4, "r2": 0.9}  # tiny-a and tiny-deep in run r1, tiny-b in r2 (nats)
+
+
+@pytest.fixture(scope="module")
+def floor_store(store_uri, tmp_path_factory):
+    """The module's store with tiny-b's rows moved to a run of its own, and runs rows whose noise
+    floors (FLOORS, far above fp32's ~1e-6) put some cells of every model below them."""
+    copy = tmp_path_factory.mktemp("floor") / "store"
+    shutil.copytree(store_uri, copy)
+    for folder in sorted(copy.rglob("run_id=r1")):
+        if "model=tiny-b" in folder.parts:
+            folder.rename(folder.with_name("run_id=r2"))
+    shutil.rmtree(copy / "runs")
+    store = open_store(str(copy))
+    for run, floor in FLOORS.items():
+        store.write_run(run, run, "completed", {}, {}, noise_floor=floor)
+    return str(copy)
+
+
+def _plain_floors(uri) -> dict:
+    """model -> max(runs.noise_floor) over its runs, from the files by plain DuckDB."""
+    raw = _plain_duckdb(uri)
+    raw.execute(f"CREATE VIEW runs AS SELECT * FROM read_parquet('{uri}/runs/**/*.parquet', hive_partitioning = true)")
+    return dict(raw.execute("SELECT k.model, max(r.noise_floor) FROM (SELECT DISTINCT model, run_id FROM raw) k "
+                            "JOIN runs r USING (run_id) GROUP BY ALL").fetchall())
+
+
+def _plain_means(raw, model, probe, layers) -> np.ndarray:
+    rows = raw.execute("SELECT layer, gen_idx, avg(kl) FROM raw WHERE model = ? AND probe = ? GROUP BY ALL",
+                       [model, probe]).fetchall()
+    out = np.full((len(layers), max(r[1] for r in rows) + 1), np.nan)
+    for layer, gen_idx, value in rows:
+        if layer in layers:
+            out[layers.index(layer), gen_idx] = value
+    return out
+
+
+def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(floor_store):
+    """Aggregates use their model's floor, model comparisons the larger of the two sides', group
+    comparisons their model's; the marked cells are |value| < floor by plain SQL over the files."""
+    floors = _plain_floors(floor_store)
+    assert floors == pytest.approx({"tiny-a": 0.4, "tiny-b": 0.9, "tiny-deep": 0.4})
+    report, _ = _gather(floor_store, _spec(per_prompt=1))
+    raw = _plain_duckdb(floor_store)
+    checked = {"aggregate": 0, "difference": 0, "prompt": 0}
+    for grid in report.grids:
+        if grid.kind == "aggregate" and set(grid.labels) == {"model", "probe"}:
+            floor = floors[grid.labels["model"]]
+            expected = np.abs(_plain_means(raw, grid.labels["model"], grid.labels["probe"], list(grid.layers))) < floor
+        elif grid.kind == "difference" and "model" not in grid.labels:  # model vs model
+            a, b, probe = grid.labels["a"], grid.labels["b"], grid.labels["probe"]
+            floor = max(floors[a], floors[b])
+            va, vb = (_plain_means(raw, m, probe, list(range(6 if m == "tiny-deep" else 4))) for m in (a, b))
+            # b == tiny-deep: by relative depth, its layers round(k * 5 / 3) under the other's k
+            diff = va - (vb[[0, 2, 3, 5]] if b == "tiny-deep" else vb)
+            expected = np.abs(diff[:, :grid.values.shape[1]]) < floor
+        elif grid.kind == "difference":  # group vs group, one model
+            floor = floors[grid.labels["model"]]
+            expected = np.abs(grid.hover["a"] - grid.hover["b"]) < floor
+        elif grid.kind == "prompt":
+            floor = floors[grid.labels["model"]]
+            expected = np.abs(grid.values) < floor
+        else:
+            continue
+        assert grid.noise_floor == pytest.approx(floor), grid.title
+        np.testing.assert_array_equal(grid.below_floor, expected, err_msg=grid.title)
+        assert 0 < expected.sum(), grid.title
+        n = int(expected.sum())
+        assert any(note.startswith(f"Noise floor {floor:.2g} nats") and f": {n} of {expected.size} " in note
+                   for note in grid.observations), (grid.title, grid.observations)
+        checked[grid.kind] += 1
+    assert checked == {"aggregate": 6, "difference": 6 + 6, "prompt": 6}
+    partial = next(g for g in report.grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
+    assert 0 < partial.below_floor.sum() < partial.values.size
+
+
+def test_differences_below_the_floor_are_never_called_differences(floor_store):
+    report, _ = _gather(floor_store, _spec(per_prompt=0))
+    for grid in (g for g in report.grids if g.kind == "difference"):
+        v, floor = grid.values[np.isfinite(grid.values)], grid.noise_floor
+        first = grid.observations[0]
+        if np.abs(v).max() < floor:
+            assert "differ by less than the noise floor" in first and "higher" not in first
+        else:
+            higher, lower = int((v >= floor).sum()), int((v <= -floor).sum())
+            assert (f"higher than {grid.labels['b']} in {higher} of {v.size} cells and lower in {lower}; "
+                    f"{v.size - higher - lower} differ by less than the noise floor of {floor:.2g} nats") in first
+
+
+def test_the_site_shows_the_floor_per_model_and_marks_its_figures(floor_store, tmp_path):
+    """index.html and report.md name each model's floor; the PNG/SVG figures dot exactly the
+    cells below it, the interactive ones carry a marker layer and a hover line; a floor recorded
+    later redraws only the figures it applies to."""
+    copy = tmp_path / "store"
+    shutil.copytree(floor_store, copy)
+    out = tmp_path / "rep"
+    spec = _spec(per_prompt=1)
+    site.build(open_store(str(copy)), spec, out=out, log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["noise_floor"] == pytest.approx({"tiny-a": 0.4, "tiny-b": 0.9, "tiny-deep": 0.4})
+    line = "Noise floor: tiny-a 0.4 nats, tiny-b 0.9 nats, tiny-deep 0.4 nats"
+    index, markdown = (out / "index.html").read_text(), (out / "report.md").read_text()
+    assert line in index and line in markdown and "not measured" not in index
+    assert "<th>noise floor</th>" in index and "<td>0.9 nats</td>" in index
+    report, _ = _gather(str(copy), spec)
+    by_id = {g.fig_id: g for g in report.grids}
+    for fig_id, entry in manifest["figures"].items():
+        grid = by_id[fig_id]
+        assert entry["below_noise_floor"] == int(grid.below_floor.sum()) > 0
+        assert (out / entry["svg"]).read_text().count('id="below-noise-floor"') == 1
+    grid = by_id[next(f for f, e in manifest["figures"].items() if e["title"] == "tiny-b | skip | mean of 6 prompts")]
+    fig = plotting.draw(site.heatmap_data(grid))
+    dots = next(c for c in fig.axes[0].collections if c.get_gid() == "below-noise-floor")
+    cells = {(round(y - 0.3), round(x + 0.36)) for x, y in dots.get_offsets()}
+    assert cells == {tuple(map(int, rc)) for rc in np.argwhere(grid.below_floor)}
+    assert fig.axes[0].get_title().endswith("\n\u2022 below the noise floor (0.9 nats)")
+    figures = json.loads(index.split('id="klstore-figures">')[1].split("</script>")[0])
+    layer = next(t for t in figures[grid.fig_id]["data"] if t.get("name") == "below the noise floor")
+    assert {(round(y - 0.3), round(x + 0.36)) for x, y in zip(layer["x"], layer["y"])} == cells
+    hover = figures[grid.fig_id]["data"][0]["customdata"]
+    for r, row in enumerate(hover):
+        for c, text in enumerate(row):
+            assert ("below the noise floor (0.9 nats)" in text) == ((r, c) in cells)
+    # tiny-b's run records a new floor: only the figures that read tiny-b are redrawn
+    open_store(str(copy)).write_run("r2", "r2", "completed", {}, {}, noise_floor=0.8)
+    again = site.build(open_store(str(copy)), spec, out=out, log=lambda m: None)
+    tiny_b = [f for f, e in manifest["figures"].items() if "tiny-b" in json.dumps(e["inputs"])]
+    assert again["changed"] and again["drawn"] == len(tiny_b) > 0
+    assert again["reused"] == len(manifest["figures"]) - len(tiny_b) > 0
+    assert "tiny-b 0.8 nats" in (out / "report.md").read_text()
 
 
 HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "[x](javascript:alert(1))", r"$\foo{$"]

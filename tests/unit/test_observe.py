@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from klstore.report import interactive, observe, prompts, scale
+from klstore.report import floor, interactive, observe, prompts, scale
 from klstore.report.aggregate import Grid
 from klstore.report.observe import columns_sentence
 from klstore.spec import parse_report_spec
@@ -213,3 +213,105 @@ def test_examples_come_from_every_group_in_turn():
     assert [r.prompt_id for r in prompts.round_robin(rows, 1)][:3] == ["b-0", "c-0", "a-0"]
     picked = {r.prompt_group for k in range(3) for r in prompts.round_robin(rows, k)[:2]}
     assert picked == {"a", "b", "c"}
+
+
+# ------------------------------------------------------------------ noise floor
+FLOOR_GRID = np.array([[2.0, 1e-7, np.nan], [-3e-7, 0.5, 1e-6], [0.0, -2.0, 9.99e-7]])
+
+
+def floored(values, noise_floor, kind="aggregate", labels=None):
+    g = grid(values, kind=kind, labels=labels)
+    g.noise_floor, g.below_floor = noise_floor, floor.below(g.values, noise_floor)
+    return g
+
+
+def test_below_marks_finite_cells_whose_magnitude_is_under_the_floor():
+    marked = floor.below(FLOOR_GRID, 1e-6)
+    # 1e-6 itself is not below; NaN is never marked
+    assert marked.tolist() == [[False, True, False], [True, False, False], [True, False, True]]
+    assert not floor.below(FLOOR_GRID, None).any() and floor.below(FLOOR_GRID, None).shape == (3, 3)
+    assert floor.below(FLOOR_GRID, 0.0).sum() == 0
+
+
+def test_a_figure_answers_to_the_largest_floor_of_the_runs_behind_it():
+    floors = floor.Floors({("a", "r1"): 1e-6, ("a", "r2"): None, ("b", "r3"): 4e-6, ("c", "r4"): None})
+    assert floors.of(["a"]) == 1e-6 and floors.of(["a", "b"]) == 4e-6 and floors.of(["c"]) is None
+    assert floors.of(["a"], run_id="r2") is None  # a per-prompt map: its own run only
+    diff = grid(np.zeros((2, 2)), kind="difference", labels={"probe": "p", "a": "a", "b": "b"})
+    diff.inputs = (("a", "p"), ("b", "p"))
+    assert floor.for_grid(diff, floors) == 4e-6  # the larger of the two sides
+    page = grid(np.zeros((2, 2)), kind="prompt", labels={"model": "a", "run_id": "r1"})
+    page.inputs = (("a", "p"),)
+    assert floor.for_grid(page, floors) == 1e-6
+    assert floors.per_model() == {"a": (1e-6, 1, 2), "b": (4e-6, 1, 1), "c": (None, 0, 1)}
+    assert floor.summary_line(floors).startswith(
+        "Noise floor: a 1e-06 nats (measured in 1 of 2 runs), b 4e-06 nats, c not measured (")
+    assert floor.summary_line(floor.Floors({("a", "r2"): None})).startswith("Noise floor: not measured (")
+
+
+def test_observations_name_the_floor_and_count_the_cells_below_it():
+    values = np.array([[30.0, 28.0, 26.0], [10.0, 9.0, 11.0], [3e-7, 1e-7, 2e-6]])
+    said = notes(floored(values, 9.5e-7))
+    assert "Noise floor 9.5e-07 nats: 2 of 9 cells below it (marked with a dot)." in said
+    assert not any("noise floor" in n.lower() for n in notes(grid(values)))  # not measured: nothing said
+    assert notes(floored(np.full((2, 2), 1e-7) * [[1, 2], [3, 4]], 1e-6))[0] == (
+        "Every cell is below the noise floor of 1e-06 nats (the largest is 4e-07 nats): "
+        "no value here is distinguishable from 0.")
+
+
+def test_a_lead_smaller_than_the_floor_is_no_standout_trend_or_outlier():
+    means = (4e-6, 1e-6, 1.1e-6)  # a 3.6x lead, but by 2.9e-6 nats
+    assert columns_sentence(means).startswith("Gen0 stands out")
+    assert columns_sentence(means, 1e-5).startswith("The generated tokens' column means")
+    lead = columns_sentence((5.0, 4.0, 1.0), 2.0)  # 1.25x and 4 nats of spread, but a lead of 1 < 2
+    assert "under the noise floor of 2 nats: not a standout" in lead
+    # a 2.1x fall with depth, but by 0.95 nats; Gen1 leads by 0.64 nats; 6 cells below a floor of 1
+    trend = np.array([[1.8] * 3, [1.8] * 3, [1.2, 5.0, 1.2], [1.2] * 3, [0.85] * 3, [0.85] * 3])
+    assert any("falls with depth" in n for n in notes(grid(trend)))
+    assert any("Gen1 stands out" in n for n in notes(grid(trend)))
+    quiet = notes(floored(trend, 1.0))
+    assert not any("falls with depth" in n or "stands out" in n for n in quiet)
+    assert "Noise floor 1 nats: 6 of 18 cells below it (marked with a dot)." in quiet
+    assert any("1 cell is more than two standard deviations" in n for n in quiet)  # 5.0: 3.5 nats above the mean
+    # an outlier two standard deviations above the mean, but only 0.62 nats above it
+    lone = np.ones((6, 4))
+    lone[0, 0], lone[5, 3] = 0.0, 1.6
+    assert any("standard deviations above the mean" in n for n in notes(grid(lone)))
+    quiet = notes(floored(lone, 0.9))
+    assert quiet[0].startswith("kl peaks at") and not any("standard deviations" in n for n in quiet)
+
+
+def test_differences_below_the_floor_are_not_called_differences():
+    labels = {"a": "m1", "b": "m2"}
+    values = np.array([[0.5, -0.2, 1e-7], [-2e-7, 3e-7, 0.0]])
+    said = notes(floored(values, 1e-6, "difference", labels))
+    assert said[0] == ("m1 is higher than m2 in 1 of 6 cells and lower in 1; 4 differ by less than the noise floor "
+                       "of 1e-06 nats; the mean difference is +0.05 nats.")
+    assert notes(grid(values, "difference", labels))[0].startswith("m1 is higher than m2 in 3 of 6 cells")
+    assert ("Noise floor 1e-06 nats (the larger of the two sides'): 4 of 6 differences below it "
+            "(marked with a dot; not differences).") in said
+    tiny = notes(floored(values * 1e-6, 1e-6, "difference", labels))
+    assert tiny[0].startswith("m1 and m2 differ by less than the noise floor of 1e-06 nats in every cell")
+    assert not any("higher" in n for n in tiny)
+
+
+def test_marked_cells_get_a_dot_in_png_svg_and_a_marker_and_hover_in_the_interactive_figure():
+    from klstore.report import plotting, site
+
+    g = floored(np.array([[2.0, 1e-7], [-3e-7, 0.5]]), 1e-6, "difference", {"a": "m1", "b": "m2"})
+    g.scale = scale.choose(g.values, "robust", True)
+    fig = plotting.draw(site.heatmap_data(g))
+    dots = next(c for c in fig.axes[0].collections if c.get_gid() == "below-noise-floor")
+    np.testing.assert_allclose(dots.get_offsets(), [[1 - 0.36, 0 + 0.3], [0 - 0.36, 1 + 0.3]])
+    assert fig.axes[0].get_xlim() == (-0.5, 1.5) and fig.axes[0].get_ylim() == (1.5, -0.5)  # limits kept
+    assert fig.axes[0].get_title() == "t\n\u2022 below the noise floor (1e-06 nats)"
+    data = interactive.figure(g)["data"]
+    marker = next(t for t in data if t.get("name") == "below the noise floor")
+    assert (marker["x"], marker["y"]) == ([1 - 0.36, 0 - 0.36], [0.3, 1.3]) and marker["hoverinfo"] == "skip"
+    hover = data[0]["customdata"]
+    assert [["below the noise floor (1e-06 nats)" in h for h in row] for row in hover] == [[False, True], [True, False]]
+    assert "not a difference" in hover[0][1]
+    plain = grid(g.values, "difference", {"a": "m1", "b": "m2"})  # not measured: no marks anywhere
+    drawn = plotting.draw(site.heatmap_data(plain)).axes[0].collections
+    assert not any(c.get_gid() == "below-noise-floor" for c in drawn)
+    assert [t.get("name") for t in interactive.figure(plain)["data"]] == [None]
