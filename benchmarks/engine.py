@@ -182,20 +182,26 @@ PHASES = ("generation", "clean trace", "layer sweep", "unembedding", "divergence
 
 class _Clock:
     """Exclusive seconds per phase. `with clock("name"):` charges the block's time to that
-    phase, minus the time of phases nested inside it (the innermost phase gets each second)."""
+    phase, minus the time of phases nested inside it (the innermost phase gets each second).
+    Given a running torch FlopCounterMode, it charges the FLOPs counted to phases alike."""
 
-    def __init__(self, device):
+    def __init__(self, device, counter=None):
         self.device = device
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.flops = dict.fromkeys(PHASES, 0)
+        self._counter = counter
         self._stack: list = []
         self._since = 0.0
+        self._flops_since = 0
 
     def _switch(self):
         _sync(self.device)
         now = time.perf_counter()
+        counted = self._counter.get_total_flops() if self._counter is not None else 0
         if self._stack:
             self.seconds[self._stack[-1]] += now - self._since
-        self._since = now
+            self.flops[self._stack[-1]] += counted - self._flops_since
+        self._since, self._flops_since = now, counted
 
     def __call__(self, phase):
         clock = self
@@ -216,53 +222,43 @@ class _Clock:
         return self._stack[-1] if self._stack else None
 
 
-def flop_counts(engine, probe: str, generations, layers, source_lengths,
-                batch_size: int = 16) -> tuple[dict, dict]:
-    """(FLOPs the engine performs per phase, FLOPs the cells require at least, per phase).
+def required_flops(engine, probe: str, generations, layers, source_lengths) -> dict:
+    """The FLOPs the cells require at least, by part (what the engine performs is counted by
+    torch's FlopCounterMode instead, phase by phase).
 
     Only weight matmuls count, a multiply-add as 2 FLOPs: a block costs 2 x its parameters
     per position it runs on. Attention scores (QK^T, AV), norms, activations and the
     divergences' elementwise work are left out (attention is under 1% of a block's FLOPs at
-    these lengths). Per prompt, with T = prompt + n - 1 teacher-forced positions, n cells per
-    layer, V x H the head (the engine's generation and trace run a left-padded batch, so they
-    perform the block work on the batch's longest T for every prompt; the bound uses each T):
-      clean pass    2 * (block parameters) * T: once required (generation and trace do the
-                    same blocks on the same tokens; the engine does it twice today);
-      reference     2 * V * H * n: the head at the n positions giving P_t;
-      layer sweep   for a row intervening at layer l, the blocks above l: 2 * params(k) per
-                    position, for every position (skip: all positions change at l) or, for
-                    patch, only the n positions from the patched one on (the earlier ones
-                    stay clean); patch also needs the source prompt's clean pass;
-      unembedding   2 * V * H per cell (KL needs Q's whole vocabulary).
+    these lengths). Per prompt, with T = prompt + n - 1 teacher-forced positions (each
+    prompt's own, no padding), n cells per layer, V x H the head:
+      clean pass    2 * (block parameters) * T, once: generation and the clean trace run the
+                    same blocks on the same tokens, so one of them could give both;
+      layer sweep   for a row intervening at layer l, the blocks above l (ablate_*: block l
+                    too), 2 * params(k) per position, at every position (skip: block l's
+                    output changes everywhere) or, for patch, only at the n positions from the
+                    patched one on (the earlier ones stay clean); patch also needs the source
+                    prompt's clean pass;
+      unembedding   2 * V * H per cell (KL needs Q's whole vocabulary), plus the n positions
+                    giving P_t.
     """
     per_block = [sum(p.numel() for p in block.parameters()) for block in engine.adapter.blocks]
     total = sum(per_block)
     vocab, hidden = engine.model.get_output_embeddings().weight.shape
-    last = engine.n_layers - 1
-    done = dict.fromkeys(PHASES, 0.0)
     need = dict.fromkeys(("clean pass", "layer sweep", "unembedding"), 0.0)
-    for i, (gen, source_len) in enumerate(zip(generations, source_lengths)):
+    for gen, source_len in zip(generations, source_lengths):
         n = gen.n
         positions = len(gen.prompt_ids) + n - 1
-        batch = generations[i - i % batch_size:i - i % batch_size + batch_size]  # run_many's batch of this prompt
-        padded = max(len(g.prompt_ids) for g in batch) + max(g.n for g in batch) - 1
-        head = 2.0 * vocab * hidden
-        done["generation"] += 2.0 * total * padded + head * n  # prefill + n-1 steps; head at 1 position
-        done["clean trace"] += 2.0 * total * max(len(g.prompt_ids) + g.n - 1 for g in batch) + head * n
         need["clean pass"] += 2.0 * total * positions
-        need["unembedding"] += head * n + head * n * len(layers)
-        done["unembedding"] += head * n * len(layers)
+        need["unembedding"] += 2.0 * vocab * hidden * n * (1 + len(layers))
         if probe == "logit_lens":
             continue
-        above = [2.0 * sum(per_block[l + 1:last + 1]) for l in layers]
+        above = [2.0 * sum(per_block[l + 1:]) for l in layers]
         if probe in ("ablate_attn", "ablate_mlp"):  # block l itself runs again, a sub-layer zeroed
             above = [a + 2.0 * per_block[l] for a, l in zip(above, layers)]
-        done["layer sweep"] += sum(above) * positions
         need["layer sweep"] += sum(above) * (n if probe == "patch" else positions)
         if probe == "patch":
-            done["layer sweep"] += 2.0 * total * source_len
             need["layer sweep"] += 2.0 * total * source_len
-    return done, need
+    return need
 
 
 @contextlib.contextmanager
@@ -385,10 +381,12 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
             phase_run(engine, prompts, spec, layers, gen, clock)
             if best is None or sum(clock.seconds.values()) < sum(best.values()):
                 best = dict(clock.seconds)
-        with FlopCounterMode(display=False) as counter:
-            engine.run_many(prompts, [spec], layers, ("kl",), gen)
+        with FlopCounterMode(display=False) as counter:  # FLOPs performed, by phase (not timed)
+            counted = _Clock(device, counter)
+            phase_run(engine, prompts, spec, layers, gen, counted)
+        done = counted.flops
         sources = [len(engine.encode(Prompt(p.id, p.source), gen)) if name == "patch" else 0 for p in prompts]
-        done, need = flop_counts(engine, name, generations, layers, sources)
+        need = required_flops(engine, name, generations, layers, sources)
         compute = sum(v for k, v in best.items() if k != "writing rows")
         total = sum(best.values())
         print(f"\n{name}: {cells_total} cells; engine.run_many end-to-end {e2e:.3f} s, instrumented "
@@ -396,7 +394,7 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
               f"the rows (best of {repeat}; matmul yardstick {peak:.1f} GFLOP/s)")
         print(f"  {'phase':20} {'s':>7} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of matmul':>9}")
         for phase in PHASES:
-            sec, flops = best[phase], done.get(phase, 0.0)
+            sec, flops = best[phase], done[phase]
             rate = f"{flops / sec / 1e9:8.1f} {flops / sec / 1e9 / peak:9.0%}" if flops and sec else f"{'':8} {'':9}"
             print(f"  {phase:20} {sec:7.3f} {sec / total:6.0%} {flops / 1e9:7.1f} {rate}")
         dominant = max(PHASES, key=best.get)
@@ -404,8 +402,7 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
         floor = bound / (peak * 1e9)
         print(f"  dominant phase: {dominant} ({best[dominant] / total:.0%} of the phases' time)")
         performed = sum(done.values())
-        print(f"  FLOPs performed: {performed / 1e9:.1f} G by this count, "
-              f"{counter.get_total_flops() / 1e9:.1f} G by torch's FlopCounterMode (all matmuls, attention too); "
+        print(f"  FLOPs performed (torch's FlopCounterMode: every matmul, attention too): {performed / 1e9:.1f} G; "
               f"{performed / e2e / 1e9:.1f} GFLOP/s = {performed / e2e / 1e9 / peak:.0%} of matmul end-to-end")
         parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in need.items() if v)
         print(f"  lower bound (work the cells require): {bound / 1e9:.1f} GFLOP ({parts}); at "
@@ -413,7 +410,8 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
         print(f"  achieved: {bound / e2e / 1e9:.1f} GFLOP/s = {floor / e2e:.0%} of the plain matmul rate "
               f"(lower bound / end-to-end time)")
     print(f"\nthe matmul yardstick is the best of its measurements so far, {peak:.1f} GFLOP/s at the end; "
-          "a probe's fractions use the value printed with it")
+          f"a probe's fractions use the value printed with it; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
 
 
 def _shape_gflops(device, dtype, m, k, n, reps=5) -> float:

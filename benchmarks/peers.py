@@ -1,16 +1,18 @@
 """Peer benchmark (issue 13): klstore and nnsight compute the same cells in one process.
 
-    make bench                          # nnsight==0.8.1 in its own environment (build/venv-bench), then this
-    python benchmarks/peers.py          # 8 prompts x 30 layers x 5 generated tokens = 1,200 cells per probe
-    python benchmarks/peers.py --quick  # 2 prompts x 4 layers x 2 tokens, once, tuned peer only (the tests' run)
+    make bench                              # nnsight==0.8.1 in its own environment (build/venv-bench), then this
+    python benchmarks/peers.py              # 8 prompts x 30 layers x 5 generated tokens = 1,200 cells per probe
+    python benchmarks/peers.py --tutorial   # also nnsight in its tutorial form (below)
+    python benchmarks/peers.py --quick      # 2 prompts x 4 layers x 2 tokens, once (the tests' run)
 
 The task: SmolLM2-135M-Instruct (the offline demo model) in float32 on the CPU, the first
 8 prompts of jobs/prompts/demo.jsonl, greedy continuation, probes `logit_lens` and `skip`
 (block l bypassed: its output := its input), forward KL(P_t || Q_{l,t}) in nats.
-Compute only: the model is loaded once, before any clock starts, and both sides use
-that same model object. Each side's time covers tokenizing, generating, the clean pass,
+Compute only: the model is loaded once, before any clock starts; nnsight wraps a copy
+of it (the same weights; its wrapper hooks every module, which would slow klstore on a
+shared object). Each side's time covers tokenizing, generating, the clean pass,
 the probe and the divergences, i.e. prompt texts -> a [layers x tokens] KL matrix per prompt.
-Every measurement is repeated (`--repeat`, best of 3 by default), the sides alternating,
+Every measurement is repeated (`--repeat`, best of 5 by default), the sides alternating,
 so load from other processes hits both alike.
 
 Two forms of the peer run against the same model (nnsight 0.8.1, its own API throughout):
@@ -23,7 +25,7 @@ Two forms of the peer run against the same model (nnsight 0.8.1, its own API thr
   - skip: per prompt one trace with one invoke per layer (`layer.output = layer.input`;
     nnsight's `.skip()` refuses a batch whose invokes skip different layers) and
     `logits_to_keep=n`, so the head runs only at the positions predicting Gen t;
-- `nnsight (tutorial form)`: as nnsight's logit-lens tutorial writes it: the head decodes
+- `nnsight (tutorial form)`, with --tutorial: as nnsight's logit-lens tutorial writes it: the head decodes
   every layer inside the trace at every position (`lm.lm_head(lm.model.norm(layer.output))`)
   and the model's logits come at every position; the positions predicting Gen t are
   taken afterwards. Skip as above without `logits_to_keep`.
@@ -203,13 +205,14 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--layers", default="all", help="klstore layer spec (default all)")
     parser.add_argument("-n", type=int, default=5, help="generated tokens")
-    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs per side")
+    parser.add_argument("--repeat", type=int, default=5, help="best of this many runs per side")
     parser.add_argument("--reference", type=int, default=2,
                         help="prompts also checked against the float64 reference (0: none)")
     parser.add_argument("--probes", default=",".join(PROBES))
     parser.add_argument("--quick", action="store_true",
                         help="2 prompts x layers 0-3 x 2 tokens, once, no float64 reference")
     parser.add_argument("--no-peer", action="store_true", help="klstore alone even if nnsight is installed")
+    parser.add_argument("--tutorial", action="store_true", help="also nnsight in its tutorial form (slow)")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.layers, args.n, args.repeat, args.reference = 2, "0-3", 2, 1, 0
@@ -244,74 +247,66 @@ def main() -> int:
                 print(f"note: the benchmark's peer is pinned at {NNSIGHT_PIN}; this is {peer}")
     print(f"{loaded.label} float32 on CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"{len(prompts)} prompts x {len(layers)} layers x {args.n} tokens = {cells} cells per probe; "
-          f"best of {args.repeat}; peer: {peer or 'none'}", flush=True)
+          f"best of {args.repeat}; peer: {peer or 'none'}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
 
-    # klstore first on the bare model, then again once nnsight has wrapped it (its hooks sit on
-    # every module), so the ratio is taken under the same conditions.
-    run_k = {probe: (lambda probe=probe: klstore_cells(engine, probe, prompts, layers, args.n)) for probe in probes}
-    bare = {}
-    for probe in probes:
-        run_k[probe]()  # warm-up
-        bare[probe] = best_of(args.repeat, run_k[probe])
     forms = {}
     if peer is not None:
-        lm = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task="text-generation")
+        # nnsight wraps its own copy of the model (the same weights): its wrapper hooks every
+        # module, which would slow klstore's forwards on a shared object by about 15% here.
+        lm = TransformersModel(copy.deepcopy(loaded.model), tokenizer=loaded.tokenizer, task="text-generation")
         lm.tokenizer.padding_side = "left"
-        eos, pad = engine._eos, engine._pad_id
-        forms = {"nnsight": nnsight_cells, "nnsight (tutorial form)": nnsight_cells_documented}
-        if args.quick:
-            forms.pop("nnsight (tutorial form)")
+        forms = {"nnsight": nnsight_cells}
+        if args.tutorial:
+            forms["nnsight (tutorial form)"] = nnsight_cells_documented
 
-    table = []  # (probe, klstore bare s, klstore wrapped s, {form: (s, max|diff|)}, klstore cells, nnsight cells)
+    table = []  # (probe, klstore s, {form: (s, max|diff|)}, klstore cells, nnsight cells)
     for probe in probes:
-        k_time, k_cells = bare[probe]
-        runs = {form: (lambda fn=fn, probe=probe: fn(lm, probe, prompts_ids, list(layers), args.n, eos, pad))
-                for form, fn in forms.items()}
-        results = {}
+        runs = {"klstore": lambda probe=probe: (klstore_cells(engine, probe, prompts, layers, args.n), None)}
+        runs.update({form: (lambda fn=fn, probe=probe: fn(lm, probe, prompts_ids, list(layers), args.n,
+                                                          engine._eos, engine._pad_id))
+                     for form, fn in forms.items()})
+        mine = [r.token_ids for r in engine.generate_batch(prompts_ids, _gen(args.n))]
         for form, run in runs.items():
             _, generated = run()  # warm-up
-            mine = [r.token_ids for r in engine.generate_batch(prompts_ids, _gen(args.n))]
-            if [tuple(g) for g in generated] != [tuple(g) for g in mine]:
+            if generated is not None and [tuple(g) for g in generated] != [tuple(g) for g in mine]:
                 print(f"warning: {form}'s greedy continuations differ from klstore's ({probe})")
-        best = dict.fromkeys(["klstore", *runs], float("inf"))
-        for _ in range(args.repeat if runs else 0):  # alternate, so every side sees the same load
-            best["klstore"] = min(best["klstore"], best_of(1, run_k[probe])[0])
+        best, results = dict.fromkeys(runs, float("inf")), {}
+        for _ in range(args.repeat):  # the sides alternate, so every side sees the same load
             for form, run in runs.items():
-                seconds, (cells_out, _) = best_of(1, run)
+                seconds, (results[form], _) = best_of(1, run)
                 best[form] = min(best[form], seconds)
-                results[form] = cells_out
-        table.append((probe, k_time, best["klstore"] if runs else None,
-                      {form: (best[form], max_diff(k_cells, results[form])) for form in runs},
+        k_cells = results["klstore"]
+        table.append((probe, best["klstore"], {form: (best[form], max_diff(k_cells, results[form])) for form in forms},
                       k_cells, results.get("nnsight")))
 
-    header = f"{'probe':11} {'klstore s':>9} {'(wrapped)':>9}"
+    header = f"{'probe':11} {'klstore s':>9}"
     for form in forms or ["nnsight"]:
         header += f" {form + ' s':>{max(9, len(form) + 2)}} {'ratio':>6} {'max|diff|':>9}"
     print("\n" + header)
-    for probe, k_time, k_wrapped, peers_out, _, _ in table:
-        line = f"{probe:11} {k_time:9.3f} {k_wrapped if k_wrapped is not None else float('nan'):9.3f}"
+    for probe, k_time, peers_out, _, _ in table:
+        line = f"{probe:11} {k_time:9.3f}"
         if not peers_out:
-            line = f"{probe:11} {k_time:9.3f} {'-':>9} {'-':>9} {'-':>6} {'-':>9}"
-        fastest = min(k_time, k_wrapped or k_time)
+            line += f" {'-':>9} {'-':>6} {'-':>9}"
         for form, (seconds, diff) in peers_out.items():
-            line += f" {seconds:{max(9, len(form) + 2)}.3f} {seconds / fastest:5.2f}x {diff:9.1e}"
+            line += f" {seconds:{max(9, len(form) + 2)}.3f} {seconds / k_time:5.2f}x {diff:9.1e}"
         print(line)
     if forms:
-        print("klstore s: alone on the model; (wrapped): again once nnsight wrapped the same model, alternating "
-              "with the peer; ratio = peer time / the faster klstore time (above 1: klstore is faster); "
-              "max|diff|: the largest |KL difference| between klstore's and the peer's matrices, nats")
+        print("ratio = peer time / klstore time (above 1: klstore is faster); max|diff|: the largest |KL "
+              "difference| between klstore's and the peer's matrices, nats")
 
     if args.reference:
         count = min(args.reference, len(prompts))
         model64 = copy.deepcopy(loaded.model).double()
         generated = [r.token_ids for r in engine.generate_batch(prompts_ids[:count], _gen(args.n))]
         print(f"\nfloat64 reference (tests/reference.py) on the first {count} prompts:")
-        for probe, _, _, _, k_cells, n_cells in table:
+        for probe, _, _, k_cells, n_cells in table:
             ref = reference_cells(model64, probe, prompts_ids[:count], generated, list(layers))
             line = f"  {probe:11} max|klstore - float64| {max_diff(k_cells[:count], ref):.2e}"
             if n_cells is not None:
                 line += f"   max|nnsight - float64| {max_diff(n_cells[:count], ref):.2e}"
             print(line)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on the {os.cpu_count()} CPUs)")
     return 0
 
 

@@ -1,8 +1,7 @@
 """benchmarks/peers.py and benchmarks/engine.py --roofline run end to end (small) and print every figure.
 
 Speed is not asserted (it is measured by the benchmarks); FLOP counts are, since they do not
-depend on the machine: the roofline's own count of the FLOPs performed must agree with torch's
-FlopCounterMode.
+depend on the machine: the roofline's lower bound never exceeds the FLOPs torch counts.
 """
 
 import importlib.util
@@ -31,11 +30,11 @@ def test_peers_quick_prints_klstore_and_the_peer_or_says_it_is_missing():
     has_peer = importlib.util.find_spec("nnsight") is not None
     for probe in ("logit_lens", "skip"):
         if has_peer:
-            row = re.search(rf"^{probe} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}x +{NUMBER}$", text, re.M)
+            row = re.search(rf"^{probe} +{NUMBER} +{NUMBER} +{NUMBER}x +{NUMBER}$", text, re.M)
             assert row, text
-            assert float(row.group(5)) < 1e-2, text  # the two KL matrices agree
+            assert float(row.group(4)) < 1e-2, text  # the two KL matrices agree
         else:
-            row = re.search(rf"^{probe} +{NUMBER} +- +- +- +-$", text, re.M)
+            row = re.search(rf"^{probe} +{NUMBER} +- +- +-$", text, re.M)
             assert row and float(row.group(1)) > 0, text
     if not has_peer:
         assert "nnsight is missing" in text and "make bench" in text, text
@@ -45,7 +44,7 @@ def test_peers_quick_prints_klstore_and_the_peer_or_says_it_is_missing():
                     reason="without nnsight, the test above already runs klstore alone")
 def test_peers_without_the_peer_even_when_installed():
     text = _run("benchmarks/peers.py", "--quick", "--no-peer", "--probes", "logit_lens")
-    assert re.search(rf"^logit_lens +{NUMBER} +- +- +- +-$", text, re.M), text
+    assert re.search(rf"^logit_lens +{NUMBER} +- +- +-$", text, re.M), text
 
 
 def test_engine_roofline_prints_phases_bounds_and_the_matmul_fraction():
@@ -63,8 +62,6 @@ def test_engine_roofline_prints_phases_bounds_and_the_matmul_fraction():
         assert bound and float(bound.group(1)) > 0, section
         achieved = re.search(rf"achieved: {NUMBER} GFLOP/s = {NUMBER}% of the plain matmul rate", section)
         assert achieved and float(achieved.group(1)) > 0, section
-        counts = re.search(rf"FLOPs performed: {NUMBER} G by this count, {NUMBER} G by torch's FlopCounterMode",
-                           section)
-        assert counts, section
-        mine, torchs = float(counts.group(1)), float(counts.group(2))
-        assert mine == pytest.approx(torchs, rel=0.1), section
+        performed = re.search(rf"FLOPs performed \(torch's FlopCounterMode[^)]*\): {NUMBER} G", section)
+        assert performed, section
+        assert 0 < float(bound.group(1)) <= float(performed.group(1)), section  # a lower bound
