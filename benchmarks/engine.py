@@ -52,15 +52,8 @@ def peak_rss_gib() -> float:
 
 
 def matmul_gflops(device, dtype, n=2048, reps=5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    """GFLOP/s of a plain n x n x n matmul: the yardstick (benchmarks/gpu_check.py uses it too)."""
+    return _shape_gflops(device, dtype, n, n, n, reps)
 
 
 def _sync(device):
