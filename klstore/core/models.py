@@ -293,52 +293,37 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto",
     With `device_map` (an accelerate strategy such as "balanced", or {module: device}) the
     model is split over the visible devices (under Ray: the actor's GPUs) and, where
     `max_memory` leaves too little room, offloaded to CPU or disk; it is never moved whole."""
-    import transformers
-
-    source = resolve(name)
-    dev, torch_dtype = pick_device_dtype(device, dtype)
-    if device_map is not None:
-        return _load_dispatched(source, name, torch_dtype, trust_remote_code, device_map, max_memory)
-    location, extra = source.location, {}
-    if source.gguf_file is not None:
-        folder = _gguf_cache_folder(source)
-        if not (folder / "config.json").exists():
-            _dequantize_to_cache(source, folder, trust_remote_code)
-        location = str(folder)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            location, trust_remote_code=trust_remote_code, **extra)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra)
-    except OSError as exc:
-        raise KlstoreError(f"cannot load model {name!r}: {first_line(exc)}") from None
-    model.to(dev).eval()
-    return LoadedModel(source.label, model, tokenizer, dev, torch_dtype)
-
-
-def _load_dispatched(source: ModelSource, name: str, torch_dtype, trust_remote_code: bool,
-                     device_map, max_memory) -> LoadedModel:
     import tempfile
 
     import transformers
 
+    source = resolve(name)
+    dev, torch_dtype = pick_device_dtype(device, dtype)
     location = source.location
     if source.gguf_file is not None:
         folder = _gguf_cache_folder(source)
         if not (folder / "config.json").exists():
             _dequantize_to_cache(source, folder, trust_remote_code)
         location = str(folder)
-    offload = tempfile.mkdtemp(prefix="klstore-offload-")  # used only if blocks go to disk
+    split = {} if device_map is None else {  # the offload folder is used only if blocks go to disk
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": tempfile.mkdtemp(prefix="klstore-offload-")}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map,
-            max_memory=max_memory, offload_folder=offload)
-    except (OSError, ValueError) as exc:
-        raise KlstoreError(f"cannot load model {name!r} with device_map {device_map!r}: {first_line(exc)}") from None
-    check_no_meta(model, source.label)
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **split)
+    except (OSError, ValueError) as exc:  # ValueError: accelerate refusing a device_map
+        if device_map is None and not isinstance(exc, OSError):
+            raise
+        how = "" if device_map is None else f" with device_map {device_map!r}"
+        raise KlstoreError(f"cannot load model {name!r}{how}: {first_line(exc)}") from None
+    if device_map is None:
+        model.to(dev)
+    else:
+        check_no_meta(model, source.label)
+        dev = input_device(model)
     model.eval()
-    return LoadedModel(source.label, model, tokenizer, input_device(model), torch_dtype)
+    return LoadedModel(source.label, model, tokenizer, dev, torch_dtype)
 
 
 def _offloaded(module) -> bool:
