@@ -29,8 +29,8 @@ import time
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
-from klstore.spec import (GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label, check_topk,
-                          model_label)
+from klstore.spec import (GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label, check_patch_sources,
+                          check_topk, model_label)
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
 
@@ -156,11 +156,7 @@ class Lens:
         topk = check_topk(topk)
         probe_specs = _probes(probes, seed)
         prompt_list = _prompts(prompts, source)
-        if any(p.name == "patch" for p in probe_specs):
-            missing = [p.id for p in prompt_list if not p.source]
-            if missing:
-                raise KlstoreError(f"prompt {missing[0]!r} has no source (the patch probe needs one: "
-                                   "--source, or a \"source\" field in the prompts file)")
+        check_patch_sources(probe_specs, prompt_list)
         if isinstance(layers, bool) or not isinstance(layers, (str, int)):
             raise KlstoreError(f"layers must be a layer spec such as 'all' or '0,15-21,27', got {layers!r}")
         layer_spec = str(layers)

@@ -102,7 +102,7 @@ def _compute_inputs(args):
     if args.tokens and not args.topk:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
     from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,
-                              parse_layers, read_prompts)
+                              check_patch_sources, parse_layers, read_prompts)
 
     check_dtype(args.dtype)
     check_device(args.device)
@@ -116,11 +116,7 @@ def _compute_inputs(args):
         if not args.prompt.strip():
             raise KlstoreError("prompt is empty")
         prompts = [Prompt("prompt", args.prompt, source=args.source)]
-    if any(p.name == "patch" for p in probes):
-        missing = [p.id for p in prompts if not p.source]
-        if missing:
-            raise KlstoreError(f"prompt {missing[0]!r} has no source (the patch probe needs one: "
-                               "--source, or a \"source\" field in the prompts file)")
+    check_patch_sources(probes, prompts)
     parse_layers(args.layers)  # syntax only; the range is checked against the model
     return spec, divergences, probes, prompts
 

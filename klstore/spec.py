@@ -670,13 +670,17 @@ class ExperimentConfig(_Value):
         }
 
 
-def check_patch_sources(probes, prompts, where: str) -> None:
-    """The patch probe needs every prompt's `source`."""
+def check_patch_sources(probes, prompts, where: str | None = None) -> None:
+    """The patch probe needs every prompt's `source`. `where` (a config's "file: probes: ")
+    gives the config's message; without it, the message of `compute` and the Python API."""
     if any(p.name == "patch" for p in probes):
         missing = [p.id for p in prompts if not p.source]
-        if missing:
+        if missing and where is not None:
             raise KlstoreError(f"{where}patch needs a source for every prompt; "
                                f"{len(missing)} have none (first: {missing[0]!r})")
+        if missing:
+            raise KlstoreError(f"prompt {missing[0]!r} has no source (the patch probe needs one: "
+                               "--source, or a \"source\" field in the prompts file)")
 
 
 def parse_experiment(data, source: str = "config", base_dir: Path | None = None) -> ExperimentConfig:
