@@ -231,8 +231,11 @@ def _create_views(con, store: Store) -> None:
             con.execute(f"SET VARIABLE {variable} = ?", [files])
             source = f"getvariable({_quote(variable)})"
             try:
-                present = present_columns(con, table, source)
-                con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, source, present)}")
+                try:
+                    con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, source)}")
+                except duckdb.BinderException:  # only files from before some column: it reads as null
+                    present = present_columns(con, table, source)
+                    con.execute(f"CREATE VIEW {table} AS {read_parquet_sql(table, source, present)}")
             except duckdb.Error as exc:
                 _failing_view(con, table, _unreadable(store, files) or first_line(exc))
         _create_derived(con)
