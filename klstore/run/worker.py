@@ -20,6 +20,43 @@ from klstore.run.plan import Job, shard_key, shard_parts
 from klstore.spec import check_label
 
 
+TOKENIZER_KEY = "klstore.tokenizer"  # Parquet metadata of a tokens file: tokenizer_fingerprint of its writer
+_DECODE_METHODS = ("decode", "batch_decode", "_decode", "clean_up_tokenization")
+
+
+def tokenizer_fingerprint(engine) -> str | None:
+    """A hash of everything `engine.vocabulary()` reads, computed without decoding (milliseconds,
+    against seconds for a 262k vocabulary), or None when that cannot be vouched for.
+
+    It covers: the fast tokenizer's whole serialized state (`backend_tokenizer.to_str()`: model,
+    added tokens, normalizer, decoder), the head size (ids decoded), the wrapper's clean-up flags,
+    the transformers and tokenizers versions (the decode code) and the source of the engine's
+    `vocabulary`. None for a slow or custom tokenizer, or one that overrides transformers' decode
+    methods (state this hash would not see): the worker then decodes, as it always did."""
+    import hashlib
+    import inspect
+
+    import tokenizers
+    import transformers
+
+    tokenizer = engine.tokenizer
+    fast = transformers.PreTrainedTokenizerFast
+    if not isinstance(tokenizer, fast) or any(
+            getattr(type(tokenizer), method, None) is not getattr(fast, method) for method in _DECODE_METHODS):
+        return None
+    try:
+        state = tokenizer.backend_tokenizer.to_str()
+        code = inspect.getsource(type(engine).vocabulary) + inspect.getsource(type(engine)._decode_one)
+        size = engine.model.get_output_embeddings().weight.shape[0]
+    except Exception:  # noqa: BLE001 - the fingerprint only saves work: any failure means decode
+        return None
+    parts = (transformers.__version__, tokenizers.__version__, code, str(size),
+             repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)),
+             repr(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+                          None)), state)
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class ShardResult:
     model: str
@@ -122,24 +159,52 @@ class Worker:
         return worst
 
     def _write_tokens(self) -> None:
-        """The model's vocabulary into the `tokens` table, once (before the shard's rows that use it)."""
+        """The model's vocabulary into the `tokens` table, once (before the shard's rows that use it).
+
+        Decoding every id costs seconds for a large vocabulary (Gemma 3: 262k ids), and each worker
+        of a label would pay it only to find the file already there. So the file carries in its
+        Parquet metadata the fingerprint of what decoded it (`tokenizer_fingerprint`), and a worker
+        whose fingerprint a present file carries skips the decode. Without a fingerprint, or when
+        no file carries it, the worker decodes and the texts' hash names the file, as before: a
+        fingerprint can only save a decode, never keep a vocabulary its texts would not."""
         if self._tokens_written:
             return
         from klstore.run import records
+        from klstore.store.tables import RECORD_SUFFIX, TOKENS_SCHEMA
 
-        from klstore.store.tables import RECORD_SUFFIX
-
+        present = self.store.partition_files("tokens", model=self.label)
+        mark = tokenizer_fingerprint(self.engine)
+        if mark is not None and any(self._tokens_mark(path) == mark for path in present):
+            self._tokens_written = True
+            return
         texts = self.engine.vocabulary()
         name = records.tokens_file_name(texts)
-        present = self.store.partition_files("tokens", model=self.label)
-        if not any(path.endswith("/" + name) for path in present):
-            self.store.write("tokens", records.token_rows(texts), name, model=self.label)
-            # One vocabulary per label: another one here came from a model that had this label
-            # before (or an older tokenizer); the newest wins (README, "Lens tokens").
-            for path in present:
+        kept = [path for path in present if path.endswith("/" + name)]
+        # Same texts already there: rewrite them only to add this fingerprint (so later workers skip).
+        if not kept or mark is not None:
+            schema = TOKENS_SCHEMA.with_metadata({TOKENIZER_KEY: mark}) if mark else TOKENS_SCHEMA
+            final = f"{self.store.table_dir('tokens', model=self.label)}/{name}"
+            self.store.write_file(final, records.token_rows(texts).cast(schema), schema)
+        # One vocabulary per label: another one here came from a model that had this label
+        # before (or an older tokenizer); the newest wins (README, "Lens tokens").
+        for path in present:
+            if path not in kept:
                 self.store.delete(path)
                 self.store.delete(path + RECORD_SUFFIX)
         self._tokens_written = True
+
+    def _tokens_mark(self, path: str) -> str | None:
+        """The tokenizer fingerprint a tokens file was written with; None when it has none or
+        cannot be read (gone meanwhile, damaged: `verify` names it), which means: decode."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.read_schema(path, filesystem=self.store.fs).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return None
+        value = metadata.get(TOKENIZER_KEY.encode())
+        return value.decode() if value is not None else None
 
     def run_shard(self, run_id: str, prompts, job: Job, parts=None) -> ShardResult:
         """Compute a shard and write its files (only `parts` when given, see plan.ShardTask);
