@@ -1,15 +1,20 @@
-"""The noise floor in a report: which runs' floors a figure answers to, and which cells lie below it.
+"""The noise floor in a report: which floors a figure answers to, and which cells lie below it.
 
-Every completed run records `runs.noise_floor` (nats; README, "Noise floor"): the largest
-|divergence difference| between a prompt computed in its batch and computed alone. A cell
-value, or a difference between models or groups, smaller than that is not a measurement.
+Every worker records the floor it measured in its shard attempt's row, `shards.noise_floor`
+(nats; README, "Noise floor"): the largest |divergence difference| between a prompt computed in
+its batch and computed alone. A cell value, or a difference between models or groups, smaller
+than that is not a measurement.
 
-- `load` reads the floor of every (model, run) the report's selection reads from (null where
-  the run has none: older stores, runs with no shard of two or more prompts, runs not completed).
-- A figure's floor (`for_grid`) is the largest over the runs its rows come from: one model's
-  runs for a per-model figure, every listed model's for one across models, both sides' for a
-  difference (the larger floor of the two), the prompt's own run for a per-prompt map. None
-  when none of those runs measured one: then nothing is marked.
+- `load` reads the floor of every (model, run) the report's selection reads from: the largest
+  `shards.noise_floor` of that model's shards in that run, so that a model answers to its own
+  workers' floors, not to another model's of the same run. A run none of whose shards recorded
+  one (stores from before `shards.noise_floor`, or without their `shards` files) answers with
+  its `runs.noise_floor` (the largest over all its models); null where neither is there (runs
+  with no shard of two or more prompts, older stores).
+- A figure's floor (`for_grid`) is the largest over the (model, run) pairs its rows come from:
+  one model's runs for a per-model figure, every listed model's for one across models, both
+  sides' for a difference (the larger floor of the two), the prompt's own run for a per-prompt
+  map. None when none of those measured one: then nothing is marked.
 - `below(values, floor)`: the cells to mark, |value| < floor (finite values only).
 
 Pure numpy and one SQL query; never imports matplotlib or torch.
@@ -27,7 +32,8 @@ NOT_MEASURED = "not measured"
 
 @dataclass(frozen=True)
 class Floors:
-    """(model, run_id) -> that run's noise floor (None: not measured), for the runs a report reads."""
+    """(model, run_id) -> that model's noise floor in that run (None: not measured), for the
+    pairs a report reads."""
 
     runs: dict
 
@@ -54,16 +60,25 @@ class Floors:
 
 
 def load(con, selection) -> Floors:
-    """The floors of the (model, run) pairs with kl rows in `selection` (a report Filter)."""
+    """The floors of the (model, run) pairs with kl rows in `selection` (a report Filter): each
+    pair's largest finite `shards.noise_floor`; `runs.noise_floor` for a run with no shard floor
+    at all (of any model); None where neither is there (module docstring)."""
     rows = con.execute(f"""
-        SELECT k.model, k.run_id, max(r.noise_floor)
-        FROM (SELECT DISTINCT model, run_id FROM kl WHERE {selection.sql}) k
-        LEFT JOIN runs r USING (run_id) GROUP BY ALL""", selection.params).fetchall()
+        WITH pairs AS (SELECT DISTINCT model, run_id FROM kl WHERE {selection.sql}),
+        measured AS (SELECT model, run_id, max(noise_floor) AS floor FROM shards
+                     WHERE isfinite(noise_floor) GROUP BY ALL),
+        measured_runs AS (SELECT DISTINCT run_id FROM measured),
+        run_floors AS (SELECT run_id, max(noise_floor) AS floor FROM runs
+                       WHERE isfinite(noise_floor) GROUP BY ALL)
+        SELECT p.model, p.run_id, CASE WHEN mr.run_id IS NULL THEN r.floor ELSE m.floor END
+        FROM pairs p LEFT JOIN measured m USING (model, run_id)
+        LEFT JOIN measured_runs mr USING (run_id) LEFT JOIN run_floors r USING (run_id)""",
+                       selection.params).fetchall()
     return Floors({(str(m), str(r)): (None if f is None or not np.isfinite(f) else float(f)) for m, r, f in rows})
 
 
 def for_grid(grid, floors: Floors) -> float | None:
-    """The floor a figure answers to: the largest over the runs its rows come from."""
+    """The floor a figure answers to: the largest over the (model, run) pairs its rows come from."""
     models = [model for model, _ in grid.inputs]
     if not models and grid.labels.get("model"):
         models = [grid.labels["model"]]

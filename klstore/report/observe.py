@@ -13,10 +13,11 @@ Reads only the grid's arrays, labels and settling summary; units are nats. The r
   listed layers differ by at least 2x;
 - every figure names its **settling depth** (the `settling` view: the shallowest layer
   from which the top-1 token of Q stays the generated token through the last layer);
-- where the runs measured a **noise floor** (klstore.report.floor), every figure names it with
-  its number and how many cells lie below it, and nothing smaller than it is called a
-  difference: not a standout's lead, a trend, an outlier, nor a model's or group's cell being
-  higher or lower than the other's (such cells are counted as within the floor).
+- where a **noise floor** was measured (klstore.report.floor: each model's own), every
+  figure names it with its number and how many cells lie below it, and nothing smaller than
+  it is called a difference: not a standout's lead, a trend, an outlier, nor a model's or
+  group's cell being higher or lower than the other's (such cells are counted as within the
+  floor).
 """
 
 from __future__ import annotations

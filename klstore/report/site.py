@@ -179,7 +179,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
     if previous and (previous / "manifest.json").exists():
         old_manifest = json.loads((previous / "manifest.json").read_text())
     stats = _input_stats(store, chosen.get("runs"))
-    floors = floor.load(con, chosen["selection"])  # a floor recorded later (the run completing) redraws
+    floors = floor.load(con, chosen["selection"])  # a floor recorded later (a shard's, a run's) redraws
     all_inputs = hashlib.sha256(json.dumps([SITE_VERSION, spec.describe(),
                                             sorted((f"{k}", v) for k, v in stats.items()), floors.key()],
                                            default=str).encode()).hexdigest()

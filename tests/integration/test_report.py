@@ -209,8 +209,8 @@ def test_site_files_links_and_assets(store_uri, tmp_path):
 
 
 def test_a_store_from_before_lens_tokens_still_reports(store_uri, tmp_path):
-    """kl files without the lens-token columns, no tokens table, and a runs row from before
-    runs.noise_floor: every page is still written, the prompt pages say the tokens were not
+    """kl files without the lens-token columns, no tokens table, and runs and shards rows from
+    before noise floors: every page is still written, the prompt pages say the tokens were not
     stored, and the report says the noise floor was not measured (and marks nothing)."""
     import pyarrow.parquet as pq
 
@@ -220,7 +220,7 @@ def test_a_store_from_before_lens_tokens_still_reports(store_uri, tmp_path):
     for path in (copy / "kl").rglob("*.parquet"):
         table = pq.read_table(path, partitioning=None)
         pq.write_table(table.drop_columns(["topk_ids", "topk_probs", "gen_rank", "gen_logq"]), path)
-    for path in (copy / "runs").rglob("*.parquet"):
+    for path in [*(copy / "runs").rglob("*.parquet"), *(copy / "shards").rglob("*.parquet")]:
         pq.write_table(pq.read_table(path, partitioning=None).drop_columns(["noise_floor"]), path)
     out = tmp_path / "rep"
     site.build(open_store(str(copy)), _spec(per_prompt=1), out=out, log=lambda m: None)
@@ -312,18 +312,30 @@ def test_partition_folder_with_a_quote_reports_it(store_uri, tmp_path):
 
 
 # ------------------------------------------------------------------ noise floor
-FLOORS = {"r1": 0.4, "r2": 0.9}  # tiny-a and tiny-deep in run r1, tiny-b in r2 (nats)
+# tiny-a and tiny-deep in run r1, tiny-b in r2 (nats). Each model answers to its own shards' floors;
+# tiny-b's shards record none (as before shards.noise_floor), so it answers to its run's.
+SHARD_FLOORS = {"tiny-a": 0.4, "tiny-deep": 0.25, "tiny-b": None}
+FLOORS = {"r1": 0.4, "r2": 0.9}  # runs.noise_floor: r1's is the larger of its two models'
 
 
 @pytest.fixture(scope="module")
 def floor_store(store_uri, tmp_path_factory):
-    """The module's store with tiny-b's rows moved to a run of its own, and runs rows whose noise
-    floors (FLOORS, far above fp32's ~1e-6) put some cells of every model below them."""
+    """The module's store with tiny-b's rows moved to a run of its own, and shards and runs rows
+    whose noise floors (SHARD_FLOORS, FLOORS: far above fp32's ~1e-6) put some cells of every
+    model below them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     copy = tmp_path_factory.mktemp("floor") / "store"
     shutil.copytree(store_uri, copy)
     for folder in sorted(copy.rglob("run_id=r1")):
         if "model=tiny-b" in folder.parts:
             folder.rename(folder.with_name("run_id=r2"))
+    for model, value in SHARD_FLOORS.items():
+        for path in (copy / "shards" / f"model={model}").rglob("*.parquet"):
+            table = pq.read_table(path, partitioning=None)
+            column = pa.array([value] * table.num_rows, pa.float32())
+            pq.write_table(table.set_column(table.schema.get_field_index("noise_floor"), "noise_floor", column), path)
     shutil.rmtree(copy / "runs")
     store = open_store(str(copy))
     for run, floor in FLOORS.items():
@@ -332,11 +344,19 @@ def floor_store(store_uri, tmp_path_factory):
 
 
 def _plain_floors(uri) -> dict:
-    """model -> max(runs.noise_floor) over its runs, from the files by plain DuckDB."""
+    """model -> its largest floor over its runs, from the files by plain DuckDB: per (model, run)
+    the largest shards.noise_floor, or runs.noise_floor where no shard of the run has one."""
     raw = _plain_duckdb(uri)
-    raw.execute(f"CREATE VIEW runs AS SELECT * FROM read_parquet('{uri}/runs/**/*.parquet', hive_partitioning = true)")
-    return dict(raw.execute("SELECT k.model, max(r.noise_floor) FROM (SELECT DISTINCT model, run_id FROM raw) k "
-                            "JOIN runs r USING (run_id) GROUP BY ALL").fetchall())
+    for table in ("runs", "shards"):
+        raw.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{uri}/{table}/**/*.parquet', "
+                    "hive_partitioning = true)")
+    return dict(raw.execute("""
+        WITH pairs AS (SELECT DISTINCT model, run_id FROM raw),
+        mine AS (SELECT model, run_id, max(noise_floor) AS f FROM shards GROUP BY ALL),
+        run_any AS (SELECT run_id, max(noise_floor) AS f FROM shards GROUP BY ALL)
+        SELECT p.model, max(CASE WHEN a.f IS NULL THEN r.noise_floor ELSE m.f END)
+        FROM pairs p JOIN mine m USING (model, run_id) JOIN run_any a USING (run_id)
+        JOIN runs r USING (run_id) GROUP BY ALL""").fetchall())
 
 
 def _plain_means(raw, model, probe, layers) -> np.ndarray:
@@ -353,7 +373,7 @@ def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(fl
     """Aggregates use their model's floor, model comparisons the larger of the two sides', group
     comparisons their model's; the marked cells are |value| < floor by plain SQL over the files."""
     floors = _plain_floors(floor_store)
-    assert floors == pytest.approx({"tiny-a": 0.4, "tiny-b": 0.9, "tiny-deep": 0.4})
+    assert floors == pytest.approx({"tiny-a": 0.4, "tiny-b": 0.9, "tiny-deep": 0.25})
     report, _ = _gather(floor_store, _spec(per_prompt=1))
     raw = _plain_duckdb(floor_store)
     checked = {"aggregate": 0, "difference": 0, "prompt": 0}
@@ -411,8 +431,8 @@ def test_the_site_shows_the_floor_per_model_and_marks_its_figures(floor_store, t
     spec = _spec(per_prompt=1)
     site.build(open_store(str(copy)), spec, out=out, log=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["noise_floor"] == pytest.approx({"tiny-a": 0.4, "tiny-b": 0.9, "tiny-deep": 0.4})
-    line = "Noise floor: tiny-a 0.4 nats, tiny-b 0.9 nats, tiny-deep 0.4 nats"
+    assert manifest["noise_floor"] == pytest.approx({"tiny-a": 0.4, "tiny-b": 0.9, "tiny-deep": 0.25})
+    line = "Noise floor: tiny-a 0.4 nats, tiny-b 0.9 nats, tiny-deep 0.25 nats"
     index, markdown = (out / "index.html").read_text(), (out / "report.md").read_text()
     assert line in index and line in markdown and "not measured" not in index
     assert "<th>noise floor</th>" in index and "<td>0.9 nats</td>" in index
@@ -485,7 +505,8 @@ def test_mathtext_in_ids_is_drawn_literally(hostile_store):
     grid = next(g for g in grids if g.kind == "prompt" and g.labels["prompt_id"] == r"$\foo{$")
     fig = plotting.draw(site.heatmap_data(grid))
     fig.savefig(io.BytesIO(), format="png")  # mathtext would raise: unknown symbol \foo
-    assert fig.axes[0].get_title() == r"tiny-a | logit_lens | $\foo{$"
+    # (a second title line names the noise floor the worker measured in its shard)
+    assert fig.axes[0].get_title().split("\n")[0] == r"tiny-a | logit_lens | $\foo{$"
     group = next(g for g in grids if g.labels.get("prompt_group") == r"$\foo{$" and g.kind == "aggregate")
     fig = plotting.draw(site.heatmap_data(group))
     fig.savefig(io.BytesIO(), format="svg")
