@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 
@@ -60,13 +61,11 @@ def format_tokens(matrix, decode, width: int = 12) -> str:
         raise KlstoreError("no lens tokens were computed (topk = 0)")
     heads = [f"Gen{i} {visible_token(text)}" for i, text in enumerate(gen.token_texts)]
     col = max([width] + [len(h) for h in heads])
-    texts: dict[int, str] = {}
+    token_text = _decoded_once(decode)
 
     def shown(token: int) -> str:
-        if token not in texts:
-            text = visible_token(decode([token]))
-            texts[token] = text if len(text) <= width else text[:width - 1] + "\u2026"
-        return texts[token]
+        visible = visible_token(token_text(token))
+        return visible if len(visible) <= width else visible[:width - 1] + "\u2026"
 
     lines = [f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | top-1 token of Q per layer"
              + (" | stopped at EOS" if gen.stopped_at_eos else ""),
@@ -82,17 +81,16 @@ def lens_json(matrix, decode) -> dict:
     token's rank and log-probability under Q."""
     if matrix.topk_ids is None:
         return {"topk": None, "gen_rank": None, "gen_logq": None}
-    texts: dict[int, str] = {}
-
-    def text(token: int) -> str:
-        if token not in texts:
-            texts[token] = decode([token])
-        return texts[token]
-
-    topk = [[[{"id": int(t), "text": text(int(t)), "prob": float(p)} for t, p in zip(ids, probs)]
+    token_text = _decoded_once(decode)
+    topk = [[[{"id": int(t), "text": token_text(int(t)), "prob": float(p)} for t, p in zip(ids, probs)]
              for ids, probs in zip(row_ids, row_probs)]
             for row_ids, row_probs in zip(matrix.topk_ids, matrix.topk_probs)]
     return {"topk": topk, "gen_rank": matrix.gen_rank.tolist(), "gen_logq": _nan_to_none(matrix.gen_logq)}
+
+
+def _decoded_once(decode):
+    """token id -> `decode([id])`, each id decoded once: a table shows the same tokens in many cells."""
+    return functools.cache(lambda token: decode([token]))
 
 
 def _nan_to_none(array):
