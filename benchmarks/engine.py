@@ -264,12 +264,15 @@ def instrumented(engine, clock):
       layer sweep  producing each chunk of engine._final_hidden (the intervened forwards;
                    logit lens: stacking recorded states), and engine.probe_context (patch:
                    the source prompt's pass)
-      unembedding  engine.adapter.log_probs: final norm, head, log_softmax
-      divergences  klstore.core.divergence's compute functions
-      top-1, lens tokens   the rest of engine.probe: top-1, rank, top-k, copies to numpy
+      unembedding  klstore.core.unembed.run (the forward-KL runs: final norm, head, and in
+                   the same vocabulary-chunked pass log-sum-exp, KL, rank and top-k), or on
+                   the row-chunked path engine.adapter.log_probs (final norm, head, log_softmax)
+      divergences  klstore.core.divergence's compute functions (the row-chunked path)
+      top-1, lens tokens   the rest of engine._matrices: on the row-chunked path top-1, rank
+                   and top-k; on both, the copies to numpy and the KLMatrix
       other        the rest of engine.run_many (end-to-end time minus all of the above)
     """
-    from klstore.core import divergence
+    from klstore.core import divergence, unembed
 
     def timed(phase, fn, unless=()):
         def wrapper(*args, **kwargs):
@@ -294,7 +297,8 @@ def instrumented(engine, clock):
                (engine, "trace_batch", timed("clean trace", engine.trace_batch)),
                (engine, "probe_context", timed("layer sweep", engine.probe_context)),
                (engine, "_final_hidden", sweep(engine._final_hidden)),
-               (engine, "probe", timed("top-1, lens tokens", engine.probe)),
+               (engine, "_matrices", timed("top-1, lens tokens", engine._matrices)),
+               (unembed, "run", timed("unembedding", unembed.run)),
                (engine.adapter, "log_probs", timed("unembedding", engine.adapter.log_probs,
                                                    unless=("clean trace",)))]
     patched += [(divergence, name, timed("divergences", getattr(divergence, name)))

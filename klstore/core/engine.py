@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from klstore.core import divergence
+from klstore.core import divergence, unembed
 from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
@@ -363,26 +363,42 @@ class Engine:
 
     # -------------------------------------------------------------------- probes
     def _cells_per_chunk(self, vocab: int) -> int:
-        """How many (row, position) cells of full-vocabulary log-probs fit in `chunk_bytes`:
-        each costs its float32 log Q plus about seven same-sized temporaries in the divergences."""
+        """How many (row, position) cells of full-vocabulary log-probs fit in `chunk_bytes` on the
+        row-chunked path: each costs its float32 log Q plus about seven same-sized temporaries."""
         return max(1, self.chunk_bytes // (4 * vocab * 8))
+
+    def _sweep_rows(self, trace: Trace) -> int:
+        """Probe rows per layer sweep: each row carries about 2 x intermediate + 4 x hidden floats
+        per position in a block, plus one attention row per head and position."""
+        text = self.model.config.get_text_config()
+        width = 2 * (getattr(text, "intermediate_size", None) or 4 * self.hidden_size) + 4 * self.hidden_size
+        length = trace.input_ids.shape[1]
+        per_row = 4 * length * (width + (getattr(text, "num_attention_heads", None) or 1) * length)
+        return max(1, self.chunk_bytes // per_row)
+
+    def _final_states(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
+                      context: ProbeContext) -> torch.Tensor:
+        """(len(layers), n, H): the residual stream to decode, per layer, at the positions
+        predicting Gen t, on the head's device."""
+        where = trace.ref_logp.device
+        return torch.cat([hidden.to(where) for _, hidden in self._final_hidden(trace, spec, layers, context)])
 
     def _final_hidden(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext):
         """Yield (layer chunk, (R, n, H) residual stream to decode at the positions predicting Gen t)."""
-        n = trace.generation.n
-        rows = max(1, self._cells_per_chunk(trace.ref_logp.shape[-1]) // n)
+        if spec.is_readout:  # logit lens: the recorded block outputs (on the last one's device)
+            where = trace.outputs[-1].device
+            yield layers, torch.stack([trace.outputs[l][0, trace.positions.to(trace.outputs[l].device)].to(where)
+                                       for l in layers])
+            return
+        rows = self._sweep_rows(trace)
         for start in range(0, len(layers), rows):
             chunk = layers[start:start + rows]
-            if spec.is_readout:  # logit lens: decode the recorded block outputs (on the last one's device)
-                where = trace.outputs[-1].device
-                final = torch.stack([trace.outputs[l][0].to(where) for l in chunk])
-            elif context.prefix_cache is not None:  # patch: only the positions from the patched one on
+            if context.prefix_cache is not None:  # patch: only the positions from the patched one on
                 final = self._run_rows_from(trace, spec, chunk, context)
                 yield chunk, final[:, (trace.positions - context.patch_position).to(final.device)]
-                continue
             else:  # an intervention: the layer sweep
                 final = self._run_rows(trace, spec, chunk, context)
-            yield chunk, final[:, trace.positions.to(final.device)]
+                yield chunk, final[:, trace.positions.to(final.device)]
 
     def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
                   context: ProbeContext) -> torch.Tensor:
@@ -512,25 +528,74 @@ class Engine:
         """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`),
         with each cell's lens tokens: the top-`topk` tokens of Q (none when 0), and the rank and
         log-probability of the generated token under Q."""
+        hidden = self._final_states(trace, spec, layers, context or ProbeContext(prompt.id))
+        return self._matrices([(trace, prompt, hidden)], spec, layers, divergences, topk)[0]
+
+    @torch.no_grad()
+    def _matrices(self, items: list, spec: ProbeSpec, layers: tuple[int, ...],
+                  divergences: tuple[str, ...], topk: int) -> list[KLMatrix]:
+        """One KLMatrix per (trace, prompt, final states) item. Where `unembed.applies`, one
+        vocabulary-chunked head pass serves every item at once; otherwise each item goes
+        through the row-chunked path (`_cells_rows`)."""
+        k = min(topk, items[0][0].ref_logp.shape[-1]) if items else 0
+        if unembed.applies(self.adapter, divergences):
+            cells = self._cells_fused(items, k)
+        else:
+            cells = [self._cells_rows(trace, hidden, divergences, k) for trace, _, hidden in items]
+        return [self._matrix(trace, prompt, spec, layers, numbers)
+                for (trace, prompt, _), numbers in zip(items, cells)]
+
+    def _cells_fused(self, items: list, k: int) -> list[dict]:
+        """`unembed.run` over the items' cells, in passes of at most chunk_bytes of logits."""
+        budget = max(1, self.chunk_bytes // unembed.cell_bytes())
+        pieces = []  # (item index, Job), each at most `budget` cells (one row if a row is more)
+        for i, (trace, _, hidden) in enumerate(items):
+            gen_ids = torch.tensor(trace.generation.token_ids, device=trace.ref_logp.device)
+            reference = trace.outputs[-1][0, trace.positions.to(trace.outputs[-1].device)]
+            step = max(1, budget // max(1, hidden.shape[1]))
+            pieces += [(i, unembed.Job(hidden[r:r + step], reference, trace.ref_logp, gen_ids))
+                       for r in range(0, hidden.shape[0], step)]
+        parts: list[list] = [[] for _ in items]
+        group, size = [], 0
+        for piece in pieces + [None]:
+            cells = 0 if piece is None else piece[1].hidden.shape[0] * piece[1].hidden.shape[1]
+            if group and (piece is None or size + cells > budget):
+                for (i, _), out in zip(group, unembed.run(self.adapter, [job for _, job in group], k)):
+                    parts[i].append(out)
+                group, size = [], 0
+            if piece is not None:
+                group.append(piece)
+                size += cells
+        result = []
+        for outs in parts:
+            def cat(name):
+                return torch.cat([getattr(o, name) for o in outs]).numpy()
+            result.append(dict(values={"kl": cat("kl")}, gen_logq=cat("gen_logq"), gen_rank=cat("gen_rank"),
+                               topk_ids=cat("topk_ids") if k else None,
+                               topk_probs=cat("topk_probs") if k else None,
+                               gen_logp=outs[0].gen_logp.numpy()))
+        return result
+
+    def _cells_rows(self, trace: Trace, hidden: torch.Tensor, divergences: tuple[str, ...], k: int) -> dict:
+        """The numbers of one item's cells through full-vocabulary log Q, a bounded number of
+        cells at a time (`_cells_per_chunk`): every divergence, any head."""
         gen = trace.generation
         gen_ids = torch.tensor(gen.token_ids, device=trace.ref_logp.device)  # P and Q meet on the head's device
-        values = {d: np.full((len(layers), gen.n), np.nan, dtype=np.float32) for d in divergences}
-        top1 = np.zeros((len(layers), gen.n), dtype=bool)
-        k = min(topk, trace.ref_logp.shape[-1])
-        topk_ids = np.zeros((len(layers), gen.n, k), dtype=np.int32) if k else None
-        topk_probs = np.zeros((len(layers), gen.n, k), dtype=np.float32) if k else None
-        gen_rank = np.zeros((len(layers), gen.n), dtype=np.int32)
-        gen_logq = np.zeros((len(layers), gen.n), dtype=np.float32)
-        row_of = {layer: i for i, layer in enumerate(layers)}
-        context = context or ProbeContext(prompt.id)
+        n_rows = hidden.shape[0]
+        values = {d: np.full((n_rows, gen.n), np.nan, dtype=np.float32) for d in divergences}
+        topk_ids = np.zeros((n_rows, gen.n, k), dtype=np.int32) if k else None
+        topk_probs = np.zeros((n_rows, gen.n, k), dtype=np.float32) if k else None
+        gen_rank = np.zeros((n_rows, gen.n), dtype=np.int32)
+        gen_logq = np.zeros((n_rows, gen.n), dtype=np.float32)
         cells = self._cells_per_chunk(trace.ref_logp.shape[-1])
         ref_p = trace.ref_logp.exp() if "kl" in divergences else None  # P, once per prompt (float32+)
-        for chunk, hidden in self._final_hidden(trace, spec, layers, context):
-            rows = [row_of[layer] for layer in chunk]
-            step = max(1, cells // len(chunk))  # positions per piece, so log Q stays in budget
+        rows_per = max(1, cells // gen.n)
+        for r0 in range(0, n_rows, rows_per):
+            rows = slice(r0, min(r0 + rows_per, n_rows))
+            step = max(1, cells // (rows.stop - rows.start))  # positions per piece, so log Q stays in budget
             for p0 in range(0, gen.n, step):
                 cols = slice(p0, min(p0 + step, gen.n))
-                logq = self.adapter.log_probs(hidden[:, cols])  # (R, m, V)
+                logq = self.adapter.log_probs(hidden[rows, cols])  # (R, m, V)
                 result = divergence.compute_rows(divergences, trace.ref_logp[cols], logq,
                                                  None if ref_p is None else ref_p[cols])
                 for name, tensor in result.items():
@@ -538,17 +603,24 @@ class Engine:
                 target = logq.gather(-1, gen_ids[cols].expand(logq.shape[0], -1).unsqueeze(-1))  # (R, m, 1)
                 gen_logq[rows, cols] = target[..., 0].float().cpu().numpy()
                 # rank = 1 + #{v: Q(v) > Q(Gen t)}; an int32 sum of the comparison is 3x faster than bool.sum
-                rank = 1 + torch.gt(logq, target).sum(-1, dtype=torch.int32)
-                gen_rank[rows, cols] = rank.cpu().numpy()
-                top1[rows, cols] = (rank == 1).cpu().numpy()  # = (argmax Q == Gen t) but for exact ties
+                gen_rank[rows, cols] = (1 + torch.gt(logq, target).sum(-1, dtype=torch.int32)).cpu().numpy()
                 if k:
                     best = logq.topk(k, dim=-1)  # sorted: rank 1 first
                     topk_ids[rows, cols] = best.indices.cpu().numpy()
                     topk_probs[rows, cols] = best.values.exp().float().cpu().numpy()
-                del logq, result, target, rank
+                del logq, result, target
+        return dict(values=values, gen_logq=gen_logq, gen_rank=gen_rank, topk_ids=topk_ids, topk_probs=topk_probs)
+
+    def _matrix(self, trace: Trace, prompt: Prompt, spec: ProbeSpec, layers: tuple[int, ...],
+                numbers: dict) -> KLMatrix:
+        gen = trace.generation
         ref = trace.ref_logp
-        logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
+        gen_ids = torch.tensor(gen.token_ids, device=ref.device)
+        logprob = numbers.get("gen_logp")  # the fused pass's own log P(Gen t) (unembed.Cells.gen_logp)
+        if logprob is None:
+            logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
         entropy = (-(ref.exp() * ref).nan_to_num().sum(-1)).float().cpu().numpy()
+        values = numbers["values"]
         errors = []
         for name, matrix in values.items():
             bad = np.argwhere(~np.isfinite(matrix))
@@ -558,9 +630,11 @@ class Engine:
         return KLMatrix(
             model=self.loaded.label, prompt=prompt, probe=spec.name, probe_params=dict(spec.params),
             layers=tuple(layers), n_layers_total=self.n_layers, generation=gen, values=values,
-            top1_match=top1, gen_logprob=logprob.astype(np.float32),
+            top1_match=numbers["gen_rank"] == 1,  # = (argmax Q == Gen t) but for exact ties
+            gen_logprob=logprob.astype(np.float32),
             gen_entropy=entropy.astype(np.float32), errors=tuple(errors),
-            topk_ids=topk_ids, topk_probs=topk_probs, gen_rank=gen_rank, gen_logq=gen_logq)
+            topk_ids=numbers["topk_ids"], topk_probs=numbers["topk_probs"],
+            gen_rank=numbers["gen_rank"], gen_logq=numbers["gen_logq"])
 
     # ---------------------------------------------------------------- many prompts
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
@@ -570,9 +644,10 @@ class Engine:
 
         `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
         ids when the caller already checked them with `encode`. Generation and the clean trace
-        run `batch_size` prompts at a time (left-padded); the probes then run per prompt. A
-        batch that fails as a whole is redone one prompt at a time, so one bad prompt cannot
-        take its neighbours down. `topk`: lens tokens kept per cell (0: none).
+        run `batch_size` prompts at a time (left-padded); each probe's interventions run per
+        prompt, and its head pass over the whole batch (`_matrices`). A batch that fails as a
+        whole is redone one prompt at a time, so one bad prompt cannot take its neighbours
+        down. `topk`: lens tokens kept per cell (0: none).
         """
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
@@ -593,18 +668,58 @@ class Engine:
                 traces = self.trace_batch(self.generate_batch([ids for _, ids in chunk], spec))
             except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
                 traces = [None] * len(chunk)
+            traced = []
             for (i, ids), trace in zip(chunk, traces):
-                results[i] = self._run_one(prompts[i], ids, probes, layers, divergences, spec, trace, topk)
+                try:
+                    traced.append((i, trace if trace is not None else self.trace(self.generate(ids, spec))))
+                except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
+                    results[i] = exc
+            self._probe_batch(traced, prompts, probes, layers, divergences, spec, topk, results)
         return results
 
-    def _run_one(self, prompt, ids, probes, layers, divergences, spec, trace=None, topk=5):
-        """One prompt's KLMatrix list, or the exception that stopped it."""
+    def _probe_batch(self, traced: list, prompts, probes, layers, divergences, spec, topk, results) -> None:
+        """Every probe on traced prompts [(index, Trace)]: results[i] becomes prompt i's KLMatrix
+        list, or the exception that stopped it. A probe's final states are staged until they
+        reach chunk_bytes, then decoded together (`_matrices`)."""
+        done: dict[int, list] = {i: [] for i, _ in traced}
+
+        def decode(staged, probe):
+            items = [(trace, prompts[i], hidden) for i, trace, hidden in staged]
+            try:
+                matrices = self._matrices(items, probe, layers, divergences, topk)
+            except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
+                matrices = [self._matrix_or_error(item, probe, layers, divergences, topk) for item in items]
+            for (i, _, _), matrix in zip(staged, matrices):
+                if isinstance(matrix, Exception):
+                    results[i] = matrix
+                else:
+                    done[i].append(matrix)
+
+        for probe in probes:
+            staged, size = [], 0
+            for i, trace in traced:
+                if results[i] is not None:
+                    continue
+                try:
+                    context = self.probe_context(probe, prompts[i], trace.generation, spec)
+                    hidden = self._final_states(trace, probe, layers, context)
+                except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
+                    results[i] = exc
+                    continue
+                staged.append((i, trace, hidden))
+                size += hidden.numel() * hidden.element_size()
+                if size >= self.chunk_bytes:
+                    decode(staged, probe)
+                    staged, size = [], 0
+            if staged:
+                decode(staged, probe)
+        for i, _ in traced:
+            if results[i] is None:
+                results[i] = done[i]
+
+    def _matrix_or_error(self, item, probe, layers, divergences, topk):
         try:
-            if trace is None:
-                trace = self.trace(self.generate(ids, spec))
-            return [self.probe(trace, probe, layers, divergences, prompt,
-                               self.probe_context(probe, prompt, trace.generation, spec), topk)
-                    for probe in probes]
+            return self._matrices([item], probe, layers, divergences, topk)[0]
         except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
             return exc
 

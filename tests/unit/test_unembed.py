@@ -1,0 +1,135 @@
+"""The vocabulary-chunked head pass (klstore/core/unembed.py) against the row-chunked path and
+the float64 reference, on every tiny family, with chunks small enough that the online
+log-sum-exp, the rank's two targets and the top-k merge all cross chunk borders."""
+
+import numpy as np
+import pytest
+import torch
+
+from klstore.core import unembed
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt
+from lens_checks import check_lens_tokens
+from reference import reference_matrices
+from tiny_models import VOCAB, build
+
+PROMPTS = [Prompt("p1", "The quick brown fox", group="g"), Prompt("p2", "Hello", group="g"),
+           Prompt("p3", "A longer prompt than the others, by far", group="h")]
+
+
+def _run(engine, probe, prompts=PROMPTS, n=4, topk=5):
+    results = engine.run_many(prompts, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(max_new_tokens=n),
+                              topk=topk)
+    for result in results:
+        assert not isinstance(result, Exception), result
+    return [result[0] for result in results]
+
+
+@pytest.fixture
+def rows_path(monkeypatch):
+    """Force the engine's row-chunked path (full-vocabulary log Q per cell)."""
+    monkeypatch.setattr(unembed, "applies", lambda adapter, divergences: False)
+
+
+@pytest.mark.parametrize("chunk, block", [(7, 3), (40, 256), (VOCAB, 256), (4096, 16)])
+@pytest.mark.parametrize("probe", ["logit_lens", "skip"])
+def test_chunked_pass_equals_row_path(engine, monkeypatch, probe, chunk, block):
+    assert unembed.applies(engine.adapter, ("kl",))
+    monkeypatch.setattr(unembed, "VOCAB_CHUNK", chunk)
+    monkeypatch.setattr(unembed, "DOT_BLOCK", block)
+    fused = _run(engine, probe)
+    with monkeypatch.context() as m:
+        m.setattr(unembed, "applies", lambda adapter, divergences: False)
+        rows = _run(engine, probe)
+    for a, b in zip(fused, rows):
+        np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.gen_logq, b.gen_logq, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.topk_probs, b.topk_probs, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(a.gen_rank, b.gen_rank)  # tiny models: no ties within 1e-5
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.top1_match, b.top1_match)
+        assert a.values["kl"].dtype == np.float32 and a.gen_rank.dtype == np.int32
+        assert a.topk_ids.dtype == np.int32 and a.topk_probs.dtype == np.float32
+
+
+@pytest.mark.parametrize("probe", ["logit_lens", "skip"])
+def test_chunked_pass_matches_float64_reference(family, engine, monkeypatch, probe):
+    monkeypatch.setattr(unembed, "VOCAB_CHUNK", 11)
+    monkeypatch.setattr(unembed, "DOT_BLOCK", 4)
+    for result in _run(engine, probe):
+        gen = result.generation
+        sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
+        values, _, logq64 = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids),
+                                               gen.n, probe, result.layers, return_logq=True)
+        np.testing.assert_allclose(result.values["kl"], values["kl"].numpy(), atol=1e-5, rtol=1e-5)
+        assert check_lens_tokens(result, logq64, 5) > 0
+
+
+def test_last_layer_logit_lens_is_exactly_zero(engine, monkeypatch):
+    """Q's state equals P's there: the same GEMM rows, so the KL is 0, not a rounding residue."""
+    monkeypatch.setattr(unembed, "VOCAB_CHUNK", 13)
+    for result in _run(engine, "logit_lens"):
+        assert (result.values["kl"][-1] == 0).all()
+        assert (result.values["kl"][:-1] > 0).all()
+        np.testing.assert_array_equal(result.gen_logq[-1], result.gen_logprob)  # log P from the same GEMM
+        assert (result.gen_rank[-1] == 1).all()
+
+
+def test_batch_equals_one_prompt_at_a_time(engine):
+    together = _run(engine, "skip")
+    for prompt, batched in zip(PROMPTS, together):
+        alone = _run(engine, "skip", [prompt])[0]
+        assert alone.generation == batched.generation
+        np.testing.assert_allclose(batched.values["kl"], alone.values["kl"], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(batched.gen_rank, alone.gen_rank)
+
+
+def test_small_budget_splits_passes_alike(engine):
+    """chunk_bytes smaller than one row: every row of every prompt in its own pass."""
+    from klstore.core.engine import Engine
+
+    tiny = Engine(engine.loaded, chunk_bytes=1)
+    for a, b in zip(_run(engine, "logit_lens"), _run(tiny, "logit_lens")):
+        np.testing.assert_allclose(a.values["kl"], b.values["kl"], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+
+
+def test_topk_zero(engine):
+    result = _run(engine, "logit_lens", topk=0)[0]
+    assert result.topk_ids is None and result.topk_probs is None
+    assert (result.gen_rank[-1] == 1).all()
+
+
+@pytest.mark.parametrize("divergences, expected", [
+    (("kl",), True), (("kl", "js"), False), (("js",), False), (("kl_reverse",), False)])
+def test_applies_to_forward_kl_alone(engine, divergences, expected):
+    assert unembed.applies(engine.adapter, divergences) is expected
+
+
+def test_a_hooked_head_takes_the_row_path(engine, monkeypatch):
+    """A forward hook on the head (as accelerate's offloading wraps one) must run: no fused pass."""
+    calls = []
+    handle = engine.adapter.head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert not unembed.applies(engine.adapter, ("kl",))
+        _run(engine, "logit_lens", PROMPTS[:1])
+        assert calls
+    finally:
+        handle.remove()
+
+
+def test_non_finite_state_is_an_error_not_a_number(engine, monkeypatch):
+    """A NaN residual state gives a NaN cell, which the engine reports and never stores as a number."""
+    original = engine._final_states
+
+    def poisoned(*args, **kwargs):
+        hidden = original(*args, **kwargs).clone()
+        hidden[1, 0] = float("nan")
+        return hidden
+
+    monkeypatch.setattr(engine, "_final_states", poisoned)
+    result = _run(engine, "logit_lens", PROMPTS[:1])[0]
+    kl = result.values["kl"]
+    others = np.ones(kl.shape, dtype=bool)
+    others[1, 0] = False
+    assert np.isnan(kl[1, 0]) and np.isfinite(kl[others]).all()
+    assert any("layer 1, Gen0" in error for error in result.errors)
