@@ -221,6 +221,18 @@ def check_topk(value) -> int:
     return value
 
 
+CLEAN_PASSES = ("exact", "cached")  # README, "How the engine works": where the clean trace comes from
+
+
+def check_clean_pass(value) -> str:
+    """`exact` (default): one teacher-forced pass after generation; `cached`: the clean trace is
+    taken from the generation's own KV-cached passes (one pass fewer; values move by float32
+    rounding, up to ~5e-5 nats on SmolLM2, which each run's noise floor measures)."""
+    if value not in CLEAN_PASSES:
+        raise KlstoreError(f"unknown clean pass {value!r}: choose {', '.join(CLEAN_PASSES)}")
+    return value
+
+
 def check_divergences(names) -> tuple[str, ...]:
     """Validate divergence names; returns them as a tuple, deduplicated in order."""
     result: list[str] = []
@@ -589,6 +601,7 @@ class _ExperimentFile(_Value):
     generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
     topk: int = Field(DEFAULT_TOPK, ge=0, le=MAX_TOPK)  # lens tokens kept per cell; 0: none
+    clean_pass: str = "exact"  # CLEAN_PASSES
     shard_size: int = Field(16, ge=1)
     shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
 
@@ -601,6 +614,11 @@ class _ExperimentFile(_Value):
     @classmethod
     def _layers(cls, value):
         return _layer_spec(value)
+
+    @field_validator("clean_pass")
+    @classmethod
+    def _clean_pass(cls, value):
+        return _rule(check_clean_pass, value)
 
     @field_validator("generation", mode="before")
     @classmethod
@@ -645,6 +663,7 @@ class ExperimentConfig(_Value):
     divergences: tuple[str, ...]
     shard_size: int
     topk: int = DEFAULT_TOPK
+    clean_pass: str = "exact"  # CLEAN_PASSES
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity
@@ -659,6 +678,8 @@ class ExperimentConfig(_Value):
         # topk joins the identity only when it is not the default, so run ids of stores written
         # before lens tokens existed stay the same (resuming them adds the tokens to new shards).
         extra = {} if self.topk == DEFAULT_TOPK else {"topk": self.topk}
+        if self.clean_pass != "exact":  # likewise: values move by float32 rounding, a run of its own
+            extra["clean_pass"] = self.clean_pass
         return {
             **extra,
             "name": self.name,
@@ -703,7 +724,8 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
     return ExperimentConfig(
         name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths),
         probes=tuple(raw.probes), layers=raw.layers, generation=GenerationSpec(**raw.generation.model_dump()),
-        divergences=tuple(raw.divergences), shard_size=raw.shard_size, topk=raw.topk, source=source,
+        divergences=tuple(raw.divergences), shard_size=raw.shard_size, topk=raw.topk,
+        clean_pass=raw.clean_pass, source=source,
         prompts=tuple(prompts), shared_store=raw.shared_store)
 
 

@@ -36,7 +36,7 @@ from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt, check_divergences, parse_layers
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt, check_clean_pass, check_divergences, parse_layers
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,24 @@ class Engine:
         return self.generate_batch([prompt_ids], spec)[0]
 
     @torch.no_grad()
-    def generate_batch(self, prompts_ids: list[list[int]], spec: GenerationSpec) -> list[Generation]:
+    def generate_batch(self, prompts_ids: list[list[int]], spec: GenerationSpec,
+                       record: list | None = None) -> list[Generation]:
         """Continue several prompts at once (left-padded, one KV cache). Each row samples with
-        its own generator seeded by spec.seed, so a prompt continues as it would alone."""
+        its own generator seeded by spec.seed, so a prompt continues as it would alone.
+        `record`, a list, receives per forward pass the list of every block's output
+        (`generate_traced` builds the clean trace from them)."""
+        handles = []
+        if record is not None:
+            def hook(_module, _args, output):
+                record[-1].append(output)
+            handles = [block.register_forward_hook(hook) for block in self.adapter.blocks]
+        try:
+            return self._generate(prompts_ids, spec, record)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _generate(self, prompts_ids: list[list[int]], spec: GenerationSpec, record: list | None):
         batch = len(prompts_ids)
         generators = [torch.Generator().manual_seed(spec.seed) for _ in range(batch)] if spec.do_sample else None
         if batch == 1:
@@ -205,6 +220,8 @@ class Engine:
         done = [False] * batch
         for _ in range(spec.max_new_tokens):
             extra = {} if mask is None else {"attention_mask": mask, "position_ids": step_pos}
+            if record is not None:
+                record.append([])
             out = self.model(input_ids=step_ids, use_cache=True,
                              **{self._cache_arg: past}, **self._keep_kwargs, **extra)
             logits = out.logits[:, -1].float()
@@ -275,6 +292,34 @@ class Engine:
         with torch.no_grad():  # (a model split over devices: each output stays on its block's device)
             ref_logp = self.adapter.log_probs(outputs[-1][0, positions.to(outputs[-1].device)])
         return Trace(generation, input_ids, positions, outputs, ref_logp, as_tuple)
+
+    @torch.no_grad()
+    def generate_traced(self, prompts_ids: list[list[int]], spec: GenerationSpec) -> list[Trace]:
+        """Generate, and take each prompt's clean trace from the generation's own forward passes
+        (config `clean_pass: cached`): the prefill gives the prompt's positions, decode step s the
+        position of Gen s-1. The same quantities as `trace_batch`'s separate teacher-forced
+        pass, computed with a KV cache and other matrix shapes, so they differ by float32
+        rounding (README, "How the engine works"); one forward pass over the batch is saved."""
+        steps: list[list] = []
+        generations = self.generate_batch(prompts_ids, spec, record=steps)
+        if any(len(step) != self.n_layers for step in steps):
+            raise KlstoreError(f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, "
+                               f"saw {sorted({len(step) for step in steps})}")
+        as_tuple = isinstance(steps[0][0], tuple)
+        steps = [[out[0] if isinstance(out, tuple) else out for out in step] for step in steps]
+        width = steps[0][0].shape[1]  # the left-padded prompts
+        traces = []
+        for row, gen in enumerate(generations):
+            start = width - len(gen.prompt_ids)
+            outputs = [torch.cat([steps[0][k][row, start:]] + [steps[s][k][row] for s in range(1, gen.n)])[None]
+                       for k in range(self.n_layers)]
+            first = len(gen.prompt_ids) - 1
+            where = torch.arange(first, first + gen.n, device=self.device)
+            ref_logp = self.adapter.log_probs(outputs[-1][0, where.to(outputs[-1].device)])
+            sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
+            traces.append(Trace(gen, torch.tensor([sequence], device=self.device), where, outputs, ref_logp,
+                                as_tuple))
+        return traces
 
     def _left_pad(self, sequences: list[list[int]]):
         """(ids, attention mask, position ids), each (B, T), sequences padded on the left."""
@@ -639,7 +684,8 @@ class Engine:
     # ---------------------------------------------------------------- many prompts
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-                 batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5) -> list:
+                 batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5,
+                 clean_pass: str = "exact") -> list:
         """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
 
         `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
@@ -647,7 +693,8 @@ class Engine:
         run `batch_size` prompts at a time (left-padded); each probe's interventions run per
         prompt, and its head pass over the whole batch (`_matrices`). A batch that fails as a
         whole is redone one prompt at a time, so one bad prompt cannot take its neighbours
-        down. `topk`: lens tokens kept per cell (0: none).
+        down. `topk`: lens tokens kept per cell (0: none). `clean_pass`: "exact" (a teacher-forced
+        pass after generation) or "cached" (`generate_traced`).
         """
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
@@ -655,6 +702,13 @@ class Engine:
         for probe in probes:
             if probe.key() not in self._prepared and probe.name != "steer":  # steer: prepared with vectors
                 self.prepare(probe)
+        check_clean_pass(clean_pass)
+
+        def traced_batch(ids):
+            if clean_pass == "cached":
+                return self.generate_traced(ids, spec)
+            return self.trace_batch(self.generate_batch(ids, spec))
+
         results: list = [None] * len(prompts)
         ready = []
         for i, prompt in enumerate(prompts):
@@ -665,13 +719,13 @@ class Engine:
         for start in range(0, len(ready), batch_size):
             chunk = ready[start:start + batch_size]
             try:
-                traces = self.trace_batch(self.generate_batch([ids for _, ids in chunk], spec))
+                traces = traced_batch([ids for _, ids in chunk])
             except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
                 traces = [None] * len(chunk)
             traced = []
             for (i, ids), trace in zip(chunk, traces):
                 try:
-                    traced.append((i, trace if trace is not None else self.trace(self.generate(ids, spec))))
+                    traced.append((i, trace if trace is not None else traced_batch([ids])[0]))
                 except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
                     results[i] = exc
             self._probe_batch(traced, prompts, probes, layers, divergences, spec, topk, results)
@@ -726,9 +780,9 @@ class Engine:
     # ---------------------------------------------------------------- one call
     def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
             divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-            topk: int = 5) -> list[KLMatrix]:
+            topk: int = 5, clean_pass: str = "exact") -> list[KLMatrix]:
         """Generate once, trace once, then one KLMatrix per probe (errors raised)."""
-        result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk)[0]
+        result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk, clean_pass=clean_pass)[0]
         if isinstance(result, Exception):
             raise result
         return result

@@ -59,6 +59,7 @@ class Job:
     divergences: tuple[str, ...] = ("kl",)
     generation: GenerationSpec = GenerationSpec()
     topk: int = DEFAULT_TOPK  # lens tokens per cell (0: none)
+    clean_pass: str = "exact"  # where the clean trace comes from (spec.CLEAN_PASSES)
 
 
 def run_id_for(identity: dict) -> str:
@@ -235,7 +236,8 @@ class RunPlan:
         identity = config.identity()
         self.run_id = run_id_for(identity)
         self.record = {**identity, "store": self.store_uri, "source": config.source}
-        self.job = Job(config.probes, config.layers, config.divergences, config.generation, config.topk)
+        self.job = Job(config.probes, config.layers, config.divergences, config.generation, config.topk,
+                       config.clean_pass)
         self.shards: list[tuple[Prompt, ...]] = [
             tuple(config.prompts[i:i + config.shard_size])
             for i in range(0, len(config.prompts), config.shard_size)]

@@ -123,7 +123,7 @@ class Worker:
 
         self.prepare(job)
         results = self.engine.run_many(list(prompts), list(job.probes), self._layers[job.layers], job.divergences,
-                                       job.generation, topk=job.topk)
+                                       job.generation, topk=job.topk, clean_pass=job.clean_pass)
         outcomes = []
         for prompt, result in zip(prompts, results):
             if isinstance(result, KlstoreError):
@@ -136,10 +136,12 @@ class Worker:
 
     def _noise_floor(self, outcomes, job: Job) -> float | None:
         """The largest |divergence| difference between the shard's first good prompt as computed
-        in its batch and computed alone (every probe, layer and divergence), over the generated
-        tokens both computations share. None when the shard had one prompt (no batch) or none ok.
-        In fp32 on CPU it is ~1e-6; on GPUs in bf16 batch composition moves results more."""
-        if len(outcomes) < 2:
+        in its batch and computed alone with the exact clean pass (every probe, layer and
+        divergence), over the generated tokens both computations share. So it measures batch
+        composition and, with `clean_pass: cached`, the cached trace too. None when the shard had
+        one prompt (no batch, exact pass) or none ok. In fp32 on CPU it is ~1e-6 (cached: ~5e-5);
+        on GPUs in bf16 batch composition moves results more."""
+        if len(outcomes) < (2 if job.clean_pass == "exact" else 1):
             return None
         first = next((o for o in outcomes if o.status == "ok"), None)
         if first is None:

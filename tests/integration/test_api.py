@@ -166,6 +166,7 @@ BAD_INPUTS = {
     "n <= 0": (_cli("-n", "0"), dict(n=0)),
     "patch without source": (_cli("--probe", "patch"), dict(probes=["patch"])),
     "topk": (_cli("--topk", "101"), dict(topk=101)),
+    "clean pass": (_cli("--clean-pass", "fast"), dict(clean_pass="fast")),
 }
 
 

@@ -116,6 +116,9 @@ def _bad_file(tmp_path, text):
     (["--model", "smollm2-135m", "--prompt", "x", "--topk", "five"], "topk must be an integer from 0 to 100, got 'five'"),
     (["--model", "smollm2-135m", "--prompt", "x", "--topk", "101"], "topk must be an integer from 0 to 100, got 101"),
     (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--topk", "0"], "--tokens needs lens tokens"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--clean-pass", "fast"],
+     "unknown clean pass 'fast': choose exact, cached"),
+    (["--model", "smollm2-135m", "--prompt", "x", "--clean-pass", ""], "unknown clean pass '': choose exact, cached"),
     (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--store", "s"], "query the lens_tokens view"),
 ])
 def test_bad_input(args, message):
@@ -167,3 +170,30 @@ def test_bad_probe_input_writes_nothing(tmp_path, args, message):
     out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hello", "--store", store, *args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not list(store.rglob("*.parquet"))
+
+
+def test_cached_clean_pass_is_a_run_of_its_own_with_a_measured_floor(tmp_path, tiny_model_dir):
+    """compute --store --clean-pass cached: its own run id beside the exact run's, values within
+    float32 rounding of it, and a noise floor that compares it with the exact pass (so it is
+    measured even for a one-prompt shard)."""
+    import numpy as np
+
+    from klstore.cli import main
+    from klstore.store import views
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": f"Prompt {i} says that"}) + "\n" for i in range(3)))
+    store = str(tmp_path / "store")
+    for mode in ("exact", "cached"):
+        assert main(["compute", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--store", store,
+                     "--probe", "skip", "-n", "3", "--clean-pass", mode, "--shard-size", "3"]) == 0
+    _, runs = views.sql(store, "SELECT run_id, noise_floor FROM runs ORDER BY run_id")
+    assert len(runs) == 2 and runs[0][0] != runs[1][0]
+    _, shards = views.sql(store, "SELECT run_id, noise_floor FROM shards ORDER BY run_id")
+    assert len(shards) == 2 and all(floor is not None and 0 <= floor < 1e-4 for _, floor in shards)
+    _, pairs = views.sql(store, """
+        SELECT a.kl, b.kl FROM kl a JOIN kl b USING (prompt_id, layer, gen_idx)
+        WHERE a.run_id < b.run_id""")
+    assert len(pairs) == 3 * 4 * 3
+    a, b = np.array(pairs).T
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

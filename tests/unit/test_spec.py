@@ -39,7 +39,7 @@ def test_valid_config_fills_defaults(config_file):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"layer": "all"}, "cfg.yaml: layer: unknown key (allowed: divergences, generation"),
+    ({"layer": "all"}, "cfg.yaml: layer: unknown key (allowed: clean_pass, divergences, generation"),
     ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
     ({"shard_size": 0}, "cfg.yaml: shard_size must be at least 1, got 0"),
     ({"shard_size": True}, "cfg.yaml: shard_size must be an integer, got True"),
@@ -47,6 +47,9 @@ def test_valid_config_fills_defaults(config_file):
     ({"topk": 101}, "cfg.yaml: topk must be at most 100, got 101"),
     ({"topk": "5"}, "cfg.yaml: topk must be an integer, got '5'"),
     ({"topk": 2.5}, "cfg.yaml: topk must be an integer, got 2.5"),
+    ({"clean_pass": "fast"}, "cfg.yaml: clean_pass: unknown clean pass 'fast': choose exact, cached"),
+    ({"clean_pass": True}, "cfg.yaml: clean_pass must be a string, got True"),
+    ({"clean_pass": None}, "cfg.yaml: clean_pass must be a string, got None"),
     ({"probes": ["lens"]}, "unknown probe 'lens'"),
     ({"probes": []}, "cfg.yaml: probes: empty"),
     ({"divergences": "kl"}, "cfg.yaml: divergences must be a list, got 'kl'"),
@@ -174,3 +177,6 @@ def test_experiment_identity_is_stable():
     # topk joins the identity only when it is not the default (older run ids stay valid)
     assert "topk" not in cfg.identity()
     assert parse_experiment({**data, "topk": 0}).identity()["topk"] == 0
+    # clean_pass likewise: a cached run is a run of its own, the exact one keeps its id
+    assert "clean_pass" not in parse_experiment({**data, "clean_pass": "exact"}).identity()
+    assert parse_experiment({**data, "clean_pass": "cached"}).identity()["clean_pass"] == "cached"

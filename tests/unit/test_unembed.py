@@ -133,3 +133,66 @@ def test_non_finite_state_is_an_error_not_a_number(engine, monkeypatch):
     others[1, 0] = False
     assert np.isnan(kl[1, 0]) and np.isfinite(kl[others]).all()
     assert any("layer 1, Gen0" in error for error in result.errors)
+
+
+# ------------------------------------------------------------ clean_pass: cached
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("probe", ["logit_lens", "skip"])
+def test_cached_clean_pass_matches_exact_and_float64(family, engine, probe, n):
+    """The trace taken from generation's own passes: the same generations, values within
+    float32 rounding of the exact pass, and the float64 reference as close as the exact pass."""
+    spec = GenerationSpec(max_new_tokens=n)
+    exact = engine.run_many(PROMPTS, [ProbeSpec(probe)], "all", ("kl", "js"), spec)
+    cached = engine.run_many(PROMPTS, [ProbeSpec(probe)], "all", ("kl", "js"), spec, clean_pass="cached")
+    for a, b in zip(exact, cached):
+        a, b = a[0], b[0]
+        assert a.generation == b.generation and b.generation.n == n
+        for name in ("kl", "js"):
+            np.testing.assert_allclose(b.values[name], a.values[name], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(b.gen_logprob, a.gen_logprob, atol=1e-5)
+        gen = b.generation
+        sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
+        values, _ = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n,
+                                       probe, b.layers)
+        np.testing.assert_allclose(b.values["kl"], values["kl"].numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_cached_trace_equals_teacher_forced_trace(engine):
+    """Block by block, position by position: the recorded outputs and P of `generate_traced`
+    against `trace_batch` on the same generations (rows of different lengths, left-padded)."""
+    ids = [engine.encode(p, GenerationSpec(4)) for p in PROMPTS]
+    cached = engine.generate_traced(ids, GenerationSpec(4))
+    exact = engine.trace_batch([t.generation for t in cached])
+    for a, b in zip(cached, exact):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.positions.tolist() == b.positions.tolist()
+        assert len(a.outputs) == len(b.outputs) == engine.n_layers
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.ref_logp, b.ref_logp, atol=2e-5, rtol=1e-4)
+
+
+def test_cached_trace_stops_at_eos_like_the_exact_one():
+    from klstore.core.engine import Engine
+    from klstore.core.models import from_objects
+    from tiny_models import ToyTokenizer
+
+    model = build("llama")
+    with torch.no_grad():  # EOS (id 0) certain from the second token on: rows end at different lengths
+        model.lm_head.weight[0].fill_(0.0)
+    engine = Engine(from_objects("eos", model, ToyTokenizer()))
+    exact = _run(engine, "logit_lens", n=6)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "trace_batch", lambda *a: pytest.fail("cached mode ran the teacher-forced pass"))
+        cached = engine.run_many(PROMPTS, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(6),
+                                 clean_pass="cached")
+    for a, b in zip(exact, cached):
+        assert a.generation == b[0].generation
+        np.testing.assert_allclose(b[0].values["kl"], a.values["kl"], atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_clean_pass_is_refused(engine):
+    from klstore.errors import KlstoreError
+
+    with pytest.raises(KlstoreError, match="unknown clean pass 'fast': choose exact, cached"):
+        engine.run_many(PROMPTS, [ProbeSpec("logit_lens")], clean_pass="fast")
