@@ -42,8 +42,10 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         cached = engine.probe_context(probe, prompt, trace.generation, spec)
+        cached.prefix_cache = engine._prefix_cache(trace.input_ids[0, :cached.patch_position].tolist())
     context_s = time.perf_counter() - t0
-    whole = dataclasses.replace(cached, prefix_cache=None)
+    whole = dataclasses.replace(cached, from_position=False)
+    cached = dataclasses.replace(cached, from_position=True)
     layers = tuple(range(engine.n_layers))
     best, values = {"whole sequence": float("inf"), "from the patched position": float("inf")}, {}
     for _ in range(args.repeat):

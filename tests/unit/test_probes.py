@@ -180,3 +180,32 @@ def test_one_failing_prompt_does_not_stop_the_batch(engine):
     assert isinstance(results[1], KlstoreError) and "exceeds" in str(results[1])
     assert isinstance(results[2], KlstoreError) and "has no source" in str(results[2])
     assert results[0][0].values["kl"].shape == (LAYERS, 3) and results[3][0].values["kl"].shape[0] == LAYERS
+
+
+@pytest.mark.parametrize("from_position", [True, False])
+def test_both_patch_sweeps_match_float64_reference(family, engine, monkeypatch, from_position):
+    """patch's sweep over the positions from the patched one on (a clean prefix KV cache) and its
+    whole-sequence sweep, each forced, against the float64 reference."""
+    monkeypatch.setattr(engine, "_from_position", lambda trace, spec, chunk, context: from_position)
+    result = _run(engine, PROMPT, [ProbeSpec("patch")], "all", DIVS, GenerationSpec(max_new_tokens=4))[0]
+    gen = result.generation
+    sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
+    params = {"source_ids": ToyTokenizer()(PROMPT.source)["input_ids"]}
+    expected, _ = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n,
+                                     "patch", result.layers, params)
+    for name in DIVS:
+        _close(result.values[name], expected[name].numpy())
+
+
+@pytest.mark.parametrize("text, chosen", [("The quick brown fox", False), ("The quick brown fox " * 3, True)])
+def test_patch_sweep_is_chosen_by_cost_and_the_cache_built_only_then(engine, monkeypatch, text, chosen):
+    """4 layers, 4 tokens: 19 prompt tokens cost less over the whole sequence (6 x 22 block-positions
+    against 4 x 4 x 4 + 4 x 18); 60 cost less from the patched position (6 x 63 against 64 + 4 x 59)."""
+    built, decisions = [], []
+    make_cache, decide = engine._prefix_cache, engine._from_position
+    monkeypatch.setattr(engine, "_prefix_cache", lambda ids: built.append(len(ids)) or make_cache(ids))
+    monkeypatch.setattr(engine, "_from_position", lambda *a: decisions.append(decide(*a)) or decisions[-1])
+    prompt = Prompt("p", text, source=text.replace("fox", "cat"))
+    _run(engine, prompt, [ProbeSpec("patch")], "all", ("kl",), GenerationSpec(max_new_tokens=4))
+    assert decisions == [chosen]
+    assert built == ([len(text) - 1] if chosen else [])
