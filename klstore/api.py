@@ -30,7 +30,7 @@ import time
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
 from klstore.spec import (GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label, check_patch_sources,
-                          check_clean_pass, check_topk, model_label)
+                          check_clean_pass, check_matmul_precision, check_topk, model_label)
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
 
@@ -120,7 +120,7 @@ class Lens:
     def compute(self, prompts, probes=("logit_lens",), layers: str | int = "all", n: int = 5,
                 divergences=("kl",), *, sample: bool = False, seed: int = 0, temperature: float = 1.0,
                 chat: bool = False, source: str | None = None, progress: bool = True,
-                topk: int = 5, clean_pass: str = "exact") -> "Result":
+                topk: int = 5, clean_pass: str = "exact", matmul_precision: str = "highest") -> "Result":
         """Generate a continuation per prompt and compute each probe's layer x token matrices.
 
         Args:
@@ -145,6 +145,8 @@ class Lens:
             clean_pass: `exact` (default) or `cached`: the clean trace from the generation's own
                 KV-cached passes, one forward pass fewer, values within float32 rounding (~5e-5
                 nats on SmolLM2); the CLI's `--clean-pass`.
+            matmul_precision: `highest` (default), `high` (TF32 on NVIDIA GPUs) or `medium`
+                (bfloat16 products, float32 accumulation); the CLI's `--matmul-precision`.
 
         Returns:
             A `Result`. Non-finite cells are NaN and reported as a warning (`Result.errors`).
@@ -158,6 +160,7 @@ class Lens:
         divergences = check_divergences(_names(divergences, "divergence"))
         topk = check_topk(topk)
         clean_pass = check_clean_pass(clean_pass)
+        matmul_precision = check_matmul_precision(matmul_precision)
         probe_specs = _probes(probes, seed)
         prompt_list = _prompts(prompts, source)
         check_patch_sources(probe_specs, prompt_list)
@@ -180,13 +183,15 @@ class Lens:
                 # prompts, and of `compute --store`'s shards (same size), so the numbers agree.
                 results += self.engine.run_many(prompt_list[start:stop], probe_specs, resolved, divergences,
                                                 spec, batch_size=BATCH_SIZE, encoded=encoded[start:stop],
-                                                topk=topk, clean_pass=clean_pass)
+                                                topk=topk, clean_pass=clean_pass,
+                                                matmul_precision=matmul_precision)
                 bar.update(len(results))
         for result in results:
             if isinstance(result, Exception):
                 raise result
         res = Result(self, prompt_list, probe_specs, layer_spec, divergences, spec, results,
-                     prompt_path=str(prompts) if _is_path(prompts) else None, topk=topk, clean_pass=clean_pass)
+                     prompt_path=str(prompts) if _is_path(prompts) else None, topk=topk, clean_pass=clean_pass,
+                     matmul_precision=matmul_precision)
         if res.errors:
             import warnings
 
@@ -321,10 +326,12 @@ class Result:
     """
 
     def __init__(self, lens: Lens, prompts, probes, layers: str, divergences, generation, results,
-                 prompt_path: str | None = None, topk: int = 5, clean_pass: str = "exact"):
+                 prompt_path: str | None = None, topk: int = 5, clean_pass: str = "exact",
+                 matmul_precision: str = "highest"):
         self.lens = lens
         self.topk = topk
         self.clean_pass = clean_pass
+        self.matmul_precision = matmul_precision
         self.prompts: list[Prompt] = list(prompts)
         self.probes: list[ProbeSpec] = list(probes)
         self.layer_spec = layers
@@ -502,7 +509,8 @@ class Result:
             name=check_label(run, "run name"), store=str(store), models=(ModelConfig(**self.lens._model_config),),
             prompt_paths=(self._prompt_path,) if self._prompt_path else (), probes=tuple(self.probes),
             layers=self.layer_spec, generation=self.generation, divergences=self.divergences,
-            shard_size=BATCH_SIZE, topk=self.topk, clean_pass=self.clean_pass, source="klstore api",
+            shard_size=BATCH_SIZE, topk=self.topk, clean_pass=self.clean_pass,
+            matmul_precision=self.matmul_precision, source="klstore api",
             prompts=tuple(self.prompts))
         plan = RunPlan(cfg)
         worker = _ComputedWorker(self._outcomes(), self.lens, str(store))

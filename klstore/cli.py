@@ -76,6 +76,9 @@ def _add_compute(sub) -> None:
     p.add_argument("--clean-pass", default="exact", metavar="MODE",
                    help="exact (default): a teacher-forced pass after generation; cached: take it from the "
                         "generation's own passes (one forward fewer, values within float32 rounding)")
+    p.add_argument("--matmul-precision", default="highest", metavar="P",
+                   help="float32 matrix products: highest (default), high (TF32 on NVIDIA GPUs), "
+                        "medium (bfloat16 products, float32 accumulation)")
     p.add_argument("--png", metavar="PATH",
                    help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name")
     p.add_argument("--store", metavar="PATH",
@@ -105,6 +108,9 @@ def _compute_inputs(args):
     from klstore.spec import check_clean_pass
 
     args.clean_pass = check_clean_pass(args.clean_pass)
+    from klstore.spec import check_matmul_precision
+
+    args.matmul_precision = check_matmul_precision(args.matmul_precision)
     if args.tokens and not args.topk:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
     from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,
@@ -168,7 +174,7 @@ def cmd_compute(args) -> int:
     prepare_probes(engine, probes, spec)  # vectors, sub-layers: checked before any work
     encoded = [engine.encode(prompt, spec) for prompt in prompts]  # empty, too long: before any work
     results = engine.run_many(prompts, probes, layers, divergences, spec, encoded=encoded, topk=args.topk,
-                              clean_pass=args.clean_pass)
+                              clean_pass=args.clean_pass, matmul_precision=args.matmul_precision)
     decode = engine.tokenizer.decode
     for result in results:
         if isinstance(result, Exception):
@@ -203,7 +209,8 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
         name=check_label(args.run, "run name"), store=args.store, models=(model,),
         prompt_paths=(args.prompts,) if args.prompts else (), probes=tuple(probes), layers=args.layers,
         generation=spec, divergences=divergences, shard_size=args.shard_size, topk=args.topk,
-        clean_pass=args.clean_pass, source="klstore compute", prompts=tuple(prompts))
+        clean_pass=args.clean_pass, matmul_precision=args.matmul_precision, source="klstore compute",
+        prompts=tuple(prompts))
     plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
     worker = Worker(args.model, label, plan.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)

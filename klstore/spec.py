@@ -233,6 +233,18 @@ def check_clean_pass(value) -> str:
     return value
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's values
+
+
+def check_matmul_precision(value) -> str:
+    """float32 matrix products: `highest` (default: true float32), `high` (TF32 on NVIDIA GPUs
+    from Ampere on; float32 on CPU), `medium` (bfloat16 products with float32 accumulation where
+    the hardware has them, CPU included). Divergences stay float32 either way."""
+    if value not in MATMUL_PRECISIONS:
+        raise KlstoreError(f"unknown matmul precision {value!r}: choose {', '.join(MATMUL_PRECISIONS)}")
+    return value
+
+
 def check_divergences(names) -> tuple[str, ...]:
     """Validate divergence names; returns them as a tuple, deduplicated in order."""
     result: list[str] = []
@@ -602,6 +614,7 @@ class _ExperimentFile(_Value):
     divergences: list[str] = ["kl"]
     topk: int = Field(DEFAULT_TOPK, ge=0, le=MAX_TOPK)  # lens tokens kept per cell; 0: none
     clean_pass: str = "exact"  # CLEAN_PASSES
+    matmul_precision: str = "highest"  # MATMUL_PRECISIONS
     shard_size: int = Field(16, ge=1)
     shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
 
@@ -619,6 +632,11 @@ class _ExperimentFile(_Value):
     @classmethod
     def _clean_pass(cls, value):
         return _rule(check_clean_pass, value)
+
+    @field_validator("matmul_precision")
+    @classmethod
+    def _matmul_precision(cls, value):
+        return _rule(check_matmul_precision, value)
 
     @field_validator("generation", mode="before")
     @classmethod
@@ -664,6 +682,7 @@ class ExperimentConfig(_Value):
     shard_size: int
     topk: int = DEFAULT_TOPK
     clean_pass: str = "exact"  # CLEAN_PASSES
+    matmul_precision: str = "highest"  # MATMUL_PRECISIONS
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity
@@ -680,6 +699,8 @@ class ExperimentConfig(_Value):
         extra = {} if self.topk == DEFAULT_TOPK else {"topk": self.topk}
         if self.clean_pass != "exact":  # likewise: values move by float32 rounding, a run of its own
             extra["clean_pass"] = self.clean_pass
+        if self.matmul_precision != "highest":
+            extra["matmul_precision"] = self.matmul_precision
         return {
             **extra,
             "name": self.name,
@@ -725,7 +746,7 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
         name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths),
         probes=tuple(raw.probes), layers=raw.layers, generation=GenerationSpec(**raw.generation.model_dump()),
         divergences=tuple(raw.divergences), shard_size=raw.shard_size, topk=raw.topk,
-        clean_pass=raw.clean_pass, source=source,
+        clean_pass=raw.clean_pass, matmul_precision=raw.matmul_precision, source=source,
         prompts=tuple(prompts), shared_store=raw.shared_store)
 
 

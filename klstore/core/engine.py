@@ -36,7 +36,8 @@ from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt, check_clean_pass, check_divergences, parse_layers
+from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_clean_pass, check_divergences,
+                          check_matmul_precision, parse_layers)
 
 
 @dataclass(frozen=True)
@@ -705,7 +706,7 @@ class Engine:
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
                  batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5,
-                 clean_pass: str = "exact") -> list:
+                 clean_pass: str = "exact", matmul_precision: str = "highest") -> list:
         """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
 
         `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
@@ -714,8 +715,19 @@ class Engine:
         prompt, and its head pass over the whole batch (`_matrices`). A batch that fails as a
         whole is redone one prompt at a time, so one bad prompt cannot take its neighbours
         down. `topk`: lens tokens kept per cell (0: none). `clean_pass`: "exact" (a teacher-forced
-        pass after generation) or "cached" (`generate_traced`).
+        pass after generation) or "cached" (`generate_traced`). `matmul_precision`: torch's float32
+        matmul precision for the call (`highest`, `high`: TF32, `medium`: bfloat16 products),
+        restored afterwards.
         """
+        check_matmul_precision(matmul_precision)
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(matmul_precision)
+        try:
+            return self._run_many(prompts, probes, layers, divergences, spec, batch_size, encoded, topk, clean_pass)
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    def _run_many(self, prompts, probes, layers, divergences, spec, batch_size, encoded, topk, clean_pass):
         if isinstance(layers, str):
             layers = parse_layers(layers, self.n_layers, self.loaded.label)
         divergences = check_divergences(divergences)
@@ -800,9 +812,10 @@ class Engine:
     # ---------------------------------------------------------------- one call
     def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
             divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-            topk: int = 5, clean_pass: str = "exact") -> list[KLMatrix]:
+            topk: int = 5, clean_pass: str = "exact", matmul_precision: str = "highest") -> list[KLMatrix]:
         """Generate once, trace once, then one KLMatrix per probe (errors raised)."""
-        result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk, clean_pass=clean_pass)[0]
+        result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk, clean_pass=clean_pass,
+                               matmul_precision=matmul_precision)[0]
         if isinstance(result, Exception):
             raise result
         return result

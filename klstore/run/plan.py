@@ -60,6 +60,7 @@ class Job:
     generation: GenerationSpec = GenerationSpec()
     topk: int = DEFAULT_TOPK  # lens tokens per cell (0: none)
     clean_pass: str = "exact"  # where the clean trace comes from (spec.CLEAN_PASSES)
+    matmul_precision: str = "highest"  # float32 matrix products (spec.MATMUL_PRECISIONS)
 
 
 def run_id_for(identity: dict) -> str:
@@ -237,7 +238,7 @@ class RunPlan:
         self.run_id = run_id_for(identity)
         self.record = {**identity, "store": self.store_uri, "source": config.source}
         self.job = Job(config.probes, config.layers, config.divergences, config.generation, config.topk,
-                       config.clean_pass)
+                       config.clean_pass, config.matmul_precision)
         self.shards: list[tuple[Prompt, ...]] = [
             tuple(config.prompts[i:i + config.shard_size])
             for i in range(0, len(config.prompts), config.shard_size)]

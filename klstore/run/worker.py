@@ -123,7 +123,8 @@ class Worker:
 
         self.prepare(job)
         results = self.engine.run_many(list(prompts), list(job.probes), self._layers[job.layers], job.divergences,
-                                       job.generation, topk=job.topk, clean_pass=job.clean_pass)
+                                       job.generation, topk=job.topk, clean_pass=job.clean_pass,
+                                       matmul_precision=job.matmul_precision)
         outcomes = []
         for prompt, result in zip(prompts, results):
             if isinstance(result, KlstoreError):
@@ -138,10 +139,12 @@ class Worker:
         """The largest |divergence| difference between the shard's first good prompt as computed
         in its batch and computed alone with the exact clean pass (every probe, layer and
         divergence), over the generated tokens both computations share. So it measures batch
-        composition and, with `clean_pass: cached`, the cached trace too. None when the shard had
-        one prompt (no batch, exact pass) or none ok. In fp32 on CPU it is ~1e-6 (cached: ~5e-5);
+        composition and, with `clean_pass: cached` or a reduced `matmul_precision`, those too
+        (the prompt alone runs exact, at full precision). None when the shard had one prompt (no
+        batch, exact pass, full precision) or none ok. In fp32 on CPU it is ~1e-6 (cached: ~5e-5);
         on GPUs in bf16 batch composition moves results more."""
-        if len(outcomes) < (2 if job.clean_pass == "exact" else 1):
+        exact = job.clean_pass == "exact" and job.matmul_precision == "highest"
+        if len(outcomes) < (2 if exact else 1):
             return None
         first = next((o for o in outcomes if o.status == "ok"), None)
         if first is None:

@@ -167,6 +167,7 @@ BAD_INPUTS = {
     "patch without source": (_cli("--probe", "patch"), dict(probes=["patch"])),
     "topk": (_cli("--topk", "101"), dict(topk=101)),
     "clean pass": (_cli("--clean-pass", "fast"), dict(clean_pass="fast")),
+    "matmul precision": (_cli("--matmul-precision", "low"), dict(matmul_precision="low")),
 }
 
 

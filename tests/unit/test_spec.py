@@ -50,6 +50,8 @@ def test_valid_config_fills_defaults(config_file):
     ({"clean_pass": "fast"}, "cfg.yaml: clean_pass: unknown clean pass 'fast': choose exact, cached"),
     ({"clean_pass": True}, "cfg.yaml: clean_pass must be a string, got True"),
     ({"clean_pass": None}, "cfg.yaml: clean_pass must be a string, got None"),
+    ({"matmul_precision": "bf16"}, "cfg.yaml: matmul_precision: unknown matmul precision 'bf16': choose highest"),
+    ({"matmul_precision": 32}, "cfg.yaml: matmul_precision must be a string, got 32"),
     ({"probes": ["lens"]}, "unknown probe 'lens'"),
     ({"probes": []}, "cfg.yaml: probes: empty"),
     ({"divergences": "kl"}, "cfg.yaml: divergences must be a list, got 'kl'"),
@@ -180,3 +182,5 @@ def test_experiment_identity_is_stable():
     # clean_pass likewise: a cached run is a run of its own, the exact one keeps its id
     assert "clean_pass" not in parse_experiment({**data, "clean_pass": "exact"}).identity()
     assert parse_experiment({**data, "clean_pass": "cached"}).identity()["clean_pass"] == "cached"
+    assert "matmul_precision" not in parse_experiment({**data, "matmul_precision": "highest"}).identity()
+    assert parse_experiment({**data, "matmul_precision": "medium"}).identity()["matmul_precision"] == "medium"

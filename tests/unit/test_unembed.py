@@ -196,3 +196,39 @@ def test_unknown_clean_pass_is_refused(engine):
 
     with pytest.raises(KlstoreError, match="unknown clean pass 'fast': choose exact, cached"):
         engine.run_many(PROMPTS, [ProbeSpec("logit_lens")], clean_pass="fast")
+
+
+# ------------------------------------------------------------ matmul_precision
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_reduced_matmul_precision_is_scoped_to_the_call(family, engine, precision):
+    """The precision holds during the call only (restored after, also after an error), and the
+    values stay near the full-precision ones (bfloat16 products: within 2e-2 nats on these
+    tiny models, whose logits reach tens)."""
+    full = _run(engine, "skip")
+    seen = []
+    original = engine._final_states
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "_final_states", spy)
+        reduced = engine.run_many(PROMPTS, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(max_new_tokens=4),
+                                  matmul_precision=precision)
+    assert set(seen) == {precision} and torch.get_float32_matmul_precision() == "highest"
+    for a, b in zip(full, reduced):
+        assert a.generation == b[0].generation
+        np.testing.assert_allclose(b[0].values["kl"], a.values["kl"], atol=2e-2, rtol=2e-2)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "trace_batch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            engine.run_many(PROMPTS, [ProbeSpec("skip")], matmul_precision=precision)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_unknown_matmul_precision_is_refused(engine):
+    from klstore.errors import KlstoreError
+
+    with pytest.raises(KlstoreError, match="unknown matmul precision 'tf32': choose highest, high, medium"):
+        engine.run_many(PROMPTS, [ProbeSpec("logit_lens")], matmul_precision="tf32")
