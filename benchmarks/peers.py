@@ -4,6 +4,7 @@
     python benchmarks/peers.py              # 8 prompts x 30 layers x 5 generated tokens = 1,200 cells per probe
     python benchmarks/peers.py --tutorial   # also nnsight in its tutorial form (below)
     python benchmarks/peers.py --quick      # 2 prompts x 4 layers x 2 tokens, once (the tests' run)
+    python benchmarks/peers.py --fast       # also klstore's opt-in speed modes (cached clean pass, bf16 products)
 
 The task: SmolLM2-135M-Instruct (the offline demo model) in float32 on the CPU, the first
 8 prompts of jobs/prompts/demo.jsonl, greedy continuation, probes `logit_lens` and `skip`
@@ -213,6 +214,8 @@ def main() -> int:
                         help="2 prompts x layers 0-3 x 2 tokens, once, no float64 reference")
     parser.add_argument("--no-peer", action="store_true", help="klstore alone even if nnsight is installed")
     parser.add_argument("--tutorial", action="store_true", help="also nnsight in its tutorial form (slow)")
+    parser.add_argument("--fast", action="store_true",
+                        help="also klstore's opt-in speed modes: clean_pass cached, matmul_precision medium, both")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.layers, args.n, args.repeat, args.reference = 2, "0-3", 2, 1, 0
@@ -260,9 +263,14 @@ def main() -> int:
         if args.tutorial:
             forms["nnsight (tutorial form)"] = nnsight_cells_documented
 
-    table = []  # (probe, klstore s, {form: (s, max|diff|)}, klstore cells, nnsight cells)
+    fast = {"cached": dict(clean_pass="cached"), "medium": dict(matmul_precision="medium"),
+            "cached+medium": dict(clean_pass="cached", matmul_precision="medium")} if args.fast else {}
+    table = []  # (probe, klstore s, {form: (s, max|diff|)}, klstore cells, nnsight cells, {mode: (s, cells)})
     for probe in probes:
         runs = {"klstore": lambda probe=probe: (klstore_cells(engine, probe, prompts, layers, args.n), None)}
+        runs.update({f"klstore {mode}": (lambda probe=probe, options=options:
+                                         (klstore_cells(engine, probe, prompts, layers, args.n, **options), None))
+                     for mode, options in fast.items()})
         runs.update({form: (lambda fn=fn, probe=probe: fn(lm, probe, prompts_ids, list(layers), args.n,
                                                           engine._eos, engine._pad_id))
                      for form, fn in forms.items()})
@@ -278,13 +286,14 @@ def main() -> int:
                 best[form] = min(best[form], seconds)
         k_cells = results["klstore"]
         table.append((probe, best["klstore"], {form: (best[form], max_diff(k_cells, results[form])) for form in forms},
-                      k_cells, results.get("nnsight")))
+                      k_cells, results.get("nnsight"),
+                      {mode: (best[f"klstore {mode}"], results[f"klstore {mode}"]) for mode in fast}))
 
     header = f"{'probe':11} {'klstore s':>9}"
     for form in forms or ["nnsight"]:
         header += f" {form + ' s':>{max(9, len(form) + 2)}} {'ratio':>6} {'max|diff|':>9}"
     print("\n" + header)
-    for probe, k_time, peers_out, _, _ in table:
+    for probe, k_time, peers_out, _, _, _ in table:
         line = f"{probe:11} {k_time:9.3f}"
         if not peers_out:
             line += f" {'-':>9} {'-':>6} {'-':>9}"
@@ -294,17 +303,27 @@ def main() -> int:
     if forms:
         print("ratio = peer time / klstore time (above 1: klstore is faster); max|diff|: the largest |KL "
               "difference| between klstore's and the peer's matrices, nats")
+    if fast:
+        print("\nklstore's opt-in speed modes (README, \"How the engine works\"), same run:")
+        print(f"{'probe':11} {'mode':14} {'s':>7} {'vs default':>10} {'vs nnsight':>10} {'max|diff| vs default':>21}")
+        for probe, k_time, peers_out, k_cells, _, modes in table:
+            for mode, (seconds, cells_) in modes.items():
+                versus = f"{peers_out['nnsight'][0] / seconds:9.2f}x" if "nnsight" in peers_out else f"{'-':>10}"
+                print(f"{probe:11} {mode:14} {seconds:7.3f} {k_time / seconds:9.2f}x {versus} "
+                      f"{max_diff(k_cells, cells_):21.1e}")
 
     if args.reference:
         count = min(args.reference, len(prompts))
         model64 = copy.deepcopy(loaded.model).double()
         generated = [r.token_ids for r in engine.generate_batch(prompts_ids[:count], _gen(args.n))]
         print(f"\nfloat64 reference (tests/reference.py) on the first {count} prompts:")
-        for probe, _, _, k_cells, n_cells in table:
+        for probe, _, _, k_cells, n_cells, modes in table:
             ref = reference_cells(model64, probe, prompts_ids[:count], generated, list(layers))
             line = f"  {probe:11} max|klstore - float64| {max_diff(k_cells[:count], ref):.2e}"
             if n_cells is not None:
                 line += f"   max|nnsight - float64| {max_diff(n_cells[:count], ref):.2e}"
+            for mode, (_, cells_) in modes.items():
+                line += f"   {mode}: {max_diff(cells_[:count], ref):.2e}"
             print(line)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on the {os.cpu_count()} CPUs)")
     return 0

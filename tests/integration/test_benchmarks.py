@@ -47,6 +47,13 @@ def test_peers_without_the_peer_even_when_installed():
     assert re.search(rf"^logit_lens +{NUMBER} +- +- +-$", text, re.M), text
 
 
+def test_peers_fast_modes_print_time_speedup_and_distance_from_the_default():
+    text = _run("benchmarks/peers.py", "--quick", "--no-peer", "--probes", "skip", "--fast")
+    for mode, bound in (("cached", 1e-4), ("medium", 5e-2), ("cached+medium", 5e-2)):
+        row = re.search(rf"^skip +{re.escape(mode)} +{NUMBER} +{NUMBER}x +- +{NUMBER}$", text, re.M)
+        assert row and float(row.group(1)) > 0 and float(row.group(3)) < bound, text
+
+
 def test_engine_roofline_prints_phases_bounds_and_the_matmul_fraction():
     text = _run("benchmarks/engine.py", "--roofline", "--prompts", "2", "-n", "2", "--repeat", "1")
     assert re.search(rf"plain torch.matmul 2048\^3 \(torch.float32\) {NUMBER} GFLOP/s", text), text
