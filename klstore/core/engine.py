@@ -23,6 +23,7 @@ Shapes: B batch rows, T positions, H hidden size, V vocabulary, R probe rows, n 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -80,6 +81,26 @@ class KLMatrix:
     topk_probs: np.ndarray | None = None  # float32 (len(layers), n, k): their probabilities under Q
     gen_rank: np.ndarray | None = None  # int32 (len(layers), n): 1 + #{v: Q(v) > Q(Gen t)}
     gen_logq: np.ndarray | None = None  # float32 (len(layers), n): log Q_{l,t}(Gen t)
+
+
+# matmul_precision -> float32 matmul precision of (CUDA, oneDNN: the CPU), in torch's per-backend API.
+# (The legacy torch.set_float32_matmul_precision raises once a caller has used the per-backend one.)
+_MATMUL_PRECISION = {"highest": ("ieee", "ieee"), "high": ("tf32", "ieee"), "medium": ("tf32", "bf16")}
+
+
+@contextlib.contextmanager
+def matmul_precision_of(precision: str):
+    """float32 matrix products at `precision` (spec.MATMUL_PRECISIONS) inside the block; the
+    caller's own settings are restored after it, whatever they were."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [backend.fp32_precision for backend in backends]
+    try:
+        for backend, value in zip(backends, _MATMUL_PRECISION[precision]):
+            backend.fp32_precision = value
+        yield
+    finally:
+        for backend, value in zip(backends, before):
+            backend.fp32_precision = value
 
 
 class _StopForward(Exception):
@@ -309,11 +330,17 @@ class Engine:
         as_tuple = isinstance(steps[0][0], tuple)
         steps = [[out[0] if isinstance(out, tuple) else out for out in step] for step in steps]
         width = steps[0][0].shape[1]  # the left-padded prompts
+        per_row: list[list] = [[] for _ in generations]
+        for k in range(self.n_layers):
+            for row, gen in enumerate(generations):
+                start = width - len(gen.prompt_ids)
+                per_row[row].append(torch.cat([steps[0][k][row, start:]]
+                                              + [steps[s][k][row] for s in range(1, gen.n)])[None])
+            for step in steps:  # block k's batch outputs now live in the rows' copies: freed as we go
+                step[k] = None
         traces = []
         for row, gen in enumerate(generations):
-            start = width - len(gen.prompt_ids)
-            outputs = [torch.cat([steps[0][k][row, start:]] + [steps[s][k][row] for s in range(1, gen.n)])[None]
-                       for k in range(self.n_layers)]
+            outputs = per_row[row]
             first = len(gen.prompt_ids) - 1
             where = torch.arange(first, first + gen.n, device=self.device)
             ref_logp = self.adapter.log_probs(outputs[-1][0, where.to(outputs[-1].device)])
@@ -413,13 +440,18 @@ class Engine:
 
     def _sweep_rows(self, trace: Trace) -> int:
         """Probe rows per layer sweep: each row carries about 2 x intermediate + 4 x hidden floats
-        per position in a block, plus one attention row per head and position."""
+        per position in a block, one attention row per head and position, and (patch from the
+        patched position) its copy of the prefix KV cache, keys and values in every block."""
         text = self.model.config.get_text_config()
         width = 2 * (getattr(text, "intermediate_size", None) or 4 * self.hidden_size) + 4 * self.hidden_size
+        heads = getattr(text, "num_attention_heads", None) or 1
+        kv_width = (getattr(text, "num_key_value_heads", None) or heads) * (
+            getattr(text, "head_dim", None) or self.hidden_size // heads)
         length = trace.input_ids.shape[1]
-        per_row = 4 * length * (width + (getattr(text, "num_attention_heads", None) or 1) * length)
+        per_row = 4 * length * (width + heads * length + 2 * self.n_layers * kv_width)
         return max(1, self.chunk_bytes // per_row)
 
+    @torch.no_grad()
     def _final_states(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
                       context: ProbeContext) -> torch.Tensor:
         """(len(layers), n, H): the residual stream to decode, per layer, at the positions
@@ -633,10 +665,14 @@ class Engine:
                 group.append(piece)
                 size += cells
         result = []
-        for outs in parts:
+        for (trace, _, hidden), outs in zip(items, parts):
             def cat(name):
                 return torch.cat([getattr(o, name) for o in outs]).numpy()
-            result.append(dict(values={"kl": cat("kl")}, gen_logq=cat("gen_logq"), gen_rank=cat("gen_rank"),
+            kl = cat("kl")
+            if not np.isfinite(kl).all():  # -inf logits (P = Q = 0 there), or a non-finite state: the
+                result.append(self._cells_rows(trace, hidden, ("kl",), k))  # row path decides, as kl_rows does
+                continue
+            result.append(dict(values={"kl": kl}, gen_logq=cat("gen_logq"), gen_rank=cat("gen_rank"),
                                topk_ids=cat("topk_ids") if k else None,
                                topk_probs=cat("topk_probs") if k else None,
                                gen_logp=outs[0].gen_logp.numpy()))
@@ -703,6 +739,7 @@ class Engine:
             gen_rank=numbers["gen_rank"], gen_logq=numbers["gen_logq"])
 
     # ---------------------------------------------------------------- many prompts
+    @torch.no_grad()
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
                  batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5,
@@ -719,13 +756,8 @@ class Engine:
         matmul precision for the call (`highest`, `high`: TF32, `medium`: bfloat16 products),
         restored afterwards.
         """
-        check_matmul_precision(matmul_precision)
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(matmul_precision)
-        try:
+        with matmul_precision_of(check_matmul_precision(matmul_precision)):
             return self._run_many(prompts, probes, layers, divergences, spec, batch_size, encoded, topk, clean_pass)
-        finally:
-            torch.set_float32_matmul_precision(before)
 
     def _run_many(self, prompts, probes, layers, divergences, spec, batch_size, encoded, topk, clean_pass):
         if isinstance(layers, str):

@@ -67,8 +67,9 @@ def applies(adapter: Adapter, divergences: tuple[str, ...]) -> bool:
 
 
 def cell_bytes(chunk: int = VOCAB_CHUNK) -> int:
-    """Memory per cell in flight: its float32 logits chunk plus two same-sized temporaries."""
-    return 3 * 4 * chunk
+    """Memory per cell in flight: its float32 logits chunk plus about four same-sized temporaries
+    (exp, the comparison, z_p - z_q, a widening copy), with room for the reference rows."""
+    return 5 * 4 * chunk
 
 
 @torch.no_grad()
@@ -89,7 +90,6 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     starts = [sum(sizes[:j]) for j in range(len(jobs))]
     gen = torch.cat([job.gen_ids.to(device).repeat(job.hidden.shape[0]) for job in jobs]
                     + [job.gen_ids.to(device) for job in jobs])  # (cells + references,)
-    p = [job.ref_logp.to(device, wide).exp() for job in jobs]  # (m, V) each
 
     def transform(z: torch.Tensor) -> torch.Tensor:  # = Adapter.logits after the head
         z = z.to(wide)
@@ -99,12 +99,18 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
             z = torch.tanh(z / adapter.softcap) * adapter.softcap
         return z
 
-    # Gen t's logit from its own weight row counts the logits above it in the chunks before
-    # its own; from its own chunk on, the GEMM's value (`exact`) does, so Gen t never counts
-    # itself and the stored log Q(Gen t) is the GEMM's.
-    approx = transform((x.to(wide) * weight[gen].to(wide)).sum(-1)
-                       + (bias[gen].to(wide) if bias is not None else 0))
+    # Gen t's logit, from a small GEMM of each job's states against its Gen t rows (the same
+    # dtype and matmul precision as the chunks', so bfloat16 logits round alike), counts the
+    # logits above it in the chunks before its own; from its own chunk on, the chunk GEMM's
+    # value (`exact`) does, so Gen t never counts itself and the stored log Q(Gen t) is the GEMM's.
+    approx = torch.cat([_own_logits(x[starts[j]:starts[j] + sizes[j]], job.gen_ids.to(device), weight, bias)
+                        for j, job in enumerate(jobs)]
+                       + [_own_logits(x[ref_start[j]:ref_start[j] + job.reference.shape[0]],
+                                      job.gen_ids.to(device), weight, bias)
+                          for j, job in enumerate(jobs)])
+    approx = transform(approx)
     exact = approx.clone()
+    mass_p = [torch.zeros(job.reference.shape[0], dtype=wide, device=device) for job in jobs]  # sum_v P(v)
     total = x.shape[0]
     top = torch.full((total, 0), -torch.inf, dtype=wide, device=device)
     top_ids = torch.zeros((total, 0), dtype=torch.long, device=device)
@@ -133,7 +139,9 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
             r, m = job.hidden.shape[:2]
             zq = z[starts[j]:starts[j] + sizes[j]].view(r, m, width)
             gap = z[ref_start[j]:ref_start[j] + m] - zq  # (R, m, c): z_p - z_q
-            partial[j].append(_blocked(p[j][:, v0:v0 + width], gap))
+            p = job.ref_logp[:, v0:v0 + width].to(device, wide).exp()  # P, a chunk at a time
+            mass_p[j] += p.sum(-1)
+            partial[j].append(_blocked(p, gap))
         if k:
             best = z.topk(min(k, width), dim=-1)
             top, order = torch.cat([top, best.values], -1).topk(min(k, top.shape[1] + width), dim=-1)
@@ -146,7 +154,7 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
         own = slice(starts[j], starts[j] + sizes[j])
         lse_q = lse[own].view(r, m)
         lse_p = lse[ref_start[j]:ref_start[j] + m]
-        kl = torch.cat(partial[j], -1).sum(-1) + (lse_q - lse_p) * p[j].sum(-1)
+        kl = torch.cat(partial[j], -1).sum(-1) + (lse_q - lse_p) * mass_p[j]
         out.append(Cells(
             kl=kl.clamp_min(0.0).float().cpu(),
             gen_logq=(exact[own].view(r, m) - lse_q).float().cpu(),
@@ -155,6 +163,13 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
             topk_probs=(top[own] - lse[own, None]).exp().view(r, m, -1).float().cpu() if k else None,
             gen_logp=(exact[ref_start[j]:ref_start[j] + m] - lse_p).float().cpu()))
     return out
+
+
+def _own_logits(x: torch.Tensor, gen_ids: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """Row i of x (cells ordered (row, position), m positions) against Gen t's head row, t = i mod m."""
+    m = gen_ids.shape[0]
+    z = nn.functional.linear(x, weight[gen_ids], None if bias is None else bias[gen_ids])  # (cells, m)
+    return z.view(-1, m, m).diagonal(dim1=1, dim2=2).reshape(-1)
 
 
 def _blocked(p: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:

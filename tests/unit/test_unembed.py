@@ -209,14 +209,15 @@ def test_reduced_matmul_precision_is_scoped_to_the_call(family, engine, precisio
     original = engine._final_states
 
     def spy(*args, **kwargs):
-        seen.append(torch.get_float32_matmul_precision())
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(engine, "_final_states", spy)
         reduced = engine.run_many(PROMPTS, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(max_new_tokens=4),
                                   matmul_precision=precision)
-    assert set(seen) == {precision} and torch.get_float32_matmul_precision() == "highest"
+    assert set(seen) == {{"high": ("tf32", "ieee"), "medium": ("tf32", "bf16")}[precision]}
+    assert torch.get_float32_matmul_precision() == "highest"
     for a, b in zip(full, reduced):
         assert a.generation == b[0].generation
         np.testing.assert_allclose(b[0].values["kl"], a.values["kl"], atol=2e-2, rtol=2e-2)
@@ -232,3 +233,76 @@ def test_unknown_matmul_precision_is_refused(engine):
 
     with pytest.raises(KlstoreError, match="unknown matmul precision 'tf32': choose highest, high, medium"):
         engine.run_many(PROMPTS, [ProbeSpec("logit_lens")], matmul_precision="tf32")
+
+
+def test_caller_precision_settings_survive_and_do_not_leak_in(engine):
+    """A caller who set torch's per-backend precision (which makes the legacy getter raise) keeps it,
+    and the default run still computes in true float32."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    seen = []
+    original = engine._final_states
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return original(*args, **kwargs)
+
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(engine, "_final_states", spy)
+            result = engine.run_many(PROMPTS[:1], [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(2))
+        assert not isinstance(result[0], Exception), result[0]
+        assert seen == ["ieee"] and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def test_no_autograd_graph_is_kept(engine):
+    """Sweeps run under no_grad: staged final states carry no graph (a graph would hold every
+    block's activations of every staged prompt)."""
+    staged = []
+    original = engine._final_states
+
+    def spy(*args, **kwargs):
+        staged.append(original(*args, **kwargs))
+        return staged[-1]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine, "_final_states", spy)
+        _run(engine, "skip")
+    assert staged and not any(h.requires_grad or h.grad_fn is not None for h in staged)
+
+
+def test_minus_infinite_logits_are_zero_terms_not_errors(family, engine, monkeypatch):
+    """Tokens the head can never produce (logit -inf under P and Q alike) contribute 0 to KL(P||Q);
+    the chunked pass hands such items to the row path, which says so (divergence.kl_rows)."""
+    monkeypatch.setattr(unembed, "VOCAB_CHUNK", 16)
+    head = engine.adapter.head
+    bias = torch.zeros(VOCAB)
+    bias[VOCAB - 20:] = -torch.inf  # a whole chunk (80-95) and part of another
+    monkeypatch.setattr(head, "bias", torch.nn.Parameter(bias, requires_grad=False))
+    result = _run(engine, "logit_lens", PROMPTS[:1])[0]
+    with monkeypatch.context() as m:
+        m.setattr(unembed, "applies", lambda adapter, divergences: False)
+        expected = _run(engine, "logit_lens", PROMPTS[:1])[0]
+    assert result.errors == () and np.isfinite(result.values["kl"]).all()
+    np.testing.assert_allclose(result.values["kl"], expected.values["kl"], atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 29])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox"])  # (tiny Gemma 3 in bf16 fails verify)
+def test_bfloat16_ranks_agree_with_the_row_path(family, monkeypatch, chunk):
+    """bfloat16 logits tie often; Gen t's own logit must round as the chunks' do, so a token tied
+    with it is never counted above it (ties share the better rank)."""
+    from klstore.core.engine import Engine
+    from klstore.core.models import from_objects
+    from tiny_models import ToyTokenizer
+
+    engine = Engine(from_objects(family, build(family, torch.bfloat16), ToyTokenizer()))
+    monkeypatch.setattr(unembed, "VOCAB_CHUNK", chunk)
+    fused = _run(engine, "logit_lens", n=8)
+    monkeypatch.setattr(unembed, "applies", lambda adapter, divergences: False)
+    rows = _run(engine, "logit_lens", n=8)
+    for a, b in zip(fused, rows):
+        np.testing.assert_array_equal(a.gen_rank, b.gen_rank)
+        np.testing.assert_array_equal(a.top1_match, b.top1_match)
