@@ -1,7 +1,7 @@
 """Engine benchmark (issue 5): klstore's layer sweep vs. a naive hand-written baseline.
 
     python benchmarks/engine.py                  # SmolLM2-135M, 16 prompts x 30 layers x 5 tokens
-    python benchmarks/engine.py --gemma-memory   # peak memory: Gemma-3-270M, 64 tokens, logit_lens
+    python benchmarks/engine.py --gemma-memory [--divergences kl]   # peak memory: Gemma-3-270M, 64 tokens, logit_lens
     python benchmarks/engine.py --config qwen2-1.5b --device cuda   # random weights, realistic size
 
 For every probe it prints cells per second for klstore and for the naive
@@ -423,7 +423,7 @@ def _shape_gflops(device, dtype, m, k, n, reps=5) -> float:
     return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
-def gemma_memory():
+def gemma_memory(divergences=("kl", "js")):
     from klstore.core.engine import Engine
     from klstore.spec import GenerationSpec, Prompt
     from klstore.core.models import load_model, quiet_libraries
@@ -436,11 +436,12 @@ def gemma_memory():
     engine = Engine(loaded)
     prompt = Prompt("story", "Write a long story about a dragon who learns to paint. Once upon a time,")
     t0 = time.perf_counter()
-    result = engine.run(prompt, [ProbeSpec("logit_lens")], "all", ("kl", "js"), GenerationSpec(max_new_tokens=64))[0]
+    result = engine.run(prompt, [ProbeSpec("logit_lens")], "all", tuple(divergences), GenerationSpec(max_new_tokens=64))[0]
     seconds = time.perf_counter() - t0
     peak = peak_rss_gib()
     full = len(result.layers) * result.generation.n * 262144 * 4 / 2**30
-    print(f"Gemma-3-270M logit_lens, {len(result.layers)} layers x {result.generation.n} tokens in {seconds:.1f} s")
+    print(f"Gemma-3-270M logit_lens, {len(result.layers)} layers x {result.generation.n} tokens, "
+          f"{'+'.join(divergences)} in {seconds:.1f} s")
     print(f"model parameters: {model_gib:.2f} GiB; peak RSS after load {after_load:.2f} GiB, after run {peak:.2f} GiB")
     print(f"peak - model = {peak - model_gib:.2f} GiB (target <= 1 GiB); an unchunked float32 "
           f"[layers x tokens x vocab] tensor alone would be {full:.2f} GiB")
@@ -452,13 +453,15 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--probes", help=f"default {','.join(PROBES)} ({','.join(ROOFLINE_PROBES)} with --roofline)")
     parser.add_argument("--gemma-memory", action="store_true")
+    parser.add_argument("--divergences", default="kl,js",
+                        help="--gemma-memory: kl alone takes the head pass (core/unembed.py), kl,js the row path")
     parser.add_argument("--roofline", action="store_true", help="time per phase and FLOP bounds instead")
     parser.add_argument("--repeat", type=int, default=3, help="--roofline: best of this many runs")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="random-weight model of this size instead of SmolLM2")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     if args.gemma_memory:
-        gemma_memory()
+        gemma_memory(tuple(args.divergences.split(",")))
         return
     if args.prompts is None:
         args.prompts = 8 if args.roofline else 16

@@ -59,6 +59,10 @@ def main() -> None:
     for name, seconds in best.items():
         print(f"  {name:26s} {seconds:7.2f} s")
     diff = float(np.abs(values["whole sequence"] - values["from the patched position"]).max())
+    choice = engine._from_position(trace, probe, layers, dataclasses.replace(cached, from_position=None,
+                                                                              prefix_cache=None))
+    print(f"  the engine's own choice for this prompt (Engine._from_position): "
+          f"{'from the patched position' if choice else 'whole sequence'}")
     print(f"  speed-up {best['whole sequence'] / best['from the patched position']:.1f}x (target >= 3x); "
           f"max |diff| {diff:.2g} nats; the context (source pass + prefix cache) took {context_s:.2f} s once")
 
