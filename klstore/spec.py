@@ -245,6 +245,10 @@ def check_matmul_precision(value) -> str:
     return value
 
 
+# The opt-in speed modes (config key -> check); each joins ExperimentConfig.identity() when not its default.
+SPEED_MODES = {"clean_pass": check_clean_pass, "matmul_precision": check_matmul_precision}
+
+
 def check_divergences(names) -> tuple[str, ...]:
     """Validate divergence names; returns them as a tuple, deduplicated in order."""
     result: list[str] = []
@@ -628,15 +632,10 @@ class _ExperimentFile(_Value):
     def _layers(cls, value):
         return _layer_spec(value)
 
-    @field_validator("clean_pass")
+    @field_validator("clean_pass", "matmul_precision")
     @classmethod
-    def _clean_pass(cls, value):
-        return _rule(check_clean_pass, value)
-
-    @field_validator("matmul_precision")
-    @classmethod
-    def _matmul_precision(cls, value):
-        return _rule(check_matmul_precision, value)
+    def _speed_mode(cls, value, info):
+        return _rule(SPEED_MODES[info.field_name], value)
 
     @field_validator("generation", mode="before")
     @classmethod
