@@ -13,7 +13,9 @@ It prints, in one run:
 5. the batch noise floor in bf16 and fp32: max |KL(in a batch of 16) - KL(alone)| (what each
    run records in runs.noise_floor);
 6. with two or more CUDA devices: SmolLM2 split over all of them (`device_map="balanced"`)
-   against the whole model on one device, for logit_lens, skip and patch (max |difference|).
+   against the whole model on one device, for logit_lens, skip and patch (max |difference|);
+7. the opt-in speed modes on the float32 model (matmul_precision high = TF32 on NVIDIA GPUs,
+   medium, clean_pass cached): speed-up over the default and max |difference| from it.
 Prints numbers; asserts nothing.
 """
 
@@ -184,6 +186,35 @@ def noise_floor(loaded, prompts, n_new) -> None:
           f"KL(alone)| = {worst:.3g} nats")
 
 
+def speed_modes(loaded, prompts, n_new, repeat: int = 2) -> None:
+    """The opt-in speed modes against the default on a float32 model: best-of-`repeat` time
+    ratio and max |dKL|, per probe (what a run with the mode records in its noise floor)."""
+    from klstore.spec import GenerationSpec, ProbeSpec
+
+    engine = _engine(loaded)
+    modes = {"matmul_precision high": dict(matmul_precision="high"),
+             "matmul_precision medium": dict(matmul_precision="medium"),
+             "clean_pass cached": dict(clean_pass="cached")}
+    for probe in ("logit_lens", "skip"):
+        def run(**options):
+            best, out = float("inf"), None
+            for _ in range(repeat):
+                _sync(loaded.device)
+                t0 = time.perf_counter()
+                out = engine.run_many(prompts, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(n_new), **options)
+                _sync(loaded.device)
+                best = min(best, time.perf_counter() - t0)
+            return best, [r[0].values["kl"] for r in out]
+
+        base_s, base = run()
+        parts = []
+        for mode, options in modes.items():
+            seconds, values = run(**options)
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(values, base))
+            parts.append(f"{mode} {base_s / seconds:.2f}x, max |dKL| {diff:.2g}")
+        print(f"speed modes [{loaded.label}, {probe}, float32, default {base_s:.2f} s]: " + "; ".join(parts))
+
+
 def split_check(n_new: int) -> None:
     """The model split over every visible CUDA device against the whole model on one."""
     from klstore.core.models import load_model
@@ -228,6 +259,7 @@ def main() -> None:
     noise_floor(smol32, prompts, args.tokens)
     if device.type == "cuda":
         noise_floor(smol16, prompts, args.tokens)
+    speed_modes(smol32, prompts, args.tokens)
     split_check(args.tokens)
     if args.big != "none":
         tokenizer = _ClampedTokenizer(smol32.tokenizer, BIG[args.big]["vocab_size"])

@@ -33,3 +33,11 @@ def test_gpu_check_on_cpu_prints_every_figure():
                       r"([0-9.e+-]+) nats", text)
     assert floor and 0 <= float(floor.group(1)) < 1e-3, text  # fp32 on CPU: rounding only
     assert "split over devices: skipped (0 CUDA device(s)" in text
+    for probe in ("logit_lens", "skip"):
+        modes = re.search(rf"speed modes \[smollm2-135m, {probe}, float32, default ([0-9.]+) s\]: "
+                          r"matmul_precision high ([0-9.]+)x, max \|dKL\| ([0-9.e+-]+); "
+                          r"matmul_precision medium ([0-9.]+)x, max \|dKL\| ([0-9.e+-]+); "
+                          r"clean_pass cached ([0-9.]+)x, max \|dKL\| ([0-9.e+-]+)", text)
+        assert modes, text
+        assert float(modes.group(3)) == 0  # high is TF32 on NVIDIA GPUs only: the CPU computes as before
+        assert 0 < float(modes.group(5)) < 0.1 and float(modes.group(7)) < 1e-4, text
