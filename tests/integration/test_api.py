@@ -248,3 +248,21 @@ def test_api_reference_builds_without_warnings(tmp_path):
     printed = (proc.stdout + proc.stderr).lower()
     assert "warn" not in printed, proc.stdout + proc.stderr
     assert (tmp_path / "klstore" / "api.html").exists()
+
+
+@pytest.mark.real_model
+def test_speed_modes_through_the_api_save_as_their_own_run(lens, result, tmp_path):
+    """compute(clean_pass=, matmul_precision=) as the CLI's flags: values near the default's, and
+    save() gives the run the id `compute --store` with the same flags gives it."""
+    fast = lens.compute(PROMPT, probes=["logit_lens", "skip"], layers=LAYERS, n=5, divergences=["kl", "js"],
+                        progress=False, clean_pass="cached", matmul_precision="medium")
+    for probe in ("logit_lens", "skip"):
+        for name in ("kl", "js"):
+            np.testing.assert_allclose(fast.matrix(0, probe, name), result.matrix(0, probe, name),
+                                       atol=2e-2, rtol=2e-2)
+    run_id = fast.save(tmp_path / "api", run="nb", progress=False)
+    assert run_id != result.save(tmp_path / "api", run="nb", progress=False)
+    proc = run_cli("compute", *CLI_ARGS, "--store", tmp_path / "cli", "--run", "nb",
+                   "--clean-pass", "cached", "--matmul-precision", "medium")
+    assert proc.returncode == 0, proc.stderr
+    assert f"run {run_id} completed" in proc.stdout
