@@ -29,8 +29,9 @@ import time
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
-from klstore.spec import (GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label, check_patch_sources,
-                          check_clean_pass, check_matmul_precision, check_topk, model_label)
+from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, GenerationSpec, Prompt, ProbeSpec,
+                          check_clean_pass, check_divergences, check_label, check_matmul_precision,
+                          check_patch_sources, check_topk, model_label)
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
 
@@ -120,7 +121,8 @@ class Lens:
     def compute(self, prompts, probes=("logit_lens",), layers: str | int = "all", n: int = 5,
                 divergences=("kl",), *, sample: bool = False, seed: int = 0, temperature: float = 1.0,
                 chat: bool = False, source: str | None = None, progress: bool = True,
-                topk: int = 5, clean_pass: str = "exact", matmul_precision: str = "highest") -> "Result":
+                topk: int = 5, clean_pass: str = DEFAULT_CLEAN_PASS,
+                matmul_precision: str = DEFAULT_MATMUL_PRECISION) -> "Result":
         """Generate a continuation per prompt and compute each probe's layer x token matrices.
 
         Args:
@@ -326,8 +328,8 @@ class Result:
     """
 
     def __init__(self, lens: Lens, prompts, probes, layers: str, divergences, generation, results,
-                 prompt_path: str | None = None, topk: int = 5, clean_pass: str = "exact",
-                 matmul_precision: str = "highest"):
+                 prompt_path: str | None = None, topk: int = 5, clean_pass: str = DEFAULT_CLEAN_PASS,
+                 matmul_precision: str = DEFAULT_MATMUL_PRECISION):
         self.lens = lens
         self.topk = topk
         self.clean_pass = clean_pass

@@ -102,15 +102,11 @@ def _compute_inputs(args):
     if args.tokens and args.store:
         raise KlstoreError("--tokens prints a table; with --store the lens tokens go to the store "
                            "(query the lens_tokens view)")
-    from klstore.spec import check_topk
+    from klstore.spec import SPEED_MODES, check_topk
 
     args.topk = check_topk(args.topk)
-    from klstore.spec import check_clean_pass
-
-    args.clean_pass = check_clean_pass(args.clean_pass)
-    from klstore.spec import check_matmul_precision
-
-    args.matmul_precision = check_matmul_precision(args.matmul_precision)
+    for key, (check, _) in SPEED_MODES.items():  # --clean-pass, --matmul-precision
+        setattr(args, key, check(getattr(args, key)))
     if args.tokens and not args.topk:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
     from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,

@@ -222,6 +222,7 @@ def check_topk(value) -> int:
 
 
 CLEAN_PASSES = ("exact", "cached")  # README, "How the engine works": where the clean trace comes from
+DEFAULT_CLEAN_PASS = CLEAN_PASSES[0]
 
 
 def check_clean_pass(value) -> str:
@@ -234,6 +235,7 @@ def check_clean_pass(value) -> str:
 
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's values
+DEFAULT_MATMUL_PRECISION = MATMUL_PRECISIONS[0]
 
 
 def check_matmul_precision(value) -> str:
@@ -245,8 +247,10 @@ def check_matmul_precision(value) -> str:
     return value
 
 
-# The opt-in speed modes (config key -> check); each joins ExperimentConfig.identity() when not its default.
-SPEED_MODES = {"clean_pass": check_clean_pass, "matmul_precision": check_matmul_precision}
+# The opt-in speed modes: config key (= CLI flag, compute() argument, run.plan.Job field) -> (check,
+# default). Each joins ExperimentConfig.identity() when not its default.
+SPEED_MODES = {"clean_pass": (check_clean_pass, DEFAULT_CLEAN_PASS),
+               "matmul_precision": (check_matmul_precision, DEFAULT_MATMUL_PRECISION)}
 
 
 def check_divergences(names) -> tuple[str, ...]:
@@ -617,8 +621,8 @@ class _ExperimentFile(_Value):
     generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
     topk: int = Field(DEFAULT_TOPK, ge=0, le=MAX_TOPK)  # lens tokens kept per cell; 0: none
-    clean_pass: str = "exact"  # CLEAN_PASSES
-    matmul_precision: str = "highest"  # MATMUL_PRECISIONS
+    clean_pass: str = DEFAULT_CLEAN_PASS  # CLEAN_PASSES
+    matmul_precision: str = DEFAULT_MATMUL_PRECISION  # MATMUL_PRECISIONS
     shard_size: int = Field(16, ge=1)
     shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
 
@@ -635,7 +639,7 @@ class _ExperimentFile(_Value):
     @field_validator("clean_pass", "matmul_precision")
     @classmethod
     def _speed_mode(cls, value, info):
-        return _rule(SPEED_MODES[info.field_name], value)
+        return _rule(SPEED_MODES[info.field_name][0], value)
 
     @field_validator("generation", mode="before")
     @classmethod
@@ -680,8 +684,8 @@ class ExperimentConfig(_Value):
     divergences: tuple[str, ...]
     shard_size: int
     topk: int = DEFAULT_TOPK
-    clean_pass: str = "exact"  # CLEAN_PASSES
-    matmul_precision: str = "highest"  # MATMUL_PRECISIONS
+    clean_pass: str = DEFAULT_CLEAN_PASS  # CLEAN_PASSES
+    matmul_precision: str = DEFAULT_MATMUL_PRECISION  # MATMUL_PRECISIONS
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity
@@ -693,13 +697,11 @@ class ExperimentConfig(_Value):
         digest = hashlib.sha256()
         for prompt in self.prompts:
             digest.update(f"{prompt.id}\t{prompt.group}\t{prompt.text}\t{prompt.source}\n".encode())
-        # topk joins the identity only when it is not the default, so run ids of stores written
-        # before lens tokens existed stay the same (resuming them adds the tokens to new shards).
-        extra = {} if self.topk == DEFAULT_TOPK else {"topk": self.topk}
-        if self.clean_pass != "exact":  # likewise: values move by float32 rounding, a run of its own
-            extra["clean_pass"] = self.clean_pass
-        if self.matmul_precision != "highest":
-            extra["matmul_precision"] = self.matmul_precision
+        # topk and the speed modes join the identity only when not their defaults, so run ids of
+        # stores written before they existed stay the same (resuming them adds lens tokens to new
+        # shards); a speed mode moves values by rounding, so its run is a run of its own.
+        defaults = {"topk": DEFAULT_TOPK, **{key: default for key, (_, default) in SPEED_MODES.items()}}
+        extra = {key: getattr(self, key) for key, default in defaults.items() if getattr(self, key) != default}
         return {
             **extra,
             "name": self.name,

@@ -37,8 +37,8 @@ from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_clean_pass, check_divergences,
-                          check_matmul_precision, parse_layers)
+from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, GenerationSpec, ProbeSpec, Prompt,
+                          check_clean_pass, check_divergences, check_matmul_precision, parse_layers)
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,12 @@ class Trace:
     outputs: list[torch.Tensor]
     ref_logp: torch.Tensor  # (n, V) log P_t, float32+
     returns_tuple: bool
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """(n, H): the last block's clean output at the positions predicting Gen t (P's state)."""
+        last = self.outputs[-1]
+        return last[0, self.positions.to(last.device)]
 
 
 def _hidden_arg(args, kwargs) -> torch.Tensor:
@@ -304,16 +310,26 @@ class Engine:
                 f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, saw {len(outputs)}")
         return outputs, kinds[0]
 
-    def trace(self, generation: Generation) -> Trace:
-        """One clean teacher-forced pass over prompt + continuation (minus its last token)."""
-        sequence = list(generation.prompt_ids) + list(generation.token_ids[:-1])
-        input_ids = torch.tensor([sequence], device=self.device)
+    @staticmethod
+    def _sequence(generation: Generation) -> list[int]:
+        """The teacher-forced input: prompt + continuation minus its last token."""
+        return list(generation.prompt_ids) + list(generation.token_ids[:-1])
+
+    @torch.no_grad()
+    def _trace_of(self, generation: Generation, outputs: list[torch.Tensor], as_tuple: bool) -> Trace:
+        """The Trace of one prompt from its recorded (1, T, H) block outputs (a model split over
+        devices: each stays on its block's device), with P from the last one."""
         first = len(generation.prompt_ids) - 1
         positions = torch.arange(first, first + generation.n, device=self.device)
-        outputs, as_tuple = self._record(input_ids)
-        with torch.no_grad():  # (a model split over devices: each output stays on its block's device)
-            ref_logp = self.adapter.log_probs(outputs[-1][0, positions.to(outputs[-1].device)])
-        return Trace(generation, input_ids, positions, outputs, ref_logp, as_tuple)
+        trace = Trace(generation, torch.tensor([self._sequence(generation)], device=self.device), positions,
+                      outputs, None, as_tuple)
+        trace.ref_logp = self.adapter.log_probs(trace.reference)
+        return trace
+
+    def trace(self, generation: Generation) -> Trace:
+        """One clean teacher-forced pass over prompt + continuation (minus its last token)."""
+        outputs, as_tuple = self._record(torch.tensor([self._sequence(generation)], device=self.device))
+        return self._trace_of(generation, outputs, as_tuple)
 
     @torch.no_grad()
     def generate_traced(self, prompts_ids: list[list[int]], spec: GenerationSpec) -> list[Trace]:
@@ -338,16 +354,7 @@ class Engine:
                                               + [steps[s][k][row] for s in range(1, gen.n)])[None])
             for step in steps:  # block k's batch outputs now live in the rows' copies: freed as we go
                 step[k] = None
-        traces = []
-        for row, gen in enumerate(generations):
-            outputs = per_row[row]
-            first = len(gen.prompt_ids) - 1
-            where = torch.arange(first, first + gen.n, device=self.device)
-            ref_logp = self.adapter.log_probs(outputs[-1][0, where.to(outputs[-1].device)])
-            sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
-            traces.append(Trace(gen, torch.tensor([sequence], device=self.device), where, outputs, ref_logp,
-                                as_tuple))
-        return traces
+        return [self._trace_of(gen, outputs, as_tuple) for gen, outputs in zip(generations, per_row)]
 
     def _left_pad(self, sequences: list[list[int]]):
         """(ids, attention mask, position ids), each (B, T), sequences padded on the left."""
@@ -365,19 +372,12 @@ class Engine:
         unpadded one up to float rounding (the padding is masked, positions count real tokens)."""
         if len(generations) == 1:
             return [self.trace(generations[0])]
-        sequences = [list(g.prompt_ids) + list(g.token_ids[:-1]) for g in generations]
+        sequences = [self._sequence(g) for g in generations]
         ids, mask, positions = self._left_pad(sequences)
         outputs, as_tuple = self._record(ids, mask, positions)
-        traces = []
-        for row, (gen, seq) in enumerate(zip(generations, sequences)):
-            offset = ids.shape[1] - len(seq)
-            own = [out[row:row + 1, offset:] for out in outputs]
-            first = len(gen.prompt_ids) - 1
-            where = torch.arange(first, first + gen.n, device=self.device)
-            with torch.no_grad():
-                ref_logp = self.adapter.log_probs(own[-1][0, where.to(own[-1].device)])
-            traces.append(Trace(gen, torch.tensor([seq], device=self.device), where, own, ref_logp, as_tuple))
-        return traces
+        width = ids.shape[1]
+        return [self._trace_of(gen, [out[row:row + 1, width - len(seq):] for out in outputs], as_tuple)
+                for row, (gen, seq) in enumerate(zip(generations, sequences))]
 
     def last_position_outputs(self, prompt_ids: list[int]) -> torch.Tensor:
         """Block outputs at the prompt's last position: (n_layers, H), float32."""
@@ -649,9 +649,8 @@ class Engine:
         pieces = []  # (item index, Job), each at most `budget` cells (one row if a row is more)
         for i, (trace, _, hidden) in enumerate(items):
             gen_ids = torch.tensor(trace.generation.token_ids, device=trace.ref_logp.device)
-            reference = trace.outputs[-1][0, trace.positions.to(trace.outputs[-1].device)]
             step = max(1, budget // max(1, hidden.shape[1]))
-            pieces += [(i, unembed.Job(hidden[r:r + step], reference, trace.ref_logp, gen_ids))
+            pieces += [(i, unembed.Job(hidden[r:r + step], trace.reference, trace.ref_logp, gen_ids))
                        for r in range(0, hidden.shape[0], step)]
         parts: list[list] = [[] for _ in items]
         group, size = [], 0
@@ -743,7 +742,7 @@ class Engine:
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
                  batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5,
-                 clean_pass: str = "exact", matmul_precision: str = "highest") -> list:
+                 clean_pass: str = DEFAULT_CLEAN_PASS, matmul_precision: str = DEFAULT_MATMUL_PRECISION) -> list:
         """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
 
         `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
@@ -844,7 +843,8 @@ class Engine:
     # ---------------------------------------------------------------- one call
     def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
             divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-            topk: int = 5, clean_pass: str = "exact", matmul_precision: str = "highest") -> list[KLMatrix]:
+            topk: int = 5, clean_pass: str = DEFAULT_CLEAN_PASS,
+            matmul_precision: str = DEFAULT_MATMUL_PRECISION) -> list[KLMatrix]:
         """Generate once, trace once, then one KLMatrix per probe (errors raised)."""
         result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk, clean_pass=clean_pass,
                                matmul_precision=matmul_precision)[0]

@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
-from klstore.spec import DEFAULT_TOPK, ExperimentConfig, GenerationSpec, ProbeSpec, Prompt, check_label
+from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK, ExperimentConfig,
+                          GenerationSpec, ProbeSpec, Prompt, check_label)
 from klstore.store.tables import Store, open_store, work_key
 
 # Bytes on disk per `kl` row measured on 100 M rows (README, "Performance": benchmarks/store.py);
@@ -59,8 +60,8 @@ class Job:
     divergences: tuple[str, ...] = ("kl",)
     generation: GenerationSpec = GenerationSpec()
     topk: int = DEFAULT_TOPK  # lens tokens per cell (0: none)
-    clean_pass: str = "exact"  # where the clean trace comes from (spec.CLEAN_PASSES)
-    matmul_precision: str = "highest"  # float32 matrix products (spec.MATMUL_PRECISIONS)
+    clean_pass: str = DEFAULT_CLEAN_PASS  # where the clean trace comes from (spec.CLEAN_PASSES)
+    matmul_precision: str = DEFAULT_MATMUL_PRECISION  # float32 matrix products (spec.MATMUL_PRECISIONS)
 
 
 def run_id_for(identity: dict) -> str:

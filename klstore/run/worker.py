@@ -17,7 +17,7 @@ import numpy as np
 
 from klstore.errors import KlstoreError
 from klstore.run.plan import Job, shard_key, shard_parts
-from klstore.spec import check_label
+from klstore.spec import SPEED_MODES, check_label
 
 
 TOKENIZER_KEY = "klstore.tokenizer"  # Parquet metadata of a tokens file: tokenizer_fingerprint of its writer
@@ -143,7 +143,7 @@ class Worker:
         (the prompt alone runs exact, at full precision). None when the shard had one prompt (no
         batch, exact pass, full precision) or none ok. In fp32 on CPU it is ~1e-6 (cached: ~5e-5);
         on GPUs in bf16 batch composition moves results more."""
-        exact = job.clean_pass == "exact" and job.matmul_precision == "highest"
+        exact = all(getattr(job, key) == default for key, (_, default) in SPEED_MODES.items())
         if len(outcomes) < (2 if exact else 1):
             return None
         first = next((o for o in outcomes if o.status == "ok"), None)
