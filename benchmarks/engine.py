@@ -302,7 +302,7 @@ def instrumented(engine, clock):
                (engine.adapter, "log_probs", timed("unembedding", engine.adapter.log_probs,
                                                    unless=("clean trace",)))]
     patched += [(divergence, name, timed("divergences", getattr(divergence, name)))
-                for name in ("compute", "compute_rows", "kl_rows") if hasattr(divergence, name)]
+                for name in ("compute", "compute_rows", "kl_rows")]
     saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patched]
     try:
         for obj, name, fn in patched:

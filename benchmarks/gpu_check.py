@@ -173,15 +173,12 @@ def throughput(loaded, n_prompts, n_new) -> None:
 
 def noise_floor(loaded, prompts, n_new) -> None:
     """max |KL batched - KL alone| over every cell of the first prompt (runs.noise_floor's rule)."""
+    from klstore.run.worker import max_gap
+
     engine = _engine(loaded)
     batched = _matrices(engine, prompts, n_new, ("logit_lens", "skip"), batch_size=16)[0]
     alone = _matrices(engine, prompts[:1], n_new, ("logit_lens", "skip"), batch_size=1)[0]
-    worst = 0.0
-    for b, a in zip(batched, alone):
-        same = next((i for i, (x, y) in enumerate(zip(b.generation.token_ids, a.generation.token_ids)) if x != y),
-                    min(b.generation.n, a.generation.n))
-        worst = max(worst, float(np.nanmax(np.abs(b.values["kl"][:, :same].astype(np.float64)
-                                                  - a.values["kl"][:, :same]))))
+    worst = max_gap(batched, alone)
     print(f"noise floor [{loaded.label}, {str(loaded.dtype).replace('torch.', '')}]: max |KL(batch of 16) - "
           f"KL(alone)| = {worst:.3g} nats")
 

@@ -112,11 +112,6 @@ class Drawer:
             return self.wait()
         return len(jobs)
 
-    def draw(self, jobs: list[Job]) -> int:
-        """Draw the jobs and wait for them."""
-        self.submit(jobs)
-        return self.wait()
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)

@@ -33,7 +33,7 @@ import numpy as np
 
 from klstore.output import visible_token
 from klstore.report.aggregate import Grid
-from klstore.report.plotting import DIVERGENCE_LABELS, cell_text
+from klstore.report.plotting import DIVERGENCE_LABELS, cell_text, floor_marks
 
 # ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
 YLORRD = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
@@ -111,7 +111,7 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
         data.append({"type": "scatter", "mode": "markers", "x": (cols + 0.38).tolist(), "y": (rows - 0.28).tolist(),
                      "marker": {"symbol": "triangle-up", "size": 7, "color": "#ffffff"},  # the cell's top right
                      "hoverinfo": "skip", "showlegend": False, "name": "above the scale"})
-    quiet = _quiet(grid)
+    quiet = floor_marks(grid, grid.values.shape)
     if quiet.any():
         rows, cols = np.nonzero(quiet)
         data.append({"type": "scatter", "mode": "markers", "x": (cols - 0.36).tolist(), "y": (rows + 0.3).tolist(),
@@ -152,20 +152,13 @@ def _column(label: str) -> str:
     return "<br>".join(_text(part) for part in str(label).split("\n"))
 
 
-def _quiet(grid: Grid) -> np.ndarray:
-    """The cells below the noise floor (none when it was not measured)."""
-    if grid.noise_floor is None or grid.below_floor is None:
-        return np.zeros(grid.values.shape, dtype=bool)
-    return np.asarray(grid.below_floor, dtype=bool)
-
-
 def _hover(grid: Grid, pages: dict) -> tuple[list, list]:
     """Per cell: the hover text (HTML for plotly, store strings escaped) and the link a click opens."""
     n_rows, n_cols = grid.values.shape
     hover = [[None] * n_cols for _ in range(n_rows)]
     links = [[None] * n_cols for _ in range(n_rows)]
     cell = {"aggregate": _aggregate_cell, "prompt": _prompt_cell, "difference": _difference_cell}[grid.kind]
-    quiet = _quiet(grid)
+    quiet = floor_marks(grid, grid.values.shape)
     note = (f"<i>{'not a difference: ' if grid.kind == 'difference' else ''}"
             f"below the noise floor ({grid.noise_floor:.2g} nats)</i>") if quiet.any() else ""
     for r in range(n_rows):

@@ -25,12 +25,13 @@ from __future__ import annotations
 import numpy as np
 
 from klstore.report.aggregate import Grid
+from klstore.report.floor import UNIT
+from klstore.report.floor import text as _floor
 
 STANDOUT = 1.25  # leader / runner-up, at least
 ALIKE = 1.25  # largest / smallest column mean, at most
 FLAT = 0.05  # spread / mean, under
 TREND = 2.0  # first third / last third (or back), at least
-UNIT = "nats"
 
 
 def _cell(grid: Grid, r: int, c: int) -> str:
@@ -42,10 +43,6 @@ def _ratio(big: float, small: float) -> float:
     if small > 0:
         return big / small
     return float("inf") if big > 0 else 1.0
-
-
-def _floor(value: float) -> str:
-    return f"{value:.2g} {UNIT}"
 
 
 def columns_sentence(col_means, floor: float | None = None) -> str | None:

@@ -106,9 +106,8 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
 class Report:
     """What one build shows: the index's grids, every prompt page's grid, the listings."""
 
-    def __init__(self, grids, pages, listings, summary, shared, floors=None):
+    def __init__(self, grids, pages, listings, summary, floors=None):
         self.grids, self.pages, self.listings, self.summary = grids, pages, listings, summary
-        self.shared = shared  # section -> (lo, hi) when the spec shares one scale per section
         self.floors = floors or floor.Floors({})  # the noise floor of each (model, run) shown
         self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
 
@@ -145,7 +144,7 @@ def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None,
     settling.attach(con, grids)
     for grid in grids + [p for p in pages if p not in examples]:
         grid.observations = observe(grid)
-    return Report(grids, pages, listings, _with_floors(_summary(con, spec, where), floors), shared, floors)
+    return Report(grids, pages, listings, _with_floors(_summary(con, spec, where), floors), floors)
 
 
 def _set_floors(grids, floors: floor.Floors) -> None:

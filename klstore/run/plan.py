@@ -89,20 +89,27 @@ def versions() -> dict[str, str]:
 
 def done_prompt_ids(store: Store, model_label: str, run_id: str) -> set[str]:
     """Prompt ids of (model, run) already in the store: its `prompts` partition, read directly."""
+    done: set[str] = set()
+    for path in store.partition_files("prompts", model=model_label, run_id=run_id):
+        done.update(_read_column(store, path, "prompt_id"))
+    return done
+
+
+def _read_column(store: Store, path: str, column: str) -> list:
+    """One column of one of the store's Parquet files ([] when the file predates the column)."""
     import pyarrow.parquet as pq
 
     import pyarrow as pa
 
     from klstore.errors import first_line
 
-    done: set[str] = set()
-    for path in store.partition_files("prompts", model=model_label, run_id=run_id):
-        try:
-            table = pq.read_table(path, columns=["prompt_id"], filesystem=store.fs, partitioning=None)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise KlstoreError(f"cannot read {path} ({first_line(exc)}); run `klstore verify --quarantine`") from None
-        done.update(table.column("prompt_id").to_pylist())
-    return done
+    try:
+        table = pq.read_table(path, columns=[column], filesystem=store.fs, partitioning=None)
+    except (OSError, pa.ArrowInvalid) as exc:
+        if "No match for FieldRef" in str(exc):  # a file written before the column existed
+            return []
+        raise KlstoreError(f"cannot read {path} ({first_line(exc)}); run `klstore verify --quarantine`") from None
+    return table.column(column).to_pylist()
 
 
 # ------------------------------------------------------------ the cluster
@@ -318,11 +325,15 @@ class RunPlan:
         self.store.write_run(self.run_id, self.config.name, status, self.record, versions(), floor)
 
     def noise_floor(self) -> float | None:
-        """max(noise_floor) over this run's shard attempts (None when none measured one)."""
-        from klstore.store.views import sql
+        """max(noise_floor) over this run's shard attempts (None when none measured one), read
+        from the run's own `shards` files: views over the whole store would read every kl
+        file's footer for one number."""
+        from klstore.store.integrity import visible
 
-        _, rows = sql(self.store, "SELECT max(noise_floor) FROM shards WHERE run_id = ?", [self.run_id])
-        return None if not rows or rows[0][0] is None else float(rows[0][0])
+        mine = f"/run_id={self.run_id}/"
+        floors = [value for path in visible(self.store, "shards") if mine in path
+                  for value in _read_column(self.store, path, "noise_floor") if value is not None]
+        return float(max(floors)) if floors else None
 
     @contextmanager
     def running(self):

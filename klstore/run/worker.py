@@ -57,6 +57,21 @@ def tokenizer_fingerprint(engine) -> str | None:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+def max_gap(batched, alone) -> float:
+    """The noise floor's rule (docs/conventions.md): max |d(batched) - d(alone)| over two KLMatrix
+    lists of one prompt (every probe, layer and divergence), up to the first generated token
+    where their continuations differ."""
+    worst = 0.0
+    for one, other in zip(batched, alone):
+        a, b = one.generation.token_ids, other.generation.token_ids
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for name, values in one.values.items():
+            diff = np.abs(values[:, :same].astype(np.float64) - other.values[name][:, :same])
+            if np.isfinite(diff).any():
+                worst = max(worst, float(np.nanmax(diff)))
+    return worst
+
+
 @dataclass(frozen=True)
 class ShardResult:
     model: str
@@ -153,15 +168,7 @@ class Worker:
                                      job.generation, batch_size=1, topk=0)[0]
         if isinstance(alone, Exception):
             return None
-        worst = 0.0
-        for batched, single in zip(first.matrices, alone):
-            a, b = batched.generation.token_ids, single.generation.token_ids
-            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            for name, values in batched.values.items():
-                diff = np.abs(values[:, :same].astype(np.float64) - single.values[name][:, :same])
-                if np.isfinite(diff).any():
-                    worst = max(worst, float(np.nanmax(diff)))
-        return worst
+        return max_gap(first.matrices, alone)
 
     def _write_tokens(self) -> None:
         """The model's vocabulary into the `tokens` table, once (before the shard's rows that use it).
@@ -236,11 +243,12 @@ class Worker:
         if "prompts" in wanted:
             self.store.write("prompts", records.prompt_rows(outcomes), name, model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
+        ended_at, seconds = datetime.now(timezone.utc), time.perf_counter() - start  # the shard's own work
         floor = None
         if not self._floor_measured:  # once per worker: one prompt again, alone (costs one prompt)
             floor = self._noise_floor(outcomes, job)
             self._floor_measured = floor is not None
-        attempt = records.shard_attempt_row(key, self.describe(), started_at, datetime.now(timezone.utc),
+        attempt = records.shard_attempt_row(key, self.describe(), started_at, ended_at,
                                             len(prompts), cells, "ok", noise_floor=floor)
         self.store.write("shards", attempt, records.attempt_file_name(key), model=self.label, run_id=run_id)
-        return ShardResult(self.label, key, len(prompts), failed, cells, time.perf_counter() - start)
+        return ShardResult(self.label, key, len(prompts), failed, cells, seconds)

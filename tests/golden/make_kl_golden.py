@@ -21,8 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts.jsonl"
 GOLDEN = HERE / "kl_smollm2.json"
-COMMAND = ["compute", "--model", "smollm2-135m", "--prompts", str(PROMPTS), "--layers", "0,3,14-16,-2,-1",
-           "-n", "3", "--probe", "logit_lens", "--probe", "skip", "--probe", "ablate_mlp",
+_INPUTS = ["compute", "--model", "smollm2-135m", "--prompts", str(PROMPTS), "--layers", "0,3,14-16,-2,-1", "-n", "3"]
+COMMAND = [*_INPUTS, "--probe", "logit_lens", "--probe", "skip", "--probe", "ablate_mlp",
            "--probe", "noise", "--scale", "0.5", "--probe", "patch",
            "--divergence", "kl", "--divergence", "kl_reverse", "--divergence", "js",
            "--run", "golden", "--shard-size", "2"]
@@ -31,8 +31,7 @@ QUERY = ("SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, 
 # The default path: `kl` alone goes through the vocabulary-chunked head pass (klstore/core/unembed.py),
 # which the command above (three divergences: the row path) never reaches; its lens tokens too.
 GOLDEN_HEAD_PASS = HERE / "kl_smollm2_head_pass.json"
-COMMAND_HEAD_PASS = ["compute", "--model", "smollm2-135m", "--prompts", str(PROMPTS), "--layers", "0,3,14-16,-2,-1",
-                     "-n", "3", "--probe", "logit_lens", "--probe", "skip", "--probe", "patch",
+COMMAND_HEAD_PASS = [*_INPUTS, "--probe", "logit_lens", "--probe", "skip", "--probe", "patch",
                      "--run", "golden-head", "--shard-size", "2"]
 QUERY_HEAD_PASS = ("SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, "
                    "top1_match, topk_ids, topk_probs, gen_rank, gen_logq FROM kl ORDER BY probe, prompt_id, layer, gen_idx")
@@ -43,7 +42,7 @@ def bits(value):
     return None if value is None else struct.pack("<f", value).hex()
 
 
-def stored_rows(store: str, command=COMMAND, query=QUERY) -> list:
+def stored_rows(store: str, command: list, query: str) -> list:
     """Run a golden command into `store` and return its kl rows with floats as bit patterns."""
     done = subprocess.run([sys.executable, "-m", "klstore", *command, "--store", store],
                           capture_output=True, text=True)
@@ -55,10 +54,7 @@ def stored_rows(store: str, command=COMMAND, query=QUERY) -> list:
     # the json output rounds nothing: floats arrive as Python floats of the float32 values
     out_rows = []
     for r in rows:
-        row = {**r, **{k: bits(r[k]) for k in ("kl", "kl_reverse", "js")}}
-        for k in ("gen_logq",):
-            if k in r:
-                row[k] = bits(r[k])
+        row = {**r, **{k: bits(r[k]) for k in ("kl", "kl_reverse", "js", "gen_logq") if k in r}}
         if r.get("topk_probs") is not None:
             row["topk_probs"] = [bits(v) for v in r["topk_probs"]]
         out_rows.append(row)

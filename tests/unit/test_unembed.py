@@ -24,12 +24,6 @@ def _run(engine, probe, prompts=PROMPTS, n=4, topk=5):
     return [result[0] for result in results]
 
 
-@pytest.fixture
-def rows_path(monkeypatch):
-    """Force the engine's row-chunked path (full-vocabulary log Q per cell)."""
-    monkeypatch.setattr(unembed, "applies", lambda adapter, divergences: False)
-
-
 @pytest.mark.parametrize("chunk, block", [(7, 3), (40, 256), (VOCAB, 256), (4096, 16)])
 @pytest.mark.parametrize("probe", ["logit_lens", "skip"])
 def test_chunked_pass_equals_row_path(engine, monkeypatch, probe, chunk, block):
