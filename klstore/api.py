@@ -560,18 +560,16 @@ class StoreReader:
         return views.connect(self.store)
 
     def sql(self, query: str, params=None):
-        """Run one read-only query (SELECT or EXPLAIN, as `klstore sql`) over the views, values
-        passed as `params` (`?` or `$name`), never pasted into the SQL; returns a pandas
+        """Run one read-only query (as `klstore sql`: a query or EXPLAIN of one) over the views,
+        values passed as `params` (`?` or `$name`), never pasted into the SQL; returns a pandas
         DataFrame. SQL errors and refused statements raise KlstoreError."""
         import duckdb
 
         from klstore.errors import first_line
-        from klstore.store.views import check_read_only
+        from klstore.store.views import execute
 
-        con = self.connect()
-        check_read_only(con, query)
+        result = execute(self.connect(), query, params)
         try:
-            result = con.execute(query, params)
             if result.description is None:  # a statement without rows
                 import pandas as pd
 

@@ -374,7 +374,7 @@ def cmd_verify(args) -> int:
         counts["unrecorded"] = 0
     print(f"{result['files']} files checked ({result['bytes'] / 2**20:.1f} MiB): "
           + ", ".join(f"{n} {upkeep.PROBLEMS[kind]}" for kind, n in counts.items()))
-    fixed = {"bad", "temporary"} if args.quarantine else set()
+    fixed = set(upkeep.QUARANTINED) if args.quarantine else set()
     remaining = sum(n for kind, n in counts.items() if kind not in fixed)
     return 1 if remaining else 0
 

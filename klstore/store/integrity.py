@@ -72,9 +72,45 @@ def _read_journal(store: Store, path: str) -> dict | None:
     return None if data is None else json.loads(data)
 
 
+def in_partition(store: Store, table: str, path: str) -> bool:
+    """Whether `path` lies where klstore writes the table's files: exactly one folder per
+    partition key, in order (`kl/model=<m>/probe=<p>/run_id=<r>/<file>`), each value a label."""
+    from klstore.spec import check_label
+
+    _, keys = TABLES[table]
+    base = store.path(table).rstrip("/") + "/"
+    if not path.startswith(base):
+        return False
+    folders = path[len(base):].split("/")[:-1]
+    if len(folders) != len(keys):
+        return False
+    for key, folder in zip(keys, folders):
+        name, _, value = folder.partition("=")
+        try:
+            if name != key or check_label(value, key) != value:
+                return False
+        except KlstoreError:
+            return False
+    return True
+
+
+def unpartitioned(store: Store, table: str) -> list[str]:
+    """Parquet files in a table's folder outside its partition folders (see `in_partition`):
+    klstore never writes them (e.g. a file copied in by hand), and no reader counts them."""
+    return [path for path in store.files(table) if not in_partition(store, table, path)]
+
+
+def stray_message(table: str, path: str) -> str:
+    """One line naming a file outside the table's partition folders."""
+    _, keys = TABLES[table]
+    layout = "/".join(f"{key}=..." for key in keys)
+    return f"{path} is a stray file, not in a {table}/{layout} partition folder (klstore never writes it there)"
+
+
 def visible(store: Store, table: str) -> list[str]:
-    """The files that hold the table's rows right now (see the module docstring)."""
-    files = store.files(table)
+    """The files that hold the table's rows right now (see the module docstring); files outside
+    the partition folders never count (`unpartitioned`: readers name them, verify moves them)."""
+    files = [path for path in store.files(table) if in_partition(store, table, path)]
     for path in _journals(store, table):
         journal = _read_journal(store, path)
         if not journal or journal.get("state") != "merged":
@@ -255,7 +291,7 @@ def stray_files(store: Store, table: str) -> list[str]:
 
 def missing_or_unrecorded(store: Store, table: str) -> tuple[list[str], list[str]]:
     """(records whose file is missing, files with no record)."""
-    files = set(store.files(table))
+    files = set(store.files(table)) - set(unpartitioned(store, table))
     pendings = {p for p in store.files(table, suffix=PENDING_SUFFIX)}
     records = store.files(table, suffix=RECORD_SUFFIX)
     orphans = [r for r in records if r[:-len(RECORD_SUFFIX)] not in files | pendings]

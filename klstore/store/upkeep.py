@@ -9,13 +9,13 @@ import pyarrow as pa
 
 from klstore.errors import KlstoreError
 from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecorded, read_record, record_files, visible,
-                                     recover, stray_files)
+                                     recover, stray_files, stray_message, unpartitioned)
 from klstore.store.integrity import compact
 from klstore.store.integrity import quarantine as quarantine_files
 from klstore.store.tables import TABLES, Store
 from klstore.store.views import present_columns, read_parquet_sql, sql
 
-__all__ = ["PROBLEMS", "compact", "run_summaries", "shard_summaries", "verify"]
+__all__ = ["PROBLEMS", "QUARANTINED", "compact", "run_summaries", "shard_summaries", "verify"]
 
 
 def run_summaries(store: Store) -> list[dict]:
@@ -78,11 +78,15 @@ _KEYS = {
 PROBLEMS = {
     "bad": "files that are unreadable or differ from their record",
     "temporary": "temporary files left by a crash",
+    "stray": "files outside the table's partition folders",
     "unrecorded": "files with no record (written before records, or copied in by hand)",
     "missing": "records whose file is missing",
     "folders": "folders klstore never writes",
     "duplicates": "duplicate rows",
 }
+
+
+QUARANTINED = ("bad", "temporary", "stray")  # the kinds of problem `--quarantine` moves aside
 
 
 def verify(store: Store, quarantine: bool = False, record: bool = False, log=lambda m: None) -> dict:
@@ -92,7 +96,7 @@ def verify(store: Store, quarantine: bool = False, record: bool = False, log=lam
     Each file is checked against its record (SHA-256, size) or, without one, read with its
     page checksums. Duplicates: two files of a partition holding the same shard (from the
     records); a partition with such an overlap, or with unrecorded files, is scanned row by
-    row, and every duplicate row is counted. `quarantine` moves bad and temporary files to
+    row, and every duplicate row is counted. `quarantine` moves bad, temporary and stray files to
     <store>/_quarantine/ (never deletes); `record` writes records for unrecorded readable files.
     An interrupted compaction is finished or undone first.
     """
@@ -121,6 +125,9 @@ def verify(store: Store, quarantine: bool = False, record: bool = False, log=lam
         problems["unrecorded"] += [f"{p}: no record" for p in unrecorded if p not in to_quarantine]
         for path in stray_files(store, table):
             problems["temporary"].append(path)
+            to_quarantine.append(path)
+        for path in unpartitioned(store, table):
+            problems["stray"].append(stray_message(table, path))
             to_quarantine.append(path)
         problems["folders"] += [f"{folder}: klstore never writes such a folder" for folder in _strange_folders(store, table)]
         for folder, paths in sorted(good.items()):

@@ -12,8 +12,8 @@ DuckDB extension download needed).
 Every connection is confined: DuckDB's file access is limited to the store's own
 folder (`allowed_directories`, `enable_external_access = false`), extensions are
 neither installed nor autoloaded, and the configuration is locked. `sql()` (and so
-`klstore sql`) further accepts exactly one read-only statement (SELECT, or EXPLAIN
-of one), checked on DuckDB's parsed statement type, never by pattern matching.
+`klstore sql`) further accepts exactly one read-only statement (a query, or EXPLAIN
+of one), checked on DuckDB's parse, never by pattern matching (`check_read_only`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from klstore.errors import KlstoreError, first_line
-from klstore.store.integrity import visible
+from klstore.store.integrity import stray_message, unpartitioned, visible
 from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
 
 _DUCK_TYPES = {
@@ -193,26 +193,122 @@ def _failing_view(con, table: str, problem: str) -> None:
                 f"WHERE error(getvariable({_quote(variable)})) IS NULL")
 
 
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+# The read-only gate of `sql()` (and so of `klstore sql` and `open_store().sql`), judged on
+# DuckDB's own parse, never by pattern matching on the text:
+# - a SELECT statement: every query form DuckDB parses as one (FROM-first, TABLE x, VALUES,
+#   SUMMARIZE, DESCRIBE, SHOW, PIVOT ... IN (...), UNPIVOT, WITH ... SELECT);
+# - a MULTI statement that is a query: DuckDB parses a PIVOT without an IN list as
+#   CREATE TYPE (an ENUM of the pivoted values), the query, DROP TYPE. The type lives in the
+#   connection's in-memory catalog for the length of the statement and reaches no file, so
+#   it is allowed. A MULTI is a query exactly when it parses as a subquery
+#   (`SELECT * FROM (<it>)`): a COPY, CREATE or INSERT around a PIVOT does not;
+# - EXPLAIN [ANALYZE] [(options)] of a statement that is itself accepted (EXPLAIN ANALYZE
+#   executes its statement, so `EXPLAIN ANALYZE COPY ...` would write).
+_EXPLAIN_ANALYZE = ("ANALYZE", "ANALYSE")
 
 
-def check_read_only(con, query: str) -> None:
-    """One statement, and a read-only one (its parsed type), or a KlstoreError naming what it is."""
+def _parse(con, query: str) -> list:
     import duckdb
 
     try:
-        statements = con.extract_statements(query)
+        return con.extract_statements(query)
     except duckdb.Error as exc:
-        message = first_line(exc)
-        if ".parquet" in message and "verify" not in message:
-            message += "; run `klstore verify` to check the store's files"
-        raise KlstoreError(f"SQL error: {message}") from None
+        raise KlstoreError(f"SQL error: {_sql_message(exc)}") from None
+
+
+def _sql_message(exc) -> str:
+    message = first_line(exc)
+    if ".parquet" in message and "verify" not in message:
+        message += "; run `klstore verify` to check the store's files"
+    return message
+
+
+def _tokens(text: str) -> list[tuple[int, str, str]]:
+    """(position, kind, text) of DuckDB's tokens, comments left out."""
+    import duckdb
+
+    tokens = [(pos, kind.name) for pos, kind in duckdb.tokenize(text)]
+    ends = [pos for pos, _ in tokens[1:]] + [len(text)]
+    return [(pos, kind, text[pos:end].strip()) for (pos, kind), end in zip(tokens, ends) if kind != "comment"]
+
+
+def _explained(con, text: str) -> list:
+    """The parsed statements inside `EXPLAIN [ANALYZE] [(options)] <statement>`. A parenthesis
+    after EXPLAIN opens its options, or the statement itself (`EXPLAIN (SELECT 1)`): the
+    options reading is taken whenever what follows them parses, so a write is never missed."""
+    import duckdb
+
+    tokens = _tokens(text)[1:]  # after EXPLAIN
+    if tokens and tokens[0][1] == "keyword" and tokens[0][2].upper() in _EXPLAIN_ANALYZE:
+        tokens = tokens[1:]
+    if not tokens:
+        return []
+    start = tokens[0][0]
+    if tokens[0][2].startswith("("):
+        depth = 0
+        for index, (_, _, token) in enumerate(tokens):
+            depth += token.count("(") - token.count(")")
+            if depth <= 0:
+                rest = tokens[index + 1:]
+                try:
+                    after_options = con.extract_statements(text[rest[0][0]:]) if rest else []
+                except duckdb.Error:  # not parsable after the options: a parenthesised query
+                    after_options = []
+                if after_options:
+                    return after_options
+                break
+    return _parse(con, text[start:])
+
+
+def _is_query(con, text: str) -> bool:
+    """Whether `text` (one parsed statement) is a query expression: it parses as a subquery."""
+    import duckdb
+
+    try:
+        wrapped = con.extract_statements(f"SELECT * FROM (\n{text}\n)")
+    except duckdb.Error:
+        return False
+    return len(wrapped) == 1 and wrapped[0].type.name in ("SELECT", "MULTI")
+
+
+def check_read_only(con, query: str) -> None:
+    """One statement, and a read-only one (see the rule above), or a KlstoreError naming what it is."""
+    statements = _parse(con, query)
     if len(statements) != 1:
         raise KlstoreError(f"give one SQL statement per call, got {len(statements)}")
-    kind = statements[0].type.name
-    if kind not in READ_ONLY_STATEMENTS:
-        raise KlstoreError(f"the store is read-only here: {kind} statements are refused "
-                           "(use SELECT; klstore writes the store itself)")
+    _check_statement(con, statements[0], inside_explain=False)
+
+
+def _check_statement(con, statement, inside_explain: bool) -> None:
+    kind = statement.type.name
+    if kind == "SELECT":
+        return
+    tokens = _tokens(statement.query)
+    head = tokens[0][2].upper() if tokens else kind
+    if head == "EXPLAIN" and kind in ("EXPLAIN", "MULTI"):
+        inner = _explained(con, statement.query)
+        if len(inner) != 1:
+            raise KlstoreError(f"EXPLAIN takes one statement, got {len(inner)}")
+        _check_statement(con, inner[0], inside_explain=True)
+        return
+    if kind == "MULTI" and _is_query(con, statement.query):
+        return
+    name = head if kind == "MULTI" else kind
+    where = " (also inside EXPLAIN)" if inside_explain else ""
+    raise KlstoreError(f"the store is read-only here: {name} statements are refused{where} "
+                       "(use SELECT; klstore writes the store itself)")
+
+
+def execute(con, query: str, params=None):
+    """Check `query` with `check_read_only`, run it on `con` with `params`; DuckDB's result.
+    SQL errors are KlstoreErrors."""
+    import duckdb
+
+    check_read_only(con, query)
+    try:
+        return con.execute(query, params)
+    except duckdb.Error as exc:
+        raise KlstoreError(f"SQL error: {_sql_message(exc)}") from None
 
 
 def _create_views(con, store: Store) -> None:
@@ -221,9 +317,13 @@ def _create_views(con, store: Store) -> None:
     with one line naming the bad file; the other tables stay usable."""
     import duckdb
 
+    strays = {table: unpartitioned(store, table) for table in TABLES}
     if store.is_local:
         for table in TABLES:
             files = visible(store, table)
+            if strays[table]:
+                _failing_view(con, table, stray_message(table, strays[table][0]))
+                continue
             if not files:
                 con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
                 continue
@@ -244,6 +344,9 @@ def _create_views(con, store: Store) -> None:
 
     for table, (schema, partitions) in TABLES.items():
         files = visible(store, table)
+        if strays[table]:
+            _failing_view(con, table, stray_message(table, strays[table][0]))
+            continue
         if not files:
             con.execute(f"CREATE VIEW {table} AS {_empty_view(table)}")
             continue
@@ -263,20 +366,14 @@ def _create_derived(con) -> None:
 
 
 def sql(store: Store | str | None, query: str, params=None):
-    """Run a query over the views with its values as `params` (`?` or `$name`);
-    returns (column names, rows). SQL errors are KlstoreErrors."""
+    """Run one read-only query over the views with its values as `params` (`?` or `$name`);
+    returns (column names, rows). SQL errors and refused statements are KlstoreErrors."""
     import duckdb
 
-    con = connect(store)
-    check_read_only(con, query)
+    result = execute(connect(store), query, params)
+    if result.description is None:
+        return [], []
     try:
-        result = con.execute(query, params)
-        if result.description is None:
-            return [], []
-        names = [d[0] for d in result.description]
-        return names, result.fetchall()
+        return [d[0] for d in result.description], result.fetchall()
     except duckdb.Error as exc:
-        message = first_line(exc)
-        if ".parquet" in message and "verify" not in message:
-            message += "; run `klstore verify` to check the store's files"
-        raise KlstoreError(f"SQL error: {message}") from None
+        raise KlstoreError(f"SQL error: {_sql_message(exc)}") from None
