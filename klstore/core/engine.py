@@ -141,6 +141,18 @@ def _take_rows(value, rows: torch.Tensor, batch: int):
     return value
 
 
+def _sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature) over the vocabulary (V,), as float32 on the CPU, finite for
+    every finite temperature > 0: computed as softmax((logits - max) / temperature) in float64,
+    so a tiny temperature tends to greedy (all mass on the largest logits) instead of
+    overflowing logits / temperature, and a huge one to uniform."""
+    logits = logits.double()
+    probs = ((logits - logits.max()) / temperature).softmax(-1)
+    if not torch.isfinite(probs).all():
+        raise KlstoreError("the model's logits are not finite: cannot sample the next token")
+    return probs.float().cpu()
+
+
 class Engine:
     """Computes KL matrices for one loaded model. Not thread-safe (it patches block forwards)."""
 
@@ -259,8 +271,8 @@ class Engine:
                     chosen.append(self._pad_id)
                     continue
                 if spec.do_sample:
-                    probs = (logits[row] / spec.temperature).softmax(-1).cpu()
-                    token = int(torch.multinomial(probs, 1, generator=generators[row]))
+                    token = int(torch.multinomial(_sampling_probs(logits[row], spec.temperature), 1,
+                                                  generator=generators[row]))
                 else:
                     token = int(logits[row].argmax())
                 tokens[row].append(token)
