@@ -129,16 +129,6 @@ def _compute_inputs(args):
     return spec, divergences, probes, prompts
 
 
-def _check_against_config(model: str, layers: str, label: str, trust_remote_code: bool = False) -> None:
-    """Layers beyond the model's depth fail here, from its config, before the weights load."""
-    from klstore.core.models import read_shape
-    from klstore.spec import parse_layers
-
-    shape = read_shape(model, trust_remote_code)
-    if shape is not None:
-        parse_layers(layers, shape.n_layers, label)
-
-
 def _probe_params(name: str, args) -> dict:
     """Probe parameters from the command line (only those the probe takes)."""
     if name == "noise":
@@ -156,7 +146,10 @@ def cmd_compute(args) -> int:
     from klstore.core.models import load_model, quiet_libraries, resolve
 
     quiet_libraries()
-    _check_against_config(args.model, args.layers, resolve(args.model).label, args.trust_remote_code)
+    from klstore.run.preflight import check_model
+
+    # layers, prompts against the context, steering vectors: as `klstore run` checks before Ray
+    check_model(args.model, resolve(args.model).label, args.layers, probes, spec, prompts, args.trust_remote_code)
     if args.store:
         return _compute_into_store(args, spec, divergences, probes, prompts)
     from klstore.core.engine import Engine
@@ -414,8 +407,11 @@ def cmd_run(args) -> int:
     from klstore.core.models import quiet_libraries
 
     quiet_libraries()
-    for model in cfg.models:  # unknown models, layers beyond a model's depth: before Ray starts
-        _check_against_config(model.name, cfg.layers, model.label, model.trust_remote_code)
+    from klstore.run.preflight import check_experiment
+
+    # unknown models, layers beyond a model's depth, prompts beyond its context, steering
+    # vectors of another shape: before Ray starts, as `klstore compute` checks them
+    check_experiment(cfg)
     store_uri = args.store or cfg.store
     if args.dry_run:
         return _dry_run(cfg, store_uri)

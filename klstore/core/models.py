@@ -225,15 +225,13 @@ class ModelShape:
 
     n_layers: int
     context_length: int | None
+    hidden_size: int | None = None
 
 
-def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
-    """Depth and context of a local model (built-in, .gguf file or folder) from its config alone,
-    so a bad layer spec fails before a slow load. None for a hub id (not read here)."""
-    import transformers
-
-    from klstore.core.adapter import n_layers_of
-
+def _local_location(name: str, trust_remote_code: bool) -> tuple[str, dict] | None:
+    """Where a local model's config and tokenizer are read without its weights (the GGUF cache
+    folder when it exists, else the .gguf file itself), with the from_pretrained keywords.
+    None for a hub id (not read before its load)."""
     source = resolve(name)
     if source.gguf_file is None and not Path(source.location).is_dir():
         return None
@@ -245,6 +243,20 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
             location = str(folder)
         else:
             kwargs["gguf_file"] = source.gguf_file
+    return location, kwargs
+
+
+def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
+    """Depth, context and width of a local model (built-in, .gguf file or folder) from its config
+    alone, so a bad layer spec fails before a slow load. None for a hub id (not read here)."""
+    import transformers
+
+    from klstore.core.adapter import n_layers_of
+
+    local = _local_location(name, trust_remote_code)
+    if local is None:
+        return None
+    location, kwargs = local
     try:
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
@@ -254,7 +266,21 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
     if depth is None:
         return None
     context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    return ModelShape(depth, context)
+    return ModelShape(depth, context, getattr(text, "hidden_size", None) or getattr(text, "n_embd", None))
+
+
+def read_tokenizer(name: str, trust_remote_code: bool = False):
+    """A local model's tokenizer, read without its weights (None for a hub id)."""
+    import transformers
+
+    local = _local_location(name, trust_remote_code)
+    if local is None:
+        return None
+    location, kwargs = local
+    try:
+        return transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise KlstoreError(f"cannot read the tokenizer of model {name!r}: {first_line(exc)}") from None
 
 
 def pick_device_dtype(device: str = "auto", dtype: str = "auto"):

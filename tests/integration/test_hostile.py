@@ -126,6 +126,41 @@ def test_run_bad_config_before_ray(tmp_path, seeded_store, content, message):
     assert time.time() - start < 60  # nothing started: no Ray, no model load
 
 
+# Checks that need the model's config or tokenizer (issue 21 item 4): one path
+# (klstore.run.preflight) for `compute` before the load and `run` before Ray.
+PREFLIGHT_CASES = [
+    ({"generation": {"max_new_tokens": 400}}, ["-n", "400"], "with 400 new tokens that exceeds"),
+    ({"layers": "0,7"}, ["--layers", "0,7"], "tiny-llama has 4 layers, 0-3"),
+    ({"prompt": "word " * 300}, ["--prompt", "word " * 300], "tiny-llama's context of 256"),
+    ({"probes": [{"name": "steer", "vector": "{tmp}/v.pt"}]}, ["--probe", "steer", "--vector", "{tmp}/v.pt"],
+     "steering vector {tmp}/v.pt has width 576; the model's hidden size is 32"),
+]
+
+
+@pytest.mark.parametrize("config, flags, message", PREFLIGHT_CASES, ids=[c[2][:30] for c in PREFLIGHT_CASES])
+def test_run_checks_what_compute_checks_before_work(tiny_model_dir, seeded_store, tmp_path, config, flags, message):
+    torch.save(torch.ones(576), tmp_path / "v.pt")
+    message = message.format(tmp=tmp_path)
+    text = config.get("prompt", "hello there")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "text": text}) + "\n")
+    body = {"name": "x", "models": [{"name": str(tiny_model_dir), "label": "tiny-llama"}],
+            "prompts": [{"path": str(tmp_path / "p.jsonl")}], "probes": ["logit_lens"],
+            **{k: v for k, v in config.items() if k != "prompt"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(body).replace("{tmp}", str(tmp_path)))))
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    if "--prompt" not in flags:
+        flags += ["--prompt", text]
+    before = _checksums(seeded_store)
+    start = time.time()
+    ran = run_cli("run", tmp_path / "cfg.yaml", "--store", seeded_store, env={"RAY_ADDRESS": ""})
+    _one_line_error(ran, message)
+    assert time.time() - start < 60  # nothing started: no Ray, no model load
+    computed = run_cli("compute", "--model", tiny_model_dir, "--label", "tiny-llama", *flags,
+                       "--store", seeded_store, "--run", "seed")
+    _one_line_error(computed, message)
+    assert _checksums(seeded_store) == before
+
+
 def test_negative_layer_spec_after_a_space(tiny_model_dir):
     out = run_cli("compute", "--model", tiny_model_dir, "--prompt", "hello there", "-n", "2",
                   "--layers", "-2--1", "--json")
