@@ -231,10 +231,11 @@ def _png_target(path: str | None):
         if suffix.lstrip(".") not in formats:
             raise KlstoreError(f"--png {path}: unknown figure format {suffix!r} "
                                f"(use one of {', '.join('.' + f for f in sorted(formats))})")
-    if not folder.is_dir():
-        raise KlstoreError(f"--png: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise KlstoreError(f"--png: folder {folder} is not writable")
+    from klstore.spec import write_problem
+
+    problem = write_problem(folder)
+    if problem is not None:
+        raise KlstoreError(f"--png: folder {folder} {problem}")
     return folder, stem, suffix
 
 

@@ -146,6 +146,24 @@ def _allowed_keys(model: type[BaseModel], prefix: str = "") -> dict[str, str]:
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+def write_problem(folder: str | Path) -> str | None:
+    """Why a file cannot be created in `folder` ('does not exist', 'not writable: <reason>'),
+    or None. It creates and removes a file there: os.access says yes to root on read-only
+    mounts and on /proc, where creating a file fails. Every path klstore writes (figures,
+    vectors, reports, stores) is checked with it before work starts."""
+    import tempfile
+
+    if not os.path.isdir(folder):
+        return "does not exist"
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".klstore-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"is not writable ({exc.strerror or exc})"
+    return None
+
+
 def check_label(value: str, what: str) -> str:
     """A model label, probe, report or run name used in a path: letters, digits, . _ + - only."""
     if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
@@ -474,8 +492,10 @@ class _SteerParams(_Value):
         if value is not None and not value.endswith(VECTOR_SUFFIXES):
             raise _fail(f"must be a {', '.join(VECTOR_SUFFIXES)} file, got {value!r}")
         if info.field_name == "save" and value is not None:
+            if os.path.isdir(value):
+                raise _fail(f"cannot be written: {value!r} is a folder")
             folder = os.path.dirname(value) or "."
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            if write_problem(folder) is not None:
                 raise _fail(f"cannot be written: folder {folder!r} does not exist or is not writable")
         return value
 

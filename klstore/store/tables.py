@@ -351,7 +351,9 @@ def open_store(uri: "str | Store | None" = None, create: bool = False) -> Store:
             os.makedirs(root, exist_ok=True)
         except OSError as exc:
             raise KlstoreError(f"cannot create store {uri}: {exc.strerror}") from None
-        if not os.access(root, os.W_OK):
+        from klstore.spec import write_problem
+
+        if write_problem(root) is not None:
             raise KlstoreError(f"store {uri} is not writable")
     elif not os.path.isdir(root):
         raise KlstoreError(f"store {uri} does not exist")

@@ -53,6 +53,8 @@ def bad_files(tmp_path_factory):
     torch.save(torch.tensor([float("nan")] * 576), folder / "nan.pt")
     (folder / "latin1.jsonl").write_bytes('{"id": "a", "text": "caf\xe9"}\n'.encode("latin-1"))
     (folder / "dir.jsonl").mkdir()
+    (folder / "dir.pt").mkdir()
+    (folder / "p.jsonl").write_text('{"id": "a", "text": "hello"}\n')
     return folder
 
 
@@ -73,6 +75,13 @@ COMPUTE_CASES = [
     (["--probe", "steer", "--positive", "{bad}/latin1.jsonl", "--negative", "{bad}/latin1.jsonl",
       "--save-vector", "{tmp}/missing/v.pt"], "save: cannot be written"),
     (["--probe", "steer", "--vector", "{tmp}/v.bin"], "vector must be a .pt, .npy, .safetensors file"),
+    # output paths that cannot be written (issue 21 item 5): os.access says yes to root there
+    (["--png", "/proc/map.png"], "--png: folder /proc is not writable"),
+    (["--png", "{bad}/nan.pt/map.png"], "--png: folder {bad}/nan.pt does not exist"),
+    (["--probe", "steer", "--positive", "{bad}/p.jsonl", "--negative", "{bad}/p.jsonl",
+      "--save-vector", "/proc/v.pt"], "save: cannot be written: folder '/proc'"),
+    (["--probe", "steer", "--positive", "{bad}/p.jsonl", "--negative", "{bad}/p.jsonl",
+      "--save-vector", "{bad}/dir.pt"], "save: cannot be written: '{bad}/dir.pt' is a folder"),
     (["-n", "9000"], "exceeds smollm2-135m's context of 8192"),
     (["--prompt-file-instead", "{bad}/latin1.jsonl"], "not UTF-8 text"),
     (["--prompt-file-instead", "{bad}/dir.jsonl"], "is a folder"),
@@ -84,6 +93,7 @@ COMPUTE_CASES = [
 @pytest.mark.parametrize("args, message", COMPUTE_CASES, ids=[c[1][:40] for c in COMPUTE_CASES])
 def test_compute_bad_input(args, message, seeded_store, bad_files, tmp_path):
     args = [a.format(bad=bad_files, tmp=tmp_path) for a in args]
+    message = message.format(bad=bad_files, tmp=tmp_path)
     source = ["--prompt", "The capital of France is"]
     if args and args[0] == "--prompt-file-instead":
         source, args = ["--prompts", args[1]], args[2:]
@@ -124,6 +134,24 @@ def test_run_bad_config_before_ray(tmp_path, seeded_store, content, message):
     _one_line_error(out, message)
     assert _checksums(seeded_store) == before
     assert time.time() - start < 60  # nothing started: no Ray, no model load
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--store", "{store}", "--out", "/proc/rep"], "cannot write the report to /proc/rep"),
+    (["report", "--store", "{store}", "--out", "{cfg}/rep"], "cannot write the report to"),
+    (["run", "{cfg}", "--store", "/proc/sys"], "store /proc/sys is not writable"),
+    (["run", "{cfg}", "--store", "{cfg}/store"], "cannot create store"),
+    (["compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", "/proc"], "store /proc is not writable"),
+])
+def test_output_folders_that_cannot_be_written(seeded_store, tmp_path, argv, message):
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"name: x\nmodels: [smollm2-135m]\nprompts: [{{path: {tmp_path / 'p.jsonl'}}}]\n"
+                   "probes: [logit_lens]\n")
+    before = _checksums(seeded_store)
+    out = run_cli(*[a.format(store=seeded_store, cfg=cfg) for a in argv], env={"RAY_ADDRESS": ""})
+    _one_line_error(out, message)
+    assert _checksums(seeded_store) == before
 
 
 # Checks that need the model's config or tokenizer (issue 21 item 4): one path
