@@ -12,6 +12,12 @@ import pytest
 
 from tiny_models import FAMILIES
 
+# Every Ray these tests start on this machine listens on loopback only: Ray's single-node mode
+# (klstore.run.runner.SINGLE_NODE_ENV), read when ray is first imported and inherited by the
+# node's processes and by the CLI runs the tests start. The multi-node tests run in a private
+# network namespace instead (tests/integration/test_multinode.py says why).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -73,20 +73,44 @@ def _check_reachable(address: str) -> None:
                            f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
+# Ray's switch for multi-node support (on by default on Linux). With it on, Ray replaces a
+# loopback node address with the machine's network address and its servers listen on every
+# interface (ray._private.services.resolve_ip_for_localhost); with it off (Ray's single-node
+# mode, the default on macOS and Windows) every server of the node listens on 127.0.0.1. Ray
+# reads it when `ray` is first imported, and the node's processes inherit it.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _single_node_mode() -> None:
+    """Check that the local Ray about to start is in Ray's single-node mode (every server on
+    loopback): `_init_ray` sets it before importing ray; a `ray` imported earlier with
+    multi-node support on is one line."""
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise KlstoreError(f"ray was imported before klstore started its local Ray, with multi-node support "
+                           f"on, so the local Ray would listen on the network: set {SINGLE_NODE_ENV}=0 "
+                           "before importing ray (or start Ray yourself, or set RAY_ADDRESS)")
+
+
 def _init_ray(num_cpus: int | None = None):
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray. Returns the ray module and
-    whether this call started it (the caller then shuts it down)."""
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray that listens on loopback
+    only (`_single_node_mode`). Returns the ray module and whether this call started it (the
+    caller then shuts it down)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        os.environ[SINGLE_NODE_ENV] = "0"  # before ray reads it on import
     import ray
 
     if ray.is_initialized():
         return ray, False
-    address = os.environ.get("RAY_ADDRESS")
     try:
         if address:
             _check_reachable(address)
             ray.init(address=address, log_to_driver=True)
         else:
             # a Ray of its own serves this machine only: it listens on loopback, not the network
+            _single_node_mode()
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                      _node_ip_address="127.0.0.1")
     except KlstoreError:

@@ -1,7 +1,20 @@
 """Two Ray nodes on this machine (`ray start` on 127.0.0.1, each with its own CPU), writing
 into an S3 store (moto on 127.0.0.1): actors on both nodes, every row once; then the second
 node's processes are killed mid-run and the run finishes on the survivor with exactly the
-expected rows. Only the processes these tests start are stopped."""
+expected rows. Only the processes these tests start are stopped.
+
+Why a private network namespace: Ray keeps every server of a node on loopback only in its
+single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, klstore.run.runner.SINGLE_NODE_ENV),
+and in that mode `ray start --address=...` refuses a second node ("Multi-node Ray clusters
+are not supported"). With multi-node support on, Ray's servers listen on every interface and
+its agents on the machine's network address, even with --node-ip-address=127.0.0.1. So a
+two-node cluster cannot stay on loopback by Ray's own settings. These tests therefore run in
+a network namespace of their own (`unshare --net`), whose only interface is loopback: no
+socket of theirs can be reached from, or send to, any other address. The outer test
+(`test_multinode_in_a_private_network_namespace`) runs this file again inside one and
+requires every test in it to pass; the inner run first checks that loopback is the only
+interface there.
+"""
 
 import json
 import os
@@ -16,6 +29,10 @@ import pytest
 from conftest import REPO, stop_processes
 
 pytestmark = pytest.mark.real_model
+
+IN_NAMESPACE = os.environ.get("KLSTORE_NETNS") == "1"
+inside_only = pytest.mark.skipif(not IN_NAMESPACE, reason="runs inside the private network namespace "
+                                 "(test_multinode_in_a_private_network_namespace)")
 
 DRIVER = r'''
 import json, os, signal, sys, threading
@@ -89,6 +106,7 @@ def _free_port():
 
 @pytest.fixture()
 def two_nodes():
+    assert IN_NAMESPACE, "a multi-node Ray listens beyond loopback outside a private network namespace"
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     temp_dir = tempfile.mkdtemp(prefix="kn", dir="/tmp")  # AF_UNIX socket paths must stay short
     gcs_port, worker_port = _free_port(), _free_port()
@@ -126,6 +144,7 @@ def _drive(phase, tiny_model_dir, tmp_path, nodes):
     return json.loads(line[len("RESULT "):])
 
 
+@inside_only
 def test_two_nodes_with_an_s3_store_then_node_loss(tiny_model_dir, tmp_path, s3_server, two_nodes):
     local = _drive("local", tiny_model_dir, tmp_path, two_nodes)  # a plain folder on two nodes: refused
     assert local["error"] and "shared_store" in local["error"] and "\n" not in local["error"]
@@ -149,3 +168,32 @@ def test_two_nodes_with_an_s3_store_then_node_loss(tiny_model_dir, tmp_path, s3_
     assert counts.get((lost_node, "lost"), 0) >= 1  # the shard in flight there is recorded lost...
     survivor_ok = sum(n for (node, outcome), n in counts.items() if node != lost_node and outcome == "ok")
     assert survivor_ok + counts.get((lost_node, "ok"), 0) == 12  # ...and redone on the survivor
+
+
+@inside_only
+def test_the_namespace_has_loopback_only():
+    with open("/proc/net/dev") as handle:
+        interfaces = [line.split(":")[0].strip() for line in handle.readlines()[2:]]
+    assert interfaces == ["lo"]
+    with socket.create_server(("127.0.0.1", 0)) as server:  # loopback is up
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass
+
+
+@pytest.mark.skipif(IN_NAMESPACE, reason="this is the outer run")
+def test_multinode_in_a_private_network_namespace():
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True, text=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        why = "unshare --net is not available here (it needs root or user namespaces)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why + (f": {probe.stderr.strip()}" if probe is not None else ""))
+        pytest.skip(why)
+    env = {**os.environ, "KLSTORE_NETNS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    env.pop("RAY_ADDRESS", None)
+    script = 'ip link set lo up && exec "$0" -m pytest -q -p no:cacheprovider -rA -k "not private_network" "$1"'
+    out = subprocess.run([unshare, "--net", "sh", "-c", script, sys.executable, __file__], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    assert out.returncode == 0 and summary.startswith("2 passed, 1 deselected"), \
+        out.stdout[-4000:] + out.stderr[-2000:]
