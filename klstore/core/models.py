@@ -324,6 +324,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto",
     import transformers
 
     source = resolve(name)
+    _refuse_meta(_meta_entries(device_map), source.label)  # before the loader, which refuses it its own way
     dev, torch_dtype = pick_device_dtype(device, dtype)
     location = source.location
     if source.gguf_file is not None:
@@ -363,8 +364,7 @@ def check_no_meta(model, label: str) -> None:
     """Every weight has data somewhere: on a device, or offloaded where accelerate fetches it.
     A module left on the meta device (a device_map entry `meta`, or too little memory with no
     offload) would fail mid-run with "cannot copy out of meta tensor": refuse it now, in one line."""
-    placed = getattr(model, "hf_device_map", None) or {}
-    on_meta = [module for module, device in placed.items() if device == "meta"]
+    on_meta = _meta_entries(getattr(model, "hf_device_map", None))
     if not on_meta:
         covered = set()
         for module_name, module in model.named_modules():
@@ -374,6 +374,17 @@ def check_no_meta(model, label: str) -> None:
             if param.device.type == "meta" and not any(
                     param_name.startswith(prefix + ".") or prefix == "" for prefix in covered):
                 on_meta.append(param_name.rsplit(".", 1)[0])
+    _refuse_meta(on_meta, label)
+
+
+def _meta_entries(device_map) -> list[str]:
+    """The modules a {module: device} map puts on the meta device."""
+    if not isinstance(device_map, dict):
+        return []
+    return [module for module, device in device_map.items() if device == "meta"]
+
+
+def _refuse_meta(on_meta: list[str], label: str) -> None:
     if on_meta:
         raise KlstoreError(f"{label}: the device_map leaves {len(set(on_meta))} module(s) on the meta device, "
                            f"with no weights (first: {sorted(set(on_meta))[0]}): give them a device, cpu or disk")
