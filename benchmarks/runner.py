@@ -32,7 +32,7 @@ def main() -> None:
     from klstore.run import runner
     from klstore.core.models import quiet_libraries
     from klstore.spec import read_prompts
-    from klstore.run.plan import Job
+    from klstore.spec import ComputeSpec
     from klstore.run.worker import Worker
 
     quiet_libraries()
@@ -53,7 +53,7 @@ def main() -> None:
 
     base = cfg(os.path.join(root, "inproc"), 1)
     worker = Worker("smollm2-135m", "smollm2-135m", base.store, device="cpu")
-    job = Job(base.probes, base.layers, base.divergences, base.generation)
+    job = ComputeSpec(base.probes, base.layers, base.divergences, base.generation)
     shards = [base.prompts[i:i + args.shard_size] for i in range(0, len(base.prompts), args.shard_size)]
     worker.run_shard("warmup", shards[0][:1], job)
     t0 = time.perf_counter()

@@ -29,15 +29,15 @@ import time
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
-from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, GenerationSpec, Prompt, ProbeSpec,
-                          check_clean_pass, check_divergences, check_label, check_matmul_precision,
-                          check_patch_sources, check_topk, model_label)
+from klstore.spec import (DEFAULT_BATCH_SIZE, DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK,
+                          ComputeSpec, GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label,
+                          check_patch_sources, model_label)
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
 
-BATCH_SIZE = 16
-"""Prompts per batch in `Lens.compute`, and per shard (file) in `Result.save`: the defaults of
-`Engine.run_many` and of `klstore compute --shard-size`, so that a batch is exactly a stored shard."""
+BATCH_SIZE = DEFAULT_BATCH_SIZE
+"""Prompts per batch in `Lens.compute`, and per shard (file) in `Result.save`: the default of
+`ComputeSpec.batch_size` and of `klstore compute --shard-size`, so that a batch is exactly a stored shard."""
 
 
 # ------------------------------------------------------------------- loading
@@ -121,8 +121,8 @@ class Lens:
     def compute(self, prompts, probes=("logit_lens",), layers: str | int = "all", n: int = 5,
                 divergences=("kl",), *, sample: bool = False, seed: int = 0, temperature: float = 1.0,
                 chat: bool = False, source: str | None = None, progress: bool = True,
-                topk: int = 5, clean_pass: str = DEFAULT_CLEAN_PASS,
-                matmul_precision: str = DEFAULT_MATMUL_PRECISION) -> "Result":
+                topk: int = DEFAULT_TOPK, clean_pass: str = DEFAULT_CLEAN_PASS,
+                matmul_precision: str = DEFAULT_MATMUL_PRECISION, **options) -> "Result":
         """Generate a continuation per prompt and compute each probe's layer x token matrices.
 
         Args:
@@ -149,6 +149,7 @@ class Lens:
                 nats on SmolLM2); the CLI's `--clean-pass`.
             matmul_precision: `highest` (default), `high` (TF32 on NVIDIA GPUs) or `medium`
                 (bfloat16 products, float32 accumulation); the CLI's `--matmul-precision`.
+            options: any other option of `klstore.spec.ComputeSpec`, by its field name.
 
         Returns:
             A `Result`. Non-finite cells are NaN and reported as a warning (`Result.errors`).
@@ -160,45 +161,48 @@ class Lens:
         spec = GenerationSpec(max_new_tokens=n, do_sample=sample, seed=seed, temperature=temperature,
                               chat=chat)
         divergences = check_divergences(_names(divergences, "divergence"))
-        topk = check_topk(topk)
-        clean_pass = check_clean_pass(clean_pass)
-        matmul_precision = check_matmul_precision(matmul_precision)
+        options = ComputeSpec.check_options({"topk": topk, "clean_pass": clean_pass,
+                                             "matmul_precision": matmul_precision, **options})
         probe_specs = _probes(probes, seed)
         prompt_list = _prompts(prompts, source)
         check_patch_sources(probe_specs, prompt_list)
         if isinstance(layers, bool) or not isinstance(layers, (str, int)):
             raise KlstoreError(f"layers must be a layer spec such as 'all' or '0,15-21,27', got {layers!r}")
-        layer_spec = str(layers)
-
-        from klstore.core.steering import prepare_probes
         from klstore.spec import parse_layers
 
-        parse_layers(layer_spec)  # syntax first, as the CLI
-        resolved = parse_layers(layer_spec, self.engine.n_layers, self.loaded.label)
-        prepare_probes(self.engine, probe_specs, spec)
-        encoded = [self.engine.encode(p, spec) for p in prompt_list]  # every prompt before any work
-        results = []
-        with _Progress(len(prompt_list), self.label, progress) as bar:
-            for start in range(0, len(prompt_list), BATCH_SIZE):
-                stop = start + BATCH_SIZE
-                # One run_many call per batch: the batches are those of one call over all
-                # prompts, and of `compute --store`'s shards (same size), so the numbers agree.
-                results += self.engine.run_many(prompt_list[start:stop], probe_specs, resolved, divergences,
-                                                spec, batch_size=BATCH_SIZE, encoded=encoded[start:stop],
-                                                topk=topk, clean_pass=clean_pass,
-                                                matmul_precision=matmul_precision)
-                bar.update(len(results))
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        res = Result(self, prompt_list, probe_specs, layer_spec, divergences, spec, results,
-                     prompt_path=str(prompts) if _is_path(prompts) else None, topk=topk, clean_pass=clean_pass,
-                     matmul_precision=matmul_precision)
+        parse_layers(str(layers))  # syntax first, as the CLI
+        value = ComputeSpec(probe_specs, str(layers), divergences, spec, **options)
+        res = self.compute_value(prompt_list, value, progress=progress,
+                                 prompt_path=str(prompts) if _is_path(prompts) else None)
         if res.errors:
             import warnings
 
             warnings.warn(f"{len(res.errors)} non-finite value(s), first: {res.errors[0]}", stacklevel=2)
         return res
+
+    def compute_value(self, prompts: list[Prompt], compute: ComputeSpec, *, progress: bool = True,
+                      prompt_path: str | None = None) -> "Result":
+        """`compute` for validated prompts and one `klstore.spec.ComputeSpec`, taken whole (the
+        keyword arguments of `compute` build one; the CLI's `compute` calls this too)."""
+        from klstore.core.steering import prepare_probes
+        from klstore.spec import parse_layers
+
+        resolved = parse_layers(compute.layers, self.engine.n_layers, self.loaded.label)
+        prepare_probes(self.engine, compute.probes, compute.generation)
+        encoded = [self.engine.encode(p, compute.generation) for p in prompts]  # every prompt before any work
+        results = []
+        size = compute.batch_size
+        with _Progress(len(prompts), self.label, progress) as bar:
+            for start in range(0, len(prompts), size):
+                # One engine call per batch: the batches are those of one call over all
+                # prompts, and of `compute --store`'s shards (same size), so the numbers agree.
+                results += self.engine.compute(prompts[start:start + size], compute, resolved,
+                                               encoded[start:start + size])
+                bar.update(len(results))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return Result(self, prompts, compute, results, prompt_path=prompt_path)
 
 
 def _names(value, what: str) -> list:
@@ -327,22 +331,23 @@ class Result:
     (default: the first asked for). `results` holds the engine's `KLMatrix` lists, one per prompt.
     """
 
-    def __init__(self, lens: Lens, prompts, probes, layers: str, divergences, generation, results,
-                 prompt_path: str | None = None, topk: int = 5, clean_pass: str = DEFAULT_CLEAN_PASS,
-                 matmul_precision: str = DEFAULT_MATMUL_PRECISION):
+    def __init__(self, lens: Lens, prompts, compute: ComputeSpec, results, prompt_path: str | None = None):
         self.lens = lens
-        self.topk = topk
-        self.clean_pass = clean_pass
-        self.matmul_precision = matmul_precision
+        self.compute = compute
+        """What was computed (`klstore.spec.ComputeSpec`): probes, layers, divergences, generation, options."""
         self.prompts: list[Prompt] = list(prompts)
-        self.probes: list[ProbeSpec] = list(probes)
-        self.layer_spec = layers
-        self.divergences: tuple[str, ...] = tuple(divergences)
-        self.generation = generation
         self.results = results
         self.run_id: str | None = None
         """The run id of the last `save` (None before); `to_pandas` fills its column with it."""
         self._prompt_path = prompt_path
+
+    probes = property(lambda self: list(self.compute.probes), doc="The probes (`ProbeSpec`s).")
+    layer_spec = property(lambda self: self.compute.layers, doc="The layer spec as given.")
+    divergences = property(lambda self: tuple(self.compute.divergences), doc="The divergence names.")
+    generation = property(lambda self: self.compute.generation, doc="The `GenerationSpec`.")
+    topk = property(lambda self: self.compute.topk, doc="Lens tokens kept per cell.")
+    clean_pass = property(lambda self: self.compute.clean_pass, doc="Where the clean trace came from.")
+    matmul_precision = property(lambda self: self.compute.matmul_precision, doc="float32 matmul precision.")
 
     # ------------------------------------------------------------- choosing
     @property
@@ -463,13 +468,7 @@ class Result:
         seed style; the same figure as `klstore compute --png`)."""
         from klstore.report import plotting
 
-        m = self.klmatrix(prompt, probe)
-        name = self._divergence(divergence)
-        data = plotting.HeatmapData(
-            values=m.values[name], layers=m.layers,
-            columns=plotting.column_labels(m.generation.n, m.generation.token_texts),
-            title=f"{m.model} | {m.probe} | {m.prompt.id}", divergence=name)
-        return plotting.draw(data)
+        return plotting.draw(heatmap_data(self.klmatrix(prompt, probe), self._divergence(divergence)))
 
     def summary(self) -> str:
         """One line: model, prompts, probes, layers, tokens, divergences."""
@@ -509,11 +508,8 @@ class Result:
 
         cfg = ExperimentConfig(
             name=check_label(run, "run name"), store=str(store), models=(ModelConfig(**self.lens._model_config),),
-            prompt_paths=(self._prompt_path,) if self._prompt_path else (), probes=tuple(self.probes),
-            layers=self.layer_spec, generation=self.generation, divergences=self.divergences,
-            shard_size=BATCH_SIZE, topk=self.topk, clean_pass=self.clean_pass,
-            matmul_precision=self.matmul_precision, source="klstore api",
-            prompts=tuple(self.prompts))
+            prompt_paths=(self._prompt_path,) if self._prompt_path else (), compute=self.compute,
+            shard_size=self.compute.batch_size, source="klstore api", prompts=tuple(self.prompts))
         plan = RunPlan(cfg)
         worker = _ComputedWorker(self._outcomes(), self.lens, str(store))
         worker.prepare(plan.job)
@@ -521,6 +517,16 @@ class Result:
         summary = execute_local(plan, worker, say=say)
         self.run_id = summary["run_id"]
         return self.run_id
+
+
+def heatmap_data(matrix, divergence: str):
+    """The figure data of one KLMatrix and divergence (`Result.plot`, `klstore compute --png`)."""
+    from klstore.report import plotting
+
+    return plotting.HeatmapData(
+        values=matrix.values[divergence], layers=matrix.layers,
+        columns=plotting.column_labels(matrix.generation.n, matrix.generation.token_texts),
+        title=f"{matrix.model} | {matrix.probe} | {matrix.prompt.id}", divergence=divergence)
 
 
 class _ComputedWorker(Worker):

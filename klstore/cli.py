@@ -71,14 +71,7 @@ def _add_compute(sub) -> None:
     p.add_argument("--tokens", action="store_true",
                    help="print what each layer predicts (the top-1 token of Q per layer and generated token) "
                         "instead of divergences; with --json, the top-k tokens and probabilities")
-    p.add_argument("--topk", type=_topk, default=5, metavar="K",
-                   help="lens tokens kept per cell: the top-K tokens of Q (default 5, 0: none)")
-    p.add_argument("--clean-pass", default="exact", metavar="MODE",
-                   help="exact (default): a teacher-forced pass after generation; cached: take it from the "
-                        "generation's own passes (one forward fewer, values within float32 rounding)")
-    p.add_argument("--matmul-precision", default="highest", metavar="P",
-                   help="float32 matrix products: highest (default), high (TF32 on NVIDIA GPUs), "
-                        "medium (bfloat16 products, float32 accumulation)")
+    _add_options(p)
     p.add_argument("--png", metavar="PATH",
                    help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name")
     p.add_argument("--store", metavar="PATH",
@@ -89,25 +82,29 @@ def _add_compute(sub) -> None:
     p.set_defaults(func=cmd_compute)
 
 
-def _topk(text: str):
-    """argparse type: an int when the text is one (checked with the other inputs by check_topk)."""
-    try:
-        return int(text)
-    except ValueError:
-        return text
+def _add_options(parser) -> None:
+    """One flag per option of the compute value (spec.ComputeSpec: --topk, --clean-pass, ...):
+    its Option gives the flag, its help and how the text is parsed; the value is checked with
+    the other inputs (`_compute_inputs`), by the same check as the Python API's."""
+    from klstore.spec import ComputeSpec
+
+    for name, (info, option) in ComputeSpec.options().items():
+        if option.flag is not None:
+            parser.add_argument(option.flag, dest=name, type=option.parse, metavar=option.metavar,
+                                default=info.get_default(call_default_factory=True), help=option.help)
 
 
 def _compute_inputs(args):
-    """Validate everything that needs no model, so bad input fails before a slow load."""
+    """Validate everything that needs no model, so bad input fails before a slow load.
+    Returns (ComputeSpec, prompts)."""
     if args.tokens and args.store:
         raise KlstoreError("--tokens prints a table; with --store the lens tokens go to the store "
                            "(query the lens_tokens view)")
-    from klstore.spec import SPEED_MODES, check_topk
+    from klstore.spec import ComputeSpec
 
-    args.topk = check_topk(args.topk)
-    for key, (check, _) in SPEED_MODES.items():  # --clean-pass, --matmul-precision
-        setattr(args, key, check(getattr(args, key)))
-    if args.tokens and not args.topk:
+    options = ComputeSpec.check_options({name: getattr(args, name) for name, (_, option) in
+                                         ComputeSpec.options().items() if option.flag is not None})
+    if args.tokens and not options["topk"]:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
     from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,
                               check_patch_sources, parse_layers, read_prompts)
@@ -126,7 +123,7 @@ def _compute_inputs(args):
         prompts = [Prompt("prompt", args.prompt, source=args.source)]
     check_patch_sources(probes, prompts)
     parse_layers(args.layers)  # syntax only; the range is checked against the model
-    return spec, divergences, probes, prompts
+    return ComputeSpec(probes, args.layers, divergences, spec, **options), prompts
 
 
 def _probe_params(name: str, args) -> dict:
@@ -141,7 +138,7 @@ def _probe_params(name: str, args) -> dict:
 
 
 def cmd_compute(args) -> int:
-    spec, divergences, probes, prompts = _compute_inputs(args)
+    compute, prompts = _compute_inputs(args)
     png = _png_target(args.png)
     from klstore.core.models import load_model, quiet_libraries, resolve
 
@@ -149,9 +146,10 @@ def cmd_compute(args) -> int:
     from klstore.run.preflight import check_model
 
     # layers, prompts against the context, steering vectors: as `klstore run` checks before Ray
-    check_model(args.model, resolve(args.model).label, args.layers, probes, spec, prompts, args.trust_remote_code)
+    check_model(args.model, resolve(args.model).label, compute.layers, compute.probes, compute.generation, prompts,
+                args.trust_remote_code)
     if args.store:
-        return _compute_into_store(args, spec, divergences, probes, prompts)
+        return _compute_into_store(args, compute, prompts)
     from klstore.core.engine import Engine
     from klstore.core.steering import prepare_probes
     from klstore.spec import parse_layers
@@ -159,11 +157,10 @@ def cmd_compute(args) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     engine = Engine(loaded)
-    layers = parse_layers(args.layers, engine.n_layers, loaded.label)
-    prepare_probes(engine, probes, spec)  # vectors, sub-layers: checked before any work
-    encoded = [engine.encode(prompt, spec) for prompt in prompts]  # empty, too long: before any work
-    results = engine.run_many(prompts, probes, layers, divergences, spec, encoded=encoded, topk=args.topk,
-                              clean_pass=args.clean_pass, matmul_precision=args.matmul_precision)
+    layers = parse_layers(compute.layers, engine.n_layers, loaded.label)
+    prepare_probes(engine, compute.probes, compute.generation)  # vectors, sub-layers: checked before any work
+    encoded = [engine.encode(prompt, compute.generation) for prompt in prompts]  # empty, too long: before work
+    results = engine.compute(prompts, compute, layers, encoded)
     decode = engine.tokenizer.decode
     for result in results:
         if isinstance(result, Exception):
@@ -175,14 +172,14 @@ def cmd_compute(args) -> int:
         lens = decode if args.tokens else None
         print(json.dumps(output.results_to_json(loaded.label, results, lens), indent=1))
     if png:
-        _write_pngs(png, results, divergences[0])
+        _write_pngs(png, results, compute.divergences[0])
     failed = [err for matrices in results for m in matrices for err in m.errors]
     for err in failed:
         print(f"klstore: warning: {err}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
+def _compute_into_store(args, compute, prompts) -> int:
     """compute --store: a one-model run executed in this process, through the same run plan
     (run id, shards, resume, run row) as `klstore run` of the equivalent config."""
     from klstore.run.plan import RunPlan, execute_local
@@ -196,16 +193,14 @@ def _compute_into_store(args, spec, divergences, probes, prompts) -> int:
                         trust_remote_code=args.trust_remote_code)
     cfg = ExperimentConfig(
         name=check_label(args.run, "run name"), store=args.store, models=(model,),
-        prompt_paths=(args.prompts,) if args.prompts else (), probes=tuple(probes), layers=args.layers,
-        generation=spec, divergences=divergences, shard_size=args.shard_size, topk=args.topk,
-        clean_pass=args.clean_pass, matmul_precision=args.matmul_precision, source="klstore compute",
-        prompts=tuple(prompts))
+        prompt_paths=(args.prompts,) if args.prompts else (), compute=compute, shard_size=args.shard_size,
+        source="klstore compute", prompts=tuple(prompts))
     plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
     worker = Worker(args.model, label, plan.store, device=args.device, dtype=args.dtype,
                     trust_remote_code=args.trust_remote_code)
     worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
     for prompt in prompts:  # empty, or too long for the context: before anything is written
-        worker.engine.encode(prompt, spec)
+        worker.engine.encode(prompt, compute.generation)
     summary = execute_local(plan, worker)
     failed = summary["failed"]
     print(f"run {summary['run_id']} completed: {summary['prompts']} prompts ({failed} failed) into {args.store}")
@@ -252,17 +247,14 @@ def _png_name(target, prompt_id: str, probe: str, many: bool) -> Path:
 
 
 def _write_pngs(target, results, divergence_name: str) -> None:
+    from klstore.api import heatmap_data
     from klstore.report import plotting
 
     many = len(results) > 1 or len(results[0]) > 1
     for matrices in results:
         for m in matrices:
             out = _png_name(target, m.prompt.id, m.probe, many)
-            data = plotting.HeatmapData(
-                values=m.values[divergence_name], layers=m.layers,
-                columns=plotting.column_labels(m.generation.n, m.generation.token_texts),
-                title=f"{m.model} | {m.probe} | {m.prompt.id}", divergence=divergence_name)
-            plotting.save(data, out)
+            plotting.save(heatmap_data(m, divergence_name), out)
             print(f"wrote {out}", file=sys.stderr)
 
 
@@ -465,7 +457,7 @@ def _dry_run(cfg, store_uri: str) -> int:
           f"({len(cfg.probes)}), one kl row each: an upper bound, since generation may stop early at an "
           "end-of-sequence token")
     source = (f"measured on this store's {est.bytes_measured_on} kl rows" if est.bytes_measured_on
-              else f"the README's measurement for topk {cfg.topk}; the store has no kl rows yet")
+              else f"the README's measurement for topk {cfg.compute.topk}; the store has no kl rows yet")
     if est.kl_bytes is None:
         print(f"expected kl size: unknown (a model's depth is unknown before it loads); "
               f"{est.bytes_per_kl_row:.1f} bytes per kl row ({source})")

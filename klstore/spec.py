@@ -19,9 +19,11 @@ import json
 import os
 import re
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from klstore.errors import KlstoreError
@@ -562,6 +564,137 @@ def probe_from_entry(entry) -> ProbeSpec:
     return ProbeSpec(entry["name"], {k: v for k, v in entry.items() if k != "name"})
 
 
+# ------------------------------------------------------- what to compute
+@dataclass(frozen=True)
+class Option:
+    """How a field of `ComputeSpec` reaches users: a config key of the same name, the CLI flag
+    `flag` of `klstore compute` (argparse `parse`, then `check`, whose messages CLI and API
+    users see), and a keyword of `Lens.compute`. `identity`: the field joins the run identity
+    when it is not its default (so runs written before the field existed keep their ids)."""
+
+    flag: str | None
+    metavar: str | None = None
+    help: str = ""
+    check: Callable[[Any], Any] = lambda value: value
+    parse: Callable[[str], Any] = str
+    identity: bool = True
+    config: bool = True
+
+
+def _int_or_text(text: str):
+    """argparse type: an int when the text is one (the field's check then names the value)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _checked(check):
+    return AfterValidator(lambda value: _rule(check, value))
+
+
+DEFAULT_BATCH_SIZE = 16  # prompts per batch in the engine, and per shard of `Result.save`
+
+
+class ComputeSpec(_Value):
+    """What to compute for every prompt, whatever the model: the one value that the experiment
+    config, the run plan, the engine and the Python API's `Result` carry whole.
+
+    `probes` (with their parameters), `layers` (a layer spec), `divergences` and `generation`
+    always define a run's identity. Every other field is an option (its `Option` says how it
+    reaches the config, the CLI and `Lens.compute`): each has one default and one validator
+    here, and joins the identity only when it is not its default. Adding one: a field here,
+    its meaning in docs/conventions.md, and the code that uses it (docs/architecture.md).
+    """
+
+    probes: tuple[ProbeSpec, ...] = Field(default_factory=lambda: (ProbeSpec("logit_lens"),), min_length=1)
+    layers: str = "all"
+    divergences: tuple[str, ...] = ("kl",)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    topk: Annotated[int, Field(ge=0, le=MAX_TOPK), Option(
+        "--topk", "K", "lens tokens kept per cell: the top-K tokens of Q (default 5, 0: none)",
+        check=check_topk, parse=_int_or_text)] = DEFAULT_TOPK
+    clean_pass: Annotated[str, _checked(check_clean_pass), Option(
+        "--clean-pass", "MODE", "exact (default): a teacher-forced pass after generation; cached: take it "
+        "from the generation's own passes (one forward fewer, values within float32 rounding)",
+        check=check_clean_pass)] = DEFAULT_CLEAN_PASS
+    matmul_precision: Annotated[str, _checked(check_matmul_precision), Option(
+        "--matmul-precision", "P", "float32 matrix products: highest (default), high (TF32 on NVIDIA GPUs), "
+        "medium (bfloat16 products, float32 accumulation)",
+        check=check_matmul_precision)] = DEFAULT_MATMUL_PRECISION
+    # how many prompts share a forward pass: moves values by rounding only (the noise floor),
+    # so it is no part of the identity; no flag (`--shard-size` sets a stored run's batches)
+    batch_size: Annotated[int, Field(ge=1), Option(None, identity=False, config=False)] = DEFAULT_BATCH_SIZE
+
+    CORE: ClassVar[tuple[str, ...]] = ("probes", "layers", "divergences", "generation")
+
+    def __init__(self, probes=None, layers: str | int = "all", divergences=("kl",), generation=None, **options: Any):
+        data = {"layers": layers, "divergences": divergences, **options}
+        if probes is not None:
+            data["probes"] = probes
+        if generation is not None:
+            data["generation"] = generation
+        self._checked_init("", **data)
+
+    @field_validator("probes", mode="before")
+    @classmethod
+    def _probes(cls, value):
+        if isinstance(value, (str, dict, ProbeSpec)):
+            value = [value]
+        try:
+            return tuple(entry if isinstance(entry, ProbeSpec) else probe_from_entry(entry) for entry in value)
+        except KlstoreError as exc:
+            raise _fail(str(exc)) from None
+        except TypeError:
+            raise _fail("must be a probe name or a list of probes") from None
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value):
+        return _layer_spec(value)
+
+    @field_validator("divergences", mode="before")
+    @classmethod
+    def _divergences(cls, value):
+        return _rule(check_divergences, [value] if isinstance(value, str) else value)
+
+    @classmethod
+    def options(cls) -> dict[str, tuple[Any, Option]]:
+        """Every option field: name -> (its pydantic FieldInfo, its Option)."""
+        out = {}
+        for name, info in cls.model_fields.items():
+            option = next((m for m in info.metadata if isinstance(m, Option)), None)
+            if option is not None:
+                out[name] = (info, option)
+        return out
+
+    @classmethod
+    def check_options(cls, values: dict) -> dict:
+        """CLI and API values of the options, each through its Option's check (their messages)."""
+        options = cls.options()
+        unknown = [name for name in values if name not in options]
+        if unknown:
+            raise KlstoreError(f"unknown option {unknown[0]!r} (options: {', '.join(options)})")
+        return {name: options[name][1].check(value) for name, value in values.items()}
+
+    def identity(self) -> dict:
+        """This value's part of a run's identity (ExperimentConfig.identity, hashed into run ids)."""
+        out: dict[str, Any] = {
+            "probes": [{"name": p.name, **p.params} for p in self.probes],
+            "layers": self.layers, "divergences": list(self.divergences),
+            "generation": self.generation.model_dump(),
+        }
+        for name, (info, option) in self.options().items():
+            value = getattr(self, name)
+            if option.identity and value != info.get_default(call_default_factory=True):
+                out[name] = value
+        return out
+
+    @property
+    def option_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.options()}
+
+
 # ---------------------------------------------------------- experiments
 class ModelConfig(_Value):
     """One model of an experiment: what to load and how many actors of what size."""
@@ -629,8 +762,9 @@ class _PromptSource(_Value):
         return {"path": data} if isinstance(data, str) else data
 
 
-class _ExperimentFile(_Value):
-    """An experiment config as written in YAML (see klstore.config for an example)."""
+class _ExperimentBase(_Value):
+    """An experiment config as written in YAML (see klstore.config for an example); its
+    option keys (topk, speed modes, ...) are ComputeSpec's (`_ExperimentFile`)."""
 
     name: str = "run"
     store: str = DEFAULT_STORE
@@ -640,10 +774,7 @@ class _ExperimentFile(_Value):
     layers: Any = "all"
     generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
-    topk: int = Field(DEFAULT_TOPK, ge=0, le=MAX_TOPK)  # lens tokens kept per cell; 0: none
-    clean_pass: str = DEFAULT_CLEAN_PASS  # CLEAN_PASSES
-    matmul_precision: str = DEFAULT_MATMUL_PRECISION  # MATMUL_PRECISIONS
-    shard_size: int = Field(16, ge=1)
+    shard_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
 
     @field_validator("name")
@@ -655,11 +786,6 @@ class _ExperimentFile(_Value):
     @classmethod
     def _layers(cls, value):
         return _layer_spec(value)
-
-    @field_validator("clean_pass", "matmul_precision")
-    @classmethod
-    def _speed_mode(cls, value, info):
-        return _rule(SPEED_MODES[info.field_name][0], value)
 
     @field_validator("generation", mode="before")
     @classmethod
@@ -690,6 +816,13 @@ class _ExperimentFile(_Value):
         return self
 
 
+def _config_fields(value: type[ComputeSpec]) -> dict:
+    return {name: (info.annotation, info) for name, (info, option) in value.options().items() if option.config}
+
+
+_ExperimentFile = create_model("_ExperimentFile", __base__=_ExperimentBase, **_config_fields(ComputeSpec))
+
+
 class ExperimentConfig(_Value):
     """A validated experiment: models x prompts x probes x layers x divergences."""
 
@@ -698,38 +831,33 @@ class ExperimentConfig(_Value):
     store: str
     models: tuple[ModelConfig, ...]
     prompt_paths: tuple[str, ...]
-    probes: tuple[ProbeSpec, ...]
-    layers: str
-    generation: GenerationSpec
-    divergences: tuple[str, ...]
+    compute: ComputeSpec
     shard_size: int
-    topk: int = DEFAULT_TOPK
-    clean_pass: str = DEFAULT_CLEAN_PASS  # CLEAN_PASSES
-    matmul_precision: str = DEFAULT_MATMUL_PRECISION  # MATMUL_PRECISIONS
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity
 
+    # the compute value's core fields, read often enough to be named here too
+    probes = property(lambda self: self.compute.probes)
+    layers = property(lambda self: self.compute.layers)
+    divergences = property(lambda self: self.compute.divergences)
+    generation = property(lambda self: self.compute.generation)
+
     def identity(self) -> dict:
-        """What defines the work (not where it goes): hashed into the run id."""
+        """What defines the work (not where it goes): hashed into the run id. The compute
+        value's options join it only when not their defaults (ComputeSpec.identity), so run ids
+        of stores written before an option existed stay the same."""
         import hashlib
 
         digest = hashlib.sha256()
         for prompt in self.prompts:
             digest.update(f"{prompt.id}\t{prompt.group}\t{prompt.text}\t{prompt.source}\n".encode())
-        # topk and the speed modes join the identity only when not their defaults, so run ids of
-        # stores written before they existed stay the same (resuming them adds lens tokens to new
-        # shards); a speed mode moves values by rounding, so its run is a run of its own.
-        defaults = {"topk": DEFAULT_TOPK, **{key: default for key, (_, default) in SPEED_MODES.items()}}
-        extra = {key: getattr(self, key) for key, default in defaults.items() if getattr(self, key) != default}
         return {
-            **extra,
+            **self.compute.identity(),
             "name": self.name,
             "models": [{"name": m.name, "label": m.label, "dtype": m.dtype} for m in self.models],
             "prompts_sha256": digest.hexdigest(),
-            "probes": [{"name": p.name, **p.params} for p in self.probes],
-            "layers": self.layers, "divergences": list(self.divergences),
-            "generation": self.generation.model_dump(), "shard_size": self.shard_size,
+            "shard_size": self.shard_size,
         }
 
 
@@ -763,12 +891,12 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
             prompts.append(prompt)
         paths.append(str(path))
     check_patch_sources(raw.probes, prompts, f"{source}: probes: ")
+    compute = ComputeSpec(raw.probes, raw.layers, tuple(raw.divergences),
+                          GenerationSpec(**raw.generation.model_dump()),
+                          **{name: getattr(raw, name) for name in _config_fields(ComputeSpec)})
     return ExperimentConfig(
-        name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths),
-        probes=tuple(raw.probes), layers=raw.layers, generation=GenerationSpec(**raw.generation.model_dump()),
-        divergences=tuple(raw.divergences), shard_size=raw.shard_size, topk=raw.topk,
-        clean_pass=raw.clean_pass, matmul_precision=raw.matmul_precision, source=source,
-        prompts=tuple(prompts), shared_store=raw.shared_store)
+        name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths), compute=compute,
+        shard_size=raw.shard_size, source=source, prompts=tuple(prompts), shared_store=raw.shared_store)
 
 
 # ------------------------------------------------------------ report specs

@@ -1,7 +1,7 @@
 """What the store tests share: five prompts in three groups, a two-probe job, a tiny worker,
 and the `kl` view's rows in a fixed order."""
 
-from klstore.run.plan import Job
+from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from klstore.store import views
@@ -9,7 +9,7 @@ from klstore.store import views
 PROMPTS = [Prompt(f"p{i}", text, group) for i, (text, group) in enumerate([
     ("The quick brown fox", "a"), ("jumps over the lazy dog", "a"), ("Hello world, said", "b"),
     ("One two three four", "b"), ("Sphinx of black quartz", "c")])]
-JOB = Job((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
+JOB = ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
 
 
 def tiny_worker(loaded, uri):

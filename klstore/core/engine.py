@@ -37,8 +37,8 @@ from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, GenerationSpec, ProbeSpec, Prompt,
-                          check_clean_pass, check_divergences, check_matmul_precision, parse_layers)
+from klstore.spec import (DEFAULT_BATCH_SIZE, DEFAULT_TOPK, ComputeSpec, GenerationSpec, ProbeSpec, Prompt,
+                          parse_layers)
 
 
 @dataclass(frozen=True)
@@ -642,7 +642,7 @@ class Engine:
     @torch.no_grad()
     def probe(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
               divergences: tuple[str, ...], prompt: Prompt,
-              context: ProbeContext | None = None, topk: int = 5) -> KLMatrix:
+              context: ProbeContext | None = None, topk: int = DEFAULT_TOPK) -> KLMatrix:
         """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`),
         with each cell's lens tokens: the top-`topk` tokens of Q (none when 0), and the rank and
         log-probability of the generated token under Q."""
@@ -759,36 +759,46 @@ class Engine:
 
     # ---------------------------------------------------------------- many prompts
     @torch.no_grad()
+    def compute(self, prompts: list[Prompt], compute: ComputeSpec, layers: tuple[int, ...] | None = None,
+                encoded: list[list[int]] | None = None) -> list:
+        """Per prompt, its KLMatrix list or the exception that stopped it (the others go on):
+        everything `compute` asks for (spec.ComputeSpec, taken whole).
+
+        `layers`: the blocks `compute.layers` resolves to, when the caller resolved them;
+        `encoded`: the prompts' token ids when the caller already checked them with `encode`.
+        Generation and the clean trace run `compute.batch_size` prompts at a time (left-padded);
+        each probe's interventions run per prompt, and its head pass over the whole batch
+        (`_matrices`). A batch that fails as a whole is redone one prompt at a time, so one bad
+        prompt cannot take its neighbours down. `topk`: lens tokens kept per cell (0: none).
+        `clean_pass`: "exact" (a teacher-forced pass after generation) or "cached"
+        (`generate_traced`). `matmul_precision`: torch's float32 matmul precision for the call
+        (`highest`, `high`: TF32, `medium`: bfloat16 products), restored afterwards.
+        """
+        with matmul_precision_of(compute.matmul_precision):
+            return self._compute(prompts, compute, layers, encoded)
+
     def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
                  divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-                 batch_size: int = 16, encoded: list[list[int]] | None = None, topk: int = 5,
-                 clean_pass: str = DEFAULT_CLEAN_PASS, matmul_precision: str = DEFAULT_MATMUL_PRECISION) -> list:
-        """Per prompt, its KLMatrix list or the exception that stopped it (the others go on).
+                 batch_size: int = DEFAULT_BATCH_SIZE, encoded: list[list[int]] | None = None,
+                 **options) -> list:
+        """`compute` with the value given field by field (`options`: topk, clean_pass,
+        matmul_precision, ...; checked as `Lens.compute` checks them); `layers` may be resolved
+        block indices or a spec string."""
+        resolved = None if isinstance(layers, str) else tuple(layers)
+        value = ComputeSpec(list(probes), layers if isinstance(layers, str) else "all", divergences, spec,
+                            batch_size=batch_size, **ComputeSpec.check_options(options))
+        return self.compute(prompts, value, resolved, encoded)
 
-        `layers` may be resolved block indices or a spec string; `encoded` the prompts' token
-        ids when the caller already checked them with `encode`. Generation and the clean trace
-        run `batch_size` prompts at a time (left-padded); each probe's interventions run per
-        prompt, and its head pass over the whole batch (`_matrices`). A batch that fails as a
-        whole is redone one prompt at a time, so one bad prompt cannot take its neighbours
-        down. `topk`: lens tokens kept per cell (0: none). `clean_pass`: "exact" (a teacher-forced
-        pass after generation) or "cached" (`generate_traced`). `matmul_precision`: torch's float32
-        matmul precision for the call (`highest`, `high`: TF32, `medium`: bfloat16 products),
-        restored afterwards.
-        """
-        with matmul_precision_of(check_matmul_precision(matmul_precision)):
-            return self._run_many(prompts, probes, layers, divergences, spec, batch_size, encoded, topk, clean_pass)
-
-    def _run_many(self, prompts, probes, layers, divergences, spec, batch_size, encoded, topk, clean_pass):
-        if isinstance(layers, str):
-            layers = parse_layers(layers, self.n_layers, self.loaded.label)
-        divergences = check_divergences(divergences)
+    def _compute(self, prompts, compute: ComputeSpec, layers, encoded):
+        if layers is None:
+            layers = parse_layers(compute.layers, self.n_layers, self.loaded.label)
+        probes, divergences, spec, topk = compute.probes, compute.divergences, compute.generation, compute.topk
         for probe in probes:
             if probe.key() not in self._prepared and probe.name != "steer":  # steer: prepared with vectors
                 self.prepare(probe)
-        check_clean_pass(clean_pass)
 
         def traced_batch(ids):
-            if clean_pass == "cached":
+            if compute.clean_pass == "cached":
                 return self.generate_traced(ids, spec)
             return self.trace_batch(self.generate_batch(ids, spec))
 
@@ -799,8 +809,8 @@ class Engine:
                 ready.append((i, encoded[i] if encoded is not None else self.encode(prompt, spec)))
             except KlstoreError as exc:
                 results[i] = exc
-        for start in range(0, len(ready), batch_size):
-            chunk = ready[start:start + batch_size]
+        for start in range(0, len(ready), compute.batch_size):
+            chunk = ready[start:start + compute.batch_size]
             try:
                 traces = traced_batch([ids for _, ids in chunk])
             except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
@@ -863,11 +873,10 @@ class Engine:
     # ---------------------------------------------------------------- one call
     def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
             divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-            topk: int = 5, clean_pass: str = DEFAULT_CLEAN_PASS,
-            matmul_precision: str = DEFAULT_MATMUL_PRECISION) -> list[KLMatrix]:
-        """Generate once, trace once, then one KLMatrix per probe (errors raised)."""
-        result = self.run_many([prompt], probes, layers, divergences, spec, topk=topk, clean_pass=clean_pass,
-                               matmul_precision=matmul_precision)[0]
+            **options) -> list[KLMatrix]:
+        """Generate once, trace once, then one KLMatrix per probe (errors raised); `options` as
+        in `run_many`."""
+        result = self.run_many([prompt], probes, layers, divergences, spec, **options)[0]
         if isinstance(result, Exception):
             raise result
         return result

@@ -24,8 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
-from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK, ExperimentConfig,
-                          GenerationSpec, ProbeSpec, Prompt, check_label)
+from klstore.spec import ExperimentConfig, Prompt, check_label
 from klstore.store.tables import Store, open_store, work_key
 
 # Bytes on disk per `kl` row measured on 100 M rows (README, "Performance": benchmarks/store.py);
@@ -49,19 +48,6 @@ class ShardTask:
 def shard_parts(probes) -> tuple[str, ...]:
     """Everything a shard writes, in order: the prompts part last (it marks the shard done)."""
     return (*(f"kl:{p.name}" for p in probes), "generations", "prompts")
-
-
-@dataclass(frozen=True)
-class Job:
-    """What to compute for every prompt, independent of the model."""
-
-    probes: tuple[ProbeSpec, ...]
-    layers: str = "all"
-    divergences: tuple[str, ...] = ("kl",)
-    generation: GenerationSpec = GenerationSpec()
-    topk: int = DEFAULT_TOPK  # lens tokens per cell (0: none)
-    clean_pass: str = DEFAULT_CLEAN_PASS  # where the clean trace comes from (spec.CLEAN_PASSES)
-    matmul_precision: str = DEFAULT_MATMUL_PRECISION  # float32 matrix products (spec.MATMUL_PRECISIONS)
 
 
 def run_id_for(identity: dict) -> str:
@@ -245,8 +231,7 @@ class RunPlan:
         identity = config.identity()
         self.run_id = run_id_for(identity)
         self.record = {**identity, "store": self.store_uri, "source": config.source}
-        self.job = Job(config.probes, config.layers, config.divergences, config.generation, config.topk,
-                       config.clean_pass, config.matmul_precision)
+        self.job = config.compute  # what every shard computes (spec.ComputeSpec)
         self.shards: list[tuple[Prompt, ...]] = [
             tuple(config.prompts[i:i + config.shard_size])
             for i in range(0, len(config.prompts), config.shard_size)]
@@ -312,7 +297,7 @@ class RunPlan:
                 kl_rows_in_store=int(in_store.get(model.label, 0)), actors=actors,
                 actors_started=min(actors, len(todo))))
         per_row = (measured_bytes / measured_rows if measured_rows
-                   else MEASURED_BYTES_PER_KL_ROW + cfg.topk * MEASURED_BYTES_PER_LENS_TOKEN)
+                   else MEASURED_BYTES_PER_KL_ROW + cfg.compute.topk * MEASURED_BYTES_PER_LENS_TOKEN)
         return Estimate(
             run_id=self.run_id, store=self.store_uri, models=tuple(models), nodes=len(nodes),
             cpus=sum(node.get("CPU", 0) for node in nodes), gpus=sum(node.get("GPU", 0) for node in nodes),

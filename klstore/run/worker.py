@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.run.plan import Job, shard_key, shard_parts
-from klstore.spec import SPEED_MODES, check_label
+from klstore.run.plan import shard_key, shard_parts
+from klstore.spec import SPEED_MODES, ComputeSpec, check_label
 
 
 TOKENIZER_KEY = "klstore.tokenizer"  # Parquet metadata of a tokens file: tokenizer_fingerprint of its writer
@@ -119,7 +119,7 @@ class Worker:
             return {"node": self.node, "actor": self.actor, "device": "+".join(names)}
         return {"node": self.node, "actor": self.actor, "device": str(self.engine.device)}
 
-    def prepare(self, job: Job) -> None:
+    def prepare(self, job: ComputeSpec) -> None:
         """Check the job's probes and layers against this model (once per job), before any work."""
         key = (tuple(p.key() for p in job.probes), job.layers, job.generation)
         if key in self._prepared:
@@ -131,15 +131,13 @@ class Worker:
         prepare_probes(self.engine, job.probes, job.generation)
         self._prepared.add(key)
 
-    def compute(self, prompts, job: Job):
+    def compute(self, prompts, job: ComputeSpec):
         """PromptOutcome per prompt; a prompt that fails is recorded, the others go on.
         A bad vector or a missing sub-layer fails the whole shard (it is the model's problem)."""
         from klstore.run.records import PromptOutcome
 
         self.prepare(job)
-        results = self.engine.run_many(list(prompts), list(job.probes), self._layers[job.layers], job.divergences,
-                                       job.generation, topk=job.topk, clean_pass=job.clean_pass,
-                                       matmul_precision=job.matmul_precision)
+        results = self.engine.compute(list(prompts), job, self._layers[job.layers])
         outcomes = []
         for prompt, result in zip(prompts, results):
             if isinstance(result, KlstoreError):
@@ -150,7 +148,7 @@ class Worker:
                 outcomes.append(PromptOutcome(prompt, tuple(result)))
         return outcomes
 
-    def _noise_floor(self, outcomes, job: Job) -> float | None:
+    def _noise_floor(self, outcomes, job: ComputeSpec) -> float | None:
         """The largest |divergence| difference between the shard's first good prompt as computed
         in its batch and computed alone with the exact clean pass (every probe, layer and
         divergence), over the generated tokens both computations share. So it measures batch
@@ -164,8 +162,9 @@ class Worker:
         first = next((o for o in outcomes if o.status == "ok"), None)
         if first is None:
             return None
-        alone = self.engine.run_many([first.prompt], list(job.probes), self._layers[job.layers], job.divergences,
-                                     job.generation, batch_size=1, topk=0)[0]
+        exact_alone = job.model_copy(update={"batch_size": 1, "topk": 0,
+                                             **{key: default for key, (_, default) in SPEED_MODES.items()}})
+        alone = self.engine.compute([first.prompt], exact_alone, self._layers[job.layers])[0]
         if isinstance(alone, Exception):
             return None
         return max_gap(first.matrices, alone)
@@ -218,7 +217,7 @@ class Worker:
         value = metadata.get(TOKENIZER_KEY.encode())
         return value.decode() if value is not None else None
 
-    def run_shard(self, run_id: str, prompts, job: Job, parts=None) -> ShardResult:
+    def run_shard(self, run_id: str, prompts, job: ComputeSpec, parts=None) -> ShardResult:
         """Compute a shard and write its files (only `parts` when given, see plan.ShardTask);
         the prompts file goes last (it marks the shard done)."""
         from klstore.run import records

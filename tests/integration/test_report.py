@@ -19,7 +19,7 @@ from klstore.errors import KlstoreError
 from klstore.core.models import from_objects
 from klstore.spec import ProbeSpec
 from klstore.store import open_store
-from klstore.run.plan import Job
+from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
 from tiny_models import ToyTokenizer, build
 
@@ -27,7 +27,7 @@ EVIL = "<script>alert('x')</script> & more"
 PROMPTS = [Prompt("a-evil" if text == EVIL else f"p{i}", text, group) for i, (text, group) in enumerate([
     ("The quick brown fox", "animals"), ("A lazy dog sleeps", "animals"), ("Cats purr softly", "animals"),
     ("One two three four", "numbers"), ("Five six seven", "numbers"), (EVIL, "numbers")])]
-JOB = Job((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
+JOB = ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
 
 
 def _deeper_llama():
@@ -252,7 +252,7 @@ def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(s
     base = site.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
     worker = Worker("tiny-a", "tiny-a", str(copy), loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
     worker.run_shard("r1", [Prompt("new", "Brand new prompt", "animals")],
-                     Job((ProbeSpec("skip"),), "all", ("kl",), GenerationSpec(4)))
+                     ComputeSpec((ProbeSpec("skip"),), "all", ("kl",), GenerationSpec(4)))
     update = site.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
     assert update["changed"] and 0 < update["drawn"] < base["drawn"]
     # redrawn: tiny-a/skip aggregates (2 groups + overall), its group comparison, and its 2 model comparisons
@@ -473,7 +473,7 @@ def hostile_store(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("hostile") / "store")
     prompts = [Prompt(text, f"Prompt {i} says {text}", HOSTILE[-1 - i]) for i, text in enumerate(HOSTILE)]
     worker = Worker("tiny-a", "tiny-a", uri, loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
-    worker.run_shard("r1", prompts, Job((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(3)))
+    worker.run_shard("r1", prompts, ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(3)))
     return uri
 
 

@@ -24,7 +24,7 @@ import pytest
 from klstore.core.models import from_objects
 from klstore.output import visible_token
 from klstore.report import site
-from klstore.run.plan import Job
+from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt, parse_report_spec
 from klstore.store import open_store, views
@@ -65,7 +65,7 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("browser") / "store")
-    job = Job((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl",), GenerationSpec(4))
+    job = ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl",), GenerationSpec(4))
     plain = [Prompt(f"p{i}", text, group) for i, (text, group) in enumerate([
         ("The quick brown fox", "animals"), ("A lazy dog sleeps", "animals"),
         ("One two three four", "numbers"), ("Five six seven", "numbers")])]
@@ -73,7 +73,7 @@ def store_uri(tmp_path_factory):
     worker.run_shard("r1", plain, job)
     hostile = [Prompt(SCRIPT, f"say {IMG}", IMG), Prompt(IMG, f"say {SCRIPT}", SCRIPT)]
     worker = Worker("evil", "evil", uri, loaded=from_objects("evil", build("llama"), HostileTokenizer()))
-    worker.run_shard("r1", hostile, Job((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(3)))
+    worker.run_shard("r1", hostile, ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(3)))
     open_store(uri).write_run("r1", "t", "completed", {}, {})
     return uri
 

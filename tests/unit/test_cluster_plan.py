@@ -10,7 +10,7 @@ from klstore.core.models import from_objects
 from klstore.errors import KlstoreError
 from klstore.run.plan import RunPlan, actor_count, actor_cpus, check_cluster, execute_local
 from klstore.run.worker import Worker
-from klstore.spec import ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt, parse_experiment
+from klstore.spec import ComputeSpec, ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt, parse_experiment
 from klstore.store import open_store, views
 from klstore.store.upkeep import compact, verify
 from tiny_models import ToyTokenizer, build
@@ -26,8 +26,8 @@ def tiny():
 
 def _config(uri: str, **changes) -> ExperimentConfig:
     cfg = ExperimentConfig(name="plan", store=uri, models=(ModelConfig(name="tiny", label="tiny"),),
-                           prompt_paths=(), probes=(ProbeSpec("logit_lens"), ProbeSpec("skip")), layers="all",
-                           generation=GenerationSpec(3), divergences=("kl",), shard_size=2, source="test",
+                           prompt_paths=(), compute=ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all",
+                                                                   ("kl",), GenerationSpec(3)), shard_size=2, source="test",
                            prompts=PROMPTS)
     return cfg.model_copy(update=changes)
 

@@ -19,7 +19,7 @@ import torch
 from klstore.core.engine import Engine, _sampling_probs
 from klstore.core.models import from_objects
 from klstore.errors import KlstoreError
-from klstore.run.plan import Job
+from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from klstore.store import views
@@ -71,7 +71,7 @@ def test_tiny_temperature_samples_the_greedy_continuation(dtype, temperature):
 def _stored(tmp_path, dtype, probe, generation):
     root = str(tmp_path / "store")
     worker = Worker("tiny", "tiny", root, loaded=from_objects("tiny", build("llama", dtype), ToyTokenizer()))
-    worker.run_shard("r1", PROMPTS, Job((probe,), "all", ("kl", "js"), generation))
+    worker.run_shard("r1", PROMPTS, ComputeSpec((probe,), "all", ("kl", "js"), generation))
     _, prompts = views.sql(root, "SELECT prompt_id, status, error FROM prompts ORDER BY 1")
     _, cells = views.sql(root, "SELECT kl, js FROM kl")
     return prompts, cells

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from klstore.core.models import from_objects
-from klstore.run.plan import Job
+from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from klstore.store import views
@@ -21,7 +21,7 @@ from tiny_models import FAMILIES, ToyTokenizer, build
 MAX_NEW = 6
 PROMPTS = [Prompt("short", "Hi", "a"), Prompt("fox", "The quick brown fox", "a"),
            Prompt("vow", "Sphinx of black quartz, judge my vow", "b")]
-JOB = Job((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(max_new_tokens=MAX_NEW))
+JOB = ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(max_new_tokens=MAX_NEW))
 EOS = ToyTokenizer.eos_token_id
 NEAR_TIE = 1e-3  # nats between the two most likely tokens: float32 may pick either
 

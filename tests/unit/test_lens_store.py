@@ -1,6 +1,5 @@
 """Lens tokens in the store, and the settling views and macros against plain Python."""
 
-import dataclasses
 
 import numpy as np
 import pyarrow as pa
@@ -69,7 +68,7 @@ def test_lens_tokens_view_one_row_per_cell_and_rank(store):
 
 def test_topk_zero_writes_no_token_rows(tiny, tmp_path):
     uri = str(tmp_path / "store")
-    tiny_worker(tiny, uri).run_shard("r1", PROMPTS[:2], dataclasses.replace(JOB, topk=0))
+    tiny_worker(tiny, uri).run_shard("r1", PROMPTS[:2], JOB.model_copy(update={"topk": 0}))
     assert _rows(uri, "SELECT count(*) AS n FROM lens_tokens")[0]["n"] == 0
     assert _rows(uri, "SELECT count(*) AS n FROM tokens")[0]["n"] == 0
     assert not list((tmp_path / "store").glob("tokens/**/*.parquet"))

@@ -7,7 +7,7 @@ import pytest
 
 from klstore.cli import main
 from klstore.core.models import from_objects
-from klstore.run.plan import Job
+from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from klstore.store import connect
@@ -19,7 +19,7 @@ def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sqlsafety") / "store"
     worker = Worker("tiny", "tiny", str(root), loaded=from_objects("tiny", build("llama"), ToyTokenizer()))
     prompts = [Prompt("a", "The quick brown fox"), Prompt("b", "Hello there")]
-    worker.run_shard("r1", prompts, Job((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(2)))
+    worker.run_shard("r1", prompts, ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(2)))
     return root
 
 
@@ -209,7 +209,7 @@ def test_stray_file_is_named_by_readers_and_quarantined(tmp_path, capsys):
     root = tmp_path / "store"
     worker = Worker("tiny", "tiny", str(root), loaded=from_objects("tiny", build("llama"), ToyTokenizer()))
     worker.run_shard("r1", [Prompt("a", "The quick brown fox")],
-                     Job((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(2)))
+                     ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(2)))
     capsys.readouterr()
     strays = [root / "kl" / "pwn.parquet", root / "prompts" / "model=tiny" / "x.parquet",
               root / "kl" / "model=tiny" / "probe=logit_lens" / "y.parquet"]

@@ -14,7 +14,7 @@ from klstore.cli import main
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.run.worker import Worker
-from klstore.spec import GenerationSpec, Prompt
+from klstore.spec import ComputeSpec, GenerationSpec, Prompt
 from klstore.store import open_store, upkeep, views
 from store_helpers import JOB, PROMPTS, kl_rows as _kl_table, tiny_worker as _worker
 from tiny_models import ToyTokenizer, build
@@ -248,8 +248,7 @@ def test_noise_floor_is_measured_once_per_worker_and_recorded(tiny, tmp_path):
 
     uri = str(tmp_path / "store")
     cfg = ExperimentConfig(name="floor", store=uri, models=(ModelConfig(name="tiny", label="tiny-llama"),),
-                           prompt_paths=(), probes=JOB.probes, layers="all", generation=JOB.generation,
-                           divergences=JOB.divergences, shard_size=3, prompts=tuple(PROMPTS))
+                           prompt_paths=(), compute=JOB, shard_size=3, prompts=tuple(PROMPTS))
     plan = RunPlan(cfg)
     worker = _worker(tiny, plan.store)
     execute_local(plan, worker, say=lambda m: None)

@@ -13,7 +13,7 @@ from klstore.cli import main
 from klstore.core.models import from_objects
 from klstore.run.plan import RunPlan, execute_local
 from klstore.run.worker import Worker
-from klstore.spec import ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt
+from klstore.spec import ComputeSpec, ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt
 from klstore.store import open_store, views
 from klstore.store.integrity import JOURNAL_NAME, recover
 from klstore.store.upkeep import compact, verify
@@ -31,8 +31,8 @@ def tiny():
 
 def _config(uri: str) -> ExperimentConfig:
     return ExperimentConfig(name="integ", store=uri, models=(ModelConfig(name="tiny", label="tiny"),),
-                            prompt_paths=(), probes=PROBES, layers="all", generation=GenerationSpec(3),
-                            divergences=("kl", "js"), shard_size=2, source="test", prompts=PROMPTS)
+                            prompt_paths=(), compute=ComputeSpec(PROBES, "all", ("kl", "js"), GenerationSpec(3)),
+                            shard_size=2, source="test", prompts=PROMPTS)
 
 
 def _run(tiny, uri: str) -> dict:
