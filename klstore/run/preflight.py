@@ -12,6 +12,7 @@ by the same functions):
 
 from __future__ import annotations
 
+from klstore.errors import KlstoreError
 from klstore.spec import ExperimentConfig, GenerationSpec, ProbeSpec, parse_layers
 
 
@@ -35,7 +36,10 @@ def check_model(name: str, label: str, layers: str, probes, generation: Generati
     parse_layers(layers, shape.n_layers, label)
     if shape.hidden_size:
         _check_vectors(probes, shape.n_layers, shape.hidden_size)
-    tokenizer = read_tokenizer(name, trust_remote_code) if prompts else None
+    try:
+        tokenizer = read_tokenizer(name, trust_remote_code) if prompts else None
+    except KlstoreError:
+        return  # no tokenizer to read here: the model's load names it, as for a hub id
     for prompt in prompts:
         encode_prompt(tokenizer, prompt, generation, shape.context_length, label)
 
