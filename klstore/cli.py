@@ -148,8 +148,8 @@ def cmd_compute(args) -> int:
     quiet_libraries()
     from klstore.run.preflight import check_model
 
-    # layers, prompts against the context, steering vectors: as `klstore run` checks before Ray
-    check_model(args.model, resolve(args.model).label, args.layers, probes, spec, prompts, args.trust_remote_code)
+    # layers, generation length against the context, steering vectors: as `klstore run` before Ray
+    check_model(args.model, resolve(args.model).label, args.layers, probes, spec, args.trust_remote_code)
     if args.store:
         return _compute_into_store(args, spec, divergences, probes, prompts)
     from klstore.core.engine import Engine
@@ -410,8 +410,8 @@ def cmd_run(args) -> int:
     quiet_libraries()
     from klstore.run.preflight import check_experiment
 
-    # unknown models, layers beyond a model's depth, prompts beyond its context, steering
-    # vectors of another shape: before Ray starts, as `klstore compute` checks them
+    # unknown models, layers beyond a model's depth, a generation longer than its context,
+    # steering vectors of another shape: before Ray starts, as `klstore compute` checks them
     check_experiment(cfg)
     store_uri = args.store or cfg.store
     if args.dry_run:
