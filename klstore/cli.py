@@ -145,9 +145,8 @@ def cmd_compute(args) -> int:
     quiet_libraries()
     from klstore.run.preflight import check_model
 
-    # layers, prompts against the context, steering vectors: as `klstore run` checks before Ray
-    check_model(args.model, resolve(args.model).label, compute.layers, compute.probes, compute.generation, prompts,
-                args.trust_remote_code)
+    # layers, generation length against the context, steering vectors: as `klstore run` before Ray
+    check_model(args.model, resolve(args.model).label, compute, args.trust_remote_code)
     if args.store:
         return _compute_into_store(args, compute, prompts)
     from klstore.core.engine import Engine
@@ -402,8 +401,8 @@ def cmd_run(args) -> int:
     quiet_libraries()
     from klstore.run.preflight import check_experiment
 
-    # unknown models, layers beyond a model's depth, prompts beyond its context, steering
-    # vectors of another shape: before Ray starts, as `klstore compute` checks them
+    # unknown models, layers beyond a model's depth, a generation longer than its context,
+    # steering vectors of another shape: before Ray starts, as `klstore compute` checks them
     check_experiment(cfg)
     store_uri = args.store or cfg.store
     if args.dry_run:

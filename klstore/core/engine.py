@@ -141,28 +141,6 @@ def _take_rows(value, rows: torch.Tensor, batch: int):
     return value
 
 
-def encode_prompt(tokenizer, prompt: Prompt, spec: GenerationSpec, context_length: int | None,
-                  label: str) -> list[int]:
-    """Token ids of the prompt (chat template if spec.chat), or a KlstoreError when it is empty,
-    or when its tokens plus spec.max_new_tokens exceed `context_length` (None: unbounded).
-    `Engine.encode`, and `klstore run` / `compute` before any model loads (run.preflight)."""
-    if not prompt.text or not prompt.text.strip():
-        raise KlstoreError(f"prompt {prompt.id!r} is empty")
-    if spec.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise KlstoreError(f"{label} has no chat template: drop --chat")
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True)
-        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-    else:
-        ids = list(tokenizer(prompt.text)["input_ids"])
-    if context_length and len(ids) + spec.max_new_tokens > context_length:
-        raise KlstoreError(
-            f"prompt {prompt.id!r} has {len(ids)} tokens; with {spec.max_new_tokens} new tokens "
-            f"that exceeds {label}'s context of {context_length}")
-    return ids
-
-
 def _sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(logits / temperature) over the vocabulary (V,), as float32 on the CPU, finite for
     every finite temperature > 0: computed as softmax((logits - max) / temperature) in float64,
@@ -231,7 +209,21 @@ class Engine:
 
     def encode(self, prompt: Prompt, spec: GenerationSpec) -> list[int]:
         """Token ids of the prompt (chat template if spec.chat). Checks emptiness and context."""
-        return encode_prompt(self.tokenizer, prompt, spec, self.context_length, self.loaded.label)
+        if not prompt.text or not prompt.text.strip():
+            raise KlstoreError(f"prompt {prompt.id!r} is empty")
+        if spec.chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise KlstoreError(f"{self.loaded.label} has no chat template: drop --chat")
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True)
+            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        else:
+            ids = list(self.tokenizer(prompt.text)["input_ids"])
+        if self.context_length and len(ids) + spec.max_new_tokens > self.context_length:
+            raise KlstoreError(
+                f"prompt {prompt.id!r} has {len(ids)} tokens; with {spec.max_new_tokens} new tokens "
+                f"that exceeds {self.loaded.label}'s context of {self.context_length}")
+        return ids
 
     def generate(self, prompt_ids: list[int], spec: GenerationSpec) -> Generation:
         """The clean model's continuation, with a KV cache. Stops after an EOS token (kept)."""

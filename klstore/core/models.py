@@ -269,20 +269,6 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
     return ModelShape(depth, context, getattr(text, "hidden_size", None) or getattr(text, "n_embd", None))
 
 
-def read_tokenizer(name: str, trust_remote_code: bool = False):
-    """A local model's tokenizer, read without its weights (None for a hub id)."""
-    import transformers
-
-    local = _local_location(name, trust_remote_code)
-    if local is None:
-        return None
-    location, kwargs = local
-    try:
-        return transformers.AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise KlstoreError(f"cannot read the tokenizer of model {name!r}: {first_line(exc)}") from None
-
-
 def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
     """'auto' device is CUDA when available else CPU; 'auto' dtype is bf16 on CUDA, fp32 on CPU."""
     import torch

@@ -1,47 +1,47 @@
 """The checks made before any work, the same for `klstore run` (before it joins Ray) and
-`klstore compute` (before the model loads): everything about an experiment that a model's
-config and tokenizer can tell without its weights.
+`klstore compute` (before the model loads): everything about an experiment that would fail
+every prompt of a model, read from the model's config without its weights.
 
 Per model (a local model: built-in, folder or .gguf file; a hub id is checked after its load,
-by the same functions):
+by the same rules):
 - the layers against its depth;
-- each `steer` vector file against its depth and hidden size;
-- each prompt against its tokenizer: not empty, and its tokens plus `max_new_tokens` within
-  the context (`core.engine.encode_prompt`, which the engine itself uses).
+- `max_new_tokens` against its context (even a one-token prompt would not fit);
+- each `steer` vector file against its depth and hidden size.
+
+A problem of one prompt (empty, or too long with its continuation) is that prompt's: `run`
+records it as failed and goes on with the others (a run of many prompts is not refused for
+one), while `compute` refuses it before any work, as it checks every prompt it was given
+(`core.engine.encode_prompt`).
 """
 
 from __future__ import annotations
 
 from klstore.errors import KlstoreError
-from klstore.spec import ExperimentConfig, GenerationSpec, ProbeSpec, parse_layers
+from klstore.spec import ComputeSpec, ExperimentConfig, ProbeSpec, parse_layers
 
 
 def check_experiment(cfg: ExperimentConfig) -> None:
     """`check_model` for every model of an experiment (`klstore run`, before Ray starts)."""
     for model in cfg.models:
-        check_model(model.name, model.label, cfg.layers, cfg.probes, cfg.generation, cfg.prompts,
-                    model.trust_remote_code)
+        check_model(model.name, model.label, cfg.compute, model.trust_remote_code)
 
 
-def check_model(name: str, label: str, layers: str, probes, generation: GenerationSpec, prompts,
-                trust_remote_code: bool = False) -> None:
-    """Raise the first KlstoreError this model would raise on this work, before its weights load
-    (`label` names it in messages). A hub id is not read here: its load checks the same."""
-    from klstore.core.engine import encode_prompt
-    from klstore.core.models import read_shape, read_tokenizer
+def check_model(name: str, label: str, compute: ComputeSpec, trust_remote_code: bool = False) -> None:
+    """Raise the first KlstoreError this model would raise on every prompt of `compute`, before
+    its weights load (`label` names it in messages). A hub id is not read here: its load checks
+    the same."""
+    from klstore.core.models import read_shape
 
     shape = read_shape(name, trust_remote_code)
     if shape is None:
         return
-    parse_layers(layers, shape.n_layers, label)
+    parse_layers(compute.layers, shape.n_layers, label)
+    new_tokens = compute.generation.max_new_tokens
+    if shape.context_length and new_tokens >= shape.context_length:
+        raise KlstoreError(f"{new_tokens} new tokens: with any prompt that exceeds {label}'s "
+                           f"context of {shape.context_length}")
     if shape.hidden_size:
-        _check_vectors(probes, shape.n_layers, shape.hidden_size)
-    try:
-        tokenizer = read_tokenizer(name, trust_remote_code) if prompts else None
-    except KlstoreError:
-        return  # no tokenizer to read here: the model's load names it, as for a hub id
-    for prompt in prompts:
-        encode_prompt(tokenizer, prompt, generation, shape.context_length, label)
+        _check_vectors(compute.probes, shape.n_layers, shape.hidden_size)
 
 
 def _check_vectors(probes: tuple[ProbeSpec, ...] | list[ProbeSpec], n_layers: int, hidden: int) -> None:

@@ -73,25 +73,16 @@ def _read_journal(store: Store, path: str) -> dict | None:
 
 
 def in_partition(store: Store, table: str, path: str) -> bool:
-    """Whether `path` lies where klstore writes the table's files: exactly one folder per
-    partition key, in order (`kl/model=<m>/probe=<p>/run_id=<r>/<file>`), each value a label."""
-    from klstore.spec import check_label
-
+    """Whether `path` lies where the table's readers look: exactly one folder per partition key,
+    in order (`kl/model=<m>/probe=<p>/run_id=<r>/<file>`). A value klstore would not write (a
+    folder renamed by hand) still reads as data; verify names such folders."""
     _, keys = TABLES[table]
     base = store.path(table).rstrip("/") + "/"
     if not path.startswith(base):
         return False
     folders = path[len(base):].split("/")[:-1]
-    if len(folders) != len(keys):
-        return False
-    for key, folder in zip(keys, folders):
-        name, _, value = folder.partition("=")
-        try:
-            if name != key or check_label(value, key) != value:
-                return False
-        except KlstoreError:
-            return False
-    return True
+    return len(folders) == len(keys) and all(
+        folder.partition("=")[0] == key and folder.partition("=")[2] for key, folder in zip(keys, folders))
 
 
 def unpartitioned(store: Store, table: str) -> list[str]:
