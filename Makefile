@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # .venv; `make test-latest` runs the suite against the newest versions the ranges allow.
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-unit test-integration test-latest lock docs venv clean
+.PHONY: demo test test-unit test-integration test-latest lock lint format docs venv clean
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,17 @@ demo: venv
 # tests/integration (real models, Ray, S3 on moto, Chromium, the CLI).
 test: venv
 	bash .ci/pytest.sh $(PY) tests/unit tests/integration $(PYTEST_ARGS)
+
+# ruff (lint rules and format) and mypy, configured in pyproject.toml; .ci/run runs it before
+# the tests. `make format` applies ruff's fixes and formatting.
+lint: venv
+	$(VENV)/bin/ruff check klstore tests benchmarks jobs
+	$(VENV)/bin/ruff format --check klstore tests benchmarks jobs
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff check --fix klstore tests benchmarks jobs
+	$(VENV)/bin/ruff format klstore tests benchmarks jobs
 
 test-unit: venv
 	bash .ci/pytest.sh $(PY) tests/unit $(PYTEST_ARGS)

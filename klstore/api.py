@@ -511,10 +511,10 @@ class Result:
             prompt_paths=(self._prompt_path,) if self._prompt_path else (), compute=self.compute,
             shard_size=self.compute.batch_size, source="klstore api", prompts=tuple(self.prompts))
         plan = RunPlan(cfg)
-        worker = _ComputedWorker(self._outcomes(), self.lens, str(store))
+        worker = Worker(self.lens._model_config["name"], self.lens.label, str(store), loaded=self.lens.loaded)
         worker.prepare(plan.job)
         say = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
-        summary = execute_local(plan, worker, say=say)
+        summary = execute_local(plan, worker, say=say, computed={o.prompt.id: o for o in self._outcomes()})
         self.run_id = summary["run_id"]
         return self.run_id
 
@@ -527,19 +527,6 @@ def heatmap_data(matrix, divergence: str):
         values=matrix.values[divergence], layers=matrix.layers,
         columns=plotting.column_labels(matrix.generation.n, matrix.generation.token_texts),
         title=f"{matrix.model} | {matrix.probe} | {matrix.prompt.id}", divergence=divergence)
-
-
-class _ComputedWorker(Worker):
-    """A Worker whose `compute` hands back outcomes already computed by `Lens.compute`;
-    its `run_shard` then writes them exactly as it writes its own (same files, same rows)."""
-
-    def __init__(self, outcomes, lens: Lens, store_uri: str):
-        super().__init__(lens._model_config["name"], lens.label, store_uri, loaded=lens.loaded)
-        self._outcomes = {o.prompt.id: o for o in outcomes}
-
-    def compute(self, prompts, job):
-        self.prepare(job)
-        return [self._outcomes[p.id] for p in prompts]
 
 
 # ------------------------------------------------------------------- reading
@@ -591,20 +578,14 @@ class StoreReader:
         or not computed) are left out of the mean; a cell with fewer prompts shows its count."""
         from klstore.report import plotting
 
+        from klstore.store.upkeep import mean_map
+
         divergence = check_divergences([divergence])[0]
-        where, params = "model = ? AND probe = ?", [model, probe]
-        if group is not None:
-            where, params = where + " AND prompt_group = ?", params + [group]
-        if run is not None:
-            where, params = where + " AND run_id = ?", params + [run]
-        con = self.connect()
-        rows = con.execute(f"SELECT layer, gen_idx, avg({divergence}), count({divergence}) FROM kl "
-                           f"WHERE {where} GROUP BY layer, gen_idx", params).fetchall()
+        rows, n_prompts = mean_map(self.connect(), divergence, model, probe, group, run)
         if not rows:
             raise KlstoreError(f"no kl rows for model {model!r}, probe {probe!r}"
                                + (f", group {group!r}" if group is not None else "")
                                + (f", run {run!r}" if run is not None else ""))
-        n_prompts = con.execute(f"SELECT count(DISTINCT prompt_id) FROM kl WHERE {where}", params).fetchone()[0]
         import numpy as np
 
         layers = tuple(sorted({r[0] for r in rows}))

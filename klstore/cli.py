@@ -468,12 +468,9 @@ def _dry_run(cfg, store_uri: str) -> int:
 
 def cmd_runs_summary(store_uri: str, run_id: str) -> str:
     """The printed summary of a run: per model and probe, prompts, cells, mean KL, top-1 rate."""
-    from klstore.store import views
+    from klstore.store import upkeep
 
-    names, rows = views.sql(store_uri, """
-        SELECT model, probe, count(DISTINCT prompt_id) AS prompts, count(*) AS cells,
-               round(avg(kl), 4) AS mean_kl, round(avg(top1_match::INT), 3) AS top1_rate
-        FROM kl WHERE run_id = ? GROUP BY ALL ORDER BY ALL""", [run_id])
+    names, rows = upkeep.run_totals(store_uri, run_id)
     return output.format_rows(names, rows, "table")
 
 

@@ -164,3 +164,21 @@ def stop_processes(markers) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+# Test tiers (pyproject.toml's markers): every test gets the tier of its folder, and
+# `acceptance` when it runs a real model end to end or drives the browser, `benchmark_smoke`
+# when it runs a benchmark script small. `make test` runs every tier; select one with -m,
+# e.g. `make test PYTEST_ARGS="-m 'unit'"` or `-m "not acceptance"`.
+_ACCEPTANCE_FILES = ("test_real_models.py", "test_golden.py", "test_report_browser.py")
+_BENCHMARK_FILES = ("test_benchmarks.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path
+        item.add_marker(pytest.mark.unit if path.parent.name == "unit" else pytest.mark.integration)
+        if path.name in _ACCEPTANCE_FILES:
+            item.add_marker(pytest.mark.acceptance)
+        if path.name in _BENCHMARK_FILES:
+            item.add_marker(pytest.mark.benchmark_smoke)

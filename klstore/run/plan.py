@@ -334,8 +334,10 @@ class RunPlan:
             raise
 
 
-def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr)) -> dict:
-    """Run every pending shard of one model in this process (`klstore compute --store`)."""
+def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr), computed: dict | None = None) -> dict:
+    """Run every pending shard of one model in this process (`klstore compute --store`).
+    `computed` (prompt id -> PromptOutcome, from `Result.save`): the worker writes these
+    outcomes instead of computing them."""
     label = worker.label
     prompts = len(plan.config.prompts)
     todo = plan.pending(label)
@@ -346,7 +348,8 @@ def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr)
     start = time.time()
     with plan.running():
         for task in todo:
-            result = worker.run_shard(plan.run_id, task.prompts, plan.job, task.parts)
+            outcomes = None if computed is None else [computed[p.id] for p in task.prompts]
+            result = worker.run_shard(plan.run_id, task.prompts, plan.job, task.parts, outcomes=outcomes)
             finished, failed, cells = finished + result.prompts, failed + result.failed, cells + result.cells
             say(f"[{label}] {finished}/{prompts} prompts, {cells / max(time.time() - start, 1e-9):.0f} cells/s")
         plan.mark("completed")

@@ -217,14 +217,18 @@ class Worker:
         value = metadata.get(TOKENIZER_KEY.encode())
         return value.decode() if value is not None else None
 
-    def run_shard(self, run_id: str, prompts, job: ComputeSpec, parts=None) -> ShardResult:
-        """Compute a shard and write its files (only `parts` when given, see plan.ShardTask);
-        the prompts file goes last (it marks the shard done)."""
+    def run_shard(self, run_id: str, prompts, job: ComputeSpec, parts=None, outcomes=None) -> ShardResult:
+        """Compute a shard (or take its `outcomes`, computed before: `Result.save`) and write its
+        files (only `parts` when given, see plan.ShardTask); the prompts file goes last (it marks
+        the shard done)."""
         from klstore.run import records
 
         start = time.perf_counter()
         started_at = datetime.now(timezone.utc)
-        outcomes = self.compute(prompts, job)
+        if outcomes is None:
+            outcomes = self.compute(prompts, job)
+        else:
+            self.prepare(job)
         if job.topk:
             self._write_tokens()
         key = shard_key([p.id for p in prompts])

@@ -15,7 +15,8 @@ from klstore.store.integrity import quarantine as quarantine_files
 from klstore.store.tables import TABLES, Store
 from klstore.store.views import present_columns, read_parquet_sql, sql
 
-__all__ = ["PROBLEMS", "QUARANTINED", "compact", "run_summaries", "shard_summaries", "verify"]
+__all__ = ["PROBLEMS", "QUARANTINED", "compact", "mean_map", "run_summaries", "run_totals", "shard_summaries",
+           "verify"]
 
 
 def run_summaries(store: Store) -> list[dict]:
@@ -36,6 +37,29 @@ def run_summaries(store: Store) -> list[dict]:
     for item in out:
         item["bytes"] = sizes.get(item["run_id"], 0)
     return out
+
+
+def run_totals(store: Store | str, run_id: str) -> tuple[list[str], list]:
+    """Per model and probe of one run: prompts, cells, mean KL, top-1 rate (`klstore run`'s summary)."""
+    return sql(store, """
+        SELECT model, probe, count(DISTINCT prompt_id) AS prompts, count(*) AS cells,
+               round(avg(kl), 4) AS mean_kl, round(avg(top1_match::INT), 3) AS top1_rate
+        FROM kl WHERE run_id = ? GROUP BY ALL ORDER BY ALL""", [run_id])
+
+
+def mean_map(con, divergence: str, model: str, probe: str, group: str | None = None, run: str | None = None):
+    """The mean `divergence` per (layer, gen_idx) over the prompts of a model and probe (optionally
+    one prompt group and run id), nulls left out: (rows of (layer, gen_idx, mean, count), number
+    of prompts); `divergence` is a checked name (spec.check_divergences)."""
+    where, params = "model = ? AND probe = ?", [model, probe]
+    if group is not None:
+        where, params = where + " AND prompt_group = ?", params + [group]
+    if run is not None:
+        where, params = where + " AND run_id = ?", params + [run]
+    rows = con.execute(f"SELECT layer, gen_idx, avg({divergence}), count({divergence}) FROM kl "
+                       f"WHERE {where} GROUP BY layer, gen_idx", params).fetchall()
+    n_prompts = con.execute(f"SELECT count(DISTINCT prompt_id) FROM kl WHERE {where}", params).fetchone()[0]
+    return rows, n_prompts
 
 
 def shard_summaries(store: Store, run: str) -> dict[str, tuple[list[str], list]]:
