@@ -26,12 +26,17 @@ import io
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
 from klstore.spec import (DEFAULT_BATCH_SIZE, DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK,
                           ComputeSpec, GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label,
                           check_patch_sources, model_label)
+
+if TYPE_CHECKING:
+    from klstore.core.engine import Engine
+    from klstore.core.models import LoadedModel
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
 
@@ -91,6 +96,11 @@ def load(name: str | None = None, *, model=None, tokenizer=None, device: str = "
 
 class Lens:
     """One loaded model, ready to compute KL maps. Make one with `klstore.load`."""
+
+    loaded: LoadedModel
+    engine: Engine
+    label: str
+    _model_config: dict
 
     def __init__(self, *args, **kwargs):
         raise TypeError("use klstore.load(...) to make a Lens")

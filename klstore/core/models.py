@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from klstore.errors import KlstoreError, first_line
@@ -42,10 +43,10 @@ class ModelSource:
 @dataclass
 class LoadedModel:
     label: str
-    model: object  # transformers PreTrainedModel, in eval mode
-    tokenizer: object
-    device: object  # torch.device
-    dtype: object  # torch.dtype
+    model: Any  # transformers PreTrainedModel, in eval mode
+    tokenizer: Any  # its tokenizer (PreTrainedTokenizerBase, or any object with its methods)
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
 
 
 def quiet_libraries() -> None:

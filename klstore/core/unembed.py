@@ -78,7 +78,8 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     `chunk` vocabulary rows per GEMM (default VOCAB_CHUNK)."""
     chunk = chunk or VOCAB_CHUNK
     head = adapter.head
-    weight, bias = head.weight, head.bias
+    weight: torch.Tensor = head.weight  # type: ignore[assignment]  # nn.Module attributes are untyped
+    bias: torch.Tensor | None = head.bias  # type: ignore[assignment]
     device = weight.device
     wide = torch.float64 if any(job.hidden.dtype == torch.float64 for job in jobs) else torch.float32
     sizes = [job.hidden.shape[0] * job.hidden.shape[1] for job in jobs]
@@ -117,9 +118,9 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     high = torch.full((total,), -torch.inf, dtype=wide, device=device)  # running max
     mass = torch.zeros(total, dtype=wide, device=device)  # running sum of exp(z - high)
     above = torch.zeros(total, dtype=torch.int32, device=device)
-    partial = [[] for _ in jobs]  # per job: (R, m, blocks) partial sums of P (z_p - z_q)
+    partial: list[list[torch.Tensor]] = [[] for _ in jobs]  # per job: (R, m, blocks) partial sums of P (z_p - z_q)
     rows = torch.arange(total, device=device)
-    vocab = weight.shape[0]
+    vocab = int(weight.shape[0])
     for v0 in range(0, vocab, chunk):
         width = min(chunk, vocab - v0)
         z = transform(nn.functional.linear(x, weight[v0:v0 + width],

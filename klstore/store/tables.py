@@ -26,6 +26,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -158,7 +159,7 @@ class Store:
     """A store root: `fs` is a pyarrow FileSystem, `root` the path inside it."""
 
     uri: str
-    fs: object
+    fs: Any  # pyarrow.fs.FileSystem (pyarrow has no type stubs)
     root: str
 
     @property
