@@ -22,8 +22,8 @@ from pathlib import Path, PurePath
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from klstore.errors import KlstoreError
@@ -336,6 +336,9 @@ def _layer_spec(value) -> str:
     return str(value)
 
 
+LayerSpec = Annotated[str, BeforeValidator(_layer_spec)]  # a layer spec's text, its syntax checked
+
+
 # ---------------------------------------------------------------- prompts
 class Prompt(_Value):
     """One prompt: `source` is the paired prompt the patch probe copies from."""
@@ -608,7 +611,7 @@ class ComputeSpec(_Value):
     """
 
     probes: tuple[ProbeSpec, ...] = Field(default_factory=lambda: (ProbeSpec("logit_lens"),), min_length=1)
-    layers: str = "all"
+    layers: LayerSpec = "all"
     divergences: tuple[str, ...] = ("kl",)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     topk: Annotated[int, Field(ge=0, le=MAX_TOPK), Option(
@@ -647,11 +650,6 @@ class ComputeSpec(_Value):
             raise _fail(str(exc)) from None
         except TypeError:
             raise _fail("must be a probe name or a list of probes") from None
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, value):
-        return _layer_spec(value)
 
     @field_validator("divergences", mode="before")
     @classmethod
@@ -771,7 +769,7 @@ class _ExperimentBase(_Value):
     models: list[ModelConfig] = Field(min_length=1)
     prompts: list[_PromptSource]
     probes: list[Any] = Field(min_length=1)
-    layers: Any = "all"
+    layers: LayerSpec = "all"
     generation: _GenerationFields = Field(default_factory=_GenerationFields)
     divergences: list[str] = ["kl"]
     shard_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
@@ -781,11 +779,6 @@ class _ExperimentBase(_Value):
     @classmethod
     def _name(cls, value):
         return _rule(check_label, value, "run name")
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, value):
-        return _layer_spec(value)
 
     @field_validator("generation", mode="before")
     @classmethod
