@@ -20,9 +20,9 @@ import os
 import re
 from pathlib import Path, PurePath
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -570,10 +570,11 @@ def probe_from_entry(entry) -> ProbeSpec:
 # ------------------------------------------------------- what to compute
 @dataclass(frozen=True)
 class Option:
-    """How a field of `ComputeSpec` reaches users: a config key of the same name, the CLI flag
-    `flag` of `klstore compute` (argparse `parse`, then `check`, whose messages CLI and API
-    users see), and a keyword of `Lens.compute`. `identity`: the field joins the run identity
-    when it is not its default (so runs written before the field existed keep their ids)."""
+    """How an option of `ComputeSpec` reaches users: the CLI flag `flag` of `klstore compute`
+    (argparse `parse`, then `check`, whose messages CLI and API users see) and a keyword of
+    `Lens.compute` (a field of ComputeOptions is also a config key of the same name).
+    `identity`: the field joins the run identity when it is not its default (so runs written
+    before the field existed keep their ids)."""
 
     flag: str | None
     metavar: str | None = None
@@ -581,7 +582,6 @@ class Option:
     check: Callable[[Any], Any] = lambda value: value
     parse: Callable[[str], Any] = str
     identity: bool = True
-    config: bool = True
 
 
 def _int_or_text(text: str):
@@ -599,21 +599,10 @@ def _checked(check):
 DEFAULT_BATCH_SIZE = 16  # prompts per batch in the engine, and per shard of `Result.save`
 
 
-class ComputeSpec(_Value):
-    """What to compute for every prompt, whatever the model: the one value that the experiment
-    config, the run plan, the engine and the Python API's `Result` carry whole.
+class ComputeOptions(_Value):
+    """The options of the compute value that are also config keys (ComputeSpec and the config
+    file inherit them, so an option added here is both)."""
 
-    `probes` (with their parameters), `layers` (a layer spec), `divergences` and `generation`
-    always define a run's identity. Every other field is an option (its `Option` says how it
-    reaches the config, the CLI and `Lens.compute`): each has one default and one validator
-    here, and joins the identity only when it is not its default. Adding one: a field here,
-    its meaning in docs/conventions.md, and the code that uses it (docs/architecture.md).
-    """
-
-    probes: tuple[ProbeSpec, ...] = Field(default_factory=lambda: (ProbeSpec("logit_lens"),), min_length=1)
-    layers: LayerSpec = "all"
-    divergences: tuple[str, ...] = ("kl",)
-    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     topk: Annotated[int, Field(ge=0, le=MAX_TOPK), Option(
         "--topk", "K", "lens tokens kept per cell: the top-K tokens of Q (default 5, 0: none)",
         check=check_topk, parse=_int_or_text)] = DEFAULT_TOPK
@@ -625,11 +614,27 @@ class ComputeSpec(_Value):
         "--matmul-precision", "P", "float32 matrix products: highest (default), high (TF32 on NVIDIA GPUs), "
         "medium (bfloat16 products, float32 accumulation)",
         check=check_matmul_precision)] = DEFAULT_MATMUL_PRECISION
+
+
+class ComputeSpec(ComputeOptions):
+    """What to compute for every prompt, whatever the model: the one value that the experiment
+    config, the run plan, the engine and the Python API's `Result` carry whole.
+
+    `probes` (with their parameters), `layers` (a layer spec), `divergences` and `generation`
+    always define a run's identity. Every other field is an option (its `Option` says how it
+    reaches the config, the CLI and `Lens.compute`): each has one default and one validator
+    here, and joins the identity only when it is not its default. Adding one: a field on
+    ComputeOptions when it is also a config key (else here), its meaning in
+    docs/conventions.md, and the code that uses it (docs/architecture.md).
+    """
+
+    probes: tuple[ProbeSpec, ...] = Field(default_factory=lambda: (ProbeSpec("logit_lens"),), min_length=1)
+    layers: LayerSpec = "all"
+    divergences: tuple[str, ...] = ("kl",)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     # how many prompts share a forward pass: moves values by rounding only (the noise floor),
     # so it is no part of the identity; no flag (`--shard-size` sets a stored run's batches)
-    batch_size: Annotated[int, Field(ge=1), Option(None, identity=False, config=False)] = DEFAULT_BATCH_SIZE
-
-    CORE: ClassVar[tuple[str, ...]] = ("probes", "layers", "divergences", "generation")
+    batch_size: Annotated[int, Field(ge=1), Option(None, identity=False)] = DEFAULT_BATCH_SIZE
 
     def __init__(self, probes=None, layers: str | int = "all", divergences=("kl",), generation=None, **options: Any):
         data = {"layers": layers, "divergences": divergences, **options}
@@ -760,9 +765,9 @@ class _PromptSource(_Value):
         return {"path": data} if isinstance(data, str) else data
 
 
-class _ExperimentBase(_Value):
+class _ExperimentFile(ComputeOptions):
     """An experiment config as written in YAML (see klstore.config for an example); its
-    option keys (topk, speed modes, ...) are ComputeSpec's (`_ExperimentFile`)."""
+    option keys (topk, speed modes, ...) are the compute value's (ComputeOptions)."""
 
     name: str = "run"
     store: str = DEFAULT_STORE
@@ -807,13 +812,6 @@ class _ExperimentBase(_Value):
         if len(set(labels)) != len(labels):
             raise _fail("models: duplicate model label (set `label:`)")
         return self
-
-
-def _config_fields(value: type[ComputeSpec]) -> dict:
-    return {name: (info.annotation, info) for name, (info, option) in value.options().items() if option.config}
-
-
-_ExperimentFile = create_model("_ExperimentFile", __base__=_ExperimentBase, **_config_fields(ComputeSpec))
 
 
 class ExperimentConfig(_Value):
@@ -886,7 +884,7 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
     check_patch_sources(raw.probes, prompts, f"{source}: probes: ")
     compute = ComputeSpec(raw.probes, raw.layers, tuple(raw.divergences),
                           GenerationSpec(**raw.generation.model_dump()),
-                          **{name: getattr(raw, name) for name in _config_fields(ComputeSpec)})
+                          **{name: getattr(raw, name) for name in ComputeOptions.model_fields})
     return ExperimentConfig(
         name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths), compute=compute,
         shard_size=raw.shard_size, source=source, prompts=tuple(prompts), shared_store=raw.shared_store)
