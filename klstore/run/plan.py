@@ -334,7 +334,8 @@ class RunPlan:
             raise
 
 
-def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr), computed: dict | None = None) -> dict:
+def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr),
+                  computed: dict | None = None) -> dict:
     """Run every pending shard of one model in this process (`klstore compute --store`).
     `computed` (prompt id -> PromptOutcome, from `Result.save`): the worker writes these
     outcomes instead of computing them."""
