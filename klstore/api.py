@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
-from klstore.spec import (DEFAULT_BATCH_SIZE, DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK,
+from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK,
                           ComputeSpec, GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label,
                           check_patch_sources, model_label)
 
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
     from klstore.core.models import LoadedModel
 
 __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
-
-BATCH_SIZE = DEFAULT_BATCH_SIZE
-"""Prompts per batch in `Lens.compute`, and per shard (file) in `Result.save`: the default of
-`ComputeSpec.batch_size` and of `klstore compute --shard-size`, so that a batch is exactly a stored shard."""
 
 
 # ------------------------------------------------------------------- loading

@@ -267,7 +267,7 @@ def check_matmul_precision(value) -> str:
     return value
 
 
-# The opt-in speed modes: config key (= CLI flag, compute() argument, run.plan.Job field) -> (check,
+# The opt-in speed modes: option of ComputeSpec (config key, CLI flag, compute() argument) -> (check,
 # default). Each joins ExperimentConfig.identity() when not its default.
 SPEED_MODES = {"clean_pass": (check_clean_pass, DEFAULT_CLEAN_PASS),
                "matmul_precision": (check_matmul_precision, DEFAULT_MATMUL_PRECISION)}
@@ -693,9 +693,6 @@ class ComputeSpec(ComputeOptions):
                 out[name] = value
         return out
 
-    @property
-    def option_values(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.options()}
 
 
 # ---------------------------------------------------------- experiments

@@ -229,10 +229,13 @@ class ModelShape:
     hidden_size: int | None = None
 
 
-def _local_location(name: str, trust_remote_code: bool) -> tuple[str, dict] | None:
-    """Where a local model's config and tokenizer are read without its weights (the GGUF cache
-    folder when it exists, else the .gguf file itself), with the from_pretrained keywords.
-    None for a hub id (not read before its load)."""
+def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
+    """Depth, context and width of a local model (built-in, .gguf file or folder) from its config alone,
+    so a bad layer spec fails before a slow load. None for a hub id (not read here)."""
+    import transformers
+
+    from klstore.core.adapter import n_layers_of
+
     source = resolve(name)
     if source.gguf_file is None and not Path(source.location).is_dir():
         return None
@@ -244,20 +247,6 @@ def _local_location(name: str, trust_remote_code: bool) -> tuple[str, dict] | No
             location = str(folder)
         else:
             kwargs["gguf_file"] = source.gguf_file
-    return location, kwargs
-
-
-def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
-    """Depth, context and width of a local model (built-in, .gguf file or folder) from its config
-    alone, so a bad layer spec fails before a slow load. None for a hub id (not read here)."""
-    import transformers
-
-    from klstore.core.adapter import n_layers_of
-
-    local = _local_location(name, trust_remote_code)
-    if local is None:
-        return None
-    location, kwargs = local
     try:
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:

@@ -44,7 +44,7 @@ from klstore.report import aggregate, drawing, floor, interactive, prompts, sett
 from klstore.report.aggregate import Grid, _filters, _summary
 from klstore.report.observe import observe
 from klstore.report.scale import bounds, choose
-from klstore.spec import ReportSpec
+from klstore.spec import ReportSpec, write_problem
 
 SITE_VERSION = 3  # part of every cache key: a new site layout redraws everything once
 ASSETS = ("report.js", "report.css")  # from templates/, copied into assets/ with plotly.min.js
@@ -90,11 +90,11 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
     created = not builds.exists()
     try:
         builds.mkdir(parents=True, exist_ok=True)
-        probe_file = builds / f".write-test-{uuid.uuid4().hex}"
-        probe_file.write_text("")
-        probe_file.unlink()
     except OSError as exc:
         raise KlstoreError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    problem = write_problem(builds)
+    if problem is not None:
+        raise KlstoreError(f"cannot write the report to {out}: folder {builds} {problem}")
     try:
         return _build(store, spec, out, builds, con, where, chosen, force, log, start, workers)
     except BaseException:
