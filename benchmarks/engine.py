@@ -40,10 +40,22 @@ import torch  # noqa: E402
 
 PROBES = ("logit_lens", "skip", "ablate_attn", "ablate_mlp", "noise", "steer", "patch")
 CONFIGS = {  # random-weight models of realistic size (Qwen2-style)
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
-    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+    "qwen2-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "qwen2-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+    ),
 }
 
 
@@ -68,14 +80,21 @@ def _naive_hook(engine, spec, layer, prompt, n_prompt, source_last):
 
     block = engine.adapter.blocks[layer]
     if spec.name == "skip":
+
         def hook(module, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
             return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
         return [block.register_forward_hook(hook, with_kwargs=True)]
     if spec.name in ("ablate_attn", "ablate_mlp"):
         sub = engine.adapter.sublayer(block, spec.name.removeprefix("ablate_"), layer)
-        return [sub.register_forward_hook(
-            lambda m, a, o: (torch.zeros_like(o[0]),) + tuple(o[1:]) if isinstance(o, tuple) else torch.zeros_like(o))]
+        return [
+            sub.register_forward_hook(
+                lambda m, a, o: (
+                    (torch.zeros_like(o[0]),) + tuple(o[1:]) if isinstance(o, tuple) else torch.zeros_like(o)
+                )
+            )
+        ]
 
     def change(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
@@ -88,6 +107,7 @@ def _naive_hook(engine, spec, layer, prompt, n_prompt, source_last):
             h = h.clone()
             h[0, n_prompt - 1] = source_last[layer].to(h.dtype)
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
     return [block.register_forward_hook(change)]
 
 
@@ -106,8 +126,10 @@ def naive_cells(engine, prompt, spec, n_new, source_last=None):
     blocks = engine.adapter.blocks
     if spec.name == "logit_lens":
         captured = []
-        handles = [b.register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
-                   for b in blocks]
+        handles = [
+            b.register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+            for b in blocks
+        ]
         model(seq)
         for h in handles:
             h.remove()
@@ -127,19 +149,24 @@ def naive_cells(engine, prompt, spec, n_new, source_last=None):
 def bench_probes(engine, prompts, n_new, probes, steer_file):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from klstore.spec import GenerationSpec, Prompt
-    from klstore.spec import ProbeSpec
+    from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 
     device = engine.device
     peak = matmul_gflops(device, engine.loaded.dtype)
     print(f"plain torch.matmul 2048^3 ({engine.loaded.dtype}): {peak:.1f} GFLOP/s")
-    print(f"{'probe':12} {'klstore cells/s':>16} {'naive cells/s':>14} {'ratio':>6} {'GFLOP/s':>8} "
-          f"{'of matmul':>9} {'peak RSS GiB':>12}")
-    spec_for = {"logit_lens": ProbeSpec("logit_lens"), "skip": ProbeSpec("skip"),
-                "ablate_attn": ProbeSpec("ablate_attn"), "ablate_mlp": ProbeSpec("ablate_mlp"),
-                "noise": ProbeSpec("noise", {"scale": 4.0, "seed": 0}),
-                "steer": ProbeSpec("steer", {"alpha": 4.0, "vector": steer_file}),
-                "patch": ProbeSpec("patch")}
+    print(
+        f"{'probe':12} {'klstore cells/s':>16} {'naive cells/s':>14} {'ratio':>6} {'GFLOP/s':>8} "
+        f"{'of matmul':>9} {'peak RSS GiB':>12}"
+    )
+    spec_for = {
+        "logit_lens": ProbeSpec("logit_lens"),
+        "skip": ProbeSpec("skip"),
+        "ablate_attn": ProbeSpec("ablate_attn"),
+        "ablate_mlp": ProbeSpec("ablate_mlp"),
+        "noise": ProbeSpec("noise", {"scale": 4.0, "seed": 0}),
+        "steer": ProbeSpec("steer", {"alpha": 4.0, "vector": steer_file}),
+        "patch": ProbeSpec("patch"),
+    }
     gen = GenerationSpec(max_new_tokens=n_new)
     for name in probes:
         spec = spec_for[name]
@@ -163,14 +190,25 @@ def bench_probes(engine, prompts, n_new, probes, steer_file):
             naive += naive_cells(engine, prompt, spec, n_new, source)
         _sync(device)
         slow = naive / (time.perf_counter() - t0)
-        print(f"{name:12} {fast:16.0f} {slow:14.0f} {fast / slow:5.1f}x {gflops:8.1f} "
-              f"{gflops / peak:8.0%} {peak_rss_gib():12.2f}", flush=True)
+        print(
+            f"{name:12} {fast:16.0f} {slow:14.0f} {fast / slow:5.1f}x {gflops:8.1f} "
+            f"{gflops / peak:8.0%} {peak_rss_gib():12.2f}",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------ roofline
 ROOFLINE_PROBES = ("logit_lens", "skip", "patch")
-PHASES = ("generation", "clean trace", "layer sweep", "unembedding", "divergences", "top-1, lens tokens",
-          "other", "writing rows")
+PHASES = (
+    "generation",
+    "clean trace",
+    "layer sweep",
+    "unembedding",
+    "divergences",
+    "top-1, lens tokens",
+    "other",
+    "writing rows",
+)
 
 
 class _Clock:
@@ -245,7 +283,7 @@ def required_flops(engine, probe: str, generations, layers, source_lengths) -> d
         need["unembedding"] += 2.0 * vocab * hidden * n * (1 + len(layers))
         if probe == "logit_lens":
             continue
-        above = [2.0 * sum(per_block[l + 1:]) for l in layers]
+        above = [2.0 * sum(per_block[l + 1 :]) for l in layers]
         if probe in ("ablate_attn", "ablate_mlp"):  # block l itself runs again, a sub-layer zeroed
             above = [a + 2.0 * per_block[l] for a, l in zip(above, layers)]
         need["layer sweep"] += sum(above) * (n if probe == "patch" else positions)
@@ -280,6 +318,7 @@ def instrumented(engine, clock):
                 return fn(*args, **kwargs)
             with clock(phase):
                 return fn(*args, **kwargs)
+
         return wrapper
 
     def sweep(fn):
@@ -291,18 +330,22 @@ def instrumented(engine, clock):
                 if piece is None:
                     return
                 yield piece
+
         return wrapper
 
-    patched = [(engine, "generate_batch", timed("generation", engine.generate_batch)),
-               (engine, "trace_batch", timed("clean trace", engine.trace_batch)),
-               (engine, "probe_context", timed("layer sweep", engine.probe_context)),
-               (engine, "_final_hidden", sweep(engine._final_hidden)),
-               (engine, "_matrices", timed("top-1, lens tokens", engine._matrices)),
-               (unembed, "run", timed("unembedding", unembed.run)),
-               (engine.adapter, "log_probs", timed("unembedding", engine.adapter.log_probs,
-                                                   unless=("clean trace",)))]
-    patched += [(divergence, name, timed("divergences", getattr(divergence, name)))
-                for name in ("compute", "compute_rows", "kl_rows")]
+    patched = [
+        (engine, "generate_batch", timed("generation", engine.generate_batch)),
+        (engine, "trace_batch", timed("clean trace", engine.trace_batch)),
+        (engine, "probe_context", timed("layer sweep", engine.probe_context)),
+        (engine, "_final_hidden", sweep(engine._final_hidden)),
+        (engine, "_matrices", timed("top-1, lens tokens", engine._matrices)),
+        (unembed, "run", timed("unembedding", unembed.run)),
+        (engine.adapter, "log_probs", timed("unembedding", engine.adapter.log_probs, unless=("clean trace",))),
+    ]
+    patched += [
+        (divergence, name, timed("divergences", getattr(divergence, name)))
+        for name in ("compute", "compute_rows", "kl_rows")
+    ]
     saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patched]
     try:
         for obj, name, fn in patched:
@@ -351,8 +394,10 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
     peak = matmul_gflops(device, dtype)
     head_rows = max(1, engine._cells_per_chunk(vocab))
     head_shape = _shape_gflops(device, dtype, head_rows, hidden, vocab)
-    print(f"yardstick: plain torch.matmul 2048^3 ({dtype}) {peak:.1f} GFLOP/s; the head's own shape "
-          f"({head_rows} x {hidden}) @ ({hidden} x {vocab}) {head_shape:.1f} GFLOP/s")
+    print(
+        f"yardstick: plain torch.matmul 2048^3 ({dtype}) {peak:.1f} GFLOP/s; the head's own shape "
+        f"({head_rows} x {hidden}) @ ({hidden} x {vocab}) {head_shape:.1f} GFLOP/s"
+    )
     cells_total = None
     for name in probes:
         spec = ProbeSpec(name)
@@ -386,9 +431,11 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
         need = required_flops(engine, name, generations, layers, sources)
         compute = sum(v for k, v in best.items() if k != "writing rows")
         total = sum(best.values())
-        print(f"\n{name}: {cells_total} cells; engine.run_many end-to-end {e2e:.3f} s, instrumented "
-              f"{compute:.3f} s ({(compute - e2e) / e2e:+.0%}; the phases below), {total:.3f} s with writing "
-              f"the rows (best of {repeat}; matmul yardstick {peak:.1f} GFLOP/s)")
+        print(
+            f"\n{name}: {cells_total} cells; engine.run_many end-to-end {e2e:.3f} s, instrumented "
+            f"{compute:.3f} s ({(compute - e2e) / e2e:+.0%}; the phases below), {total:.3f} s with writing "
+            f"the rows (best of {repeat}; matmul yardstick {peak:.1f} GFLOP/s)"
+        )
         print(f"  {'phase':20} {'s':>7} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of matmul':>9}")
         for phase in PHASES:
             sec, flops = best[phase], done[phase]
@@ -399,16 +446,24 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
         floor = bound / (peak * 1e9)
         print(f"  dominant phase: {dominant} ({best[dominant] / total:.0%} of the phases' time)")
         performed = sum(done.values())
-        print(f"  FLOPs performed (torch's FlopCounterMode: every matmul, attention too): {performed / 1e9:.1f} G; "
-              f"{performed / e2e / 1e9:.1f} GFLOP/s = {performed / e2e / 1e9 / peak:.0%} of matmul end-to-end")
+        print(
+            f"  FLOPs performed (torch's FlopCounterMode: every matmul, attention too): {performed / 1e9:.1f} G; "
+            f"{performed / e2e / 1e9:.1f} GFLOP/s = {performed / e2e / 1e9 / peak:.0%} of matmul end-to-end"
+        )
         parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in need.items() if v)
-        print(f"  lower bound (work the cells require): {bound / 1e9:.1f} GFLOP ({parts}); at "
-              f"{peak:.0f} GFLOP/s that is {floor:.3f} s")
-        print(f"  achieved: {bound / e2e / 1e9:.1f} GFLOP/s = {floor / e2e:.0%} of the plain matmul rate "
-              f"(lower bound / end-to-end time)")
-    print(f"\nthe matmul yardstick is the best of its measurements so far, {peak:.1f} GFLOP/s at the end; "
-          f"a probe's fractions use the value printed with it; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
+        print(
+            f"  lower bound (work the cells require): {bound / 1e9:.1f} GFLOP ({parts}); at "
+            f"{peak:.0f} GFLOP/s that is {floor:.3f} s"
+        )
+        print(
+            f"  achieved: {bound / e2e / 1e9:.1f} GFLOP/s = {floor / e2e:.0%} of the plain matmul rate "
+            f"(lower bound / end-to-end time)"
+        )
+    print(
+        f"\nthe matmul yardstick is the best of its measurements so far, {peak:.1f} GFLOP/s at the end; "
+        f"a probe's fractions use the value printed with it; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
 
 
 def _shape_gflops(device, dtype, m, k, n, reps=5) -> float:
@@ -425,9 +480,8 @@ def _shape_gflops(device, dtype, m, k, n, reps=5) -> float:
 
 def gemma_memory(divergences=("kl", "js")):
     from klstore.core.engine import Engine
-    from klstore.spec import GenerationSpec, Prompt
     from klstore.core.models import load_model, quiet_libraries
-    from klstore.spec import ProbeSpec
+    from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 
     quiet_libraries()
     loaded = load_model("gemma3-270m", device="cpu")
@@ -436,15 +490,21 @@ def gemma_memory(divergences=("kl", "js")):
     engine = Engine(loaded)
     prompt = Prompt("story", "Write a long story about a dragon who learns to paint. Once upon a time,")
     t0 = time.perf_counter()
-    result = engine.run(prompt, [ProbeSpec("logit_lens")], "all", tuple(divergences), GenerationSpec(max_new_tokens=64))[0]
+    result = engine.run(
+        prompt, [ProbeSpec("logit_lens")], "all", tuple(divergences), GenerationSpec(max_new_tokens=64)
+    )[0]
     seconds = time.perf_counter() - t0
     peak = peak_rss_gib()
     full = len(result.layers) * result.generation.n * 262144 * 4 / 2**30
-    print(f"Gemma-3-270M logit_lens, {len(result.layers)} layers x {result.generation.n} tokens, "
-          f"{'+'.join(divergences)} in {seconds:.1f} s")
+    print(
+        f"Gemma-3-270M logit_lens, {len(result.layers)} layers x {result.generation.n} tokens, "
+        f"{'+'.join(divergences)} in {seconds:.1f} s"
+    )
     print(f"model parameters: {model_gib:.2f} GiB; peak RSS after load {after_load:.2f} GiB, after run {peak:.2f} GiB")
-    print(f"peak - model = {peak - model_gib:.2f} GiB (target <= 1 GiB); an unchunked float32 "
-          f"[layers x tokens x vocab] tensor alone would be {full:.2f} GiB")
+    print(
+        f"peak - model = {peak - model_gib:.2f} GiB (target <= 1 GiB); an unchunked float32 "
+        f"[layers x tokens x vocab] tensor alone would be {full:.2f} GiB"
+    )
 
 
 def main() -> None:
@@ -453,8 +513,11 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5)
     parser.add_argument("--probes", help=f"default {','.join(PROBES)} ({','.join(ROOFLINE_PROBES)} with --roofline)")
     parser.add_argument("--gemma-memory", action="store_true")
-    parser.add_argument("--divergences", default="kl,js",
-                        help="--gemma-memory: kl alone takes the head pass (core/unembed.py), kl,js the row path")
+    parser.add_argument(
+        "--divergences",
+        default="kl,js",
+        help="--gemma-memory: kl alone takes the head pass (core/unembed.py), kl,js the row path",
+    )
     parser.add_argument("--roofline", action="store_true", help="time per phase and FLOP bounds instead")
     parser.add_argument("--repeat", type=int, default=3, help="--roofline: best of this many runs")
     parser.add_argument("--config", choices=sorted(CONFIGS), help="random-weight model of this size instead of SmolLM2")
@@ -471,9 +534,8 @@ def main() -> None:
     import tempfile
 
     from klstore.core.engine import Engine
-    from klstore.spec import Prompt
     from klstore.core.models import from_objects, load_model, pick_device_dtype, quiet_libraries
-    from klstore.spec import read_prompts
+    from klstore.spec import Prompt, read_prompts
 
     quiet_libraries()
     smollm2 = load_model("smollm2-135m", device=args.device)
@@ -488,13 +550,16 @@ def main() -> None:
         loaded = smollm2
     engine = Engine(loaded)
     demo = read_prompts(os.path.join(os.path.dirname(__file__), "..", "jobs", "prompts", "demo.jsonl"))
-    prompts = [Prompt(f"b{i}", demo[i % len(demo)].text, source=demo[(i + 1) % len(demo)].text)
-               for i in range(args.prompts)]
+    prompts = [
+        Prompt(f"b{i}", demo[i % len(demo)].text, source=demo[(i + 1) % len(demo)].text) for i in range(args.prompts)
+    ]
     hidden = loaded.model.get_output_embeddings().weight.shape[1]
     steer_file = os.path.join(tempfile.mkdtemp(), "v.pt")
     torch.save(torch.randn(hidden, generator=torch.Generator().manual_seed(0)), steer_file)
-    print(f"{loaded.label}: {engine.n_layers} layers, {args.prompts} prompts x {args.n} tokens, "
-          f"device {loaded.device}, {torch.get_num_threads()} threads")
+    print(
+        f"{loaded.label}: {engine.n_layers} layers, {args.prompts} prompts x {args.n} tokens, "
+        f"device {loaded.device}, {torch.get_num_threads()} threads"
+    )
     if args.roofline:
         roofline(engine, prompts, args.n, args.probes.split(","), args.repeat)
     else:

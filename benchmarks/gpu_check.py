@@ -34,13 +34,33 @@ import torch  # noqa: E402
 from engine import matmul_gflops  # noqa: E402  (benchmarks/engine.py: the same yardstick)
 
 BIG = {  # random-weight Qwen2-shaped models
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+    "qwen2-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
 }
-TEXTS = ["The capital of France is", "Once upon a time, there was", "2 + 2 =", "The opposite of hot is",
-         "In 1492, Columbus", "Water boils at", "The largest planet is", "My favourite colour is"]
+TEXTS = [
+    "The capital of France is",
+    "Once upon a time, there was",
+    "2 + 2 =",
+    "The opposite of hot is",
+    "In 1492, Columbus",
+    "Water boils at",
+    "The largest planet is",
+    "My favourite colour is",
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -71,8 +91,7 @@ def _random_model(name: str, device: str, dtype: torch.dtype, tokenizer):
 
     from klstore.core.models import from_objects
 
-    config = transformers.Qwen2Config(**BIG[name], max_position_embeddings=4096,
-                                      eos_token_id=tokenizer.eos_token_id)
+    config = transformers.Qwen2Config(**BIG[name], max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return from_objects(name, model.to(device=device, dtype=dtype), tokenizer)
@@ -121,8 +140,10 @@ def agreement(name: str, fp32_loaded, bf16_loaded, prompts, n_new) -> None:
             diffs.append(np.abs(other.values["kl"] - m.values["kl"]).ravel())
     d = np.concatenate(diffs)
     p50, p90, p99 = np.percentile(d, [50, 90, 99])
-    print(f"bf16 vs fp32 [{name}]: {d.size} cells, max |dKL| {d.max():.4g} nats; "
-          f"p50 {p50:.3g}, p90 {p90:.3g}, p99 {p99:.3g}; {100 * (d > 0.01).mean():.1f}% of cells above 0.01")
+    print(
+        f"bf16 vs fp32 [{name}]: {d.size} cells, max |dKL| {d.max():.4g} nats; "
+        f"p50 {p50:.3g}, p90 {p90:.3g}, p99 {p99:.3g}; {100 * (d > 0.01).mean():.1f}% of cells above 0.01"
+    )
 
 
 def mfu(loaded, prompts, n_new, matmul_n: int) -> None:
@@ -139,9 +160,11 @@ def mfu(loaded, prompts, n_new, matmul_n: int) -> None:
     _sync(loaded.device)
     seconds = time.perf_counter() - t0
     peak = matmul_gflops(loaded.device, loaded.dtype, n=matmul_n) * 1e9
-    print(f"MFU [{loaded.label}, logit_lens, {str(loaded.dtype).replace('torch.', '')}]: "
-          f"{flops / seconds / 1e9:.1f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s plain matmul "
-          f"({100 * flops / seconds / peak:.0f}%; {flops / 1e9:.2f} GFLOP in {seconds:.2f} s)")
+    print(
+        f"MFU [{loaded.label}, logit_lens, {str(loaded.dtype).replace('torch.', '')}]: "
+        f"{flops / seconds / 1e9:.1f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s plain matmul "
+        f"({100 * flops / seconds / peak:.0f}%; {flops / 1e9:.2f} GFLOP in {seconds:.2f} s)"
+    )
 
 
 def memory(loaded, prompts, n_new) -> None:
@@ -153,8 +176,10 @@ def memory(loaded, prompts, n_new) -> None:
     else:
         _matrices(_engine(loaded), prompts, n_new, ("logit_lens", "skip"))
         peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak resident memory (process)"
-    print(f"memory [{loaded.label}]: {what} {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB model "
-          f"(model + {(peak - size) / 2**30:.2f} GiB)")
+    print(
+        f"memory [{loaded.label}]: {what} {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB model "
+        f"(model + {(peak - size) / 2**30:.2f} GiB)"
+    )
 
 
 def throughput(loaded, n_prompts, n_new) -> None:
@@ -179,8 +204,10 @@ def noise_floor(loaded, prompts, n_new) -> None:
     batched = _matrices(engine, prompts, n_new, ("logit_lens", "skip"), batch_size=16)[0]
     alone = _matrices(engine, prompts[:1], n_new, ("logit_lens", "skip"), batch_size=1)[0]
     worst = max_gap(batched, alone)
-    print(f"noise floor [{loaded.label}, {str(loaded.dtype).replace('torch.', '')}]: max |KL(batch of 16) - "
-          f"KL(alone)| = {worst:.3g} nats")
+    print(
+        f"noise floor [{loaded.label}, {str(loaded.dtype).replace('torch.', '')}]: max |KL(batch of 16) - "
+        f"KL(alone)| = {worst:.3g} nats"
+    )
 
 
 def speed_modes(loaded, prompts, n_new, repeat: int = 2) -> None:
@@ -189,11 +216,14 @@ def speed_modes(loaded, prompts, n_new, repeat: int = 2) -> None:
     from klstore.spec import GenerationSpec, ProbeSpec
 
     engine = _engine(loaded)
-    modes = {"matmul_precision high": dict(matmul_precision="high"),
-             "matmul_precision medium": dict(matmul_precision="medium"),
-             "clean_pass cached": dict(clean_pass="cached")}
+    modes = {
+        "matmul_precision high": dict(matmul_precision="high"),
+        "matmul_precision medium": dict(matmul_precision="medium"),
+        "clean_pass cached": dict(clean_pass="cached"),
+    }
     for probe in ("logit_lens", "skip"):
-        def run(**options):
+
+        def run(probe=probe, **options):
             best, out = float("inf"), None
             for _ in range(repeat):
                 _sync(loaded.device)
@@ -228,8 +258,10 @@ def split_check(n_new: int) -> None:
         a = whole.run(prompt, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(n_new))[0]
         b = split.run(prompt, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(n_new))[0]
         diff = float(np.abs(a.values["kl"] - b.values["kl"]).max())
-        print(f"split over devices {'+'.join(placed)} [{probe}]: max |dKL| vs one device {diff:.3g} nats "
-              f"(same tokens: {a.generation.token_ids == b.generation.token_ids})")
+        print(
+            f"split over devices {'+'.join(placed)} [{probe}]: max |dKL| vs one device {diff:.3g} nats "
+            f"(same tokens: {a.generation.token_ids == b.generation.token_ids})"
+        )
 
 
 def main() -> None:
@@ -245,8 +277,11 @@ def main() -> None:
     quiet_libraries()
     device = torch.device(args.device)
     prompts = _prompts(args.prompts)
-    print(f"klstore GPU check on {device} (torch {torch.__version__}"
-          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "") + ")")
+    print(
+        f"klstore GPU check on {device} (torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+        + ")"
+    )
     smol32, smol16 = _smollm2(args.device, "float32"), _smollm2(args.device, "bfloat16")
     agreement("smollm2-135m", smol32, smol16, prompts, args.tokens)
     fast = smol16 if device.type == "cuda" else smol32

@@ -26,8 +26,9 @@ from klstore.core.engine import Engine  # noqa: E402
 from klstore.core.models import load_model  # noqa: E402
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt  # noqa: E402
 
-TEXT = ("The history of the city goes back many centuries, and its people have seen wars, famines and "
-        "long years of peace. ") * 9 + "In the end, the capital of France is"
+TEXT = (
+    "The history of the city goes back many centuries, and its people have seen wars, famines and long years of peace. "
+) * 9 + "In the end, the capital of France is"
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         cached = engine.probe_context(probe, prompt, trace.generation, spec)
-        cached.prefix_cache = engine._prefix_cache(trace.input_ids[0, :cached.patch_position].tolist())
+        cached.prefix_cache = engine._prefix_cache(trace.input_ids[0, : cached.patch_position].tolist())
     context_s = time.perf_counter() - t0
     whole = dataclasses.replace(cached, from_position=False)
     cached = dataclasses.replace(cached, from_position=True)
@@ -54,17 +55,24 @@ def main() -> None:
             result = engine.probe(trace, probe, layers, ("kl",), prompt, context)
             best[name] = min(best[name], time.perf_counter() - t0)
             values[name] = result.values["kl"]
-    print(f"patch sweep, {len(ids)}-token prompt, {engine.n_layers} layers x {trace.generation.n} tokens "
-          f"(best of {args.repeat}, same process, {torch.get_num_threads()} threads):")
+    print(
+        f"patch sweep, {len(ids)}-token prompt, {engine.n_layers} layers x {trace.generation.n} tokens "
+        f"(best of {args.repeat}, same process, {torch.get_num_threads()} threads):"
+    )
     for name, seconds in best.items():
         print(f"  {name:26s} {seconds:7.2f} s")
     diff = float(np.abs(values["whole sequence"] - values["from the patched position"]).max())
-    choice = engine._from_position(trace, probe, layers, dataclasses.replace(cached, from_position=None,
-                                                                              prefix_cache=None))
-    print(f"  the engine's own choice for this prompt (Engine._from_position): "
-          f"{'from the patched position' if choice else 'whole sequence'}")
-    print(f"  speed-up {best['whole sequence'] / best['from the patched position']:.1f}x (target >= 3x); "
-          f"max |diff| {diff:.2g} nats; the context (source pass + prefix cache) took {context_s:.2f} s once")
+    choice = engine._from_position(
+        trace, probe, layers, dataclasses.replace(cached, from_position=None, prefix_cache=None)
+    )
+    print(
+        f"  the engine's own choice for this prompt (Engine._from_position): "
+        f"{'from the patched position' if choice else 'whole sequence'}"
+    )
+    print(
+        f"  speed-up {best['whole sequence'] / best['from the patched position']:.1f}x (target >= 3x); "
+        f"max |diff| {diff:.2g} nats; the context (source pass + prefix cache) took {context_s:.2f} s once"
+    )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def nnsight_cells(lm, probe: str, prompts_ids: list[list[int]], layers: list[int], n: int,
-                  eos: set[int], pad: int) -> tuple[list[np.ndarray], list[list[int]]]:
+def nnsight_cells(
+    lm, probe: str, prompts_ids: list[list[int]], layers: list[int], n: int, eos: set[int], pad: int
+) -> tuple[list[np.ndarray], list[list[int]]]:
     """Prompt ids -> per prompt the (len(layers), n_gen) KL matrix, and the generated tokens."""
     generated = nnsight_generate(lm, prompts_ids, n, eos, pad)
     sequences = [ids + gen[:-1] for ids, gen in zip(prompts_ids, generated)]
@@ -99,8 +100,12 @@ def nnsight_cells(lm, probe: str, prompts_ids: list[list[int]], layers: list[int
         for seq in sequences:
             with tracer.invoke(seq):
                 if probe == "logit_lens":
-                    saved.append((torch.stack([blocks[l].output[0, -keep:] for l in layers]),  # (L, keep, H)
-                                  lm.output.logits[0]))  # (keep, V)
+                    saved.append(
+                        (
+                            torch.stack([blocks[l].output[0, -keep:] for l in layers]),  # (L, keep, H)
+                            lm.output.logits[0],
+                        )
+                    )  # (keep, V)
                 else:
                     saved.append(lm.output.logits[0])
     matrices = []
@@ -124,8 +129,9 @@ def nnsight_cells(lm, probe: str, prompts_ids: list[list[int]], layers: list[int
 
 
 @torch.no_grad()
-def nnsight_cells_documented(lm, probe: str, prompts_ids: list[list[int]], layers: list[int], n: int,
-                             eos: set[int], pad: int) -> tuple[list[np.ndarray], list[list[int]]]:
+def nnsight_cells_documented(
+    lm, probe: str, prompts_ids: list[list[int]], layers: list[int], n: int, eos: set[int], pad: int
+) -> tuple[list[np.ndarray], list[list[int]]]:
     """`nnsight_cells` in the form of nnsight's own logit-lens tutorial: the head decodes every
     layer inside the trace at every position, and the model's logits are computed at every
     position; the positions predicting Gen t are taken afterwards."""
@@ -165,8 +171,7 @@ def nnsight_cells_documented(lm, probe: str, prompts_ids: list[list[int]], layer
 def klstore_cells(engine, probe: str, prompts, layers: tuple[int, ...], n: int, **options) -> list[np.ndarray]:
     from klstore.spec import GenerationSpec, ProbeSpec
 
-    results = engine.run_many(prompts, [ProbeSpec(probe)], layers, ("kl",), GenerationSpec(max_new_tokens=n),
-                              **options)
+    results = engine.run_many(prompts, [ProbeSpec(probe)], layers, ("kl",), GenerationSpec(max_new_tokens=n), **options)
     out = []
     for result in results:
         if isinstance(result, Exception):
@@ -207,15 +212,20 @@ def main() -> int:
     parser.add_argument("--layers", default="all", help="klstore layer spec (default all)")
     parser.add_argument("-n", type=int, default=5, help="generated tokens")
     parser.add_argument("--repeat", type=int, default=5, help="best of this many runs per side")
-    parser.add_argument("--reference", type=int, default=2,
-                        help="prompts also checked against the float64 reference (0: none)")
+    parser.add_argument(
+        "--reference", type=int, default=2, help="prompts also checked against the float64 reference (0: none)"
+    )
     parser.add_argument("--probes", default=",".join(PROBES))
-    parser.add_argument("--quick", action="store_true",
-                        help="2 prompts x layers 0-3 x 2 tokens, once, no float64 reference")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 prompts x layers 0-3 x 2 tokens, once, no float64 reference"
+    )
     parser.add_argument("--no-peer", action="store_true", help="klstore alone even if nnsight is installed")
     parser.add_argument("--tutorial", action="store_true", help="also nnsight in its tutorial form (slow)")
-    parser.add_argument("--fast", action="store_true",
-                        help="also klstore's opt-in speed modes: clean_pass cached, matmul_precision medium, both")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="also klstore's opt-in speed modes: clean_pass cached, matmul_precision medium, both",
+    )
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.layers, args.n, args.repeat, args.reference = 2, "0-3", 2, 1, 0
@@ -230,7 +240,7 @@ def main() -> int:
     engine = Engine(loaded)
     layers = parse_layers(args.layers, engine.n_layers, loaded.label)
     demo = read_prompts(os.path.join(REPO, "jobs", "prompts", "demo.jsonl"))
-    prompts = [Prompt(p.id, p.text, p.group) for p in demo[:args.prompts]]
+    prompts = [Prompt(p.id, p.text, p.group) for p in demo[: args.prompts]]
     prompts_ids = [engine.encode(p, _gen(args.n)) for p in prompts]
     probes = args.probes.split(",")
     cells = len(prompts) * len(layers) * args.n
@@ -242,16 +252,21 @@ def main() -> int:
             import nnsight
             from nnsight import TransformersModel
         except ImportError:
-            print(f"nnsight is missing: klstore's numbers only (`make bench` installs {NNSIGHT_PIN} "
-                  "into build/venv-bench)")
+            print(
+                f"nnsight is missing: klstore's numbers only (`make bench` installs {NNSIGHT_PIN} "
+                "into build/venv-bench)"
+            )
         else:
             peer = f"nnsight {nnsight.__version__}"
             if f"nnsight=={nnsight.__version__}" != NNSIGHT_PIN:
                 print(f"note: the benchmark's peer is pinned at {NNSIGHT_PIN}; this is {peer}")
-    print(f"{loaded.label} float32 on CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"{len(prompts)} prompts x {len(layers)} layers x {args.n} tokens = {cells} cells per probe; "
-          f"best of {args.repeat}; peer: {peer or 'none'}; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{loaded.label} float32 on CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"{len(prompts)} prompts x {len(layers)} layers x {args.n} tokens = {cells} cells per probe; "
+        f"best of {args.repeat}; peer: {peer or 'none'}; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     forms = {}
     if peer is not None:
@@ -263,17 +278,39 @@ def main() -> int:
         if args.tutorial:
             forms["nnsight (tutorial form)"] = nnsight_cells_documented
 
-    fast = {"cached": dict(clean_pass="cached"), "medium": dict(matmul_precision="medium"),
-            "cached+medium": dict(clean_pass="cached", matmul_precision="medium")} if args.fast else {}
+    fast = (
+        {
+            "cached": dict(clean_pass="cached"),
+            "medium": dict(matmul_precision="medium"),
+            "cached+medium": dict(clean_pass="cached", matmul_precision="medium"),
+        }
+        if args.fast
+        else {}
+    )
     table = []  # (probe, klstore s, {form: (s, max|diff|)}, klstore cells, nnsight cells, {mode: (s, cells)})
     for probe in probes:
         runs = {"klstore": lambda probe=probe: (klstore_cells(engine, probe, prompts, layers, args.n), None)}
-        runs.update({f"klstore {mode}": (lambda probe=probe, options=options:
-                                         (klstore_cells(engine, probe, prompts, layers, args.n, **options), None))
-                     for mode, options in fast.items()})
-        runs.update({form: (lambda fn=fn, probe=probe: fn(lm, probe, prompts_ids, list(layers), args.n,
-                                                          engine._eos, engine._pad_id))
-                     for form, fn in forms.items()})
+        runs.update(
+            {
+                f"klstore {mode}": (
+                    lambda probe=probe, options=options: (
+                        klstore_cells(engine, probe, prompts, layers, args.n, **options),
+                        None,
+                    )
+                )
+                for mode, options in fast.items()
+            }
+        )
+        runs.update(
+            {
+                form: (
+                    lambda fn=fn, probe=probe: fn(
+                        lm, probe, prompts_ids, list(layers), args.n, engine._eos, engine._pad_id
+                    )
+                )
+                for form, fn in forms.items()
+            }
+        )
         mine = [r.token_ids for r in engine.generate_batch(prompts_ids, _gen(args.n))]
         for form, run in runs.items():
             _, generated = run()  # warm-up
@@ -285,9 +322,16 @@ def main() -> int:
                 seconds, (results[form], _) = best_of(1, run)
                 best[form] = min(best[form], seconds)
         k_cells = results["klstore"]
-        table.append((probe, best["klstore"], {form: (best[form], max_diff(k_cells, results[form])) for form in forms},
-                      k_cells, results.get("nnsight"),
-                      {mode: (best[f"klstore {mode}"], results[f"klstore {mode}"]) for mode in fast}))
+        table.append(
+            (
+                probe,
+                best["klstore"],
+                {form: (best[form], max_diff(k_cells, results[form])) for form in forms},
+                k_cells,
+                results.get("nnsight"),
+                {mode: (best[f"klstore {mode}"], results[f"klstore {mode}"]) for mode in fast},
+            )
+        )
 
     header = f"{'probe':11} {'klstore s':>9}"
     for form in forms or ["nnsight"]:
@@ -301,16 +345,20 @@ def main() -> int:
             line += f" {seconds:{max(9, len(form) + 2)}.3f} {seconds / k_time:5.2f}x {diff:9.1e}"
         print(line)
     if forms:
-        print("ratio = peer time / klstore time (above 1: klstore is faster); max|diff|: the largest |KL "
-              "difference| between klstore's and the peer's matrices, nats")
+        print(
+            "ratio = peer time / klstore time (above 1: klstore is faster); max|diff|: the largest |KL "
+            "difference| between klstore's and the peer's matrices, nats"
+        )
     if fast:
-        print("\nklstore's opt-in speed modes (README, \"How the engine works\"), same run:")
+        print('\nklstore\'s opt-in speed modes (README, "How the engine works"), same run:')
         print(f"{'probe':11} {'mode':14} {'s':>7} {'vs default':>10} {'vs nnsight':>10} {'max|diff| vs default':>21}")
         for probe, k_time, peers_out, k_cells, _, modes in table:
             for mode, (seconds, cells_) in modes.items():
                 versus = f"{peers_out['nnsight'][0] / seconds:9.2f}x" if "nnsight" in peers_out else f"{'-':>10}"
-                print(f"{probe:11} {mode:14} {seconds:7.3f} {k_time / seconds:9.2f}x {versus} "
-                      f"{max_diff(k_cells, cells_):21.1e}")
+                print(
+                    f"{probe:11} {mode:14} {seconds:7.3f} {k_time / seconds:9.2f}x {versus} "
+                    f"{max_diff(k_cells, cells_):21.1e}"
+                )
 
     if args.reference:
         count = min(args.reference, len(prompts))

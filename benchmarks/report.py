@@ -47,17 +47,24 @@ def kl_table(rng, ids, groups, layers: int) -> pa.Table:
     kl = (np.exp(-layer / 8.0) * 12.0 * rng.lognormal(0.0, 0.5, n)).astype(np.float32)
     probs = np.sort(rng.dirichlet(np.ones(TOPK + 1), n)[:, :TOPK].astype(np.float32), axis=1)[:, ::-1]
     offsets = pa.array(np.arange(0, (n + 1) * TOPK, TOPK, dtype=np.int32))
-    return pa.table({
-        "prompt_id": pa.DictionaryArray.from_arrays(index, pa.array(ids)).cast(pa.string()),
-        "prompt_group": pa.DictionaryArray.from_arrays(index, pa.array(groups)).cast(pa.string()),
-        "layer": layer, "gen_idx": np.tile(np.arange(TOKENS, dtype=np.int16), len(ids) * layers), "kl": kl,
-        "kl_reverse": pa.nulls(n, pa.float32()), "js": pa.nulls(n, pa.float32()),
-        "top1_match": rng.random(n) < np.exp(-(layers - layer) / 6.0),
-        "n_layers": np.full(n, layers, np.int16),
-        "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, VOCAB, n * TOPK, dtype=np.int32))),
-        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1))),
-        "gen_rank": rng.integers(1, 50, n, dtype=np.int32), "gen_logq": -rng.exponential(2.0, n).astype(np.float32),
-    }, schema=KL_SCHEMA)
+    return pa.table(
+        {
+            "prompt_id": pa.DictionaryArray.from_arrays(index, pa.array(ids)).cast(pa.string()),
+            "prompt_group": pa.DictionaryArray.from_arrays(index, pa.array(groups)).cast(pa.string()),
+            "layer": layer,
+            "gen_idx": np.tile(np.arange(TOKENS, dtype=np.int16), len(ids) * layers),
+            "kl": kl,
+            "kl_reverse": pa.nulls(n, pa.float32()),
+            "js": pa.nulls(n, pa.float32()),
+            "top1_match": rng.random(n) < np.exp(-(layers - layer) / 6.0),
+            "n_layers": np.full(n, layers, np.int16),
+            "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, VOCAB, n * TOPK, dtype=np.int32))),
+            "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1))),
+            "gen_rank": rng.integers(1, 50, n, dtype=np.int32),
+            "gen_logq": -rng.exponential(2.0, n).astype(np.float32),
+        },
+        schema=KL_SCHEMA,
+    )
 
 
 def write_store(root: str, n_prompts: int, models: dict, probes, n_groups: int, step: int = 2048):
@@ -67,30 +74,65 @@ def write_store(root: str, n_prompts: int, models: dict, probes, n_groups: int, 
     rng = np.random.default_rng(0)
     for model in models:
         texts = [" " * (i % 3 == 0) + f"tok{i}" for i in range(VOCAB)]
-        store.write("tokens", pa.table({"token_id": np.arange(VOCAB, dtype=np.int32), "token_text": texts},
-                                       schema=TOKENS_SCHEMA), "vocab-bench.parquet", model=model)
+        store.write(
+            "tokens",
+            pa.table({"token_id": np.arange(VOCAB, dtype=np.int32), "token_text": texts}, schema=TOKENS_SCHEMA),
+            "vocab-bench.parquet",
+            model=model,
+        )
     for first in range(0, n_prompts, step):
         count = min(step, n_prompts - first)
         ids = [f"prompt-{i:07d}" for i in range(first, first + count)]
         groups = [f"group-{i % n_groups}" for i in range(first, first + count)]
         for model, layers in models.items():
             for probe in probes:
-                store.write("kl", kl_table(rng, ids, groups, layers), f"part-{first:08d}.parquet",
-                            model=model, probe=probe, run_id="bench")
+                store.write(
+                    "kl",
+                    kl_table(rng, ids, groups, layers),
+                    f"part-{first:08d}.parquet",
+                    model=model,
+                    probe=probe,
+                    run_id="bench",
+                )
             n = count * TOKENS
-            store.write("generations", pa.table({
-                "prompt_id": np.repeat(ids, TOKENS), "prompt_group": np.repeat(groups, TOKENS),
-                "gen_idx": np.tile(np.arange(TOKENS, dtype=np.int16), count),
-                "token_id": rng.integers(0, VOCAB, n).astype(np.int32),
-                "token_text": [f" tok{i % 97}" for i in range(n)],
-                "logprob": rng.random(n).astype(np.float32), "entropy": rng.random(n).astype(np.float32),
-            }, schema=GENERATIONS_SCHEMA), f"part-{first:08d}.parquet", model=model, run_id="bench")
-            store.write("prompts", pa.table({
-                "prompt_id": ids, "prompt_group": groups, "prompt_text": [f"text of {i}" for i in ids],
-                "source_text": [None] * count, "n_prompt_tokens": np.full(count, 8, np.int32),
-                "n_generated": np.full(count, TOKENS, np.int32), "stopped_at_eos": [False] * count,
-                "status": ["ok"] * count, "error": [None] * count,
-            }, schema=PROMPTS_SCHEMA), f"part-{first:08d}.parquet", model=model, run_id="bench")
+            store.write(
+                "generations",
+                pa.table(
+                    {
+                        "prompt_id": np.repeat(ids, TOKENS),
+                        "prompt_group": np.repeat(groups, TOKENS),
+                        "gen_idx": np.tile(np.arange(TOKENS, dtype=np.int16), count),
+                        "token_id": rng.integers(0, VOCAB, n).astype(np.int32),
+                        "token_text": [f" tok{i % 97}" for i in range(n)],
+                        "logprob": rng.random(n).astype(np.float32),
+                        "entropy": rng.random(n).astype(np.float32),
+                    },
+                    schema=GENERATIONS_SCHEMA,
+                ),
+                f"part-{first:08d}.parquet",
+                model=model,
+                run_id="bench",
+            )
+            store.write(
+                "prompts",
+                pa.table(
+                    {
+                        "prompt_id": ids,
+                        "prompt_group": groups,
+                        "prompt_text": [f"text of {i}" for i in ids],
+                        "source_text": [None] * count,
+                        "n_prompt_tokens": np.full(count, 8, np.int32),
+                        "n_generated": np.full(count, TOKENS, np.int32),
+                        "stopped_at_eos": [False] * count,
+                        "status": ["ok"] * count,
+                        "error": [None] * count,
+                    },
+                    schema=PROMPTS_SCHEMA,
+                ),
+                f"part-{first:08d}.parquet",
+                model=model,
+                run_id="bench",
+            )
     return store
 
 
@@ -104,8 +146,9 @@ def cpu(result: dict, cpus: int) -> str:
 
 def demo_shape(root: str, skip_serial: bool) -> None:
     t0 = time.perf_counter()
-    store = write_store(os.path.join(root, "demo-store"), 24, {"model-30": 30, "model-18": 18},
-                        ("logit_lens", "skip", "noise"), 3)
+    store = write_store(
+        os.path.join(root, "demo-store"), 24, {"model-30": 30, "model-18": 18}, ("logit_lens", "skip", "noise"), 3
+    )
     print(f"demo-shaped store: 24 prompts x 2 models x 3 probes written in {time.perf_counter() - t0:.1f} s")
     spec = load_report_spec(SPEC)
     out = os.path.join(root, "demo-report")
@@ -115,8 +158,10 @@ def demo_shape(root: str, skip_serial: bool) -> None:
     print(f"demo report, {parallel['drawn']} figures:")
     if serial:
         print(f"  1 drawing process:        {serial['seconds']:6.1f} s ({cpu(serial, 1)})")
-    print(f"  {workers} drawing processes:      {parallel['seconds']:6.1f} s (target <= 15 s; {cpu(parallel, workers)})"
-          + (f"; {serial['seconds'] / parallel['seconds']:.2f}x faster than one" if serial else ""))
+    print(
+        f"  {workers} drawing processes:      {parallel['seconds']:6.1f} s (target <= 15 s; {cpu(parallel, workers)})"
+        + (f"; {serial['seconds'] / parallel['seconds']:.2f}x faster than one" if serial else "")
+    )
 
 
 def ten_million(root: str, rows: int, skip_serial: bool) -> None:
@@ -125,22 +170,27 @@ def ten_million(root: str, rows: int, skip_serial: bool) -> None:
     n_prompts = rows // per_prompt
     t0 = time.perf_counter()
     store = write_store(os.path.join(root, "store"), n_prompts, models, probes, 8)
-    print(f"store: {n_prompts * per_prompt:,} kl rows with top-{TOPK} tokens written in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"store: {n_prompts * per_prompt:,} kl rows with top-{TOPK} tokens written in {time.perf_counter() - t0:.1f} s"
+    )
     spec = load_report_spec(SPEC)
     out = os.path.join(root, "report")
     full = site.build(store, spec, out=out, log=lambda m: None)
     cpus = drawing.available_cpus()
-    print(f"full report:      {full['seconds']:6.1f} s ({full['drawn']} figures drawn; "
-          f"targets <= 30 s (issue 13), <= 60 s (issue 11); {cpu(full, cpus)})")
+    print(
+        f"full report:      {full['seconds']:6.1f} s ({full['drawn']} figures drawn; "
+        f"targets <= 30 s (issue 13), <= 60 s (issue 11); {cpu(full, cpus)})"
+    )
     again = site.build(store, spec, out=out, log=lambda m: None)
     print(f"unchanged rerun:  {again['seconds']:6.2f} s ({again['drawn']} figures drawn; target <= 5 s)")
     forced = site.build(store, spec, out=out, force=True, log=lambda m: None)
     print(f"forced rebuild:   {forced['seconds']:6.1f} s ({cpus} drawing processes; {cpu(forced, cpus)})")
     if not skip_serial:
         serial = site.build(store, spec, out=out, force=True, log=lambda m: None, workers=1)
-        print(f"forced rebuild:   {serial['seconds']:6.1f} s (1 drawing process; {cpu(serial, 1)}; "
-              f"parallel is {serial['seconds'] / forced['seconds']:.2f}x faster)")
+        print(
+            f"forced rebuild:   {serial['seconds']:6.1f} s (1 drawing process; {cpu(serial, 1)}; "
+            f"parallel is {serial['seconds'] / forced['seconds']:.2f}x faster)"
+        )
 
 
 def main() -> None:

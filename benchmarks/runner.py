@@ -28,12 +28,10 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=8)
     args = parser.parse_args()
 
-    from klstore.spec import parse_experiment
-    from klstore.run import runner
     from klstore.core.models import quiet_libraries
-    from klstore.spec import read_prompts
-    from klstore.spec import ComputeSpec
+    from klstore.run import runner
     from klstore.run.worker import Worker
+    from klstore.spec import ComputeSpec, parse_experiment, read_prompts
 
     quiet_libraries()
     root = tempfile.mkdtemp(prefix="klbench-")
@@ -45,16 +43,24 @@ def main() -> None:
             handle.write(json.dumps({"id": f"b{i:03d}", "text": p.text, "group": p.group}) + "\n")
 
     def cfg(store, actors):
-        return parse_experiment({
-            "name": "bench", "store": store,
-            "models": [{"name": "smollm2-135m", "actors": actors}],
-            "prompts": [prompts_path], "probes": ["logit_lens", "skip"], "layers": "all",
-            "generation": {"max_new_tokens": 5}, "divergences": ["kl"], "shard_size": args.shard_size})
+        return parse_experiment(
+            {
+                "name": "bench",
+                "store": store,
+                "models": [{"name": "smollm2-135m", "actors": actors}],
+                "prompts": [prompts_path],
+                "probes": ["logit_lens", "skip"],
+                "layers": "all",
+                "generation": {"max_new_tokens": 5},
+                "divergences": ["kl"],
+                "shard_size": args.shard_size,
+            }
+        )
 
     base = cfg(os.path.join(root, "inproc"), 1)
     worker = Worker("smollm2-135m", "smollm2-135m", base.store, device="cpu")
     job = ComputeSpec(base.probes, base.layers, base.divergences, base.generation)
-    shards = [base.prompts[i:i + args.shard_size] for i in range(0, len(base.prompts), args.shard_size)]
+    shards = [base.prompts[i : i + args.shard_size] for i in range(0, len(base.prompts), args.shard_size)]
     worker.run_shard("warmup", shards[0][:1], job)
     t0 = time.perf_counter()
     cells = sum(worker.run_shard("bench", shard, job).cells for shard in shards)
@@ -67,8 +73,10 @@ def main() -> None:
         summary = runner.run(cfg(os.path.join(root, f"ray{actors}"), actors), progress_every=60, num_cpus=2)
         seconds = summary["seconds_after_first_actor_ready"]
         results[actors] = seconds
-        print(f"Ray runner, {actors} actor(s): {seconds:6.1f} s  {cells / seconds:7.0f} cells/s "
-              f"(after the first actor loaded its model; total {summary['seconds']:.1f} s)")
+        print(
+            f"Ray runner, {actors} actor(s): {seconds:6.1f} s  {cells / seconds:7.0f} cells/s "
+            f"(after the first actor loaded its model; total {summary['seconds']:.1f} s)"
+        )
     print(f"runner overhead (1 actor vs in process): {100 * (results[1] / inproc - 1):+.1f}% (target <= +10%)")
     print(f"scaling 1 -> 2 actors on this machine: {results[1] / results[2]:.2f}x")
     shutil.rmtree(root, ignore_errors=True)

@@ -27,8 +27,7 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from klstore.store import upkeep, views  # noqa: E402
-from klstore.store import KL_SCHEMA, open_store  # noqa: E402
+from klstore.store import KL_SCHEMA, open_store, upkeep, views  # noqa: E402  # noqa: E402
 
 LAYERS, TOKENS = 30, 5
 MODELS, PROBES = ("model-a", "model-b"), ("logit_lens", "skip")
@@ -45,16 +44,24 @@ def shard_table(rng, first_prompt: int, n_prompts: int) -> pa.Table:
     ids = pa.array([f"prompt-{i:07d}" for i in range(first_prompt, first_prompt + n_prompts)])
     groups = pa.array([f"group-{i % 8}" for i in range(first_prompt, first_prompt + n_prompts)])
     index = pa.array(prompt_ids - first_prompt)
-    return pa.table({
-        "prompt_id": pa.DictionaryArray.from_arrays(index, ids).cast(pa.string()),
-        "prompt_group": pa.DictionaryArray.from_arrays(index, groups).cast(pa.string()),
-        "layer": layer, "gen_idx": gen, "kl": kl,
-        "kl_reverse": pa.nulls(n, pa.float32()), "js": pa.nulls(n, pa.float32()),
-        "top1_match": rng.random(n) < np.exp(-(LAYERS - layer) / 6.0),
-        "n_layers": np.full(n, LAYERS, np.int16),
-        "topk_ids": pa.nulls(n, pa.list_(pa.int32())), "topk_probs": pa.nulls(n, pa.list_(pa.float32())),
-        "gen_rank": pa.nulls(n, pa.int32()), "gen_logq": pa.nulls(n, pa.float32()),
-    }, schema=KL_SCHEMA)
+    return pa.table(
+        {
+            "prompt_id": pa.DictionaryArray.from_arrays(index, ids).cast(pa.string()),
+            "prompt_group": pa.DictionaryArray.from_arrays(index, groups).cast(pa.string()),
+            "layer": layer,
+            "gen_idx": gen,
+            "kl": kl,
+            "kl_reverse": pa.nulls(n, pa.float32()),
+            "js": pa.nulls(n, pa.float32()),
+            "top1_match": rng.random(n) < np.exp(-(LAYERS - layer) / 6.0),
+            "n_layers": np.full(n, LAYERS, np.int16),
+            "topk_ids": pa.nulls(n, pa.list_(pa.int32())),
+            "topk_probs": pa.nulls(n, pa.list_(pa.float32())),
+            "gen_rank": pa.nulls(n, pa.int32()),
+            "gen_logq": pa.nulls(n, pa.float32()),
+        },
+        schema=KL_SCHEMA,
+    )
 
 
 def main() -> None:
@@ -91,8 +98,10 @@ def main() -> None:
     print(f"write rate:          {rows / write_s / 1e6:.2f} M rows/s ({write_s:.1f} s, incl. generating them)")
 
     con = views.connect(store)
-    heatmap = ("SELECT layer, gen_idx, avg(kl) FROM kl WHERE model = 'model-a' AND probe = 'logit_lens' "
-               "GROUP BY layer, gen_idx ORDER BY layer, gen_idx")
+    heatmap = (
+        "SELECT layer, gen_idx, avg(kl) FROM kl WHERE model = 'model-a' AND probe = 'logit_lens' "
+        "GROUP BY layer, gen_idx ORDER BY layer, gen_idx"
+    )
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -102,8 +111,10 @@ def main() -> None:
     plan = con.execute("EXPLAIN ANALYZE " + heatmap).fetchall()[0][1]
     scanned = [line for line in plan.splitlines() if "Files" in line or "files" in line]
     print(f"heatmap aggregation: {min(times):.2f} s best of 3 (target <= 5 s); first {times[0]:.2f} s")
-    print(f"  one model+probe partition holds {len(store.files('kl')) // 4} of {len(files)} files; "
-          f"plan: {' '.join(s.strip(' │') for s in scanned[:2]) or 'n/a'}")
+    print(
+        f"  one model+probe partition holds {len(store.files('kl')) // 4} of {len(files)} files; "
+        f"plan: {' '.join(s.strip(' │') for s in scanned[:2]) or 'n/a'}"
+    )
     whole = "SELECT model, probe, layer, gen_idx, avg(kl) FROM kl GROUP BY ALL"
     t0 = time.perf_counter()
     con.execute(whole).fetchall()
@@ -113,9 +124,11 @@ def main() -> None:
     result = upkeep.verify(store)
     verify_s = time.perf_counter() - t0
     clean = not any(result["problems"].values()) and result["duplicate_rows"] == 0
-    print(f"verify:              {result['bytes'] / 2**20 / verify_s:.0f} MiB/s of Parquet "
-          f"({result['files']} files, {result['bytes'] / 2**20:.0f} MiB in {verify_s:.2f} s; "
-          f"{'clean' if clean else 'PROBLEMS'}; target >= 300 MB/s)")
+    print(
+        f"verify:              {result['bytes'] / 2**20 / verify_s:.0f} MiB/s of Parquet "
+        f"({result['files']} files, {result['bytes'] / 2**20:.0f} MiB in {verify_s:.2f} s; "
+        f"{'clean' if clean else 'PROBLEMS'}; target >= 300 MB/s)"
+    )
     write_cost(args)
 
 
@@ -131,14 +144,20 @@ def lens_bytes(args) -> None:
     from klstore.run.records import PromptOutcome, kl_rows
     from klstore.spec import GenerationSpec, ProbeSpec, read_prompts
 
-    prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[:args.lens_prompts]
+    prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[: args.lens_prompts]
     engine = Engine(load_model("smollm2-135m", device="cpu"))
     probes = [ProbeSpec("logit_lens"), ProbeSpec("skip")]
     results = engine.run_many(prompts, probes, "all", ("kl",), GenerationSpec(5), topk=5)
     outcomes = [PromptOutcome(p, tuple(r)) for p, r in zip(prompts, results)]
-    bare = [PromptOutcome(o.prompt, tuple(dataclasses.replace(m, topk_ids=None, topk_probs=None, gen_rank=None,
-                                                              gen_logq=None) for m in o.matrices))
-            for o in outcomes]
+    bare = [
+        PromptOutcome(
+            o.prompt,
+            tuple(
+                dataclasses.replace(m, topk_ids=None, topk_probs=None, gen_rank=None, gen_logq=None) for m in o.matrices
+            ),
+        )
+        for o in outcomes
+    ]
     scratch = args.dir + "-lens"
     shutil.rmtree(scratch, ignore_errors=True)
     sizes, cells = {}, 0
@@ -150,9 +169,11 @@ def lens_bytes(args) -> None:
             store.write("kl", table, "part-bench.parquet", model="smollm2-135m", probe=probe.name, run_id="bench")
         sizes[name] = sum(os.path.getsize(f) for f in store.files("kl"))
     per = (sizes["with"] - sizes["without"]) / (cells * 5)
-    print(f"lens tokens:         {per:.2f} bytes per (cell, rank) row at k = 5 (target <= 8), "
-          f"incl. gen_rank and gen_logq; {cells:,} cells of SmolLM2 (logit_lens + skip, {len(prompts)} prompts); "
-          f"kl files {sizes['without'] / 1024:.0f} KiB -> {sizes['with'] / 1024:.0f} KiB")
+    print(
+        f"lens tokens:         {per:.2f} bytes per (cell, rank) row at k = 5 (target <= 8), "
+        f"incl. gen_rank and gen_logq; {cells:,} cells of SmolLM2 (logit_lens + skip, {len(prompts)} prompts); "
+        f"kl files {sizes['without'] / 1024:.0f} KiB -> {sizes['with'] / 1024:.0f} KiB"
+    )
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -189,8 +210,10 @@ def write_cost(args, tables: int = 24, repeats: int = 3) -> None:
             _plain_write(table, os.path.join(scratch, "plain", f"part-{i:08d}.parquet"))
         best["plain"] = min(best["plain"], time.perf_counter() - t0)
     rows = sum(t.num_rows for t in data)
-    print(f"write cost:          records + page checksums {best['recorded']:.2f} s vs plain {best['plain']:.2f} s "
-          f"for {rows / 1e6:.1f} M rows: {100 * (best['recorded'] / best['plain'] - 1):+.1f}% (target <= +5%)")
+    print(
+        f"write cost:          records + page checksums {best['recorded']:.2f} s vs plain {best['plain']:.2f} s "
+        f"for {rows / 1e6:.1f} M rows: {100 * (best['recorded'] / best['plain'] - 1):+.1f}% (target <= +5%)"
+    )
     shutil.rmtree(scratch, ignore_errors=True)
 
 

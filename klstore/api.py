@@ -30,9 +30,19 @@ from typing import TYPE_CHECKING
 
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker  # no torch at import: it loads models inside its methods
-from klstore.spec import (DEFAULT_CLEAN_PASS, DEFAULT_MATMUL_PRECISION, DEFAULT_TOPK,
-                          ComputeSpec, GenerationSpec, Prompt, ProbeSpec, check_divergences, check_label,
-                          check_patch_sources, model_label)
+from klstore.spec import (
+    DEFAULT_CLEAN_PASS,
+    DEFAULT_MATMUL_PRECISION,
+    DEFAULT_TOPK,
+    ComputeSpec,
+    GenerationSpec,
+    ProbeSpec,
+    Prompt,
+    check_divergences,
+    check_label,
+    check_patch_sources,
+    model_label,
+)
 
 if TYPE_CHECKING:
     from klstore.core.engine import Engine
@@ -42,9 +52,18 @@ __all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"
 
 
 # ------------------------------------------------------------------- loading
-def load(name: str | None = None, *, model=None, tokenizer=None, device: str = "auto", dtype: str = "auto",
-         trust_remote_code: bool = False, label: str | None = None, device_map=None,
-         max_memory=None) -> "Lens":
+def load(
+    name: str | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    label: str | None = None,
+    device_map=None,
+    max_memory=None,
+) -> Lens:
     """Load a model by name, or wrap a transformers model already in memory.
 
     Args:
@@ -84,10 +103,15 @@ def load(name: str | None = None, *, model=None, tokenizer=None, device: str = "
     label = check_label(label or model_label(name), "model label")
     from klstore.spec import check_device_map
 
-    loaded = load_model(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                        device_map=check_device_map(device_map), max_memory=max_memory)
-    return Lens._wrap(loaded, label=label, name=name, dtype=dtype, device=device,
-                      trust_remote_code=trust_remote_code)
+    loaded = load_model(
+        name,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device_map=check_device_map(device_map),
+        max_memory=max_memory,
+    )
+    return Lens._wrap(loaded, label=label, name=name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 class Lens:
@@ -102,8 +126,16 @@ class Lens:
         raise TypeError("use klstore.load(...) to make a Lens")
 
     @classmethod
-    def _wrap(cls, loaded, *, label: str, name: str, dtype: str = "auto", device: str = "auto",
-              trust_remote_code: bool = False) -> "Lens":
+    def _wrap(
+        cls,
+        loaded,
+        *,
+        label: str,
+        name: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> Lens:
         """A Lens around a `klstore.core.models.LoadedModel` (tests reuse a session's model)."""
         from klstore.core.engine import Engine
 
@@ -111,8 +143,9 @@ class Lens:
         lens.loaded = loaded
         lens.engine = Engine(loaded)
         lens.label = check_label(label, "model label")
-        lens._model_config = dict(name=name, label=lens.label, dtype=dtype, device=device,
-                                  trust_remote_code=trust_remote_code)
+        lens._model_config = dict(
+            name=name, label=lens.label, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
         return lens
 
     @property
@@ -121,14 +154,30 @@ class Lens:
         return self.engine.n_layers
 
     def __repr__(self) -> str:
-        return (f"Lens({self.label!r}: {self.n_layers} layers, {self.loaded.device}, "
-                f"{str(self.loaded.dtype).replace('torch.', '')})")
+        return (
+            f"Lens({self.label!r}: {self.n_layers} layers, {self.loaded.device}, "
+            f"{str(self.loaded.dtype).replace('torch.', '')})"
+        )
 
-    def compute(self, prompts, probes=("logit_lens",), layers: str | int = "all", n: int = 5,
-                divergences=("kl",), *, sample: bool = False, seed: int = 0, temperature: float = 1.0,
-                chat: bool = False, source: str | None = None, progress: bool = True,
-                topk: int = DEFAULT_TOPK, clean_pass: str = DEFAULT_CLEAN_PASS,
-                matmul_precision: str = DEFAULT_MATMUL_PRECISION, **options) -> "Result":
+    def compute(
+        self,
+        prompts,
+        probes=("logit_lens",),
+        layers: str | int = "all",
+        n: int = 5,
+        divergences=("kl",),
+        *,
+        sample: bool = False,
+        seed: int = 0,
+        temperature: float = 1.0,
+        chat: bool = False,
+        source: str | None = None,
+        progress: bool = True,
+        topk: int = DEFAULT_TOPK,
+        clean_pass: str = DEFAULT_CLEAN_PASS,
+        matmul_precision: str = DEFAULT_MATMUL_PRECISION,
+        **options,
+    ) -> Result:
         """Generate a continuation per prompt and compute each probe's layer x token matrices.
 
         Args:
@@ -164,11 +213,11 @@ class Lens:
             KlstoreError: any bad argument, with the CLI's message, before any model work;
                 a prompt that fails (e.g. too long for the context) also raises, as in the CLI.
         """
-        spec = GenerationSpec(max_new_tokens=n, do_sample=sample, seed=seed, temperature=temperature,
-                              chat=chat)
+        spec = GenerationSpec(max_new_tokens=n, do_sample=sample, seed=seed, temperature=temperature, chat=chat)
         divergences = check_divergences(_names(divergences, "divergence"))
-        options = ComputeSpec.check_options({"topk": topk, "clean_pass": clean_pass,
-                                             "matmul_precision": matmul_precision, **options})
+        options = ComputeSpec.check_options(
+            {"topk": topk, "clean_pass": clean_pass, "matmul_precision": matmul_precision, **options}
+        )
         probe_specs = _probes(probes, seed)
         prompt_list = _prompts(prompts, source)
         check_patch_sources(probe_specs, prompt_list)
@@ -178,16 +227,18 @@ class Lens:
 
         parse_layers(str(layers))  # syntax first, as the CLI
         value = ComputeSpec(probe_specs, str(layers), divergences, spec, **options)
-        res = self.compute_value(prompt_list, value, progress=progress,
-                                 prompt_path=str(prompts) if _is_path(prompts) else None)
+        res = self.compute_value(
+            prompt_list, value, progress=progress, prompt_path=str(prompts) if _is_path(prompts) else None
+        )
         if res.errors:
             import warnings
 
             warnings.warn(f"{len(res.errors)} non-finite value(s), first: {res.errors[0]}", stacklevel=2)
         return res
 
-    def compute_value(self, prompts: list[Prompt], compute: ComputeSpec, *, progress: bool = True,
-                      prompt_path: str | None = None) -> "Result":
+    def compute_value(
+        self, prompts: list[Prompt], compute: ComputeSpec, *, progress: bool = True, prompt_path: str | None = None
+    ) -> Result:
         """`compute` for validated prompts and one `klstore.spec.ComputeSpec`, taken whole (the
         keyword arguments of `compute` build one; the CLI's `compute` calls this too)."""
         from klstore.core.steering import prepare_probes
@@ -202,8 +253,9 @@ class Lens:
             for start in range(0, len(prompts), size):
                 # One engine call per batch: the batches are those of one call over all
                 # prompts, and of `compute --store`'s shards (same size), so the numbers agree.
-                results += self.engine.compute(prompts[start:start + size], compute, resolved,
-                                               encoded[start:start + size])
+                results += self.engine.compute(
+                    prompts[start : start + size], compute, resolved, encoded[start : start + size]
+                )
                 bar.update(len(results))
         for result in results:
             if isinstance(result, Exception):
@@ -234,8 +286,9 @@ def _probes(probes, seed: int) -> list[ProbeSpec]:
                 rest = rest["params"]
             probe = ProbeSpec(entry["name"], rest)
         else:
-            raise KlstoreError(f"a probe must be a name, a ProbeSpec or {{'name': ..., 'params': {{...}}}}, "
-                               f"got {entry!r}")
+            raise KlstoreError(
+                f"a probe must be a name, a ProbeSpec or {{'name': ..., 'params': {{...}}}}, got {entry!r}"
+            )
         out.setdefault(probe.key(), probe)
     if not out:
         raise KlstoreError("no probe asked for")
@@ -256,21 +309,22 @@ def _prompts(prompts, source: str | None) -> list[Prompt]:
 
     if _is_path(prompts):
         if source is not None:
-            raise KlstoreError("source= is for a single prompt text; a prompts file has \"source\" fields")
+            raise KlstoreError('source= is for a single prompt text; a prompts file has "source" fields')
         return read_prompts(prompts)
     if isinstance(prompts, str):
         if not prompts.strip():
             raise KlstoreError("prompt is empty")
         return [Prompt("prompt", prompts, source=source)]
     if source is not None:
-        raise KlstoreError("source= is for a single prompt text; give dicts with a \"source\" key")
+        raise KlstoreError('source= is for a single prompt text; give dicts with a "source" key')
     if isinstance(prompts, (Prompt, dict)):
         prompts = [prompts]
     try:
         items = list(prompts)
     except TypeError:
-        raise KlstoreError(f"prompts must be a text, a list of texts or dicts, or a .jsonl path, "
-                           f"got {type(prompts).__name__}") from None
+        raise KlstoreError(
+            f"prompts must be a text, a list of texts or dicts, or a .jsonl path, got {type(prompts).__name__}"
+        ) from None
     if not items:
         raise KlstoreError("no prompts")
     out: list[Prompt] = []
@@ -320,8 +374,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
         else:
-            print(f"[{self.label}] {done}/{self.total} prompts, {time.perf_counter() - self.start:.1f} s",
-                  file=sys.stderr)
+            print(
+                f"[{self.label}] {done}/{self.total} prompts, {time.perf_counter() - self.start:.1f} s", file=sys.stderr
+            )
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -379,8 +434,10 @@ class Result:
         for i, p in enumerate(self.prompts):
             if p.id == prompt:
                 return i
-        raise KlstoreError(f"unknown prompt {prompt!r}: ids are {', '.join(p.id for p in self.prompts[:10])}"
-                           + (", ..." if len(self.prompts) > 10 else ""))
+        raise KlstoreError(
+            f"unknown prompt {prompt!r}: ids are {', '.join(p.id for p in self.prompts[:10])}"
+            + (", ..." if len(self.prompts) > 10 else "")
+        )
 
     def klmatrix(self, prompt=0, probe: str | None = None):
         """The engine's `KLMatrix` of one prompt (index or id) and probe (name; default the first)."""
@@ -434,9 +491,10 @@ class Result:
         (log P_t of the token) and `entropy` (of P_t, nats)."""
         m = self.klmatrix(prompt)
         gen = m.generation
-        return [{"gen_idx": i, "id": int(t), "text": s, "logprob": float(lp), "entropy": float(h)}
-                for i, (t, s, lp, h) in enumerate(zip(gen.token_ids, gen.token_texts, m.gen_logprob,
-                                                      m.gen_entropy))]
+        return [
+            {"gen_idx": i, "id": int(t), "text": s, "logprob": float(lp), "entropy": float(h)}
+            for i, (t, s, lp, h) in enumerate(zip(gen.token_ids, gen.token_texts, m.gen_logprob, m.gen_entropy))
+        ]
 
     def _outcomes(self):
         from klstore.run.records import PromptOutcome
@@ -480,10 +538,12 @@ class Result:
         """One line: model, prompts, probes, layers, tokens, divergences."""
         n_gen = sorted({m[0].generation.n for m in self.results})
         tokens = str(n_gen[0]) if len(n_gen) == 1 else f"{n_gen[0]}-{n_gen[-1]}"
-        return (f"klstore Result: {self.model}, {len(self.prompts)} prompt(s), "
-                f"probes {', '.join(p.name for p in self.probes)}, {len(self.layers)} layer(s) "
-                f"({self.layer_spec}), {tokens} generated token(s), {', '.join(self.divergences)}"
-                + (f", run {self.run_id}" if self.run_id else ""))
+        return (
+            f"klstore Result: {self.model}, {len(self.prompts)} prompt(s), "
+            f"probes {', '.join(p.name for p in self.probes)}, {len(self.layers)} layer(s) "
+            f"({self.layer_spec}), {tokens} generated token(s), {', '.join(self.divergences)}"
+            + (f", run {self.run_id}" if self.run_id else "")
+        )
 
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
@@ -495,8 +555,10 @@ class Result:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
         png = base64.b64encode(buf.getvalue()).decode("ascii")
-        return (f"<div><p>{html.escape(self.summary())}</p>"
-                f'<img alt="{html.escape(fig.axes[0].get_title())}" src="data:image/png;base64,{png}"/></div>')
+        return (
+            f"<div><p>{html.escape(self.summary())}</p>"
+            f'<img alt="{html.escape(fig.axes[0].get_title())}" src="data:image/png;base64,{png}"/></div>'
+        )
 
     # ------------------------------------------------------------- storing
     def save(self, store: str = "./klstore-data", run: str = "api", *, progress: bool = True) -> str:
@@ -513,9 +575,15 @@ class Result:
         from klstore.spec import ExperimentConfig, ModelConfig
 
         cfg = ExperimentConfig(
-            name=check_label(run, "run name"), store=str(store), models=(ModelConfig(**self.lens._model_config),),
-            prompt_paths=(self._prompt_path,) if self._prompt_path else (), compute=self.compute,
-            shard_size=self.compute.batch_size, source="klstore api", prompts=tuple(self.prompts))
+            name=check_label(run, "run name"),
+            store=str(store),
+            models=(ModelConfig(**self.lens._model_config),),
+            prompt_paths=(self._prompt_path,) if self._prompt_path else (),
+            compute=self.compute,
+            shard_size=self.compute.batch_size,
+            source="klstore api",
+            prompts=tuple(self.prompts),
+        )
         plan = RunPlan(cfg)
         worker = Worker(self.lens._model_config["name"], self.lens.label, str(store), loaded=self.lens.loaded)
         worker.prepare(plan.job)
@@ -530,13 +598,16 @@ def heatmap_data(matrix, divergence: str):
     from klstore.report import plotting
 
     return plotting.HeatmapData(
-        values=matrix.values[divergence], layers=matrix.layers,
+        values=matrix.values[divergence],
+        layers=matrix.layers,
         columns=plotting.column_labels(matrix.generation.n, matrix.generation.token_texts),
-        title=f"{matrix.model} | {matrix.probe} | {matrix.prompt.id}", divergence=divergence)
+        title=f"{matrix.model} | {matrix.probe} | {matrix.prompt.id}",
+        divergence=divergence,
+    )
 
 
 # ------------------------------------------------------------------- reading
-def open_store(path: str = "./klstore-data") -> "StoreReader":
+def open_store(path: str = "./klstore-data") -> StoreReader:
     """Open a store (folder or `s3://bucket/prefix`) for reading. Raises KlstoreError if missing."""
     from klstore.store import open_store as _open
 
@@ -577,21 +648,21 @@ class StoreReader:
         except duckdb.Error as exc:
             raise KlstoreError(f"SQL error: {first_line(exc)}") from None
 
-    def heatmap(self, model: str, probe: str, group: str | None = None, divergence: str = "kl",
-                run: str | None = None):
+    def heatmap(self, model: str, probe: str, group: str | None = None, divergence: str = "kl", run: str | None = None):
         """A Figure of the mean `divergence` per (layer, generated token) over the prompts of
         `model` and `probe` (optionally one prompt group and one run id). Null values (non-finite
         or not computed) are left out of the mean; a cell with fewer prompts shows its count."""
         from klstore.report import plotting
-
         from klstore.store.upkeep import mean_map
 
         divergence = check_divergences([divergence])[0]
         rows, n_prompts = mean_map(self.connect(), divergence, model, probe, group, run)
         if not rows:
-            raise KlstoreError(f"no kl rows for model {model!r}, probe {probe!r}"
-                               + (f", group {group!r}" if group is not None else "")
-                               + (f", run {run!r}" if run is not None else ""))
+            raise KlstoreError(
+                f"no kl rows for model {model!r}, probe {probe!r}"
+                + (f", group {group!r}" if group is not None else "")
+                + (f", run {run!r}" if run is not None else "")
+            )
         import numpy as np
 
         layers = tuple(sorted({r[0] for r in rows}))
@@ -604,6 +675,13 @@ class StoreReader:
                 values[index[layer], gen_idx] = value
             counts[index[layer], gen_idx] = count
         title = " | ".join([model, probe] + ([group] if group is not None else [])) + f" | mean of {n_prompts} prompts"
-        return plotting.draw(plotting.HeatmapData(values=values, layers=layers,
-                                                  columns=plotting.column_labels(n_cols), title=title,
-                                                  divergence=divergence, counts=counts))
+        return plotting.draw(
+            plotting.HeatmapData(
+                values=values,
+                layers=layers,
+                columns=plotting.column_labels(n_cols),
+                title=title,
+                divergence=divergence,
+                counts=counts,
+            )
+        )

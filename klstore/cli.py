@@ -39,16 +39,25 @@ def _finite_float(text: str) -> float:
 
 
 def _add_compute(sub) -> None:
-    p = sub.add_parser("compute", help="compute KL matrices for prompts on one model (one process)",
-                       description="Generate a continuation per prompt and print layer x token KL matrices.")
-    p.add_argument("--model", required=True,
-                   help="built-in name (smollm2-135m, gemma3-270m), Hugging Face repo id, folder or .gguf file")
+    p = sub.add_parser(
+        "compute",
+        help="compute KL matrices for prompts on one model (one process)",
+        description="Generate a continuation per prompt and print layer x token KL matrices.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="built-in name (smollm2-135m, gemma3-270m), Hugging Face repo id, folder or .gguf file",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt text")
     src.add_argument("--prompts", metavar="FILE.jsonl", help='JSON Lines: {"id", "text", "group"?, "source"?}')
-    p.add_argument("--probe", action="append", metavar="NAME",
-                   help="logit_lens (default), skip, ablate_attn, ablate_mlp, noise, steer, patch; "
-                        "repeat for several")
+    p.add_argument(
+        "--probe",
+        action="append",
+        metavar="NAME",
+        help="logit_lens (default), skip, ablate_attn, ablate_mlp, noise, steer, patch; repeat for several",
+    )
     p.add_argument("--scale", type=_finite_float, help="noise: std = scale * rms(h) (default 1)")
     p.add_argument("--alpha", type=_finite_float, help="steer: the vector's multiplier (default 1)")
     p.add_argument("--vector", metavar="FILE", help="steer: .pt/.npy/.safetensors, [hidden] or [layers, hidden]")
@@ -58,8 +67,9 @@ def _add_compute(sub) -> None:
     p.add_argument("--source", metavar="TEXT", help="patch: the source prompt for --prompt")
     p.add_argument("--layers", default="all", help="layer spec: all, 0,15-21,27, -4--1 (default: all)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=5, help="tokens to generate (default 5)")
-    p.add_argument("--divergence", action="append", metavar="NAME",
-                   help="kl (default), kl_reverse, js; repeat for several")
+    p.add_argument(
+        "--divergence", action="append", metavar="NAME", help="kl (default), kl_reverse, js; repeat for several"
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, and the noise probe's seed (default 0)")
     p.add_argument("--temperature", type=_finite_float, default=1.0, help="sampling temperature (default 1)")
@@ -68,14 +78,23 @@ def _add_compute(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
-    p.add_argument("--tokens", action="store_true",
-                   help="print what each layer predicts (the top-1 token of Q per layer and generated token) "
-                        "instead of divergences; with --json, the top-k tokens and probabilities")
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="print what each layer predicts (the top-1 token of Q per layer and generated token) "
+        "instead of divergences; with --json, the top-k tokens and probabilities",
+    )
     _add_options(p)
-    p.add_argument("--png", metavar="PATH",
-                   help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name")
-    p.add_argument("--store", metavar="PATH",
-                   help="write results into this store (folder or s3://bucket/prefix) instead of printing them")
+    p.add_argument(
+        "--png",
+        metavar="PATH",
+        help="write heatmaps; with several prompts or probes, -<prompt id>-<probe> is added to the name",
+    )
+    p.add_argument(
+        "--store",
+        metavar="PATH",
+        help="write results into this store (folder or s3://bucket/prefix) instead of printing them",
+    )
     p.add_argument("--run", default="compute", metavar="NAME", help="run name in the store (default: compute)")
     p.add_argument("--label", help="model label in the store (default: derived from --model)")
     p.add_argument("--shard-size", type=int, default=16, help="prompts per written file (default 16)")
@@ -90,29 +109,51 @@ def _add_options(parser) -> None:
 
     for name, (info, option) in ComputeSpec.options().items():
         if option.flag is not None:
-            parser.add_argument(option.flag, dest=name, type=option.parse, metavar=option.metavar,
-                                default=info.get_default(call_default_factory=True), help=option.help)
+            parser.add_argument(
+                option.flag,
+                dest=name,
+                type=option.parse,
+                metavar=option.metavar,
+                default=info.get_default(call_default_factory=True),
+                help=option.help,
+            )
 
 
 def _compute_inputs(args):
     """Validate everything that needs no model, so bad input fails before a slow load.
     Returns (ComputeSpec, prompts)."""
     if args.tokens and args.store:
-        raise KlstoreError("--tokens prints a table; with --store the lens tokens go to the store "
-                           "(query the lens_tokens view)")
+        raise KlstoreError(
+            "--tokens prints a table; with --store the lens tokens go to the store (query the lens_tokens view)"
+        )
     from klstore.spec import ComputeSpec
 
-    options = ComputeSpec.check_options({name: getattr(args, name) for name, (_, option) in
-                                         ComputeSpec.options().items() if option.flag is not None})
+    options = ComputeSpec.check_options(
+        {name: getattr(args, name) for name, (_, option) in ComputeSpec.options().items() if option.flag is not None}
+    )
     if args.tokens and not options["topk"]:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
-    from klstore.spec import (GenerationSpec, ProbeSpec, Prompt, check_device, check_divergences, check_dtype,
-                              check_patch_sources, parse_layers, read_prompts)
+    from klstore.spec import (
+        GenerationSpec,
+        ProbeSpec,
+        Prompt,
+        check_device,
+        check_divergences,
+        check_dtype,
+        check_patch_sources,
+        parse_layers,
+        read_prompts,
+    )
 
     check_dtype(args.dtype)
     check_device(args.device)
-    spec = GenerationSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                          seed=args.seed, temperature=args.temperature, chat=args.chat)
+    spec = GenerationSpec(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        seed=args.seed,
+        temperature=args.temperature,
+        chat=args.chat,
+    )
     divergences = check_divergences(args.divergence or ["kl"])
     probes = [ProbeSpec(name, _probe_params(name, args)) for name in dict.fromkeys(args.probe or ["logit_lens"])]
     if args.prompts:
@@ -131,8 +172,13 @@ def _probe_params(name: str, args) -> dict:
     if name == "noise":
         return {"scale": 1.0 if args.scale is None else args.scale, "seed": args.seed}
     if name == "steer":
-        given = {"alpha": args.alpha, "vector": args.vector, "positive": args.positive,
-                 "negative": args.negative, "save": args.save_vector}
+        given = {
+            "alpha": args.alpha,
+            "vector": args.vector,
+            "positive": args.positive,
+            "negative": args.negative,
+            "save": args.save_vector,
+        }
         return {k: v for k, v in given.items() if v is not None}
     return {}
 
@@ -153,8 +199,7 @@ def cmd_compute(args) -> int:
     from klstore.core.steering import prepare_probes
     from klstore.spec import parse_layers
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     engine = Engine(loaded)
     layers = parse_layers(compute.layers, engine.n_layers, loaded.label)
     prepare_probes(engine, compute.probes, compute.generation)  # vectors, sub-layers: checked before any work
@@ -188,15 +233,23 @@ def _compute_into_store(args, compute, prompts) -> int:
     if args.shard_size <= 0:
         raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
     label = check_label(args.label or model_label(args.model), "model label")
-    model = ModelConfig(name=args.model, label=label, dtype=args.dtype, device=args.device,
-                        trust_remote_code=args.trust_remote_code)
+    model = ModelConfig(
+        name=args.model, label=label, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
     cfg = ExperimentConfig(
-        name=check_label(args.run, "run name"), store=args.store, models=(model,),
-        prompt_paths=(args.prompts,) if args.prompts else (), compute=compute, shard_size=args.shard_size,
-        source="klstore compute", prompts=tuple(prompts))
+        name=check_label(args.run, "run name"),
+        store=args.store,
+        models=(model,),
+        prompt_paths=(args.prompts,) if args.prompts else (),
+        compute=compute,
+        shard_size=args.shard_size,
+        source="klstore compute",
+        prompts=tuple(prompts),
+    )
     plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
-    worker = Worker(args.model, label, plan.store, device=args.device, dtype=args.dtype,
-                    trust_remote_code=args.trust_remote_code)
+    worker = Worker(
+        args.model, label, plan.store, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
     worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
     for prompt in prompts:  # empty, or too long for the context: before anything is written
         worker.engine.encode(prompt, compute.generation)
@@ -204,8 +257,11 @@ def _compute_into_store(args, compute, prompts) -> int:
     failed = summary["failed"]
     print(f"run {summary['run_id']} completed: {summary['prompts']} prompts ({failed} failed) into {args.store}")
     if failed:
-        print(f"klstore: {failed} of {summary['prompts']} prompts failed; their errors are in the "
-              "prompts table (status, error)", file=sys.stderr)
+        print(
+            f"klstore: {failed} of {summary['prompts']} prompts failed; their errors are in the "
+            "prompts table (status, error)",
+            file=sys.stderr,
+        )
     return 1 if failed == summary["prompts"] else 0
 
 
@@ -223,8 +279,10 @@ def _png_target(path: str | None):
         folder, stem, suffix = target.parent, target.stem, target.suffix.lower() or ".png"
         formats = FigureCanvasBase.get_supported_filetypes()
         if suffix.lstrip(".") not in formats:
-            raise KlstoreError(f"--png {path}: unknown figure format {suffix!r} "
-                               f"(use one of {', '.join('.' + f for f in sorted(formats))})")
+            raise KlstoreError(
+                f"--png {path}: unknown figure format {suffix!r} "
+                f"(use one of {', '.join('.' + f for f in sorted(formats))})"
+            )
     from klstore.spec import write_problem
 
     problem = write_problem(folder)
@@ -260,33 +318,47 @@ def _write_pngs(target, results, divergence_name: str) -> None:
 # ------------------------------------------------------------- store commands
 def _add_store_commands(sub) -> None:
     def store_arg(p):
-        p.add_argument("--store", default=None, metavar="PATH",
-                       help="store folder or s3://bucket/prefix (default ./klstore-data)")
+        p.add_argument(
+            "--store", default=None, metavar="PATH", help="store folder or s3://bucket/prefix (default ./klstore-data)"
+        )
 
     p = sub.add_parser("sql", help="run SQL over the store's views kl, generations, prompts, runs")
     p.add_argument("query", nargs="?", help="a SELECT over kl, generations, prompts, runs")
     store_arg(p)
     p.add_argument("--format", default="table", help="table (default), csv or json")
-    p.add_argument("--print-views", action="store_true",
-                   help="print the CREATE VIEW statements for the plain duckdb shell")
+    p.add_argument(
+        "--print-views", action="store_true", help="print the CREATE VIEW statements for the plain duckdb shell"
+    )
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("runs", help="list runs with status, prompts and size")
     store_arg(p)
     p.add_argument("--format", default="table", help="table (default), csv or json")
-    p.add_argument("--shards", metavar="RUN",
-                   help="for one run (its id, or a name: its newest run): throughput per node and per actor, "
-                        "and the failed and lost shard attempts")
+    p.add_argument(
+        "--shards",
+        metavar="RUN",
+        help="for one run (its id, or a name: its newest run): throughput per node and per actor, "
+        "and the failed and lost shard attempts",
+    )
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("verify", help="check every file against its record (SHA-256) and page checksums; "
-                                      "temporary files, duplicates, strange folders")
+    p = sub.add_parser(
+        "verify",
+        help="check every file against its record (SHA-256) and page checksums; "
+        "temporary files, duplicates, strange folders",
+    )
     store_arg(p)
-    p.add_argument("--quarantine", action="store_true",
-                   help="move bad and temporary files to <store>/_quarantine/ (never deleted); "
-                        "the next run or resume recomputes what they held")
-    p.add_argument("--record", action="store_true",
-                   help="record files that have none (stores written before records), after checking them")
+    p.add_argument(
+        "--quarantine",
+        action="store_true",
+        help="move bad and temporary files to <store>/_quarantine/ (never deleted); "
+        "the next run or resume recomputes what they held",
+    )
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="record files that have none (stores written before records), after checking them",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("compact", help="merge each partition's small files into one")
@@ -357,8 +429,10 @@ def cmd_verify(args) -> int:
     counts["duplicates"] = result["duplicate_rows"]
     if args.record:
         counts["unrecorded"] = 0
-    print(f"{result['files']} files checked ({result['bytes'] / 2**20:.1f} MiB): "
-          + ", ".join(f"{n} {upkeep.PROBLEMS[kind]}" for kind, n in counts.items()))
+    print(
+        f"{result['files']} files checked ({result['bytes'] / 2**20:.1f} MiB): "
+        + ", ".join(f"{n} {upkeep.PROBLEMS[kind]}" for kind, n in counts.items())
+    )
     fixed = set(upkeep.QUARANTINED) if args.quarantine else set()
     remaining = sum(n for kind, n in counts.items() if kind not in fixed)
     return 1 if remaining else 0
@@ -379,14 +453,25 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run an experiment config on Ray (RAY_ADDRESS, or a local Ray)")
     p.add_argument("config", help="experiment config (YAML)")
     p.add_argument("--store", help="override the config's store")
-    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
-                   help="seconds between progress lines (default 10)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the work (prompts, shards, cells, kl rows, actors, store size) and what the store "
-                        "already holds of this run; compute and write nothing")
-    p.add_argument("--shared-store", action="store_true",
-                   help="the local-folder store is mounted by every node of the cluster (NFS and the like); "
-                        "same as `shared_store: true` in the config")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines (default 10)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the work (prompts, shards, cells, kl rows, actors, store size) and what the store "
+        "already holds of this run; compute and write nothing",
+    )
+    p.add_argument(
+        "--shared-store",
+        action="store_true",
+        help="the local-folder store is mounted by every node of the cluster (NFS and the like); "
+        "same as `shared_store: true` in the config",
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -417,12 +502,18 @@ def cmd_run(args) -> int:
     print(cmd_runs_summary(store_uri, summary["run_id"]))
     failed, total = summary["failed_prompts"], summary["prompts"]
     if summary["status"] != "completed":
-        print(f"klstore: run {summary['run_id']} failed: "
-              + "; ".join(f"{k}: {v}" for k, v in summary["failed_models"].items()), file=sys.stderr)
+        print(
+            f"klstore: run {summary['run_id']} failed: "
+            + "; ".join(f"{k}: {v}" for k, v in summary["failed_models"].items()),
+            file=sys.stderr,
+        )
         return 1
     if failed:
-        print(f"klstore: {failed} of {total} prompt x model results failed; see "
-              "`klstore sql \"SELECT model, prompt_id, error FROM prompts WHERE status <> 'ok'\"`", file=sys.stderr)
+        print(
+            f"klstore: {failed} of {total} prompt x model results failed; see "
+            "`klstore sql \"SELECT model, prompt_id, error FROM prompts WHERE status <> 'ok'\"`",
+            file=sys.stderr,
+        )
     return 1 if total and failed == total else 0
 
 
@@ -445,24 +536,55 @@ def _dry_run(cfg, store_uri: str) -> int:
     est = plan.estimate(nodes, where)
     print(f"dry run of {est.run_id} into {store_uri}: nothing is computed or written")
     print(f"cluster: {est.nodes} node(s), {est.cpus:g} CPUs, {est.gpus:g} GPUs: {est.cluster}")
-    names = ["model", "prompts", "shards", "shards_in_store", "layers", "cells", "kl_rows", "kl_rows_in_store",
-             "actors", "actors_started"]
+    names = [
+        "model",
+        "prompts",
+        "shards",
+        "shards_in_store",
+        "layers",
+        "cells",
+        "kl_rows",
+        "kl_rows_in_store",
+        "actors",
+        "actors_started",
+    ]
     unknown = "unknown"
-    rows = [[m.label, m.prompts, m.shards, m.shards_done, unknown if m.layers is None else m.layers,
-             unknown if m.cells is None else m.cells, unknown if m.kl_rows is None else m.kl_rows,
-             m.kl_rows_in_store, m.actors, m.actors_started] for m in est.models]
+    rows = [
+        [
+            m.label,
+            m.prompts,
+            m.shards,
+            m.shards_done,
+            unknown if m.layers is None else m.layers,
+            unknown if m.cells is None else m.cells,
+            unknown if m.kl_rows is None else m.kl_rows,
+            m.kl_rows_in_store,
+            m.actors,
+            m.actors_started,
+        ]
+        for m in est.models
+    ]
     print(output.format_rows(names, rows, "table"))
-    print(f"cells = prompts x layers x max_new_tokens ({cfg.generation.max_new_tokens}) x probes "
-          f"({len(cfg.probes)}), one kl row each: an upper bound, since generation may stop early at an "
-          "end-of-sequence token")
-    source = (f"measured on this store's {est.bytes_measured_on} kl rows" if est.bytes_measured_on
-              else f"the README's measurement for topk {cfg.compute.topk}; the store has no kl rows yet")
+    print(
+        f"cells = prompts x layers x max_new_tokens ({cfg.generation.max_new_tokens}) x probes "
+        f"({len(cfg.probes)}), one kl row each: an upper bound, since generation may stop early at an "
+        "end-of-sequence token"
+    )
+    source = (
+        f"measured on this store's {est.bytes_measured_on} kl rows"
+        if est.bytes_measured_on
+        else f"the README's measurement for topk {cfg.compute.topk}; the store has no kl rows yet"
+    )
     if est.kl_bytes is None:
-        print(f"expected kl size: unknown (a model's depth is unknown before it loads); "
-              f"{est.bytes_per_kl_row:.1f} bytes per kl row ({source})")
+        print(
+            f"expected kl size: unknown (a model's depth is unknown before it loads); "
+            f"{est.bytes_per_kl_row:.1f} bytes per kl row ({source})"
+        )
     else:
-        print(f"expected kl size: {_size(est.kl_bytes)} for {est.kl_rows} kl rows at "
-              f"{est.bytes_per_kl_row:.1f} bytes per row ({source})")
+        print(
+            f"expected kl size: {_size(est.kl_bytes)} for {est.kl_rows} kl rows at "
+            f"{est.bytes_per_kl_row:.1f} bytes per row ({source})"
+        )
     return 0
 
 
@@ -477,8 +599,11 @@ def cmd_runs_summary(store_uri: str, run_id: str) -> str:
 # ------------------------------------------------------------------- report
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="build the HTML/Markdown report of a store (incremental)")
-    p.add_argument("spec", nargs="?", help="report spec (YAML, e.g. reports/default.yaml); "
-                                           "default: by model and probe, and by prompt group")
+    p.add_argument(
+        "spec",
+        nargs="?",
+        help="report spec (YAML, e.g. reports/default.yaml); default: by model and probe, and by prompt group",
+    )
     p.add_argument("--store", help="store folder or s3:// prefix (default: the spec's, else ./klstore-data)")
     p.add_argument("--out", help="output path (default <store>/reports/<spec name>)")
     p.add_argument("--force", action="store_true", help="redraw every figure")
@@ -494,8 +619,9 @@ def cmd_report(args) -> int:
     store = open_store(args.store or spec.store or DEFAULT_STORE)
     from klstore.report import site
 
-    result = site.build(store, spec, out=args.out, force=args.force,
-                          log=lambda message: print(message, file=sys.stderr))
+    result = site.build(
+        store, spec, out=args.out, force=args.force, log=lambda message: print(message, file=sys.stderr)
+    )
     print(result["index"])
     return 0
 
@@ -505,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     from klstore import __version__
 
     parser = _Parser(
-        prog="klstore", description="Layer x generated-token KL-divergence maps of causal language models.")
+        prog="klstore", description="Layer x generated-token KL-divergence maps of causal language models."
+    )
     parser.add_argument("--version", action="version", version=f"klstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compute(sub)

@@ -29,8 +29,11 @@ def main() -> int:
         cfg = load_config(DEMO_CONFIG)
         summary = runner.run(cfg, progress_every=15)
         print(cmd_runs_summary(summary["store"], summary["run_id"]))
-        built = site.build(open_store(summary["store"]), load_report_spec(DEMO_REPORT),
-                             log=lambda message: print(message, file=sys.stderr))
+        built = site.build(
+            open_store(summary["store"]),
+            load_report_spec(DEMO_REPORT),
+            log=lambda message: print(message, file=sys.stderr),
+        )
         print(f"report: {built['index']}")
     except KlstoreError as exc:
         print(f"klstore: error: {exc}", file=sys.stderr)

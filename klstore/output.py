@@ -43,8 +43,10 @@ def format_table(matrix, divergence_names=None) -> str:
     width = max([10] + [len(h) for h in heads])
     for name in divergence_names or matrix.values:
         values = matrix.values[name]
-        lines.append(f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | {name} (nats)"
-                     + (" | stopped at EOS" if gen.stopped_at_eos else ""))
+        lines.append(
+            f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | {name} (nats)"
+            + (" | stopped at EOS" if gen.stopped_at_eos else "")
+        )
         lines.append("layer " + " ".join(h.rjust(width) for h in heads))
         for row, layer in enumerate(matrix.layers):
             cells = ("n/a" if v != v else f"{v:.4f}" for v in values[row])
@@ -65,11 +67,13 @@ def format_tokens(matrix, decode, width: int = 12) -> str:
 
     def shown(token: int) -> str:
         visible = visible_token(token_text(token))
-        return visible if len(visible) <= width else visible[:width - 1] + "\u2026"
+        return visible if len(visible) <= width else visible[: width - 1] + "\u2026"
 
-    lines = [f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | top-1 token of Q per layer"
-             + (" | stopped at EOS" if gen.stopped_at_eos else ""),
-             "layer " + " ".join(h.rjust(col) for h in heads)]
+    lines = [
+        f"{matrix.model} | prompt {matrix.prompt.id} | probe {matrix.probe} | top-1 token of Q per layer"
+        + (" | stopped at EOS" if gen.stopped_at_eos else ""),
+        "layer " + " ".join(h.rjust(col) for h in heads),
+    ]
     for row, layer in enumerate(matrix.layers):
         lines.append(f"{layer:>5} " + " ".join(shown(int(t)).rjust(col) for t in matrix.topk_ids[row, :, 0]))
     lines.append("")
@@ -82,9 +86,13 @@ def lens_json(matrix, decode) -> dict:
     if matrix.topk_ids is None:
         return {"topk": None, "gen_rank": None, "gen_logq": None}
     token_text = _decoded_once(decode)
-    topk = [[[{"id": int(t), "text": token_text(int(t)), "prob": float(p)} for t, p in zip(ids, probs)]
-             for ids, probs in zip(row_ids, row_probs)]
-            for row_ids, row_probs in zip(matrix.topk_ids, matrix.topk_probs)]
+    topk = [
+        [
+            [{"id": int(t), "text": token_text(int(t)), "prob": float(p)} for t, p in zip(ids, probs)]
+            for ids, probs in zip(row_ids, row_probs)
+        ]
+        for row_ids, row_probs in zip(matrix.topk_ids, matrix.topk_probs)
+    ]
     return {"topk": topk, "gen_rank": matrix.gen_rank.tolist(), "gen_logq": _nan_to_none(matrix.gen_logq)}
 
 
@@ -104,19 +112,31 @@ def results_to_json(model: str, results, decode=None) -> dict:
     for matrices in results:
         first = matrices[0]
         gen = first.generation
-        prompts.append({
-            "id": first.prompt.id, "group": first.prompt.group, "text": first.prompt.text,
-            "n_prompt_tokens": len(gen.prompt_ids), "stopped_at_eos": gen.stopped_at_eos,
-            "tokens": [{"id": t, "text": s, "logprob": float(lp), "entropy": float(h)}
-                       for t, s, lp, h in zip(gen.token_ids, gen.token_texts, first.gen_logprob,
-                                              first.gen_entropy)],
-            "probes": [{
-                "probe": m.probe, "params": m.probe_params, "layers": list(m.layers),
-                "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
-                "top1_match": m.top1_match.tolist(), "errors": list(m.errors),
-                **(lens_json(m, decode) if decode is not None else {}),
-            } for m in matrices],
-        })
+        prompts.append(
+            {
+                "id": first.prompt.id,
+                "group": first.prompt.group,
+                "text": first.prompt.text,
+                "n_prompt_tokens": len(gen.prompt_ids),
+                "stopped_at_eos": gen.stopped_at_eos,
+                "tokens": [
+                    {"id": t, "text": s, "logprob": float(lp), "entropy": float(h)}
+                    for t, s, lp, h in zip(gen.token_ids, gen.token_texts, first.gen_logprob, first.gen_entropy)
+                ],
+                "probes": [
+                    {
+                        "probe": m.probe,
+                        "params": m.probe_params,
+                        "layers": list(m.layers),
+                        "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
+                        "top1_match": m.top1_match.tolist(),
+                        "errors": list(m.errors),
+                        **(lens_json(m, decode) if decode is not None else {}),
+                    }
+                    for m in matrices
+                ],
+            }
+        )
     return {"model": model, "prompts": prompts}
 
 
@@ -133,8 +153,7 @@ def format_rows(names, rows, fmt: str) -> str:
         raise KlstoreError(f"unknown --format {fmt!r}: choose table, csv or json")
     shown = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(n)] + [len(r[i]) for r in shown]) for i, n in enumerate(names)]
-    lines = [" | ".join(n.ljust(w) for n, w in zip(names, widths)),
-             "-+-".join("-" * w for w in widths)]
+    lines = [" | ".join(n.ljust(w) for n, w in zip(names, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in shown]
     lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(lines)

@@ -18,12 +18,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path, PurePath
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from klstore.errors import KlstoreError
@@ -68,10 +77,17 @@ def _rule(check, *args):
 
 
 _TYPE_PHRASES = {
-    "int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
-    "float_parsing": "a number", "bool_type": "true or false", "string_type": "a string",
-    "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-    "dataclass_type": "a mapping", "finite_number": "a finite number",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "dataclass_type": "a mapping",
+    "finite_number": "a finite number",
 }
 
 
@@ -111,8 +127,7 @@ def _describe(exc: ValidationError, where: str, allowed: dict | None = None) -> 
     head = f"{where}: {key}" if where and key else (where or key)
     if error["type"] == "klstore":
         message = error["msg"]
-        return f"{head} {message}" if message.startswith("must") else \
-            (f"{head}: {message}" if head else message)
+        return f"{head} {message}" if message.startswith("must") else (f"{head}: {message}" if head else message)
     if error["type"] == "extra_forbidden":
         parent = re.sub(r"\[\d+\]", "", key).rpartition(".")[0]
         return f"{head}: unknown key" + (f" (allowed: {allowed[parent]})" if allowed and parent in allowed else "")
@@ -171,14 +186,14 @@ def check_label(value: str, what: str) -> str:
     if not isinstance(value, str) or not _SAFE.match(value) or ".." in value:
         raise KlstoreError(
             f"{what} {value!r} cannot name a store folder: use letters, digits, '.', '_', '+', '-' "
-            "(no '/', no '..', not starting with '.')")
+            "(no '/', no '..', not starting with '.')"
+        )
     return value
 
 
 def model_label(model_name: str) -> str:
     """Default store label of a model: built-in name, hub id owner/name -> owner--name, path -> stem."""
-    if model_name.count("/") == 1 and not model_name.startswith((".", "/", "~")) \
-            and not os.path.exists(model_name):
+    if model_name.count("/") == 1 and not model_name.startswith((".", "/", "~")) and not os.path.exists(model_name):
         return model_name.replace("/", "--")
     if "/" in model_name or os.sep in model_name:
         path = PurePath(model_name.rstrip("/"))
@@ -214,18 +229,26 @@ def check_device_map(value):
         return None
     if isinstance(value, str):
         if value not in DEVICE_MAP_STRATEGIES:
-            raise KlstoreError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a mapping "
-                               f"of module names to devices, got {value!r}")
+            raise KlstoreError(
+                f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a mapping "
+                f"of module names to devices, got {value!r}"
+            )
         return value
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-        raise KlstoreError(f"device_map must be a strategy name or a mapping of module names to devices, "
-                           f"got {value!r}")
+        raise KlstoreError(f"device_map must be a strategy name or a mapping of module names to devices, got {value!r}")
     for module, device in value.items():
         if device == "meta":
-            raise KlstoreError(f"device_map puts {module!r} on the meta device, where it has no weights: "
-                               "give it a GPU index, cpu or disk")
-        if isinstance(device, bool) or not (isinstance(device, int) and device >= 0 or device in ("cpu", "disk")
-                                            or isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device)):
+            raise KlstoreError(
+                f"device_map puts {module!r} on the meta device, where it has no weights: "
+                "give it a GPU index, cpu or disk"
+            )
+        if isinstance(device, bool) or not (
+            isinstance(device, int)
+            and device >= 0
+            or device in ("cpu", "disk")
+            or isinstance(device, str)
+            and re.fullmatch(r"cuda(:\d+)?", device)
+        ):
             raise KlstoreError(f"device_map[{module!r}] must be a GPU index, cpu, disk or cuda:N, got {device!r}")
     return dict(value)
 
@@ -269,8 +292,10 @@ def check_matmul_precision(value) -> str:
 
 # The opt-in speed modes: option of ComputeSpec (config key, CLI flag, compute() argument) -> (check,
 # default). Each joins ExperimentConfig.identity() when not its default.
-SPEED_MODES = {"clean_pass": (check_clean_pass, DEFAULT_CLEAN_PASS),
-               "matmul_precision": (check_matmul_precision, DEFAULT_MATMUL_PRECISION)}
+SPEED_MODES = {
+    "clean_pass": (check_clean_pass, DEFAULT_CLEAN_PASS),
+    "matmul_precision": (check_matmul_precision, DEFAULT_MATMUL_PRECISION),
+}
 
 
 def check_divergences(names) -> tuple[str, ...]:
@@ -308,8 +333,8 @@ def parse_layers(spec: str, n_layers: int = _ANY_DEPTH, model_name: str = "the m
         match = _ITEM.match(item)
         if match is None:
             raise KlstoreError(
-                f"malformed layer spec {spec!r}: {item!r} is not a layer or a range "
-                "(examples: all, 0,15-21,27, -4--1)")
+                f"malformed layer spec {spec!r}: {item!r} is not a layer or a range (examples: all, 0,15-21,27, -4--1)"
+            )
         start = _resolve(int(match.group(1)), n_layers, model_name)
         end = start if match.group(2) is None else _resolve(int(match.group(2)), n_layers, model_name)
         if end < start:
@@ -385,8 +410,7 @@ def parse_prompt(record, where: str) -> Prompt:
             raise KlstoreError(f"{where}: missing {key!r}")
     unknown = set(record) - set(_PromptRecord.model_fields)
     if unknown:
-        raise KlstoreError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
-                           "(allowed: id, text, group, source)")
+        raise KlstoreError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (allowed: id, text, group, source)")
     checked = validate(_PromptRecord, record, where)
     if not checked.text.strip():
         raise KlstoreError(f"{where}: prompt {str(checked.id)!r} is empty")
@@ -509,8 +533,9 @@ class _SteerParams(_Value):
         has_file = self.vector is not None
         has_sets = self.positive is not None or self.negative is not None
         if has_file == has_sets or (has_sets and (self.positive is None or self.negative is None)):
-            raise _fail("give either vector (a .pt, .npy or .safetensors file) "
-                        "or both positive and negative (prompt files)")
+            raise _fail(
+                "give either vector (a .pt, .npy or .safetensors file) or both positive and negative (prompt files)"
+            )
         return self
 
 
@@ -542,8 +567,10 @@ class ProbeSpec(_Value):
         unknown = [key for key in params if key not in schema.model_fields]
         if unknown:
             allowed = ", ".join(schema.model_fields)
-            raise KlstoreError(f"probe {name}: unknown parameter {unknown[0]!r}"
-                               + (f" (allowed: {allowed})" if allowed else " (it takes none)"))
+            raise KlstoreError(
+                f"probe {name}: unknown parameter {unknown[0]!r}"
+                + (f" (allowed: {allowed})" if allowed else " (it takes none)")
+            )
         try:
             full = schema.model_validate(params).model_dump(exclude_none=True)
         except ValidationError as exc:
@@ -603,17 +630,39 @@ class ComputeOptions(_Value):
     """The options of the compute value that are also config keys (ComputeSpec and the config
     file inherit them, so an option added here is both)."""
 
-    topk: Annotated[int, Field(ge=0, le=MAX_TOPK), Option(
-        "--topk", "K", "lens tokens kept per cell: the top-K tokens of Q (default 5, 0: none)",
-        check=check_topk, parse=_int_or_text)] = DEFAULT_TOPK
-    clean_pass: Annotated[str, _checked(check_clean_pass), Option(
-        "--clean-pass", "MODE", "exact (default): a teacher-forced pass after generation; cached: take it "
-        "from the generation's own passes (one forward fewer, values within float32 rounding)",
-        check=check_clean_pass)] = DEFAULT_CLEAN_PASS
-    matmul_precision: Annotated[str, _checked(check_matmul_precision), Option(
-        "--matmul-precision", "P", "float32 matrix products: highest (default), high (TF32 on NVIDIA GPUs), "
-        "medium (bfloat16 products, float32 accumulation)",
-        check=check_matmul_precision)] = DEFAULT_MATMUL_PRECISION
+    topk: Annotated[
+        int,
+        Field(ge=0, le=MAX_TOPK),
+        Option(
+            "--topk",
+            "K",
+            "lens tokens kept per cell: the top-K tokens of Q (default 5, 0: none)",
+            check=check_topk,
+            parse=_int_or_text,
+        ),
+    ] = DEFAULT_TOPK
+    clean_pass: Annotated[
+        str,
+        _checked(check_clean_pass),
+        Option(
+            "--clean-pass",
+            "MODE",
+            "exact (default): a teacher-forced pass after generation; cached: take it "
+            "from the generation's own passes (one forward fewer, values within float32 rounding)",
+            check=check_clean_pass,
+        ),
+    ] = DEFAULT_CLEAN_PASS
+    matmul_precision: Annotated[
+        str,
+        _checked(check_matmul_precision),
+        Option(
+            "--matmul-precision",
+            "P",
+            "float32 matrix products: highest (default), high (TF32 on NVIDIA GPUs), "
+            "medium (bfloat16 products, float32 accumulation)",
+            check=check_matmul_precision,
+        ),
+    ] = DEFAULT_MATMUL_PRECISION
 
 
 class ComputeSpec(ComputeOptions):
@@ -684,7 +733,8 @@ class ComputeSpec(ComputeOptions):
         """This value's part of a run's identity (ExperimentConfig.identity, hashed into run ids)."""
         out: dict[str, Any] = {
             "probes": [{"name": p.name, **p.params} for p in self.probes],
-            "layers": self.layers, "divergences": list(self.divergences),
+            "layers": self.layers,
+            "divergences": list(self.divergences),
             "generation": self.generation.model_dump(),
         }
         for name, (info, option) in self.options().items():
@@ -692,7 +742,6 @@ class ComputeSpec(ComputeOptions):
             if option.identity and value != info.get_default(call_default_factory=True):
                 out[name] = value
         return out
-
 
 
 # ---------------------------------------------------------- experiments
@@ -713,6 +762,7 @@ class ModelConfig(_Value):
     @classmethod
     def _device(cls, value):
         return _rule(check_device, value)
+
     num_gpus: float = Field(1.0, ge=0.0)
     num_cpus: float | None = Field(None, gt=0)  # None: 1 with GPUs, else the CPUs shared among actors
     actors: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
@@ -855,11 +905,14 @@ def check_patch_sources(probes, prompts, where: str | None = None) -> None:
     if any(p.name == "patch" for p in probes):
         missing = [p.id for p in prompts if not p.source]
         if missing and where is not None:
-            raise KlstoreError(f"{where}patch needs a source for every prompt; "
-                               f"{len(missing)} have none (first: {missing[0]!r})")
+            raise KlstoreError(
+                f"{where}patch needs a source for every prompt; {len(missing)} have none (first: {missing[0]!r})"
+            )
         if missing:
-            raise KlstoreError(f"prompt {missing[0]!r} has no source (the patch probe needs one: "
-                               "--source, or a \"source\" field in the prompts file)")
+            raise KlstoreError(
+                f"prompt {missing[0]!r} has no source (the patch probe needs one: "
+                '--source, or a "source" field in the prompts file)'
+            )
 
 
 def parse_experiment(data, source: str = "config", base_dir: Path | None = None) -> ExperimentConfig:
@@ -879,12 +932,24 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
             prompts.append(prompt)
         paths.append(str(path))
     check_patch_sources(raw.probes, prompts, f"{source}: probes: ")
-    compute = ComputeSpec(raw.probes, raw.layers, tuple(raw.divergences),
-                          GenerationSpec(**raw.generation.model_dump()),
-                          **{name: getattr(raw, name) for name in ComputeOptions.model_fields})
+    compute = ComputeSpec(
+        raw.probes,
+        raw.layers,
+        tuple(raw.divergences),
+        GenerationSpec(**raw.generation.model_dump()),
+        **{name: getattr(raw, name) for name in ComputeOptions.model_fields},
+    )
     return ExperimentConfig(
-        name=raw.name, store=raw.store, models=tuple(raw.models), prompt_paths=tuple(paths), compute=compute,
-        shard_size=raw.shard_size, source=source, prompts=tuple(prompts), shared_store=raw.shared_store)
+        name=raw.name,
+        store=raw.store,
+        models=tuple(raw.models),
+        prompt_paths=tuple(paths),
+        compute=compute,
+        shard_size=raw.shard_size,
+        source=source,
+        prompts=tuple(prompts),
+        shared_store=raw.shared_store,
+    )
 
 
 # ------------------------------------------------------------ report specs
@@ -995,8 +1060,9 @@ def _report_layer_spec(value) -> str:
     try:
         return _layer_spec(value)
     except PydanticCustomError:
-        raise _fail("must be a layer spec such as all or 0,15-21,27, "
-                    "or a mapping of model label (or default) to one") from None
+        raise _fail(
+            "must be a layer spec such as all or 0,15-21,27, or a mapping of model label (or default) to one"
+        ) from None
 
 
 def parse_report_spec(data, where: str = "built-in default") -> ReportSpec:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_models import FAMILIES
 
 # Every Ray these tests start on this machine listens on loopback only: Ray's single-node mode
@@ -29,9 +28,10 @@ def family(request):
 
 @pytest.fixture(scope="module")
 def engine(family):
+    from tiny_models import ToyTokenizer, build
+
     from klstore.core.engine import Engine
     from klstore.core.models import from_objects
-    from tiny_models import ToyTokenizer, build
 
     return Engine(from_objects(family, build(family), ToyTokenizer()))
 
@@ -54,8 +54,14 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m klstore ARGS` as a user would; returns CompletedProcess (text)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "klstore", *map(str, args)], cwd=cwd or REPO,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "klstore", *map(str, args)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +70,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -78,9 +83,16 @@ def tiny_model_dir(tmp_path_factory, smollm2):
 
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     config = transformers.LlamaConfig(
-        vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=smollm2.tokenizer.eos_token_id, bos_token_id=1)
+        vocab_size=len(smollm2.tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=smollm2.tokenizer.eos_token_id,
+        bos_token_id=1,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
@@ -103,8 +115,12 @@ def s3_server(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
         monkeypatch.setenv(key, value)
     import boto3
 
@@ -146,8 +162,11 @@ def stop_processes(markers) -> None:
     markers (a temp dir, a port), and their children; SIGTERM, then SIGKILL after 15 s."""
     import psutil
 
-    procs = [p for p in psutil.process_iter(["pid", "cmdline"])
-             if any(m in " ".join(p.info["cmdline"] or []) for m in markers)]
+    procs = [
+        p
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(m in " ".join(p.info["cmdline"] or []) for m in markers)
+    ]
     for proc in list(procs):
         try:
             procs += [c for c in proc.children(recursive=True) if c not in procs]

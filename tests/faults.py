@@ -18,4 +18,5 @@ class Faulty:
             if self.calls == self.fail_at:
                 raise self.error
             return original(store, *args)
+
         return op

@@ -16,7 +16,7 @@ def check_lens_tokens(result, logq64: torch.Tensor, k: int) -> int:
     expected = q64.topk(k, dim=-1).values.numpy()
     np.testing.assert_allclose(result.topk_probs, expected, atol=1e-5, rtol=1e-4)
     # ids: equal at every rank whose neighbours are not within TIE
-    sorted64 = logq64.sort(dim=-1, descending=True).values[..., :k + 1]
+    sorted64 = logq64.sort(dim=-1, descending=True).values[..., : k + 1]
     gaps = (sorted64[..., :-1] - sorted64[..., 1:]).numpy()  # gap to the next rank
     before = np.concatenate([np.full(gaps.shape[:-1] + (1,), np.inf), gaps[..., :-1]], axis=-1)
     clear = (gaps > TIE) & (before > TIE)

@@ -22,7 +22,7 @@ def socket_inodes(pids) -> dict[str, int]:
             except OSError:
                 continue
             if target.startswith("socket:["):
-                inodes[target[len("socket:["):-1]] = pid
+                inodes[target[len("socket:[") : -1]] = pid
     return inodes
 
 
@@ -30,7 +30,7 @@ def _address(hexaddr: str, family: int) -> str:
     raw = bytes.fromhex(hexaddr)
     if family == socket.AF_INET:
         return socket.inet_ntop(family, raw[::-1])
-    return socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return socket.inet_ntop(family, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
 
 
 def listening(pids) -> list[tuple[int, str, int]]:

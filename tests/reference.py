@@ -74,8 +74,9 @@ def _block_outputs_at_last(model64, ids):
 
 
 @torch.no_grad()
-def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params=None,
-                       return_margin=False, return_logq=False):
+def reference_matrices(
+    model64, sequence, n_prompt, n_gen, probe, layers, params=None, return_margin=False, return_logq=False
+):
     """{divergence: (len(layers), n_gen) float64} and top1 (len(layers), n_gen) = argmax Q.
     With return_margin, also the (len(layers), n_gen) gap in nats between Q's two most
     likely tokens (a near tie there may be broken either way in float32).
@@ -94,19 +95,22 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
     for layer in layers:
         if probe == "logit_lens":
             store = {}
-            handle = blocks[layer].register_forward_hook(lambda m, a, o: store.setdefault("h", _first(o)))
+            handle = blocks[layer].register_forward_hook(lambda m, a, o, store=store: store.setdefault("h", _first(o)))
             model64(input_ids=ids, use_cache=False)
             handle.remove()
             q = _softcap(model64, model64.get_output_embeddings()(_final_norm(model64)(store["h"])))[0, pos]
         elif probe in ("ablate_attn", "ablate_mlp"):
+
             def zero(module, args, output):
                 if isinstance(output, tuple):
                     return (torch.zeros_like(output[0]),) + tuple(output[1:])
                 return torch.zeros_like(output)
+
             handle = _sublayer(blocks[layer], probe.removeprefix("ablate_")).register_forward_hook(zero)
             q = model64(input_ids=ids, use_cache=False).logits[0, pos]
             handle.remove()
         elif probe in ("noise", "steer", "patch"):
+
             def change(module, args, output, layer=layer):
                 h = _first(output)
                 if probe == "noise":
@@ -117,17 +121,20 @@ def reference_matrices(model64, sequence, n_prompt, n_gen, probe, layers, params
                     new = h + params["alpha"] * params["vectors"][layer].double()
                 else:
                     new = h.clone()
-                    new[0, n_prompt - 1] = source[layer]
+                    new[0, n_prompt - 1] = source[layer]  # noqa: B023 - set before this hook runs, same iteration
                 return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
             if probe == "patch":
                 source = _block_outputs_at_last(model64, params["source_ids"])
             handle = blocks[layer].register_forward_hook(change)
             q = model64(input_ids=ids, use_cache=False).logits[0, pos]
             handle.remove()
         elif probe == "skip":
+
             def replace(module, args, kwargs, output):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
             handle = blocks[layer].register_forward_hook(replace, with_kwargs=True)
             q = model64(input_ids=ids, use_cache=False).logits[0, pos]
             handle.remove()

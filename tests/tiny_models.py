@@ -22,19 +22,29 @@ class ToyTokenizer:
 
 
 def _configs():
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                  num_attention_heads=4, max_position_embeddings=128)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     return {
         "llama": transformers.LlamaConfig(num_key_value_heads=2, **common),
         "qwen2": transformers.Qwen2Config(num_key_value_heads=2, **common),
         "gemma3": transformers.Gemma3TextConfig(
-            num_key_value_heads=1, head_dim=8, sliding_window=4, final_logit_softcapping=5.0,
-            **common),
-        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4,
-                                        n_positions=128),
+            num_key_value_heads=1, head_dim=8, sliding_window=4, final_logit_softcapping=5.0, **common
+        ),
+        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128),
         "gpt_neox": transformers.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-            num_attention_heads=4, max_position_embeddings=128),
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        ),
     }
 
 
@@ -47,7 +57,7 @@ def build(family: str, dtype=torch.float32):
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.3)
     return model.to(dtype).eval()

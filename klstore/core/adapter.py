@@ -47,23 +47,28 @@ class Adapter:
         return len(self.blocks)
 
     @classmethod
-    def discover(cls, model: nn.Module) -> "Adapter":
+    def discover(cls, model: nn.Module) -> Adapter:
         kind = type(model).__name__
         n = n_layers_of(model.config)
-        lists = [(name, mod) for name, mod in model.named_modules()
-                 if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n]
+        lists = [
+            (name, mod)
+            for name, mod in model.named_modules()
+            if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n
+        ]
         if not lists:
-            raise UnsupportedArchitecture(
-                f"unsupported architecture {kind}: no list of {n} decoder blocks found")
+            raise UnsupportedArchitecture(f"unsupported architecture {kind}: no list of {n} decoder blocks found")
         block_path, blocks = min(lists, key=lambda item: item[0].count("."))
         parent = model.get_submodule(block_path.rpartition(".")[0])
-        norms = [(name, mod) for name, mod in parent.named_children()
-                 if "norm" in type(mod).__name__.lower() or name.startswith(("ln_f", "norm"))]
+        norms = [
+            (name, mod)
+            for name, mod in parent.named_children()
+            if "norm" in type(mod).__name__.lower() or name.startswith(("ln_f", "norm"))
+        ]
         if len(norms) != 1:
             found = ", ".join(name for name, _ in norms) or "none"
             raise UnsupportedArchitecture(
-                f"unsupported architecture {kind}: expected one final norm beside "
-                f"{block_path}, found {found}")
+                f"unsupported architecture {kind}: expected one final norm beside {block_path}, found {found}"
+            )
         head = model.get_output_embeddings()
         if head is None:
             raise UnsupportedArchitecture(f"unsupported architecture {kind}: no output embedding (head)")
@@ -101,14 +106,16 @@ class Adapter:
                 return sub
         raise UnsupportedArchitecture(
             f"block {layer} ({type(block).__name__}) has no recognisable "
-            f"{'attention' if which == 'attn' else 'MLP'} sub-module (looked for {', '.join(names)})")
+            f"{'attention' if which == 'attn' else 'MLP'} sub-module (looked for {', '.join(names)})"
+        )
 
     @torch.no_grad()
     def verify(self, model: nn.Module, input_ids: torch.Tensor) -> None:
         """Check that logits(last block output) equals the model's own logits on `input_ids`."""
         captured: list[torch.Tensor] = []
         handle = self.blocks[-1].register_forward_hook(
-            lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
         try:
             reference = model(input_ids=input_ids, use_cache=False).logits.float()
         finally:
@@ -118,4 +125,5 @@ class Adapter:
         if reference.shape != mine.shape or (reference - mine).abs().max().item() > tol:
             raise UnsupportedArchitecture(
                 f"unsupported architecture {type(model).__name__}: the model's logits are not "
-                "final norm -> head -> soft-capping/scaling of the last block's output")
+                "final norm -> head -> soft-capping/scaling of the last block's output"
+            )

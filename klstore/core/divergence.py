@@ -74,8 +74,9 @@ def _blocked_dot(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     vocab = p.shape[-1]
     whole = vocab - vocab % DOT_BLOCK
     m, r = p.shape[0], logq.shape[0]
-    total = torch.einsum("mcv,rmcv->rmc", p[:, :whole].reshape(m, -1, DOT_BLOCK),
-                         logq[..., :whole].reshape(r, m, -1, DOT_BLOCK)).sum(-1)
+    total = torch.einsum(
+        "mcv,rmcv->rmc", p[:, :whole].reshape(m, -1, DOT_BLOCK), logq[..., :whole].reshape(r, m, -1, DOT_BLOCK)
+    ).sum(-1)
     if whole < vocab:
         total = total + torch.einsum("mv,rmv->rm", p[:, whole:], logq[..., whole:])
     return total
@@ -91,8 +92,9 @@ def compute(names: tuple[str, ...], logp: torch.Tensor, logq: torch.Tensor) -> d
     return {name: _FUNCTIONS[name](logp, logq) for name in names}
 
 
-def compute_rows(names: tuple[str, ...], logp: torch.Tensor, logq: torch.Tensor,
-                 p: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def compute_rows(
+    names: tuple[str, ...], logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """`compute` for logp (m, V) against logq (R, m, V): forward KL through `kl_rows` (pass
     `p = logp.exp()` to reuse it across calls), the others as in `compute`. Agrees with
     `compute` to float32 rounding (tests/unit/test_divergence.py)."""

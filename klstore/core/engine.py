@@ -37,8 +37,7 @@ from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.spec import (DEFAULT_BATCH_SIZE, DEFAULT_TOPK, ComputeSpec, GenerationSpec, ProbeSpec, Prompt,
-                          parse_layers)
+from klstore.spec import DEFAULT_BATCH_SIZE, DEFAULT_TOPK, ComputeSpec, GenerationSpec, ProbeSpec, Prompt, parse_layers
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,8 @@ class Engine:
         self._pad_id = pad if isinstance(pad, int) else (min(self._eos) if self._eos else 0)
         text_config = self.model.config.get_text_config()
         self.context_length = getattr(text_config, "max_position_embeddings", None) or getattr(
-            text_config, "n_positions", None)
+            text_config, "n_positions", None
+        )
 
     def vocabulary(self) -> list[str]:
         """Every token id's decoded text, in id order (the store's `tokens` table)."""
@@ -199,8 +199,10 @@ class Engine:
     # ------------------------------------------------------------------ prompts
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for value in (getattr(self.model.generation_config, "eos_token_id", None),
-                      getattr(self.tokenizer, "eos_token_id", None)):
+        for value in (
+            getattr(self.model.generation_config, "eos_token_id", None),
+            getattr(self.tokenizer, "eos_token_id", None),
+        ):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, (list, tuple)):
@@ -215,14 +217,16 @@ class Engine:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise KlstoreError(f"{self.loaded.label} has no chat template: drop --chat")
             encoded = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True)
+                [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True
+            )
             ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         else:
             ids = list(self.tokenizer(prompt.text)["input_ids"])
         if self.context_length and len(ids) + spec.max_new_tokens > self.context_length:
             raise KlstoreError(
                 f"prompt {prompt.id!r} has {len(ids)} tokens; with {spec.max_new_tokens} new tokens "
-                f"that exceeds {self.loaded.label}'s context of {self.context_length}")
+                f"that exceeds {self.loaded.label}'s context of {self.context_length}"
+            )
         return ids
 
     def generate(self, prompt_ids: list[int], spec: GenerationSpec) -> Generation:
@@ -230,16 +234,19 @@ class Engine:
         return self.generate_batch([prompt_ids], spec)[0]
 
     @torch.no_grad()
-    def generate_batch(self, prompts_ids: list[list[int]], spec: GenerationSpec,
-                       record: list | None = None) -> list[Generation]:
+    def generate_batch(
+        self, prompts_ids: list[list[int]], spec: GenerationSpec, record: list | None = None
+    ) -> list[Generation]:
         """Continue several prompts at once (left-padded, one KV cache). Each row samples with
         its own generator seeded by spec.seed, so a prompt continues as it would alone.
         `record`, a list, receives per forward pass the list of every block's output
         (`generate_traced` builds the clean trace from them)."""
         handles = []
         if record is not None:
+
             def hook(_module, _args, output):
                 record[-1].append(output)
+
             handles = [block.register_forward_hook(hook) for block in self.adapter.blocks]
         try:
             return self._generate(prompts_ids, spec, record)
@@ -262,8 +269,9 @@ class Engine:
             extra = {} if mask is None else {"attention_mask": mask, "position_ids": step_pos}
             if record is not None:
                 record.append([])
-            out = self.model(input_ids=step_ids, use_cache=True,
-                             **{self._cache_arg: past}, **self._keep_kwargs, **extra)
+            out = self.model(
+                input_ids=step_ids, use_cache=True, **{self._cache_arg: past}, **self._keep_kwargs, **extra
+            )
             logits = out.logits[:, -1].float()
             chosen = []
             for row in range(batch):
@@ -271,8 +279,9 @@ class Engine:
                     chosen.append(self._pad_id)
                     continue
                 if spec.do_sample:
-                    token = int(torch.multinomial(_sampling_probs(logits[row], spec.temperature), 1,
-                                                  generator=generators[row]))
+                    token = int(
+                        torch.multinomial(_sampling_probs(logits[row], spec.temperature), 1, generator=generators[row])
+                    )
                 else:
                     token = int(logits[row].argmax())
                 tokens[row].append(token)
@@ -286,14 +295,24 @@ class Engine:
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
                 step_pos = step_pos[:, -1:] + 1
-        return [Generation(tuple(ids), tuple(toks), tuple(self.tokenizer.decode([t]) for t in toks),
-                           bool(toks) and toks[-1] in self._eos)
-                for ids, toks in zip(prompts_ids, tokens)]
+        return [
+            Generation(
+                tuple(ids),
+                tuple(toks),
+                tuple(self.tokenizer.decode([t]) for t in toks),
+                bool(toks) and toks[-1] in self._eos,
+            )
+            for ids, toks in zip(prompts_ids, tokens)
+        ]
 
     # -------------------------------------------------------------------- trace
     @torch.no_grad()
-    def _record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], bool]:
+    def _record(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], bool]:
         """Every block's output (B, T, H) in one clean forward that stops after the last block.
         Also returns whether the blocks return tuples (older transformers) or tensors."""
         outputs: list[torch.Tensor] = []
@@ -308,8 +327,7 @@ class Engine:
 
         handles = [block.register_forward_hook(post_hook) for block in self.adapter.blocks]
         try:
-            extra = {} if attention_mask is None else {"attention_mask": attention_mask,
-                                                      "position_ids": position_ids}
+            extra = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
             self.model(input_ids=input_ids, use_cache=False, **extra)
             raise KlstoreError(f"{self.loaded.label}: the last decoder block never ran")
         except _StopForward:
@@ -319,7 +337,8 @@ class Engine:
                 handle.remove()
         if len(outputs) != self.n_layers:
             raise KlstoreError(
-                f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, saw {len(outputs)}")
+                f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, saw {len(outputs)}"
+            )
         return outputs, kinds[0]
 
     @staticmethod
@@ -333,8 +352,14 @@ class Engine:
         devices: each stays on its block's device), with P from the last one."""
         first = len(generation.prompt_ids) - 1
         positions = torch.arange(first, first + generation.n, device=self.device)
-        trace = Trace(generation, torch.tensor([self._sequence(generation)], device=self.device), positions,
-                      outputs, None, as_tuple)
+        trace = Trace(
+            generation,
+            torch.tensor([self._sequence(generation)], device=self.device),
+            positions,
+            outputs,
+            None,
+            as_tuple,
+        )
         trace.ref_logp = self.adapter.log_probs(trace.reference)
         return trace
 
@@ -353,8 +378,10 @@ class Engine:
         steps: list[list] = []
         generations = self.generate_batch(prompts_ids, spec, record=steps)
         if any(len(step) != self.n_layers for step in steps):
-            raise KlstoreError(f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, "
-                               f"saw {sorted({len(step) for step in steps})}")
+            raise KlstoreError(
+                f"{self.loaded.label}: expected {self.n_layers} block calls in one forward, "
+                f"saw {sorted({len(step) for step in steps})}"
+            )
         as_tuple = isinstance(steps[0][0], tuple)
         steps = [[out[0] if isinstance(out, tuple) else out for out in step] for step in steps]
         width = steps[0][0].shape[1]  # the left-padded prompts
@@ -362,8 +389,9 @@ class Engine:
         for k in range(self.n_layers):
             for row, gen in enumerate(generations):
                 start = width - len(gen.prompt_ids)
-                per_row[row].append(torch.cat([steps[0][k][row, start:]]
-                                              + [steps[s][k][row] for s in range(1, gen.n)])[None])
+                per_row[row].append(
+                    torch.cat([steps[0][k][row, start:]] + [steps[s][k][row] for s in range(1, gen.n)])[None]
+                )
             for step in steps:  # block k's batch outputs now live in the rows' copies: freed as we go
                 step[k] = None
         return [self._trace_of(gen, outputs, as_tuple) for gen, outputs in zip(generations, per_row)]
@@ -374,8 +402,8 @@ class Engine:
         ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
@@ -388,8 +416,10 @@ class Engine:
         ids, mask, positions = self._left_pad(sequences)
         outputs, as_tuple = self._record(ids, mask, positions)
         width = ids.shape[1]
-        return [self._trace_of(gen, [out[row:row + 1, width - len(seq):] for out in outputs], as_tuple)
-                for row, (gen, seq) in enumerate(zip(generations, sequences))]
+        return [
+            self._trace_of(gen, [out[row : row + 1, width - len(seq) :] for out in outputs], as_tuple)
+            for row, (gen, seq) in enumerate(zip(generations, sequences))
+        ]
 
     def last_position_outputs(self, prompt_ids: list[int]) -> torch.Tensor:
         """Block outputs at the prompt's last position: (n_layers, H), float32."""
@@ -406,14 +436,17 @@ class Engine:
                 self.adapter.sublayer(block, which, k)
         if spec.name == "steer":
             if steer_vectors is None or tuple(steer_vectors.shape) != (self.n_layers, self.hidden_size):
-                raise KlstoreError(f"probe steer needs ({self.n_layers}, {self.hidden_size}) vectors for "
-                                   f"{self.loaded.label}, got "
-                                   f"{None if steer_vectors is None else list(steer_vectors.shape)}")
+                raise KlstoreError(
+                    f"probe steer needs ({self.n_layers}, {self.hidden_size}) vectors for "
+                    f"{self.loaded.label}, got "
+                    f"{None if steer_vectors is None else list(steer_vectors.shape)}"
+                )
             self._steer_cache[spec.key()] = steer_vectors
         self._prepared.add(spec.key())
 
-    def mean_activation_difference(self, positive: list[Prompt], negative: list[Prompt],
-                                   generation_spec: GenerationSpec) -> torch.Tensor:
+    def mean_activation_difference(
+        self, positive: list[Prompt], negative: list[Prompt], generation_spec: GenerationSpec
+    ) -> torch.Tensor:
         """mean(positive) - mean(negative) of block outputs at each prompt's last position: (n_layers, H)."""
         means = []
         for prompts in (positive, negative):
@@ -421,8 +454,9 @@ class Engine:
             means.append(torch.stack(acts).mean(0))
         return means[0] - means[1]
 
-    def probe_context(self, spec: ProbeSpec, prompt: Prompt, generation: Generation,
-                generation_spec: "GenerationSpec") -> ProbeContext:
+    def probe_context(
+        self, spec: ProbeSpec, prompt: Prompt, generation: Generation, generation_spec: GenerationSpec
+    ) -> ProbeContext:
         """What the probe needs for this prompt (steering vectors, the patch source)."""
         ctx = ProbeContext(prompt.id)
         if spec.name == "steer":
@@ -458,14 +492,16 @@ class Engine:
         width = 2 * (getattr(text, "intermediate_size", None) or 4 * self.hidden_size) + 4 * self.hidden_size
         heads = getattr(text, "num_attention_heads", None) or 1
         kv_width = (getattr(text, "num_key_value_heads", None) or heads) * (
-            getattr(text, "head_dim", None) or self.hidden_size // heads)
+            getattr(text, "head_dim", None) or self.hidden_size // heads
+        )
         length = trace.input_ids.shape[1]
         per_row = 4 * length * (width + heads * length + 2 * self.n_layers * kv_width)
         return max(1, self.chunk_bytes // per_row)
 
     @torch.no_grad()
-    def _final_states(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
-                      context: ProbeContext) -> torch.Tensor:
+    def _final_states(
+        self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext
+    ) -> torch.Tensor:
         """(len(layers), n, H): the residual stream to decode, per layer, at the positions
         predicting Gen t, on the head's device."""
         where = trace.ref_logp.device
@@ -475,15 +511,19 @@ class Engine:
         """Yield (layer chunk, (R, n, H) residual stream to decode at the positions predicting Gen t)."""
         if spec.is_readout:  # logit lens: the recorded block outputs (on the last one's device)
             where = trace.outputs[-1].device
-            yield layers, torch.stack([trace.outputs[l][0, trace.positions.to(trace.outputs[l].device)].to(where)
-                                       for l in layers])
+            yield (
+                layers,
+                torch.stack(
+                    [trace.outputs[l][0, trace.positions.to(trace.outputs[l].device)].to(where) for l in layers]
+                ),
+            )
             return
         rows = self._sweep_rows(trace)
         for start in range(0, len(layers), rows):
-            chunk = layers[start:start + rows]
+            chunk = layers[start : start + rows]
             if self._from_position(trace, spec, chunk, context):  # patch: the positions from the patched one on
                 if context.prefix_cache is None:
-                    context.prefix_cache = self._prefix_cache(trace.input_ids[0, :context.patch_position].tolist())
+                    context.prefix_cache = self._prefix_cache(trace.input_ids[0, : context.patch_position].tolist())
                 final = self._run_rows_from(trace, spec, chunk, context)
                 yield chunk, final[:, (trace.positions - context.patch_position).to(final.device)]
             else:  # an intervention: the layer sweep
@@ -510,8 +550,9 @@ class Engine:
             part += total * start
         return part < whole
 
-    def _run_rows(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
-                  context: ProbeContext) -> torch.Tensor:
+    def _run_rows(
+        self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...], context: ProbeContext
+    ) -> torch.Tensor:
         """Forward a batch where row r intervenes at block row_layers[r]; returns last block output (R, T, H)."""
         batch = len(row_layers)
         row_layer = torch.tensor(row_layers, device=self.device)
@@ -530,8 +571,9 @@ class Engine:
 
                 def run(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
                     sliced_args = tuple(_take_rows(a, rows, batch) for a in args[1:])
-                    sliced_kwargs = {key: _take_rows(v, rows, batch) for key, v in kwargs.items()
-                                     if key != "hidden_states"}
+                    sliced_kwargs = {
+                        key: _take_rows(v, rows, batch) for key, v in kwargs.items() if key != "hidden_states"
+                    }
                     result = original(x, *sliced_args, **sliced_kwargs)
                     return result[0] if isinstance(result, tuple) else result
 
@@ -580,8 +622,9 @@ class Engine:
                 else:
                     blocks[k].forward = previous
 
-    def _run_rows_from(self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...],
-                       context: ProbeContext) -> torch.Tensor:
+    def _run_rows_from(
+        self, trace: Trace, spec: ProbeSpec, row_layers: tuple[int, ...], context: ProbeContext
+    ) -> torch.Tensor:
         """The layer sweep over positions `start = context.patch_position` onward only, for an
         intervention that leaves every earlier position clean (patch): those positions' keys and
         values come from the clean prefix cache. Returns the last block's output (R, T - start, H).
@@ -610,9 +653,13 @@ class Engine:
                 if above.numel():
                     out[above] = clean.to(out.dtype)
                 if here.numel():
-                    site = BlockSite(layer=k, hidden_in=_hidden_arg(args, kwargs).to(clean.device)[here],
-                                     clean_out=clean.expand(here.numel(), -1, -1), run=None,
-                                     sublayer=lambda which: None)
+                    site = BlockSite(
+                        layer=k,
+                        hidden_in=_hidden_arg(args, kwargs).to(clean.device)[here],
+                        clean_out=clean.expand(here.numel(), -1, -1),
+                        run=None,
+                        sublayer=lambda which: None,
+                    )
                     out[here] = intervene(spec, site, shifted).to(out.dtype)
                 if k == last:
                     raise _StopForward(out)
@@ -621,10 +668,12 @@ class Engine:
             return forward
 
         forwards = {k: make_forward(k, self.adapter.blocks[k]) for k in range(low, self.n_layers)}
-        forwards.update({k: self._replay(trace.outputs[k][:, start:], batch, trace.returns_tuple)
-                         for k in range(low)})  # below every intervention: clean, replayed, never computed
-        return self._sweep(forwards, input_ids=trace.input_ids[:, start:].expand(batch, -1), use_cache=True,
-                           **{self._cache_arg: cache})
+        forwards.update(
+            {k: self._replay(trace.outputs[k][:, start:], batch, trace.returns_tuple) for k in range(low)}
+        )  # below every intervention: clean, replayed, never computed
+        return self._sweep(
+            forwards, input_ids=trace.input_ids[:, start:].expand(batch, -1), use_cache=True, **{self._cache_arg: cache}
+        )
 
     @staticmethod
     def _replay(clean: torch.Tensor, batch: int, as_tuple: bool):
@@ -632,9 +681,16 @@ class Engine:
         return lambda *args, **kwargs: (out,) if as_tuple else out
 
     @torch.no_grad()
-    def probe(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...],
-              divergences: tuple[str, ...], prompt: Prompt,
-              context: ProbeContext | None = None, topk: int = DEFAULT_TOPK) -> KLMatrix:
+    def probe(
+        self,
+        trace: Trace,
+        spec: ProbeSpec,
+        layers: tuple[int, ...],
+        divergences: tuple[str, ...],
+        prompt: Prompt,
+        context: ProbeContext | None = None,
+        topk: int = DEFAULT_TOPK,
+    ) -> KLMatrix:
         """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`),
         with each cell's lens tokens: the top-`topk` tokens of Q (none when 0), and the rank and
         log-probability of the generated token under Q."""
@@ -642,8 +698,9 @@ class Engine:
         return self._matrices([(trace, prompt, hidden)], spec, layers, divergences, topk)[0]
 
     @torch.no_grad()
-    def _matrices(self, items: list, spec: ProbeSpec, layers: tuple[int, ...],
-                  divergences: tuple[str, ...], topk: int) -> list[KLMatrix]:
+    def _matrices(
+        self, items: list, spec: ProbeSpec, layers: tuple[int, ...], divergences: tuple[str, ...], topk: int
+    ) -> list[KLMatrix]:
         """One KLMatrix per (trace, prompt, final states) item. Where `unembed.applies`, one
         vocabulary-chunked head pass serves every item at once; otherwise each item goes
         through the row-chunked path (`_cells_rows`)."""
@@ -652,8 +709,7 @@ class Engine:
             cells = self._cells_fused(items, k)
         else:
             cells = [self._cells_rows(trace, hidden, divergences, k) for trace, _, hidden in items]
-        return [self._matrix(trace, prompt, spec, layers, numbers)
-                for (trace, prompt, _), numbers in zip(items, cells)]
+        return [self._matrix(trace, prompt, spec, layers, numbers) for (trace, prompt, _), numbers in zip(items, cells)]
 
     def _cells_fused(self, items: list, k: int) -> list[dict]:
         """`unembed.run` over the items' cells, in passes of at most chunk_bytes of logits."""
@@ -662,8 +718,10 @@ class Engine:
         for i, (trace, _, hidden) in enumerate(items):
             gen_ids = torch.tensor(trace.generation.token_ids, device=trace.ref_logp.device)
             step = max(1, budget // max(1, hidden.shape[1]))
-            pieces += [(i, unembed.Job(hidden[r:r + step], trace.reference, trace.ref_logp, gen_ids))
-                       for r in range(0, hidden.shape[0], step)]
+            pieces += [
+                (i, unembed.Job(hidden[r : r + step], trace.reference, trace.ref_logp, gen_ids))
+                for r in range(0, hidden.shape[0], step)
+            ]
         parts: list[list] = [[] for _ in items]
         group, size = [], 0
         for piece in pieces + [None]:
@@ -677,16 +735,24 @@ class Engine:
                 size += cells
         result = []
         for (trace, _, hidden), outs in zip(items, parts):
-            def cat(name):
+
+            def cat(name, outs=outs):
                 return torch.cat([getattr(o, name) for o in outs]).numpy()
+
             kl = cat("kl")
             if not np.isfinite(kl).all():  # -inf logits (P = Q = 0 there), or a non-finite state: the
                 result.append(self._cells_rows(trace, hidden, ("kl",), k))  # row path decides, as kl_rows does
                 continue
-            result.append(dict(values={"kl": kl}, gen_logq=cat("gen_logq"), gen_rank=cat("gen_rank"),
-                               topk_ids=cat("topk_ids") if k else None,
-                               topk_probs=cat("topk_probs") if k else None,
-                               gen_logp=outs[0].gen_logp.numpy()))
+            result.append(
+                dict(
+                    values={"kl": kl},
+                    gen_logq=cat("gen_logq"),
+                    gen_rank=cat("gen_rank"),
+                    topk_ids=cat("topk_ids") if k else None,
+                    topk_probs=cat("topk_probs") if k else None,
+                    gen_logp=outs[0].gen_logp.numpy(),
+                )
+            )
         return result
 
     def _cells_rows(self, trace: Trace, hidden: torch.Tensor, divergences: tuple[str, ...], k: int) -> dict:
@@ -709,8 +775,9 @@ class Engine:
             for p0 in range(0, gen.n, step):
                 cols = slice(p0, min(p0 + step, gen.n))
                 logq = self.adapter.log_probs(hidden[rows, cols])  # (R, m, V)
-                result = divergence.compute_rows(divergences, trace.ref_logp[cols], logq,
-                                                 None if ref_p is None else ref_p[cols])
+                result = divergence.compute_rows(
+                    divergences, trace.ref_logp[cols], logq, None if ref_p is None else ref_p[cols]
+                )
                 for name, tensor in result.items():
                     values[name][rows, cols] = tensor.float().cpu().numpy()
                 target = logq.gather(-1, gen_ids[cols].expand(logq.shape[0], -1).unsqueeze(-1))  # (R, m, 1)
@@ -724,8 +791,9 @@ class Engine:
                 del logq, result, target
         return dict(values=values, gen_logq=gen_logq, gen_rank=gen_rank, topk_ids=topk_ids, topk_probs=topk_probs)
 
-    def _matrix(self, trace: Trace, prompt: Prompt, spec: ProbeSpec, layers: tuple[int, ...],
-                numbers: dict) -> KLMatrix:
+    def _matrix(
+        self, trace: Trace, prompt: Prompt, spec: ProbeSpec, layers: tuple[int, ...], numbers: dict
+    ) -> KLMatrix:
         gen = trace.generation
         ref = trace.ref_logp
         gen_ids = torch.tensor(gen.token_ids, device=ref.device)
@@ -741,18 +809,33 @@ class Engine:
                 errors.append(f"non-finite {name} at layer {layers[row]}, Gen{col}")
                 matrix[row, col] = np.nan
         return KLMatrix(
-            model=self.loaded.label, prompt=prompt, probe=spec.name, probe_params=dict(spec.params),
-            layers=tuple(layers), n_layers_total=self.n_layers, generation=gen, values=values,
+            model=self.loaded.label,
+            prompt=prompt,
+            probe=spec.name,
+            probe_params=dict(spec.params),
+            layers=tuple(layers),
+            n_layers_total=self.n_layers,
+            generation=gen,
+            values=values,
             top1_match=numbers["gen_rank"] == 1,  # = (argmax Q == Gen t) but for exact ties
             gen_logprob=logprob.astype(np.float32),
-            gen_entropy=entropy.astype(np.float32), errors=tuple(errors),
-            topk_ids=numbers["topk_ids"], topk_probs=numbers["topk_probs"],
-            gen_rank=numbers["gen_rank"], gen_logq=numbers["gen_logq"])
+            gen_entropy=entropy.astype(np.float32),
+            errors=tuple(errors),
+            topk_ids=numbers["topk_ids"],
+            topk_probs=numbers["topk_probs"],
+            gen_rank=numbers["gen_rank"],
+            gen_logq=numbers["gen_logq"],
+        )
 
     # ---------------------------------------------------------------- many prompts
     @torch.no_grad()
-    def compute(self, prompts: list[Prompt], compute: ComputeSpec, layers: tuple[int, ...] | None = None,
-                encoded: list[list[int]] | None = None) -> list:
+    def compute(
+        self,
+        prompts: list[Prompt],
+        compute: ComputeSpec,
+        layers: tuple[int, ...] | None = None,
+        encoded: list[list[int]] | None = None,
+    ) -> list:
         """Per prompt, its KLMatrix list or the exception that stopped it (the others go on):
         everything `compute` asks for (spec.ComputeSpec, taken whole).
 
@@ -769,16 +852,29 @@ class Engine:
         with matmul_precision_of(compute.matmul_precision):
             return self._compute(prompts, compute, layers, encoded)
 
-    def run_many(self, prompts: list[Prompt], probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
-                 divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-                 batch_size: int = DEFAULT_BATCH_SIZE, encoded: list[list[int]] | None = None,
-                 **options) -> list:
+    def run_many(
+        self,
+        prompts: list[Prompt],
+        probes: list[ProbeSpec],
+        layers: str | tuple[int, ...] = "all",
+        divergences: tuple[str, ...] = ("kl",),
+        spec: GenerationSpec = GenerationSpec(),
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        encoded: list[list[int]] | None = None,
+        **options,
+    ) -> list:
         """`compute` with the value given field by field (`options`: topk, clean_pass,
         matmul_precision, ...; checked as `Lens.compute` checks them); `layers` may be resolved
         block indices or a spec string."""
         resolved = None if isinstance(layers, str) else tuple(layers)
-        value = ComputeSpec(list(probes), layers if isinstance(layers, str) else "all", divergences, spec,
-                            batch_size=batch_size, **ComputeSpec.check_options(options))
+        value = ComputeSpec(
+            list(probes),
+            layers if isinstance(layers, str) else "all",
+            divergences,
+            spec,
+            batch_size=batch_size,
+            **ComputeSpec.check_options(options),
+        )
         return self.compute(prompts, value, resolved, encoded)
 
     def _compute(self, prompts, compute: ComputeSpec, layers, encoded):
@@ -802,7 +898,7 @@ class Engine:
             except KlstoreError as exc:
                 results[i] = exc
         for start in range(0, len(ready), compute.batch_size):
-            chunk = ready[start:start + compute.batch_size]
+            chunk = ready[start : start + compute.batch_size]
             try:
                 traces = traced_batch([ids for _, ids in chunk])
             except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
@@ -863,13 +959,18 @@ class Engine:
             return exc
 
     # ---------------------------------------------------------------- one call
-    def run(self, prompt: Prompt, probes: list[ProbeSpec], layers: str | tuple[int, ...] = "all",
-            divergences: tuple[str, ...] = ("kl",), spec: GenerationSpec = GenerationSpec(),
-            **options) -> list[KLMatrix]:
+    def run(
+        self,
+        prompt: Prompt,
+        probes: list[ProbeSpec],
+        layers: str | tuple[int, ...] = "all",
+        divergences: tuple[str, ...] = ("kl",),
+        spec: GenerationSpec = GenerationSpec(),
+        **options,
+    ) -> list[KLMatrix]:
         """Generate once, trace once, then one KLMatrix per probe (errors raised); `options` as
         in `run_many`."""
         result = self.run_many([prompt], probes, layers, divergences, spec, **options)[0]
         if isinstance(result, Exception):
             raise result
         return result
-

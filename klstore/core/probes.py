@@ -24,8 +24,8 @@ The probe names and their parameters are declared in klstore.spec (PROBES).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

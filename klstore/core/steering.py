@@ -65,15 +65,20 @@ def load_vector(path: str, n_layers: int, hidden: int) -> torch.Tensor:
         raise KlstoreError(f"steering vector {path} holds {bad} non-finite value(s) (NaN or infinity)")
     if tensor.dim() == 1:
         if tensor.shape[0] != hidden:
-            raise KlstoreError(f"steering vector {path} has width {tensor.shape[0]}; the model's hidden size is {hidden}")
+            raise KlstoreError(
+                f"steering vector {path} has width {tensor.shape[0]}; the model's hidden size is {hidden}"
+            )
         return tensor.expand(n_layers, hidden).clone()
     if tensor.dim() == 2:
         if tensor.shape != (n_layers, hidden):
-            raise KlstoreError(f"steering vector {path} has shape {list(tensor.shape)}; "
-                               f"the model needs [{hidden}] or [{n_layers}, {hidden}]")
+            raise KlstoreError(
+                f"steering vector {path} has shape {list(tensor.shape)}; "
+                f"the model needs [{hidden}] or [{n_layers}, {hidden}]"
+            )
         return tensor
-    raise KlstoreError(f"steering vector {path} has shape {list(tensor.shape)}; "
-                       f"the model needs [{hidden}] or [{n_layers}, {hidden}]")
+    raise KlstoreError(
+        f"steering vector {path} has shape {list(tensor.shape)}; the model needs [{hidden}] or [{n_layers}, {hidden}]"
+    )
 
 
 def save_vector(path: str, vectors: torch.Tensor) -> None:
@@ -90,4 +95,3 @@ def save_vector(path: str, vectors: torch.Tensor) -> None:
         torch.save(vectors, path)
     else:
         raise KlstoreError(f"steering vector {path}: use a .pt, .npy or .safetensors file")
-

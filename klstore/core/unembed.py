@@ -61,9 +61,14 @@ class Cells:
 def applies(adapter: Adapter, divergences: tuple[str, ...]) -> bool:
     """Whether this pass can serve a run: forward KL only, and a bare linear head."""
     head = adapter.head
-    return (tuple(divergences) == ("kl",) and type(head) is nn.Linear
-            and not head._forward_hooks and not head._forward_pre_hooks
-            and getattr(head, "_hf_hook", None) is None and head.weight.device.type != "meta")
+    return (
+        tuple(divergences) == ("kl",)
+        and type(head) is nn.Linear
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+        and getattr(head, "_hf_hook", None) is None
+        and head.weight.device.type != "meta"
+    )
 
 
 def cell_bytes(chunk: int = VOCAB_CHUNK) -> int:
@@ -83,14 +88,17 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     device = weight.device
     wide = torch.float64 if any(job.hidden.dtype == torch.float64 for job in jobs) else torch.float32
     sizes = [job.hidden.shape[0] * job.hidden.shape[1] for job in jobs]
-    states = torch.cat([job.hidden.reshape(-1, job.hidden.shape[-1]).to(device) for job in jobs]
-                       + [job.reference.to(device) for job in jobs])
+    states = torch.cat(
+        [job.hidden.reshape(-1, job.hidden.shape[-1]).to(device) for job in jobs]
+        + [job.reference.to(device) for job in jobs]
+    )
     x = adapter.final_norm(states)
     cells = sum(sizes)
     ref_start = [cells + sum(job.reference.shape[0] for job in jobs[:j]) for j in range(len(jobs))]
     starts = [sum(sizes[:j]) for j in range(len(jobs))]
-    gen = torch.cat([job.gen_ids.to(device).repeat(job.hidden.shape[0]) for job in jobs]
-                    + [job.gen_ids.to(device) for job in jobs])  # (cells + references,)
+    gen = torch.cat(
+        [job.gen_ids.to(device).repeat(job.hidden.shape[0]) for job in jobs] + [job.gen_ids.to(device) for job in jobs]
+    )  # (cells + references,)
 
     def transform(z: torch.Tensor) -> torch.Tensor:  # = Adapter.logits after the head
         z = z.to(wide)
@@ -104,11 +112,16 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     # dtype and matmul precision as the chunks', so bfloat16 logits round alike), counts the
     # logits above it in the chunks before its own; from its own chunk on, the chunk GEMM's
     # value (`exact`) does, so Gen t never counts itself and the stored log Q(Gen t) is the GEMM's.
-    approx = torch.cat([_own_logits(x[starts[j]:starts[j] + sizes[j]], job.gen_ids.to(device), weight, bias)
-                        for j, job in enumerate(jobs)]
-                       + [_own_logits(x[ref_start[j]:ref_start[j] + job.reference.shape[0]],
-                                      job.gen_ids.to(device), weight, bias)
-                          for j, job in enumerate(jobs)])
+    approx = torch.cat(
+        [
+            _own_logits(x[starts[j] : starts[j] + sizes[j]], job.gen_ids.to(device), weight, bias)
+            for j, job in enumerate(jobs)
+        ]
+        + [
+            _own_logits(x[ref_start[j] : ref_start[j] + job.reference.shape[0]], job.gen_ids.to(device), weight, bias)
+            for j, job in enumerate(jobs)
+        ]
+    )
     approx = transform(approx)
     exact = approx.clone()
     mass_p = [torch.zeros(job.reference.shape[0], dtype=wide, device=device) for job in jobs]  # sum_v P(v)
@@ -123,8 +136,9 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     vocab = int(weight.shape[0])
     for v0 in range(0, vocab, chunk):
         width = min(chunk, vocab - v0)
-        z = transform(nn.functional.linear(x, weight[v0:v0 + width],
-                                           None if bias is None else bias[v0:v0 + width]))  # (total, c)
+        z = transform(
+            nn.functional.linear(x, weight[v0 : v0 + width], None if bias is None else bias[v0 : v0 + width])
+        )  # (total, c)
         # (torch.logsumexp is no faster here, and its result for a row depends on the row's
         # place in the batch, which would break the exact 0 of identical rows)
         peak = torch.maximum(high, z.amax(-1))
@@ -138,9 +152,9 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
         above += torch.gt(z, target[:, None]).sum(-1, dtype=torch.int32)
         for j, job in enumerate(jobs):
             r, m = job.hidden.shape[:2]
-            zq = z[starts[j]:starts[j] + sizes[j]].view(r, m, width)
-            gap = z[ref_start[j]:ref_start[j] + m] - zq  # (R, m, c): z_p - z_q
-            p = job.ref_logp[:, v0:v0 + width].to(device, wide).exp()  # P, a chunk at a time
+            zq = z[starts[j] : starts[j] + sizes[j]].view(r, m, width)
+            gap = z[ref_start[j] : ref_start[j] + m] - zq  # (R, m, c): z_p - z_q
+            p = job.ref_logp[:, v0 : v0 + width].to(device, wide).exp()  # P, a chunk at a time
             mass_p[j] += p.sum(-1)
             partial[j].append(_blocked(p, gap))
         if k:
@@ -154,15 +168,18 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
         r, m = job.hidden.shape[:2]
         own = slice(starts[j], starts[j] + sizes[j])
         lse_q = lse[own].view(r, m)
-        lse_p = lse[ref_start[j]:ref_start[j] + m]
+        lse_p = lse[ref_start[j] : ref_start[j] + m]
         kl = torch.cat(partial[j], -1).sum(-1) + (lse_q - lse_p) * mass_p[j]
-        out.append(Cells(
-            kl=kl.clamp_min(0.0).float().cpu(),
-            gen_logq=(exact[own].view(r, m) - lse_q).float().cpu(),
-            gen_rank=(1 + above[own]).view(r, m).cpu(),
-            topk_ids=top_ids[own].view(r, m, -1).int().cpu() if k else None,
-            topk_probs=(top[own] - lse[own, None]).exp().view(r, m, -1).float().cpu() if k else None,
-            gen_logp=(exact[ref_start[j]:ref_start[j] + m] - lse_p).float().cpu()))
+        out.append(
+            Cells(
+                kl=kl.clamp_min(0.0).float().cpu(),
+                gen_logq=(exact[own].view(r, m) - lse_q).float().cpu(),
+                gen_rank=(1 + above[own]).view(r, m).cpu(),
+                topk_ids=top_ids[own].view(r, m, -1).int().cpu() if k else None,
+                topk_probs=(top[own] - lse[own, None]).exp().view(r, m, -1).float().cpu() if k else None,
+                gen_logp=(exact[ref_start[j] : ref_start[j] + m] - lse_p).float().cpu(),
+            )
+        )
     return out
 
 

@@ -87,6 +87,7 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
     chose: {'runs': [...]} where it picks runs, and 'selection', the same filter without the
     divergence condition (for views without that column, such as `settling`).
     Unknown names are errors that list what exists."""
+
     def existing(column):  # column: run_id, model, probe or prompt_group (a fixed name)
         return sorted(str(r[0]) for r in con.execute(f"SELECT DISTINCT {column} FROM kl").fetchall())
 
@@ -101,8 +102,11 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
             GROUP BY model ORDER BY model""").fetchall()
         # one (model AND run_id) pair of placeholders per model: an OR that prunes partition folders
         pairs = " OR ".join(f"(model = $latest_model_{i} AND run_id = $latest_run_{i})" for i in range(len(latest)))
-        where = where.and_(f"({pairs})", **{f"latest_model_{i}": m for i, (m, _) in enumerate(latest)},
-                           **{f"latest_run_{i}": r for i, (_, r) in enumerate(latest)})
+        where = where.and_(
+            f"({pairs})",
+            **{f"latest_model_{i}": m for i, (m, _) in enumerate(latest)},
+            **{f"latest_run_{i}": r for i, (_, r) in enumerate(latest)},
+        )
         chosen["runs"] = sorted({r for _, r in latest})
     elif spec.runs:
         ids = existing("run_id")
@@ -119,16 +123,25 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
             have = existing(column)
             missing = [w for w in wanted if w not in have]
             if missing:
-                raise KlstoreError(f"{column.replace('prompt_', '')} {missing[0]!r} is not in the store; "
-                                   f"{key}: {', '.join(have)}")
+                raise KlstoreError(
+                    f"{column.replace('prompt_', '')} {missing[0]!r} is not in the store; {key}: {', '.join(have)}"
+                )
             where = where.and_in(column, column, wanted)
     chosen["selection"] = where
     where = where.and_(f"{spec.divergence} IS NOT NULL")  # divergence: a DIVERGENCES name
     if not con.execute(f"SELECT count(*) FROM kl WHERE {where.sql}", where.params).fetchone()[0]:
-        chose = "; ".join(f"{key}: {', '.join(map(str, getattr(spec, key)))}" for key in ("models", "probes", "groups")
-                          if getattr(spec, key)) or "all models, probes and groups"
-        raise KlstoreError(f"the report spec matches no {spec.divergence} values in the store "
-                           f"({chose}; runs: {', '.join(chosen.get('runs', [])) or spec.runs or 'all'})")
+        chose = (
+            "; ".join(
+                f"{key}: {', '.join(map(str, getattr(spec, key)))}"
+                for key in ("models", "probes", "groups")
+                if getattr(spec, key)
+            )
+            or "all models, probes and groups"
+        )
+        raise KlstoreError(
+            f"the report spec matches no {spec.divergence} values in the store "
+            f"({chose}; runs: {', '.join(chosen.get('runs', [])) or spec.runs or 'all'})"
+        )
     return where, chosen
 
 
@@ -153,8 +166,10 @@ def _arrays_from_rows(rows, layers, n_cols, fills):
     """One (len(layers), n_cols) array per field after (layer, gen_idx) in `rows`; `fills`
     gives each array's value where a cell has no row (NaN for numbers, None for objects)."""
     index = {layer: i for i, layer in enumerate(layers)}
-    arrays = [np.full((len(layers), n_cols), fill, dtype=float if isinstance(fill, (int, float)) else object)
-              for fill in fills]
+    arrays = [
+        np.full((len(layers), n_cols), fill, dtype=float if isinstance(fill, (int, float)) else object)
+        for fill in fills
+    ]
     for layer, gen_idx, *fields in rows:
         if layer in index and gen_idx < n_cols:
             for array, value in zip(arrays, fields):
@@ -168,12 +183,14 @@ def _sql_aggregate(spec: ReportSpec) -> str:
 
 def _n_layers(con, where: Filter) -> dict:
     """model -> its number of layers (the largest stored n_layers, else its deepest layer + 1)."""
-    n_layers = dict(con.execute(f"SELECT model, max(n_layers) FROM kl WHERE {where.sql} GROUP BY model",
-                                where.params).fetchall())
+    n_layers = dict(
+        con.execute(f"SELECT model, max(n_layers) FROM kl WHERE {where.sql} GROUP BY model", where.params).fetchall()
+    )
     for model, count in list(n_layers.items()):
         if count is None:  # files from before n_layers was stored
-            n_layers[model] = con.execute("SELECT max(layer) + 1 FROM kl WHERE model = $model",
-                                          {"model": model}).fetchone()[0]
+            n_layers[model] = con.execute(
+                "SELECT max(layer) + 1 FROM kl WHERE model = $model", {"model": model}
+            ).fetchone()[0]
     return n_layers
 
 
@@ -206,13 +223,17 @@ def _aggregates(con, spec: ReportSpec, where: Filter, grouping, n_layers) -> lis
         f"SELECT {dims}, layer, gen_idx, avg({div}), median({div}), count({div}), max({div}), "
         f"arg_max({{'model': model, 'run_id': run_id, 'prompt_id': prompt_id}}, {div}) "
         f"FROM kl WHERE {where.sql} GROUP BY {dims}, layer, gen_idx ORDER BY {dims}, layer, gen_idx",
-        where.params).fetchall()
-    prompts = {tuple(r[:-1]): r[-1] for r in con.execute(
-        f"SELECT {dims}, count(DISTINCT prompt_id) FROM kl WHERE {where.sql} GROUP BY ALL",
-        where.params).fetchall()}
+        where.params,
+    ).fetchall()
+    prompts = {
+        tuple(r[:-1]): r[-1]
+        for r in con.execute(
+            f"SELECT {dims}, count(DISTINCT prompt_id) FROM kl WHERE {where.sql} GROUP BY ALL", where.params
+        ).fetchall()
+    }
     figures: dict = {}
     for row in cells:
-        figures.setdefault(tuple(row[:len(grouping)]), []).append(row[len(grouping):])
+        figures.setdefault(tuple(row[: len(grouping)]), []).append(row[len(grouping) :])
     section = "by " + ", ".join(DIM_TITLES[d] for d in grouping)
     out = []
     for key, rows in figures.items():
@@ -222,12 +243,23 @@ def _aggregates(con, spec: ReportSpec, where: Filter, grouping, n_layers) -> lis
         n_cols = max(r[1] for r in rows) + 1
         mean, median, counts, top, top_at = _arrays_from_rows(rows, layers, n_cols, (np.nan, np.nan, 0, np.nan, None))
         title = " | ".join(f"{labels[d]}" for d in grouping) + f" | {spec.aggregate} of {prompts[key]} prompts"
-        out.append(Grid(_slug("agg", *grouping, *key), section, title, layers,
-                        tuple(f"Gen{i}" for i in range(n_cols)), mean if spec.aggregate == "mean" else median,
-                        counts.astype(int), prompts[key], div, "aggregate", labels,
-                        inputs=_inputs_for(labels, n_layers),
-                        hover={"aggregate": spec.aggregate, "mean": mean, "median": median, "max": top,
-                               "max_at": top_at}))
+        out.append(
+            Grid(
+                _slug("agg", *grouping, *key),
+                section,
+                title,
+                layers,
+                tuple(f"Gen{i}" for i in range(n_cols)),
+                mean if spec.aggregate == "mean" else median,
+                counts.astype(int),
+                prompts[key],
+                div,
+                "aggregate",
+                labels,
+                inputs=_inputs_for(labels, n_layers),
+                hover={"aggregate": spec.aggregate, "mean": mean, "median": median, "max": top, "max_at": top_at},
+            )
+        )
     return out
 
 
@@ -239,8 +271,11 @@ def _inputs_for(labels: dict, n_layers: dict) -> tuple:
 def _full_grid(con, spec, where: Filter, model, probe, n_layers):
     """All layers of one model and probe: (values, counts), each (n_layers, n_tokens)."""
     one = where.and_("model = $model AND probe = $probe", model=model, probe=probe)
-    rows = con.execute(f"SELECT layer, gen_idx, {_sql_aggregate(spec)}({spec.divergence}), "
-                       f"count({spec.divergence}) FROM kl WHERE {one.sql} GROUP BY ALL", one.params).fetchall()
+    rows = con.execute(
+        f"SELECT layer, gen_idx, {_sql_aggregate(spec)}({spec.divergence}), "
+        f"count({spec.divergence}) FROM kl WHERE {one.sql} GROUP BY ALL",
+        one.params,
+    ).fetchall()
     n_cols = max(r[1] for r in rows) + 1
     return _grid_from_rows(rows, tuple(range(n_layers)), n_cols)
 
@@ -248,8 +283,10 @@ def _full_grid(con, spec, where: Filter, model, probe, n_layers):
 def _model_comparisons(con, spec, where: Filter, n_layers) -> list[Grid]:
     """A - B for each probe and pair of models; by relative depth when layer counts differ."""
     out = []
-    pairs = con.execute(f"SELECT probe, list(DISTINCT model ORDER BY model) FROM kl WHERE {where.sql} "
-                        "GROUP BY probe ORDER BY probe", where.params).fetchall()
+    pairs = con.execute(
+        f"SELECT probe, list(DISTINCT model ORDER BY model) FROM kl WHERE {where.sql} GROUP BY probe ORDER BY probe",
+        where.params,
+    ).fetchall()
     for probe, models in pairs:
         for i in range(len(models)):
             for j in range(i + 1, len(models)):
@@ -272,11 +309,24 @@ def _model_comparisons(con, spec, where: Filter, n_layers) -> list[Grid]:
                 values = va[rows_a, :n_cols] - vb[rows_b, :n_cols]
                 counts = np.minimum(ca[rows_a, :n_cols], cb[rows_b, :n_cols])
                 title = f"{a} minus {b} | {probe} | {spec.aggregate}"
-                out.append(Grid(_slug("cmp-models", probe, a, b), "model comparisons", title, tuple(shown),
-                                tuple(f"Gen{c}" for c in range(n_cols)), values, counts,
-                                int(counts.max()) if counts.size else 0, spec.divergence, "difference",
-                                {"probe": probe, "a": a, "b": b}, inputs=((a, probe), (b, probe)), ylabel=ylabel,
-                                hover={"a": va[rows_a, :n_cols], "b": vb[rows_b, :n_cols]}))
+                out.append(
+                    Grid(
+                        _slug("cmp-models", probe, a, b),
+                        "model comparisons",
+                        title,
+                        tuple(shown),
+                        tuple(f"Gen{c}" for c in range(n_cols)),
+                        values,
+                        counts,
+                        int(counts.max()) if counts.size else 0,
+                        spec.divergence,
+                        "difference",
+                        {"probe": probe, "a": a, "b": b},
+                        inputs=((a, probe), (b, probe)),
+                        ylabel=ylabel,
+                        hover={"a": va[rows_a, :n_cols], "b": vb[rows_b, :n_cols]},
+                    )
+                )
     return out
 
 
@@ -290,8 +340,11 @@ def _group_comparisons(by_group: dict) -> list[Grid]:
         grids = sorted(grids, key=lambda g: g.labels["prompt_group"])
         if len(grids) < 2:
             continue
-        pairs = [(x, y) for i, x in enumerate(grids) for y in grids[i + 1:]] if len(grids) <= 4 else \
-            [(x, None) for x in grids]
+        pairs = (
+            [(x, y) for i, x in enumerate(grids) for y in grids[i + 1 :]]
+            if len(grids) <= 4
+            else [(x, None) for x in grids]
+        )
         for x, y in pairs:
             n_cols = x.values.shape[1] if y is None else min(x.values.shape[1], y.values.shape[1])
             if y is None:
@@ -302,19 +355,32 @@ def _group_comparisons(by_group: dict) -> list[Grid]:
                 other, other_name = y.values[:, :n_cols], y.labels["prompt_group"]
                 counts = np.minimum(x.counts[:, :n_cols], y.counts[:, :n_cols])
             name = x.labels["prompt_group"]
-            out.append(Grid(_slug("cmp-groups", model, probe, name, other_name), "group comparisons",
-                            f"{model} | {probe} | {name} minus {other_name}", x.layers,
-                            tuple(f"Gen{c}" for c in range(n_cols)), x.values[:, :n_cols] - other, counts,
-                            int(counts.max()) if counts.size else 0, x.divergence, "difference",
-                            {"model": model, "probe": probe, "a": name, "b": other_name},
-                            inputs=((model, probe),), hover={"a": x.values[:, :n_cols], "b": other}))
+            out.append(
+                Grid(
+                    _slug("cmp-groups", model, probe, name, other_name),
+                    "group comparisons",
+                    f"{model} | {probe} | {name} minus {other_name}",
+                    x.layers,
+                    tuple(f"Gen{c}" for c in range(n_cols)),
+                    x.values[:, :n_cols] - other,
+                    counts,
+                    int(counts.max()) if counts.size else 0,
+                    x.divergence,
+                    "difference",
+                    {"model": model, "probe": probe, "a": name, "b": other_name},
+                    inputs=((model, probe),),
+                    hover={"a": x.values[:, :n_cols], "b": other},
+                )
+            )
     return out
 
 
 def _summary(con, spec: ReportSpec, where: Filter):
     """The summary table: (column names, rows of model, probe, prompts, cells, mean, top-1 agreement)."""
     names = ["model", "probe", "prompts", "cells", f"mean {spec.divergence}", "top-1 agreement"]
-    rows = con.execute(f"SELECT model, probe, count(DISTINCT prompt_id), count(*), avg({spec.divergence}), "
-                       f"avg(top1_match::INT) FROM kl WHERE {where.sql} GROUP BY ALL ORDER BY ALL",
-                       where.params).fetchall()
+    rows = con.execute(
+        f"SELECT model, probe, count(DISTINCT prompt_id), count(*), avg({spec.divergence}), "
+        f"avg(top1_match::INT) FROM kl WHERE {where.sql} GROUP BY ALL ORDER BY ALL",
+        where.params,
+    ).fetchall()
     return names, rows

@@ -64,8 +64,9 @@ def _context():
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:  # the fork server imports these once; each worker forks from it
-        context.set_forkserver_preload(["matplotlib.figure", "matplotlib.backends.backend_agg",
-                                        "klstore.report.drawing"])
+        context.set_forkserver_preload(
+            ["matplotlib.figure", "matplotlib.backends.backend_agg", "klstore.report.drawing"]
+        )
     return context
 
 

@@ -41,8 +41,11 @@ class Floors:
         """The largest measured floor over these models' runs (only `run_id` when given); None
         when none of them measured one."""
         wanted = set(models)
-        found = [floor for (model, run), floor in self.runs.items()
-                 if model in wanted and (run_id is None or run == run_id) and floor is not None]
+        found = [
+            floor
+            for (model, run), floor in self.runs.items()
+            if model in wanted and (run_id is None or run == run_id) and floor is not None
+        ]
         return max(found) if found else None
 
     def per_model(self) -> dict:
@@ -63,7 +66,8 @@ def load(con, selection) -> Floors:
     """The floors of the (model, run) pairs with kl rows in `selection` (a report Filter): each
     pair's largest finite `shards.noise_floor`; `runs.noise_floor` for a run with no shard floor
     at all (of any model); None where neither is there (module docstring)."""
-    rows = con.execute(f"""
+    rows = con.execute(
+        f"""
         WITH pairs AS (SELECT DISTINCT model, run_id FROM kl WHERE {selection.sql}),
         measured AS (SELECT model, run_id, max(noise_floor) AS floor FROM shards
                      WHERE isfinite(noise_floor) GROUP BY ALL),
@@ -73,7 +77,8 @@ def load(con, selection) -> Floors:
         SELECT p.model, p.run_id, CASE WHEN mr.run_id IS NULL THEN r.floor ELSE m.floor END
         FROM pairs p LEFT JOIN measured m USING (model, run_id)
         LEFT JOIN measured_runs mr USING (run_id) LEFT JOIN run_floors r USING (run_id)""",
-                       selection.params).fetchall()
+        selection.params,
+    ).fetchall()
     return Floors({(str(m), str(r)): (None if f is None or not np.isfinite(f) else float(f)) for m, r, f in rows})
 
 
@@ -99,21 +104,26 @@ def text(floor: float | None) -> str:
     return NOT_MEASURED if floor is None else f"{floor:.2g} {UNIT}"
 
 
-WHAT = ("the largest |divergence difference| between a prompt computed in its batch and computed alone, "
-        "over the runs shown")
+WHAT = (
+    "the largest |divergence difference| between a prompt computed in its batch and computed alone, over the runs shown"
+)
 
 
 def summary_line(floors: Floors) -> str:
     """The report summary's sentence on the floor of each model."""
     per_model = floors.per_model()
     if not any(floor is not None for floor, _, _ in per_model.values()):
-        return ("Noise floor: not measured (the runs shown record none: written before klstore measured it, "
-                "or with no shard of two or more prompts); no cell is marked.")
+        return (
+            "Noise floor: not measured (the runs shown record none: written before klstore measured it, "
+            "or with no shard of two or more prompts); no cell is marked."
+        )
     parts = []
     for model, (floor, measured, runs) in per_model.items():
         part = f"{model} {text(floor)}"
         if floor is not None and measured < runs:
             part += f" (measured in {measured} of {runs} runs)"
         parts.append(part)
-    return (f"Noise floor: {', '.join(parts)} ({WHAT}). Cells whose value, or whose difference between models "
-            "or groups, lies below it are marked with a dot and not counted as differences.")
+    return (
+        f"Noise floor: {', '.join(parts)} ({WHAT}). Cells whose value, or whose difference between models "
+        "or groups, lies below it are marked with a dot and not counted as differences."
+    )

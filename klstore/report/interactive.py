@@ -37,16 +37,32 @@ from klstore.report.plotting import DIVERGENCE_LABELS, cell_text, floor_marks
 
 # ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
 YLORRD = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
-RDBU_R = ["#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d",
-          "#b2182b", "#67001f"]
+RDBU_R = [
+    "#053061",
+    "#2166ac",
+    "#4393c3",
+    "#92c5de",
+    "#d1e5f0",
+    "#f7f7f7",
+    "#fddbc7",
+    "#f4a582",
+    "#d6604d",
+    "#b2182b",
+    "#67001f",
+]
 ANNOTATE_MAX = 400  # cells; larger grids show their values on hover only
 
 
 def script_json(value) -> str:
     """JSON that is safe inside a `<script>` element: `<`, `>`, `&`, U+2028 and U+2029 escaped."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escape)
     return text
 
@@ -92,15 +108,19 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
     z = values if scale is None or not scale.log else np.log10(np.clip(values, scale.lo, None))
     hover, links = _hover(grid, prompt_pages or {})
     heat = {
-        "type": "heatmap", "z": [[_num(v, 6) for v in row] for row in z],
-        "x": list(range(n_cols)), "y": list(range(n_rows)),
+        "type": "heatmap",
+        "z": [[_num(v, 6) for v in row] for row in z],
+        "x": list(range(n_cols)),
+        "y": list(range(n_rows)),
         "colorscale": _colorscale(RDBU_R if grid.kind == "difference" else YLORRD),
-        "customdata": hover, "hovertemplate": "%{customdata}<extra></extra>",
-        "colorbar": _colorbar(grid), "xgap": 1, "ygap": 1,
+        "customdata": hover,
+        "hovertemplate": "%{customdata}<extra></extra>",
+        "colorbar": _colorbar(grid),
+        "xgap": 1,
+        "ygap": 1,
     }
     if scale is not None:
-        heat["zmin"], heat["zmax"] = ((math.log10(scale.lo), math.log10(scale.hi)) if scale.log
-                                      else (scale.lo, scale.hi))
+        heat["zmin"], heat["zmax"] = (math.log10(scale.lo), math.log10(scale.hi)) if scale.log else (scale.lo, scale.hi)
     if n_rows * n_cols <= ANNOTATE_MAX:
         heat["text"] = [[cell_text(v) for v in row] for row in values]
         heat["texttemplate"] = "%{text}"
@@ -108,39 +128,73 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
     data = [heat]
     if scale is not None and scale.n_above:
         rows, cols = np.nonzero(scale.above)
-        data.append({"type": "scatter", "mode": "markers", "x": (cols + 0.38).tolist(), "y": (rows - 0.28).tolist(),
-                     "marker": {"symbol": "triangle-up", "size": 7, "color": "#ffffff"},  # the cell's top right
-                     "hoverinfo": "skip", "showlegend": False, "name": "above the scale"})
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "x": (cols + 0.38).tolist(),
+                "y": (rows - 0.28).tolist(),
+                "marker": {"symbol": "triangle-up", "size": 7, "color": "#ffffff"},  # the cell's top right
+                "hoverinfo": "skip",
+                "showlegend": False,
+                "name": "above the scale",
+            }
+        )
     quiet = floor_marks(grid, grid.values.shape)
     if quiet.any():
         rows, cols = np.nonzero(quiet)
-        data.append({"type": "scatter", "mode": "markers", "x": (cols - 0.36).tolist(), "y": (rows + 0.3).tolist(),
-                     "marker": {"symbol": "circle", "size": 5, "color": "#333333",  # the cell's bottom left
-                                "line": {"width": 1, "color": "#ffffff"}},
-                     "hoverinfo": "skip", "showlegend": False, "name": "below the noise floor"})
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "x": (cols - 0.36).tolist(),
+                "y": (rows + 0.3).tolist(),
+                "marker": {
+                    "symbol": "circle",
+                    "size": 5,
+                    "color": "#333333",  # the cell's bottom left
+                    "line": {"width": 1, "color": "#ffffff"},
+                },
+                "hoverinfo": "skip",
+                "showlegend": False,
+                "name": "below the noise floor",
+            }
+        )
     return {"data": data, "layout": _layout(grid, n_rows, n_cols), "links": links}
 
 
 def _colorbar(grid: Grid) -> dict:
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
-    bar = {"title": {"text": f"Difference in {label}" if grid.kind == "difference" else label, "side": "right"},
-           "thickness": 14}
+    bar = {
+        "title": {"text": f"Difference in {label}" if grid.kind == "difference" else label, "side": "right"},
+        "thickness": 14,
+    }
     scale = grid.scale
     if scale is not None and scale.log:
         lo, hi = math.floor(math.log10(scale.lo)), math.ceil(math.log10(scale.hi))
         bar["tickvals"] = list(range(lo, hi + 1))
-        bar["ticktext"] = [f"{10.0 ** k:g}" for k in range(lo, hi + 1)]
+        bar["ticktext"] = [f"{10.0**k:g}" for k in range(lo, hi + 1)]
     return bar
 
 
 def _layout(grid: Grid, n_rows: int, n_cols: int) -> dict:
     return {
         "title": {"text": _text(grid.title), "font": {"size": 13}, "x": 0.02, "xanchor": "left"},
-        "xaxis": {"tickvals": list(range(n_cols)), "ticktext": [_column(c) for c in grid.columns],
-                  "title": {"text": "Generated Token"}, "showgrid": False, "zeroline": False},
-        "yaxis": {"tickvals": list(range(n_rows)), "ticktext": [_text(layer) for layer in grid.layers],
-                  "autorange": "reversed", "title": {"text": _text(grid.ylabel)}, "showgrid": False,
-                  "zeroline": False},
+        "xaxis": {
+            "tickvals": list(range(n_cols)),
+            "ticktext": [_column(c) for c in grid.columns],
+            "title": {"text": "Generated Token"},
+            "showgrid": False,
+            "zeroline": False,
+        },
+        "yaxis": {
+            "tickvals": list(range(n_rows)),
+            "ticktext": [_text(layer) for layer in grid.layers],
+            "autorange": "reversed",
+            "title": {"text": _text(grid.ylabel)},
+            "showgrid": False,
+            "zeroline": False,
+        },
         "margin": {"l": 60, "r": 20, "t": 40, "b": 60},
         "height": max(300, 18 * n_rows + 140),
         "hoverlabel": {"align": "left"},
@@ -159,8 +213,14 @@ def _hover(grid: Grid, pages: dict) -> tuple[list, list]:
     links = [[None] * n_cols for _ in range(n_rows)]
     cell = {"aggregate": _aggregate_cell, "prompt": _prompt_cell, "difference": _difference_cell}[grid.kind]
     quiet = floor_marks(grid, grid.values.shape)
-    note = (f"<i>{'not a difference: ' if grid.kind == 'difference' else ''}"
-            f"below the noise floor ({grid.noise_floor:.2g} nats)</i>") if quiet.any() else ""
+    note = (
+        (
+            f"<i>{'not a difference: ' if grid.kind == 'difference' else ''}"
+            f"below the noise floor ({grid.noise_floor:.2g} nats)</i>"
+        )
+        if quiet.any()
+        else ""
+    )
     for r in range(n_rows):
         for c in range(n_cols):
             hover[r][c], links[r][c] = cell(grid, r, c, pages)
@@ -182,16 +242,20 @@ def _value(value) -> str:
 def _aggregate_cell(grid: Grid, r: int, c: int, pages: dict):
     h = grid.hover
     n = int(grid.counts[r, c])
-    lines = [_where(grid, r, c),
-             f"{grid.divergence} {_value(grid.values[r, c])} nats ({h.get('aggregate', 'mean')} over prompts)",
-             f"{n} prompt{'s' if n != 1 else ''}"]
+    lines = [
+        _where(grid, r, c),
+        f"{grid.divergence} {_value(grid.values[r, c])} nats ({h.get('aggregate', 'mean')} over prompts)",
+        f"{n} prompt{'s' if n != 1 else ''}",
+    ]
     link = None
     if h:
         lines.append(f"mean {_value(h['mean'][r, c])} · median {_value(h['median'][r, c])}")
         at = h["max_at"][r, c]
         if at:
-            lines.append(f"largest {_value(h['max'][r, c])}: prompt {_text(at['prompt_id'])}"
-                         + ("" if "model" in grid.labels else f" ({_text(at['model'])})"))
+            lines.append(
+                f"largest {_value(h['max'][r, c])}: prompt {_text(at['prompt_id'])}"
+                + ("" if "model" in grid.labels else f" ({_text(at['model'])})")
+            )
             link = pages.get((at["model"], at["run_id"], at["prompt_id"]))
             if link:
                 lines.append("<i>click (enlarged) to open its map</i>")

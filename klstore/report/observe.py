@@ -57,21 +57,28 @@ def columns_sentence(col_means, floor: float | None = None) -> str | None:
     (low, bottom) = ranked[-1]
     lead = _ratio(top, runner)
     if floor is not None and top - bottom < floor:
-        return (f"The generated tokens' column means ({bottom:.3g} to {top:.3g} {UNIT}) differ by less than "
-                f"the noise floor of {_floor(floor)}: no token differs from another here.")
+        return (
+            f"The generated tokens' column means ({bottom:.3g} to {top:.3g} {UNIT}) differ by less than "
+            f"the noise floor of {_floor(floor)}: no token differs from another here."
+        )
     if lead >= STANDOUT and floor is not None and top - runner < floor:
-        return (f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}); Gen{best} "
-                f"leads Gen{second} by {top - runner:.3g} {UNIT}, under the noise floor of {_floor(floor)}: "
-                "not a standout.")
+        return (
+            f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}); Gen{best} "
+            f"leads Gen{second} by {top - runner:.3g} {UNIT}, under the noise floor of {_floor(floor)}: "
+            "not a standout."
+        )
     if lead >= STANDOUT:
         times = "" if not np.isfinite(lead) else f", {lead:.2f}x the runner-up Gen{second} ({runner:.3g})"
         return f"Gen{best} stands out: its mean {top:.3g} {UNIT} is the highest{times}."
     spread = _ratio(top, bottom)
     if spread <= ALIKE:
-        return (f"The generated tokens are alike: column means range from {bottom:.3g} to {top:.3g} {UNIT} "
-                f"({spread:.2f}x).")
-    return (f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}), {spread:.2f}x; "
-            f"Gen{best} leads Gen{second} by {lead:.2f}x, under the {STANDOUT:.2f}x a standout needs.")
+        return (
+            f"The generated tokens are alike: column means range from {bottom:.3g} to {top:.3g} {UNIT} ({spread:.2f}x)."
+        )
+    return (
+        f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}), {spread:.2f}x; "
+        f"Gen{best} leads Gen{second} by {lead:.2f}x, under the {STANDOUT:.2f}x a standout needs."
+    )
 
 
 def settling_sentences(grid: Grid) -> list[str]:
@@ -92,17 +99,18 @@ def _summary_text(info: dict) -> str:
     n, settled = info["n_tokens"], info["n_settled"]
     if not settled:
         return f"none of {n} tokens settles (the last layer's top-1 is never the generated token)"
-    where = (f"median layer {info['median_layer']:g} of {info['n_layers']} "
-             f"(depth fraction {info['median_fraction']:.2f})" if info.get("n_layers")
-             else f"median depth fraction {info['median_fraction']:.2f}")
+    where = (
+        f"median layer {info['median_layer']:g} of {info['n_layers']} (depth fraction {info['median_fraction']:.2f})"
+        if info.get("n_layers")
+        else f"median depth fraction {info['median_fraction']:.2f}"
+    )
     never = f"; {n - settled} never settle" if settled < n else ""
     return f"{where} over {n} token{'s' if n != 1 else ''}{never}"
 
 
 def _prompt_settling(info: dict) -> str:
     """'Top-1 settles at layer 12 for Gen0, never for Gen2 (of 30 layers).'"""
-    parts = [f"{'never' if layer is None else f'layer {layer}'} for Gen{i}"
-             for i, layer in enumerate(info["layers"])]
+    parts = [f"{'never' if layer is None else f'layer {layer}'} for Gen{i}" for i, layer in enumerate(info["layers"])]
     return f"Top-1 settling depth: {', '.join(parts)} (of {info['n_layers']} layers)."
 
 
@@ -114,8 +122,10 @@ def floor_sentence(grid: Grid) -> str | None:
     n = int((np.asarray(grid.below_floor, dtype=bool) & finite).sum()) if grid.below_floor is not None else 0
     total = int(finite.sum())
     if grid.kind == "difference":
-        return (f"Noise floor {_floor(grid.noise_floor)} (the larger of the two sides'): {n} of {total} "
-                f"differences below it{' (marked with a dot; not differences)' if n else ''}.")
+        return (
+            f"Noise floor {_floor(grid.noise_floor)} (the larger of the two sides'): {n} of {total} "
+            f"differences below it{' (marked with a dot; not differences)' if n else ''}."
+        )
     marked = " (marked with a dot)" if n else ""
     return f"Noise floor {_floor(grid.noise_floor)}: {n} of {total} cells below it{marked}."
 
@@ -143,21 +153,29 @@ def _difference(grid: Grid, v, finite) -> list[str]:
     r, c = np.unravel_index(np.nanargmax(np.abs(np.where(np.isfinite(v), v, 0))), v.shape)
     if floor is None:
         higher = int((finite > 0).sum())
-        out = [f"{a} is higher than {b} in {higher} of {finite.size} cells; the mean difference is "
-               f"{mean:+.3g} {UNIT}.",
-               f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}."]
+        out = [
+            f"{a} is higher than {b} in {higher} of {finite.size} cells; the mean difference is {mean:+.3g} {UNIT}.",
+            f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}.",
+        ]
     else:  # a difference smaller than the floor is no difference
         higher, lower = int((finite >= floor).sum()), int((finite <= -floor).sum())
         within = finite.size - higher - lower
         if abs(v[r, c]) < floor:
-            return [f"{a} and {b} differ by less than the noise floor of {_floor(floor)} in every cell "
-                    f"(the largest |difference| is {abs(v[r, c]):.3g} {UNIT}, at {_cell(grid, r, c)}): "
-                    "the two are the same here, as far as this run can measure."]
-        mean_text = (f"the mean difference is {mean:+.3g} {UNIT}" if abs(mean) >= floor else
-                     f"the mean difference, {mean:+.3g} {UNIT}, is within the noise floor")
-        out = [f"{a} is higher than {b} in {higher} of {finite.size} cells and lower in {lower}; "
-               f"{within} differ by less than the noise floor of {_floor(floor)}; {mean_text}.",
-               f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}."]
+            return [
+                f"{a} and {b} differ by less than the noise floor of {_floor(floor)} in every cell "
+                f"(the largest |difference| is {abs(v[r, c]):.3g} {UNIT}, at {_cell(grid, r, c)}): "
+                "the two are the same here, as far as this run can measure."
+            ]
+        mean_text = (
+            f"the mean difference is {mean:+.3g} {UNIT}"
+            if abs(mean) >= floor
+            else f"the mean difference, {mean:+.3g} {UNIT}, is within the noise floor"
+        )
+        out = [
+            f"{a} is higher than {b} in {higher} of {finite.size} cells and lower in {lower}; "
+            f"{within} differ by less than the noise floor of {_floor(floor)}; {mean_text}.",
+            f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}.",
+        ]
     if hi - lo <= FLAT * max(abs(mean), 1e-12) or max(abs(lo), abs(hi)) < 1e-3:
         out.append("The difference is flat: the two are practically the same here.")
     return out
@@ -168,16 +186,22 @@ def _levels(grid: Grid, v, finite) -> list[str]:
     spread = hi - lo
     floor = grid.noise_floor
     if floor is not None and np.abs(finite).max() < floor:
-        return [f"Every cell is below the noise floor of {_floor(floor)} (the largest is {np.abs(finite).max():.3g} "
-                f"{UNIT}): no value here is distinguishable from 0."]
+        return [
+            f"Every cell is below the noise floor of {_floor(floor)} (the largest is {np.abs(finite).max():.3g} "
+            f"{UNIT}): no value here is distinguishable from 0."
+        ]
     if spread <= FLAT * max(abs(mean), 1e-12) or spread < 1e-6 or (floor is not None and spread < floor):
         within = "" if floor is None or spread >= floor else f", under the noise floor of {_floor(floor)}"
-        return [f"The grid is flat: every cell is within {spread:.3g} {UNIT} of the others{within} "
-                f"(mean {mean:.3g} {UNIT})."]
+        return [
+            f"The grid is flat: every cell is within {spread:.3g} {UNIT} of the others{within} "
+            f"(mean {mean:.3g} {UNIT})."
+        ]
     masked = np.where(np.isfinite(v), v, np.nan)
     r, c = np.unravel_index(np.nanargmax(np.where(np.isfinite(v), v, -np.inf)), v.shape)
-    out = [f"{grid.divergence} peaks at {_cell(grid, r, c)} with {v[r, c]:.3g} {UNIT}, "
-           f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {UNIT}."]
+    out = [
+        f"{grid.divergence} peaks at {_cell(grid, r, c)} with {v[r, c]:.3g} {UNIT}, "
+        f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {UNIT}."
+    ]
     if v.shape[1] > 1:
         sentence = columns_sentence(np.nanmean(masked, axis=0), floor)
         out += [sentence] if sentence else []
@@ -187,8 +211,10 @@ def _levels(grid: Grid, v, finite) -> list[str]:
     if len(outliers):
         listed = "; ".join(f"{_cell(grid, r, c)} ({v[r, c]:.3g})" for r, c in outliers[:5])
         more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""
-        out.append(f"{len(outliers)} cell{'s are' if len(outliers) > 1 else ' is'} more than two standard "
-                   f"deviations above the mean: {listed}{more}.")
+        out.append(
+            f"{len(outliers)} cell{'s are' if len(outliers) > 1 else ' is'} more than two standard "
+            f"deviations above the mean: {listed}{more}."
+        )
     if grid.kind == "aggregate" and grid.counts.size and grid.counts.max() > grid.counts.min():
         full = int(grid.counts.max())
         short = sorted({int(c) for c in np.where(grid.counts.min(axis=0) < full)[0]})
@@ -208,9 +234,15 @@ def _rows(grid: Grid, row_means) -> list[str]:
     third = max(1, len(row_means) // 3)
     early, late = float(np.nanmean(row_means[:third])), float(np.nanmean(row_means[-third:]))
     floor = grid.noise_floor
-    if early > 0 and late > 0 and max(early, late) / min(early, late) >= TREND and (
-            floor is None or abs(early - late) >= floor):
+    if (
+        early > 0
+        and late > 0
+        and max(early, late) / min(early, late) >= TREND
+        and (floor is None or abs(early - late) >= floor)
+    ):
         trend = "falls" if early > late else "rises"
-        out.append(f"{grid.divergence} {trend} with depth: {early:.3g} {UNIT} on average in the first third "
-                   f"of the listed layers, {late:.3g} in the last third.")
+        out.append(
+            f"{grid.divergence} {trend} with depth: {early:.3g} {UNIT} on average in the first third "
+            f"of the listed layers, {late:.3g} in the last third."
+        )
     return out

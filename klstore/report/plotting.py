@@ -103,12 +103,15 @@ def _layout(fig, data: HeatmapData, n_rows: int, title_lines: int):
     top = 0.2 + 0.24 * title_lines
     bottom = 0.45 + 0.19 * x_lines
     ax = fig.add_axes((left / width, bottom / height, (width - left - right) / width, (height - top - bottom) / height))
-    cax = fig.add_axes(((width - right + 0.15) / width, bottom / height, 0.18 / width, (height - top - bottom) / height))
+    cax = fig.add_axes(
+        ((width - right + 0.15) / width, bottom / height, 0.18 / width, (height - top - bottom) / height)
+    )
     return ax, cax
 
 
-def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None,
-         annotate: bool | None = None, figure=None):
+def draw(
+    data: HeatmapData, vmin: float | None = None, vmax: float | None = None, annotate: bool | None = None, figure=None
+):
     """A matplotlib Figure of the grid (Agg backend; the caller saves or inspects it).
     `figure`: a Figure to clear and draw into when it has this grid's size (else a new one)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,8 +144,12 @@ def draw(data: HeatmapData, vmin: float | None = None, vmax: float | None = None
     ax.set_ylabel(data.ylabel, **literal)
     ax.set_title("\n".join(title), **literal)
     extend = {(False, False): "neither", (True, False): "max", (False, True): "min", (True, True): "both"}
-    fig.colorbar(image, cax=cax, extend=extend[(bool(above.any()), bool(below.any() and not log))],
-                 label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence))
+    fig.colorbar(
+        image,
+        cax=cax,
+        extend=extend[(bool(above.any()), bool(below.any() and not log))],
+        label=data.colorbar_label or DIVERGENCE_LABELS.get(data.divergence, data.divergence),
+    )
     _mark(ax, above | (below if not log else np.zeros_like(below)))
     _dot(ax, quiet)
     if annotate is None:
@@ -157,8 +164,9 @@ def _mark(ax, clipped) -> None:
     from matplotlib.patches import Rectangle
 
     for r, c in np.argwhere(clipped):
-        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor=(1, 1, 1, 0.5),
-                               linewidth=0))
+        ax.add_patch(
+            Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor=(1, 1, 1, 0.5), linewidth=0)
+        )
 
 
 def floor_marks(data: HeatmapData, shape) -> np.ndarray:
@@ -180,8 +188,17 @@ def _dot(ax, quiet) -> None:
         return
     rows, cols = np.nonzero(quiet)
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
-    ax.scatter(cols - 0.36, rows + 0.3, s=14, marker="o", c="#333333", edgecolors="white", linewidths=0.6,
-               zorder=3, gid="below-noise-floor")
+    ax.scatter(
+        cols - 0.36,
+        rows + 0.3,
+        s=14,
+        marker="o",
+        c="#333333",
+        edgecolors="white",
+        linewidths=0.6,
+        zorder=3,
+        gid="below-noise-floor",
+    )
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
 
@@ -209,16 +226,33 @@ def _annotate(ax, data: HeatmapData, values, norm, floor, literal) -> None:
         for r in range(n_rows):
             for c in range(n_cols):
                 extra = f"\nn={int(data.counts[r, c])}" if data.counts[r, c] < full else ""
-                ax.text(c, r, texts[r, c] + extra, ha="center", va="center", fontsize=8,
-                        color="white" if dark[r, c] else "black", **literal)
+                ax.text(
+                    c,
+                    r,
+                    texts[r, c] + extra,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark[r, c] else "black",
+                    **literal,
+                )
         return
     spacing = _row_linespacing(ax, n_rows)
     for c in range(n_cols):
         for colour, mask in (("black", ~dark[:, c]), ("white", dark[:, c])):
             if mask.any():
                 column = "\n".join(t if m else "" for t, m in zip(texts[:, c], mask))
-                ax.text(c, (n_rows - 1) / 2, column, ha="center", va="center", fontsize=8, color=colour,
-                        linespacing=spacing, **literal)
+                ax.text(
+                    c,
+                    (n_rows - 1) / 2,
+                    column,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color=colour,
+                    linespacing=spacing,
+                    **literal,
+                )
 
 
 _PITCH: dict = {}  # dpi -> line pitch (pixels) of an 8 pt text at linespacing 1
@@ -231,8 +265,10 @@ def _row_linespacing(ax, n_rows: int) -> float:
     fig = ax.get_figure()
     if fig.dpi not in _PITCH:
         renderer = fig.canvas.get_renderer()
-        heights = [fig.text(0, 0, "\n".join(["0"] * n), fontsize=8, linespacing=1.0).get_window_extent(renderer).height
-                   for n in (2, 3)]
+        heights = [
+            fig.text(0, 0, "\n".join(["0"] * n), fontsize=8, linespacing=1.0).get_window_extent(renderer).height
+            for n in (2, 3)
+        ]
         for text in fig.texts[-2:]:
             text.remove()
         _PITCH[fig.dpi] = heights[1] - heights[0]

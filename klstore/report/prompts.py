@@ -131,21 +131,32 @@ def prompt_fig_id(model: str, probe: str, prompt_id: str) -> str:
 def _pick_table(con, rows) -> str:
     """A temporary table (run_id, prompt_id) of the rows, to join on; returns its name."""
     name = "klstore_report_picks"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT unnest($runs) AS run_id, "
-                "unnest($prompts) AS prompt_id",
-                {"runs": [r.run_id for r in rows], "prompts": [r.prompt_id for r in rows]})
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT unnest($runs) AS run_id, unnest($prompts) AS prompt_id",
+        {"runs": [r.run_id for r in rows], "prompts": [r.prompt_id for r in rows]},
+    )
     return name
 
 
 def _texts(con, model: str, rows) -> tuple[dict, dict]:
     """(run_id, prompt_id) -> prompt text, and -> generated token texts by gen_idx."""
     picks = _pick_table(con, rows)
-    texts = {(r, p): t for r, p, t in con.execute(
-        f"SELECT run_id, prompt_id, any_value(prompt_text) FROM prompts JOIN {picks} USING (run_id, prompt_id) "
-        "WHERE model = $model GROUP BY ALL", {"model": model}).fetchall()}
-    tokens = {(r, p): t for r, p, t in con.execute(
-        f"SELECT run_id, prompt_id, list(token_text ORDER BY gen_idx) FROM generations "
-        f"JOIN {picks} USING (run_id, prompt_id) WHERE model = $model GROUP BY ALL", {"model": model}).fetchall()}
+    texts = {
+        (r, p): t
+        for r, p, t in con.execute(
+            f"SELECT run_id, prompt_id, any_value(prompt_text) FROM prompts JOIN {picks} USING (run_id, prompt_id) "
+            "WHERE model = $model GROUP BY ALL",
+            {"model": model},
+        ).fetchall()
+    }
+    tokens = {
+        (r, p): t
+        for r, p, t in con.execute(
+            f"SELECT run_id, prompt_id, list(token_text ORDER BY gen_idx) FROM generations "
+            f"JOIN {picks} USING (run_id, prompt_id) WHERE model = $model GROUP BY ALL",
+            {"model": model},
+        ).fetchall()
+    }
     return texts, tokens
 
 
@@ -159,7 +170,9 @@ def grids(con, spec, where: Filter, n_layers: dict, listing: Listing) -> list[Gr
     picks = _pick_table(con, rows)
     cells = con.execute(
         f"SELECT run_id, prompt_id, layer, gen_idx, {div}, topk_ids, topk_probs, gen_rank, gen_logq, top1_match "
-        f"FROM kl JOIN {picks} USING (run_id, prompt_id) WHERE {one.sql}", one.params).fetchall()
+        f"FROM kl JOIN {picks} USING (run_id, prompt_id) WHERE {one.sql}",
+        one.params,
+    ).fetchall()
     per: dict = {}
     for run_id, prompt_id, *cell in cells:
         per.setdefault((run_id, prompt_id), []).append(cell)
@@ -176,34 +189,61 @@ def _vocabulary(con, model: str, ids: set) -> dict:
     """token id -> text for the ids (one join with the model's `tokens` rows)."""
     if not ids:
         return {}
-    return dict(con.execute(
-        "SELECT t.token_id, any_value(t.token_text) FROM tokens t JOIN (SELECT unnest($ids) AS token_id) i "
-        "USING (token_id) WHERE t.model = $model GROUP BY t.token_id",
-        {"ids": sorted(ids), "model": model}).fetchall())
+    return dict(
+        con.execute(
+            "SELECT t.token_id, any_value(t.token_text) FROM tokens t JOIN (SELECT unnest($ids) AS token_id) i "
+            "USING (token_id) WHERE t.model = $model GROUP BY t.token_id",
+            {"ids": sorted(ids), "model": model},
+        ).fetchall()
+    )
 
 
 def _grid(spec, listing: Listing, row: PromptRow, cells, layers, vocab) -> Grid:
     """One prompt's grid: values, and for the hover the top-k (text, probability) of Q per cell,
     the generated token's rank and log Q, and whether the top-1 is the generated token."""
     n_cols = max(c[1] for c in cells) + 1
-    rows = [(layer, gen, value, 1,
-             None if ids is None else [(vocab.get(t), float(p)) for t, p in zip(ids, probs)],
-             rank, logq, match)
-            for layer, gen, value, ids, probs, rank, logq, match in cells]
+    rows = [
+        (
+            layer,
+            gen,
+            value,
+            1,
+            None if ids is None else [(vocab.get(t), float(p)) for t, p in zip(ids, probs)],
+            rank,
+            logq,
+            match,
+        )
+        for layer, gen, value, ids, probs, rank, logq, match in cells
+    ]
     values, counts, topk, rank, logq, match = _arrays(rows, layers, n_cols)
     model, probe = listing.model, listing.probe
     texts = list(row.tokens[:n_cols]) + [None] * (n_cols - len(row.tokens[:n_cols]))
     columns = column_labels(n_cols, texts) if len(row.tokens) >= n_cols else column_labels(n_cols)
     settle = list(row.settle[:n_cols]) if row.settle else []
-    return Grid(prompt_fig_id(model, probe, row.prompt_id), "per-prompt heatmaps",
-                f"{model} | {probe} | {row.prompt_id}", layers, columns, values, counts.astype(int), 1,
-                spec.divergence, "prompt",
-                {"model": model, "probe": probe, "prompt_id": row.prompt_id, "prompt_group": row.prompt_group,
-                 "prompt_text": row.prompt_text, "run_id": row.run_id},
-                inputs=((model, probe),),
-                hover={"topk": topk, "gen_rank": rank, "gen_logq": logq, "top1_match": match, "tokens": texts},
-                settling={"layers": settle, "n_layers": row.n_layers} if settle and row.n_layers else None,
-                page=row.page)
+    return Grid(
+        prompt_fig_id(model, probe, row.prompt_id),
+        "per-prompt heatmaps",
+        f"{model} | {probe} | {row.prompt_id}",
+        layers,
+        columns,
+        values,
+        counts.astype(int),
+        1,
+        spec.divergence,
+        "prompt",
+        {
+            "model": model,
+            "probe": probe,
+            "prompt_id": row.prompt_id,
+            "prompt_group": row.prompt_group,
+            "prompt_text": row.prompt_text,
+            "run_id": row.run_id,
+        },
+        inputs=((model, probe),),
+        hover={"topk": topk, "gen_rank": rank, "gen_logq": logq, "top1_match": match, "tokens": texts},
+        settling={"layers": settle, "n_layers": row.n_layers} if settle and row.n_layers else None,
+        page=row.page,
+    )
 
 
 def _arrays(rows, layers, n_cols):

@@ -61,14 +61,20 @@ class Scale:
         """One sentence on the cells beyond the range, or None when there are none."""
         parts = []
         if self.n_above:
-            parts.append(f"{_cells(self.n_above)} above the colour scale's top of {self.hi:.3g} {unit} "
-                         "(drawn in the top colour and marked)")
+            parts.append(
+                f"{_cells(self.n_above)} above the colour scale's top of {self.hi:.3g} {unit} "
+                "(drawn in the top colour and marked)"
+            )
         if self.n_below and self.log:
-            parts.append(f"{_cells(self.n_below)} below the log scale's floor of {self.lo:.3g} {unit} "
-                         "(drawn in the bottom colour)")
+            parts.append(
+                f"{_cells(self.n_below)} below the log scale's floor of {self.lo:.3g} {unit} "
+                "(drawn in the bottom colour)"
+            )
         elif self.n_below:
-            parts.append(f"{_cells(self.n_below)} below the colour scale's bottom of {self.lo:.3g} {unit} "
-                         "(drawn in the bottom colour and marked)")
+            parts.append(
+                f"{_cells(self.n_below)} below the colour scale's bottom of {self.lo:.3g} {unit} "
+                "(drawn in the bottom colour and marked)"
+            )
         return "; ".join(parts).capitalize() + "." if parts else None
 
 
@@ -104,7 +110,7 @@ def bounds(values, kind: str, diverging: bool) -> tuple[float, float]:
     elif kind == "log":
         hi = hi if hi > 0 else 1.0
         positive = v[v > 0]
-        floor = hi * 10.0 ** -LOG_DECADES
+        floor = hi * 10.0**-LOG_DECADES
         lo = max(float(positive.min()), floor) if positive.size else floor
     if hi <= lo:
         hi = lo + 1e-9

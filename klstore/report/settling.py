@@ -17,8 +17,9 @@ TABLE = "klstore_report_settling"  # a TEMP table on the report's connection onl
 
 def load(con, selection: Filter) -> None:
     """Materialise the `settling` rows of the selection (runs, models, probes, groups)."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {TABLE} AS SELECT * FROM settling WHERE {selection.sql}",
-                selection.params)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {TABLE} AS SELECT * FROM settling WHERE {selection.sql}", selection.params
+    )
 
 
 def summary(con, where: Filter) -> dict | None:
@@ -26,12 +27,19 @@ def summary(con, where: Filter) -> dict | None:
     n_layers is None when they mix models of different depths (then only the fraction is told)."""
     row = con.execute(
         f"SELECT count(*), count(settle_layer), median(settle_layer), median(settle_fraction), "
-        f"max(n_layers), count(DISTINCT n_layers) FROM {TABLE} WHERE {where.sql}", where.params).fetchone()
+        f"max(n_layers), count(DISTINCT n_layers) FROM {TABLE} WHERE {where.sql}",
+        where.params,
+    ).fetchone()
     n_tokens, n_settled, layer, fraction, n_layers, depths = row
     if not n_tokens:
         return None
-    return {"n_tokens": n_tokens, "n_settled": n_settled, "median_layer": layer,
-            "median_fraction": fraction, "n_layers": n_layers if depths == 1 else None}
+    return {
+        "n_tokens": n_tokens,
+        "n_settled": n_settled,
+        "median_layer": layer,
+        "median_fraction": fraction,
+        "n_layers": n_layers if depths == 1 else None,
+    }
 
 
 def _labels_filter(labels: dict, exclude_group: str | None = None) -> Filter:
@@ -51,18 +59,23 @@ def attach(con, grids: list[Grid]) -> None:
             grid.settling = summary(con, _labels_filter(labels))
         elif grid.kind == "difference" and "model" in grid.labels:  # group a vs group b (or the rest)
             a, b = grid.labels["a"], grid.labels["b"]
-            other = _labels_filter(labels, exclude_group=a) if b == "the other groups" else \
-                _labels_filter({**labels, "prompt_group": b})
-            grid.settling = {"a": summary(con, _labels_filter({**labels, "prompt_group": a})),
-                             "b": summary(con, other)}
+            other = (
+                _labels_filter(labels, exclude_group=a)
+                if b == "the other groups"
+                else _labels_filter({**labels, "prompt_group": b})
+            )
+            grid.settling = {"a": summary(con, _labels_filter({**labels, "prompt_group": a})), "b": summary(con, other)}
         elif grid.kind == "difference":  # model a vs model b
-            grid.settling = {side: summary(con, _labels_filter({**labels, "model": grid.labels[side]}))
-                             for side in ("a", "b")}
+            grid.settling = {
+                side: summary(con, _labels_filter({**labels, "model": grid.labels[side]})) for side in ("a", "b")
+            }
 
 
 def per_prompt(con, model: str, probe: str) -> dict:
     """(run_id, prompt_id) -> (settle layer or None per gen_idx, n_layers) for one model and probe."""
     rows = con.execute(
         f"SELECT run_id, prompt_id, list(settle_layer ORDER BY gen_idx), max(n_layers) FROM {TABLE} "
-        "WHERE model = $model AND probe = $probe GROUP BY ALL", {"model": model, "probe": probe}).fetchall()
+        "WHERE model = $model AND probe = $probe GROUP BY ALL",
+        {"model": model, "probe": probe},
+    ).fetchall()
     return {(run, prompt): (layers, n_layers) for run, prompt, layers, n_layers in rows}

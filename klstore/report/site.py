@@ -57,8 +57,9 @@ def default_out(store, spec: ReportSpec) -> Path:
     return Path("klstore-reports") / spec.name
 
 
-def build(store, spec: ReportSpec, out: Path | None = None, force: bool = False,
-          log=print, workers: int | None = None) -> dict:
+def build(
+    store, spec: ReportSpec, out: Path | None = None, force: bool = False, log=print, workers: int | None = None
+) -> dict:
     """Build (or update) the report; returns {'index', 'drawn', 'reused', 'seconds', 'changed'}
     and, when it built, 'cpu_seconds': {'main': this process's work but drawing, 'drawing': the figures'}.
     `workers`: drawing processes (None: one per available CPU; 1: draw in this process).
@@ -82,8 +83,9 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
     out = Path(out) if out else default_out(store, spec)
     out = out.absolute()
     if out.exists() and not out.is_symlink():
-        raise KlstoreError(f"report output {out} exists and is not a klstore report (a symlink to a build); "
-                           "choose another --out")
+        raise KlstoreError(
+            f"report output {out} exists and is not a klstore report (a symlink to a build); choose another --out"
+        )
     builds = out.parent / f".{out.name}.builds"
     con = query.connect(store)
     where, chosen = _filters(con, spec)  # a spec that matches nothing fails before anything is written
@@ -112,8 +114,9 @@ class Report:
         self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
 
 
-def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None,
-           floors: floor.Floors | None = None) -> Report:
+def gather(
+    con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None, floors: floor.Floors | None = None
+) -> Report:
     """Every grid, page and listing of the report, with settling, scales, noise floors and
     observations. `on_figures(grids)` gets the index's grids as soon as their numbers, scales
     and floors are known (aggregates and differences first, then the per-prompt examples), so
@@ -132,8 +135,14 @@ def gather(con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None,
         mine = prompts.grids(con, spec, where, n_layers, listing)
         by_id = {g.fig_id: g for g in mine}
         pages += mine
-        examples += [by_id[f] for f in (prompts.prompt_fig_id(listing.model, listing.probe, r.prompt_id)
-                                        for r in listing.examples(spec.per_prompt, k)) if f in by_id]
+        examples += [
+            by_id[f]
+            for f in (
+                prompts.prompt_fig_id(listing.model, listing.probe, r.prompt_id)
+                for r in listing.examples(spec.per_prompt, k)
+            )
+            if f in by_id
+        ]
     shared.update(_set_scales(spec, examples))
     for page in pages:
         if page.scale is None:  # not an example: its own scale, or the section's
@@ -179,13 +188,20 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         old_manifest = json.loads((previous / "manifest.json").read_text())
     stats = _input_stats(store, chosen.get("runs"))
     floors = floor.load(con, chosen["selection"])  # a floor recorded later (a shard's, a run's) redraws
-    all_inputs = hashlib.sha256(json.dumps([SITE_VERSION, spec.describe(),
-                                            sorted((f"{k}", v) for k, v in stats.items()), floors.key()],
-                                           default=str).encode()).hexdigest()
+    all_inputs = hashlib.sha256(
+        json.dumps(
+            [SITE_VERSION, spec.describe(), sorted((f"{k}", v) for k, v in stats.items()), floors.key()], default=str
+        ).encode()
+    ).hexdigest()
     if not force and old_manifest.get("inputs_sha256") == all_inputs:
         log(f"report {spec.name}: inputs unchanged, nothing to redraw")
-        return {"index": out / "index.html", "drawn": 0, "reused": len(old_manifest.get("figures", {})),
-                "seconds": time.perf_counter() - start, "changed": False}
+        return {
+            "index": out / "index.html",
+            "drawn": 0,
+            "reused": len(old_manifest.get("figures", {})),
+            "seconds": time.perf_counter() - start,
+            "changed": False,
+        }
     build_dir = builds / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     for folder in ("figures", "assets", "probes", "prompts"):
         (build_dir / folder).mkdir(parents=True)
@@ -200,8 +216,14 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
             key = keys[grid.fig_id] = _figure_key(spec, grid, stats, extra)
             png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
             old = old_manifest.get("figures", {}).get(grid.fig_id)
-            if not force and old and old.get("key") == key and previous and (previous / png).exists() \
-                    and (previous / svg).exists():
+            if (
+                not force
+                and old
+                and old.get("key") == key
+                and previous
+                and (previous / png).exists()
+                and (previous / svg).exists()
+            ):
                 shutil.copy2(previous / png, build_dir / png)
                 shutil.copy2(previous / svg, build_dir / svg)
                 reused += 1
@@ -219,15 +241,31 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         _write_site(build_dir, spec, store, report)  # while the figures are drawn
         drawn = drawer.wait()
         if drawer.broken:
-            log("report: the drawing processes died (a script calling the report must keep its code under "
-                "`if __name__ == \"__main__\":`); drew the figures in this process instead")
-    figures = {g.fig_id: {"key": keys[g.fig_id], "png": f"figures/{g.fig_id}.png", "svg": f"figures/{g.fig_id}.svg",
-                          "title": g.title, "section": g.section, "observations": g.observations,
-                          "noise_floor": g.noise_floor, "below_noise_floor": int(g.below_floor.sum()),
-                          "inputs": [list(i) for i in g.inputs]} for g in report.grids}
+            log(
+                "report: the drawing processes died (a script calling the report must keep its code under "
+                '`if __name__ == "__main__":`); drew the figures in this process instead'
+            )
+    figures = {
+        g.fig_id: {
+            "key": keys[g.fig_id],
+            "png": f"figures/{g.fig_id}.png",
+            "svg": f"figures/{g.fig_id}.svg",
+            "title": g.title,
+            "section": g.section,
+            "observations": g.observations,
+            "noise_floor": g.noise_floor,
+            "below_noise_floor": int(g.below_floor.sum()),
+            "inputs": [list(i) for i in g.inputs],
+        }
+        for g in report.grids
+    }
     manifest = {
-        "report": spec.name, "spec": spec.describe(), "spec_source": spec.source, "store": store.uri,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "klstore_version": __version__,
+        "report": spec.name,
+        "spec": spec.describe(),
+        "spec_source": spec.source,
+        "store": store.uri,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "klstore_version": __version__,
         "inputs_sha256": all_inputs,
         "input_files": {f"{m}/{p}": files for (m, p), files in sorted(stats.items(), key=str)},
         "noise_floor": {model: value for model, (value, _, _) in floors.per_model().items()},
@@ -240,11 +278,18 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         if old_build.is_dir() and old_build != build_dir:
             shutil.rmtree(old_build, ignore_errors=True)
     seconds = time.perf_counter() - start
-    log(f"report {spec.name}: {len(report.grids)} figures ({drawn} drawn, {reused} unchanged), "
-        f"{len(report.pages)} prompt pages in {seconds:.1f} s")
-    return {"index": out / "index.html", "drawn": drawn, "reused": reused, "seconds": seconds, "changed": True,
-            "cpu_seconds": {"main": time.process_time() - main_cpu - drawer.local_seconds,
-                            "drawing": drawer.cpu_seconds}}
+    log(
+        f"report {spec.name}: {len(report.grids)} figures ({drawn} drawn, {reused} unchanged), "
+        f"{len(report.pages)} prompt pages in {seconds:.1f} s"
+    )
+    return {
+        "index": out / "index.html",
+        "drawn": drawn,
+        "reused": reused,
+        "seconds": seconds,
+        "changed": True,
+        "cpu_seconds": {"main": time.process_time() - main_cpu - drawer.local_seconds, "drawing": drawer.cpu_seconds},
+    }
 
 
 def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> None:
@@ -256,20 +301,30 @@ def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> Non
     for page in report.pages:
         by_probe.setdefault((page.labels["model"], page.labels["probe"]), []).append(page)
     for listing in report.listings:
-        (build_dir / listing.page).write_text(env.get_template("probe.html.j2").render(
-            spec=spec, listing=listing, root="../", figures=_figures_json({})), encoding="utf-8")
+        (build_dir / listing.page).write_text(
+            env.get_template("probe.html.j2").render(spec=spec, listing=listing, root="../", figures=_figures_json({})),
+            encoding="utf-8",
+        )
         for grid in by_probe.get((listing.model, listing.probe), []):
-            (build_dir / grid.page).write_text(render_prompt_page(env, spec, grid, listing, report.prompt_pages),
-                                               encoding="utf-8")
-    (build_dir / "report.md").write_text(render_markdown(spec, report.grids, report.summary, report.floors),
-                                         encoding="utf-8")
+            (build_dir / grid.page).write_text(
+                render_prompt_page(env, spec, grid, listing, report.prompt_pages), encoding="utf-8"
+            )
+    (build_dir / "report.md").write_text(
+        render_markdown(spec, report.grids, report.summary, report.floors), encoding="utf-8"
+    )
 
 
 def render_prompt_page(env, spec: ReportSpec, grid: Grid, listing, pages: dict) -> str:
     """prompts/<prompt>.html: the prompt's interactive map, observations and logit-lens table."""
     return env.get_template("prompt.html.j2").render(
-        spec=spec, grid=grid, listing=listing, root="../", shown=interactive.shown_token, lens=_lens_table(grid),
-        figures=_figures_json({grid.fig_id: interactive.figure(grid, pages)}))
+        spec=spec,
+        grid=grid,
+        listing=listing,
+        root="../",
+        shown=interactive.shown_token,
+        lens=_lens_table(grid),
+        figures=_figures_json({grid.fig_id: interactive.figure(grid, pages)}),
+    )
 
 
 def _copy_assets(folder: Path) -> None:
@@ -323,7 +378,7 @@ def _input_stats(store, chosen_runs) -> dict:
             continue
         record = read_record(store, path) or {}
         digest = record.get("sha256") or file_sha256(store, path)
-        relative = path[len(root):] if path.startswith(root) else path
+        relative = path[len(root) :] if path.startswith(root) else path
         stats.setdefault((parts.get("model"), parts.get("probe")), []).append((relative, digest))
     return {key: sorted(files) for key, files in stats.items()}
 
@@ -367,11 +422,28 @@ def heatmap_data(grid: Grid):
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
     marks = {"scale": grid.scale, "noise_floor": grid.noise_floor, "below_floor": grid.below_floor}
     if grid.kind == "difference":
-        return HeatmapData(grid.values, grid.layers, grid.columns, grid.title, grid.divergence,
-                           counts=None, cmap="RdBu_r", colorbar_label=f"Difference in {label}", ylabel=grid.ylabel,
-                           **marks)
-    return HeatmapData(grid.values, grid.layers, grid.columns, grid.title, grid.divergence,
-                       counts=grid.counts if grid.kind == "aggregate" else None, ylabel=grid.ylabel, **marks)
+        return HeatmapData(
+            grid.values,
+            grid.layers,
+            grid.columns,
+            grid.title,
+            grid.divergence,
+            counts=None,
+            cmap="RdBu_r",
+            colorbar_label=f"Difference in {label}",
+            ylabel=grid.ylabel,
+            **marks,
+        )
+    return HeatmapData(
+        grid.values,
+        grid.layers,
+        grid.columns,
+        grid.title,
+        grid.divergence,
+        counts=grid.counts if grid.kind == "aggregate" else None,
+        ylabel=grid.ylabel,
+        **marks,
+    )
 
 
 # ------------------------------------------------------------------- render
@@ -415,9 +487,13 @@ def md_code(value) -> str:
 def _environment(autoescape: bool):
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("klstore.report", "templates"),
-                             autoescape=autoescape, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("klstore.report", "templates"),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = _fmt
     env.filters["md"] = md
     env.filters["md_code"] = md_code
@@ -439,29 +515,59 @@ def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> s
     sections = []
     for i, name in enumerate(names):
         ordered = sorted((g for g in grids if g.section == name), key=_heading)
-        sections.append({"id": f"s{i}", "title": name.capitalize(),
-                         "headings": [(head, list(items)) for head, items in itertools.groupby(ordered, _heading)]})
+        sections.append(
+            {
+                "id": f"s{i}",
+                "title": name.capitalize(),
+                "headings": [(head, list(items)) for head, items in itertools.groupby(ordered, _heading)],
+            }
+        )
     largest = {g.fig_id: _largest(g, report.prompt_pages) for g in grids if g.kind == "aggregate"}
     figures = {g.fig_id: interactive.figure(g, report.prompt_pages) for g in grids}
-    return (env or _environment(autoescape=True)).get_template("index.html.j2").render(
-        spec=spec, store_uri=store_uri, built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        summary_names=report.summary[0], summary_rows=report.summary[1], sections=sections,
-        noise_floor=floor.summary_line(report.floors),
-        listings=report.listings, largest=largest, figures=_figures_json(figures), root="")
+    return (
+        (env or _environment(autoescape=True))
+        .get_template("index.html.j2")
+        .render(
+            spec=spec,
+            store_uri=store_uri,
+            built=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            summary_names=report.summary[0],
+            summary_rows=report.summary[1],
+            sections=sections,
+            noise_floor=floor.summary_line(report.floors),
+            listings=report.listings,
+            largest=largest,
+            figures=_figures_json(figures),
+            root="",
+        )
+    )
 
 
 def _largest(grid: Grid, pages: dict, top: int = 3) -> list:
     """The prompts that hold the largest value in the most cells: [(prompt id, cells, page or None)]."""
-    held = Counter((at["model"], at["run_id"], at["prompt_id"]) for at in grid.hover.get("max_at", np.empty(0)).flat
-                   if at)
-    return [(key[2] if "model" in grid.labels else f"{key[2]} ({key[0]})", n, pages.get(key))
-            for key, n in held.most_common(top)]
+    held = Counter(
+        (at["model"], at["run_id"], at["prompt_id"]) for at in grid.hover.get("max_at", np.empty(0)).flat if at
+    )
+    return [
+        (key[2] if "model" in grid.labels else f"{key[2]} ({key[0]})", n, pages.get(key))
+        for key, n in held.most_common(top)
+    ]
 
 
 def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | None = None) -> str:
     """report.md: the summary table, the noise floor per model and every figure with its
     observations; each value through the `md` filter (`md_code` inside a code span)."""
     sections = [(name.capitalize(), list(items)) for name, items in itertools.groupby(grids, lambda g: g.section)]
-    return _environment(autoescape=False).get_template("report.md.j2").render(
-        spec=spec, summary_names=summary[0], summary_rows=summary[1], sections=sections,
-        noise_floor=floor.summary_line(floors or floor.Floors({}))).rstrip("\n") + "\n"
+    return (
+        _environment(autoescape=False)
+        .get_template("report.md.j2")
+        .render(
+            spec=spec,
+            summary_names=summary[0],
+            summary_rows=summary[1],
+            sections=sections,
+            noise_floor=floor.summary_line(floors or floor.Floors({})),
+        )
+        .rstrip("\n")
+        + "\n"
+    )

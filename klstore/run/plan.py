@@ -69,8 +69,7 @@ def versions() -> dict[str, str]:
 
     import klstore
 
-    return {"klstore": klstore.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {"klstore": klstore.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def done_prompt_ids(store: Store, model_label: str, run_id: str) -> set[str]:
@@ -83,9 +82,8 @@ def done_prompt_ids(store: Store, model_label: str, run_id: str) -> set[str]:
 
 def _read_column(store: Store, path: str, column: str) -> list:
     """One column of one of the store's Parquet files ([] when the file predates the column)."""
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from klstore.errors import first_line
 
@@ -101,6 +99,7 @@ def _read_column(store: Store, path: str, column: str) -> list:
 # ------------------------------------------------------------ the cluster
 # A cluster is described by its alive nodes' resources: a list of dicts such as
 # {"CPU": 16.0, "GPU": 4.0} (the runner reads them from `ray.nodes()`).
+
 
 def _fits_on(node: dict, gpus: float, cpus: float) -> int:
     """How many actors needing `gpus` and `cpus` one node holds at once. A fraction of a GPU
@@ -148,15 +147,21 @@ def check_cluster(config: ExperimentConfig, store_uri: str, nodes: list[dict]) -
     most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
     for model in config.models:
         if most_gpus and model.num_gpus > most_gpus:
-            raise KlstoreError(f"model {model.label!r}: num_gpus {model.num_gpus:g} per actor, but no node of the "
-                               f"cluster has more than {most_gpus:g} GPUs, so no actor could start")
+            raise KlstoreError(
+                f"model {model.label!r}: num_gpus {model.num_gpus:g} per actor, but no node of the "
+                f"cluster has more than {most_gpus:g} GPUs, so no actor could start"
+            )
         if model.num_cpus and model.num_cpus > most_cpus:
-            raise KlstoreError(f"model {model.label!r}: num_cpus {model.num_cpus:g} per actor, but no node of the "
-                               f"cluster has more than {most_cpus:g} CPUs, so no actor could start")
+            raise KlstoreError(
+                f"model {model.label!r}: num_cpus {model.num_cpus:g} per actor, but no node of the "
+                f"cluster has more than {most_cpus:g} CPUs, so no actor could start"
+            )
     if len(nodes) > 1 and not store_uri.startswith("s3://") and not config.shared_store:
-        raise KlstoreError(f"store {store_uri} is a local folder, but the cluster has {len(nodes)} nodes and every "
-                           "node must write to the same place: use an s3:// store, or set `shared_store: true` "
-                           "(klstore run --shared-store) if every node mounts this folder (NFS and the like)")
+        raise KlstoreError(
+            f"store {store_uri} is a local folder, but the cluster has {len(nodes)} nodes and every "
+            "node must write to the same place: use an s3:// store, or set `shared_store: true` "
+            "(klstore run --shared-store) if every node mounts this folder (NFS and the like)"
+        )
 
 
 # ------------------------------------------------------------ the dry run
@@ -233,8 +238,8 @@ class RunPlan:
         self.record = {**identity, "store": self.store_uri, "source": config.source}
         self.job = config.compute  # what every shard computes (spec.ComputeSpec)
         self.shards: list[tuple[Prompt, ...]] = [
-            tuple(config.prompts[i:i + config.shard_size])
-            for i in range(0, len(config.prompts), config.shard_size)]
+            tuple(config.prompts[i : i + config.shard_size]) for i in range(0, len(config.prompts), config.shard_size)
+        ]
 
     def pending(self, model_label: str) -> list[ShardTask]:
         """The shards of this model not wholly in the store, with their missing parts
@@ -290,18 +295,35 @@ class RunPlan:
             layers = None if shape is None else len(parse_layers(cfg.layers, shape.n_layers, model.label))
             todo = self.pending(model.label)
             actors = actor_count(nodes, model, len(cfg.models))
-            models.append(ModelEstimate(
-                label=model.label, prompts=len(cfg.prompts), shards=len(self.shards),
-                shards_done=len(self.shards) - len(todo), layers=layers,
-                cells=None if layers is None else len(cfg.prompts) * layers * per_prompt,
-                kl_rows_in_store=int(in_store.get(model.label, 0)), actors=actors,
-                actors_started=min(actors, len(todo))))
-        per_row = (measured_bytes / measured_rows if measured_rows
-                   else MEASURED_BYTES_PER_KL_ROW + cfg.compute.topk * MEASURED_BYTES_PER_LENS_TOKEN)
+            models.append(
+                ModelEstimate(
+                    label=model.label,
+                    prompts=len(cfg.prompts),
+                    shards=len(self.shards),
+                    shards_done=len(self.shards) - len(todo),
+                    layers=layers,
+                    cells=None if layers is None else len(cfg.prompts) * layers * per_prompt,
+                    kl_rows_in_store=int(in_store.get(model.label, 0)),
+                    actors=actors,
+                    actors_started=min(actors, len(todo)),
+                )
+            )
+        per_row = (
+            measured_bytes / measured_rows
+            if measured_rows
+            else MEASURED_BYTES_PER_KL_ROW + cfg.compute.topk * MEASURED_BYTES_PER_LENS_TOKEN
+        )
         return Estimate(
-            run_id=self.run_id, store=self.store_uri, models=tuple(models), nodes=len(nodes),
-            cpus=sum(node.get("CPU", 0) for node in nodes), gpus=sum(node.get("GPU", 0) for node in nodes),
-            cluster=cluster, bytes_per_kl_row=per_row, bytes_measured_on=int(measured_rows))
+            run_id=self.run_id,
+            store=self.store_uri,
+            models=tuple(models),
+            nodes=len(nodes),
+            cpus=sum(node.get("CPU", 0) for node in nodes),
+            gpus=sum(node.get("GPU", 0) for node in nodes),
+            cluster=cluster,
+            bytes_per_kl_row=per_row,
+            bytes_measured_on=int(measured_rows),
+        )
 
     def mark(self, status: str) -> None:
         """Write the run's row with `status` (running, completed or failed); a completed run's
@@ -316,8 +338,13 @@ class RunPlan:
         from klstore.store.integrity import visible
 
         mine = f"/run_id={self.run_id}/"
-        floors = [value for path in visible(self.store, "shards") if mine in path
-                  for value in _read_column(self.store, path, "noise_floor") if value is not None]
+        floors = [
+            value
+            for path in visible(self.store, "shards")
+            if mine in path
+            for value in _read_column(self.store, path, "noise_floor")
+            if value is not None
+        ]
         return float(max(floors)) if floors else None
 
     @contextmanager
@@ -334,16 +361,17 @@ class RunPlan:
             raise
 
 
-def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr),
-                  computed: dict | None = None) -> dict:
+def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr), computed: dict | None = None) -> dict:
     """Run every pending shard of one model in this process (`klstore compute --store`).
     `computed` (prompt id -> PromptOutcome, from `Result.save`): the worker writes these
     outcomes instead of computing them."""
     label = worker.label
     prompts = len(plan.config.prompts)
     todo = plan.pending(label)
-    say(f"run {plan.run_id}: {prompts} prompts in {len(plan.shards)} shards, "
-        f"{len(plan.shards) - len(todo)} already done")
+    say(
+        f"run {plan.run_id}: {prompts} prompts in {len(plan.shards)} shards, "
+        f"{len(plan.shards) - len(todo)} already done"
+    )
     finished = prompts - sum(len(task.prompts) for task in todo)
     failed = cells = 0
     start = time.time()
@@ -354,5 +382,11 @@ def execute_local(plan: RunPlan, worker, say=lambda m: print(m, file=sys.stderr)
             finished, failed, cells = finished + result.prompts, failed + result.failed, cells + result.cells
             say(f"[{label}] {finished}/{prompts} prompts, {cells / max(time.time() - start, 1e-9):.0f} cells/s")
         plan.mark("completed")
-    return {"run_id": plan.run_id, "status": "completed", "prompts": prompts, "failed": failed,
-            "cells": cells, "store": plan.store_uri}
+    return {
+        "run_id": plan.run_id,
+        "status": "completed",
+        "prompts": prompts,
+        "failed": failed,
+        "cells": cells,
+        "store": plan.store_uri,
+    }

@@ -38,8 +38,9 @@ def check_model(name: str, label: str, compute: ComputeSpec, trust_remote_code: 
     parse_layers(compute.layers, shape.n_layers, label)
     new_tokens = compute.generation.max_new_tokens
     if shape.context_length and new_tokens >= shape.context_length:
-        raise KlstoreError(f"{new_tokens} new tokens: with any prompt that exceeds {label}'s "
-                           f"context of {shape.context_length}")
+        raise KlstoreError(
+            f"{new_tokens} new tokens: with any prompt that exceeds {label}'s context of {shape.context_length}"
+        )
     if shape.hidden_size:
         _check_vectors(compute.probes, shape.n_layers, shape.hidden_size)
 

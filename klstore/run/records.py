@@ -12,8 +12,14 @@ import numpy as np
 import pyarrow as pa
 
 from klstore.spec import DIVERGENCES, Prompt
-from klstore.store.tables import (ATTEMPT_PREFIX, GENERATIONS_SCHEMA, KL_SCHEMA, PROMPTS_SCHEMA, SHARDS_SCHEMA,
-                                  TOKENS_SCHEMA)
+from klstore.store.tables import (
+    ATTEMPT_PREFIX,
+    GENERATIONS_SCHEMA,
+    KL_SCHEMA,
+    PROMPTS_SCHEMA,
+    SHARDS_SCHEMA,
+    TOKENS_SCHEMA,
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,7 @@ def _lens_columns(m, count: int) -> dict:
         k = m.topk_ids.shape[-1]
         offsets = pa.array(np.arange(0, (count + 1) * k, k, dtype=np.int32))
         out["topk_ids"] = pa.ListArray.from_arrays(offsets, pa.array(m.topk_ids.reshape(-1).astype(np.int32)))
-        out["topk_probs"] = pa.ListArray.from_arrays(
-            offsets, pa.array(m.topk_probs.reshape(-1).astype(np.float32)))
+        out["topk_probs"] = pa.ListArray.from_arrays(offsets, pa.array(m.topk_probs.reshape(-1).astype(np.float32)))
     if m.gen_rank is None:
         out["gen_rank"] = pa.nulls(count, pa.int32())
         out["gen_logq"] = pa.nulls(count, pa.float32())
@@ -89,8 +94,10 @@ def _lens_columns(m, count: int) -> dict:
 
 def token_rows(texts) -> pa.Table:
     """A model's vocabulary: token id i has text texts[i] (the `tokens` table)."""
-    return pa.table({"token_id": pa.array(np.arange(len(texts), dtype=np.int32)),
-                     "token_text": pa.array(list(texts), pa.string())}, schema=TOKENS_SCHEMA)
+    return pa.table(
+        {"token_id": pa.array(np.arange(len(texts), dtype=np.int32)), "token_text": pa.array(list(texts), pa.string())},
+        schema=TOKENS_SCHEMA,
+    )
 
 
 def tokens_file_name(texts) -> str:
@@ -137,16 +144,35 @@ def prompt_rows(outcomes) -> pa.Table:
     return pa.table(rows, schema=PROMPTS_SCHEMA)
 
 
-def shard_attempt_row(shard_key: str, where: dict, started_at, ended_at, prompts: int, cells: int | None,
-                      outcome: str, error: str | None = None, noise_floor: float | None = None) -> pa.Table:
+def shard_attempt_row(
+    shard_key: str,
+    where: dict,
+    started_at,
+    ended_at,
+    prompts: int,
+    cells: int | None,
+    outcome: str,
+    error: str | None = None,
+    noise_floor: float | None = None,
+) -> pa.Table:
     """The `shards` row of one shard attempt. `where`: node, actor, device (Worker.describe());
     `started_at`, `ended_at`: timezone-aware datetimes; `outcome`: ok, failed or lost."""
     seconds = (ended_at - started_at).total_seconds()
     rate = cells / seconds if cells is not None and seconds > 0 else None
-    row = {"shard_key": [shard_key], "node": [where.get("node")], "actor": [where.get("actor")],
-           "device": [where.get("device")], "started_at": [started_at], "ended_at": [ended_at],
-           "prompts": [prompts], "cells": [cells], "cells_per_second": [rate], "outcome": [outcome],
-           "error": [error], "noise_floor": [noise_floor]}
+    row = {
+        "shard_key": [shard_key],
+        "node": [where.get("node")],
+        "actor": [where.get("actor")],
+        "device": [where.get("device")],
+        "started_at": [started_at],
+        "ended_at": [ended_at],
+        "prompts": [prompts],
+        "cells": [cells],
+        "cells_per_second": [rate],
+        "outcome": [outcome],
+        "error": [error],
+        "noise_floor": [noise_floor],
+    }
     return pa.table(row, schema=SHARDS_SCHEMA)
 
 

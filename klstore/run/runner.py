@@ -69,8 +69,9 @@ def _check_reachable(address: str) -> None:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except (OSError, ValueError) as exc:
-        raise KlstoreError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: "
-                           f"{getattr(exc, 'strerror', None) or exc}") from None
+        raise KlstoreError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
 
 
 # Ray's switch for multi-node support (on by default on Linux). With it on, Ray replaces a
@@ -88,9 +89,11 @@ def _single_node_mode() -> None:
     from ray._private import ray_constants
 
     if ray_constants.ENABLE_RAY_CLUSTER:
-        raise KlstoreError(f"ray was imported before klstore started its local Ray, with multi-node support "
-                           f"on, so the local Ray would listen on the network: set {SINGLE_NODE_ENV}=0 "
-                           "before importing ray (or start Ray yourself, or set RAY_ADDRESS)")
+        raise KlstoreError(
+            f"ray was imported before klstore started its local Ray, with multi-node support "
+            f"on, so the local Ray would listen on the network: set {SINGLE_NODE_ENV}=0 "
+            "before importing ray (or start Ray yourself, or set RAY_ADDRESS)"
+        )
 
 
 def _init_ray(num_cpus: int | None = None):
@@ -111,16 +114,19 @@ def _init_ray(num_cpus: int | None = None):
         else:
             # a Ray of its own serves this machine only: it listens on loopback, not the network
             _single_node_mode()
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                     _node_ip_address="127.0.0.1")
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     except KlstoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to join is one line for the user
         message = first_line(exc)
-        if any(word in str(exc).lower() for word in ("unauthenticated", "auth", "token")) \
-                and os.environ.get("RAY_AUTH_MODE") != "token":
-            message += (" - the cluster uses token authentication: set RAY_AUTH_MODE=token and put its "
-                        "token in ~/.ray/auth_token (or RAY_AUTH_TOKEN)")
+        if (
+            any(word in str(exc).lower() for word in ("unauthenticated", "auth", "token"))
+            and os.environ.get("RAY_AUTH_MODE") != "token"
+        ):
+            message += (
+                " - the cluster uses token authentication: set RAY_AUTH_MODE=token and put its "
+                "token in ~/.ray/auth_token (or RAY_AUTH_TOKEN)"
+            )
         raise KlstoreError(f"cannot start or join Ray ({address or 'local'}): {message}") from None
     return ray, True
 
@@ -175,8 +181,9 @@ class RayWorker(Worker):
         import ray
 
         context = ray.get_runtime_context()
-        super().__init__(*args, actor=context.get_actor_id(),
-                         node=f"{socket.gethostname()}/{context.get_node_id()[:12]}", **kwargs)
+        super().__init__(
+            *args, actor=context.get_actor_id(), node=f"{socket.gethostname()}/{context.get_node_id()[:12]}", **kwargs
+        )
 
 
 def _raised_in_init(exc) -> bool:
@@ -203,13 +210,13 @@ class Scheduler:
             todo = plan.pending(model.label)
             self.queues[model.label] = list(todo)
             resumed = len(cfg.prompts) - sum(len(task.prompts) for task in todo)
-            self.progress[model.label] = ModelProgress(model.label, len(cfg.prompts), prompts_done=resumed,
-                                                       resumed=resumed)
+            self.progress[model.label] = ModelProgress(
+                model.label, len(cfg.prompts), prompts_done=resumed, resumed=resumed
+            )
             _say(f"[{model.label}] {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already in the store")
         nodes = cluster_nodes(ray) if nodes is None else nodes
         self.gpus = {m.label: uses_gpus(nodes, m) for m in cfg.models}
-        counts = {m.label: min(actor_count(nodes, m, len(cfg.models)), len(self.queues[m.label]))
-                  for m in cfg.models}
+        counts = {m.label: min(actor_count(nodes, m, len(cfg.models)), len(self.queues[m.label])) for m in cfg.models}
         self.cpus = {m.label: actor_cpus(nodes, m, sum(counts.values())) for m in cfg.models}
         self.remote_worker = ray.remote(RayWorker)
         self.in_flight: dict = {}
@@ -224,9 +231,16 @@ class Scheduler:
     def _start_actor(self, model) -> None:
         options = actor_options(model, self.cpus[model.label], self.gpus[model.label])
         actor = self.remote_worker.options(**options).remote(
-            model.name, model.label, self.plan.store_uri, device=model.device, dtype=model.dtype,
-            trust_remote_code=model.trust_remote_code, num_threads=max(1, int(self.cpus[model.label])),
-            device_map=device_map_for(model), max_memory=model.max_memory)
+            model.name,
+            model.label,
+            self.plan.store_uri,
+            device=model.device,
+            dtype=model.dtype,
+            trust_remote_code=model.trust_remote_code,
+            num_threads=max(1, int(self.cpus[model.label])),
+            device_map=device_map_for(model),
+            max_memory=model.max_memory,
+        )
         self.starting[actor.describe.remote()] = (model, actor)  # ready once loaded: node, actor id, device
 
     def _dispatch(self, model, actor, where: dict) -> None:
@@ -244,10 +258,10 @@ class Scheduler:
         from klstore.run import records
 
         key = shard_key(task.ids)
-        row = records.shard_attempt_row(key, where, started_at, datetime.now(timezone.utc), len(task.prompts),
-                                        None, outcome, error)
-        self.plan.store.write("shards", row, records.attempt_file_name(key), model=model.label,
-                              run_id=self.plan.run_id)
+        row = records.shard_attempt_row(
+            key, where, started_at, datetime.now(timezone.utc), len(task.prompts), None, outcome, error
+        )
+        self.plan.store.write("shards", row, records.attempt_file_name(key), model=model.label, run_id=self.plan.run_id)
 
     def _ready(self, ref) -> None:
         model, actor = self.starting.pop(ref)
@@ -262,8 +276,7 @@ class Scheduler:
                 return
             state.lost_loads += 1  # the actor was lost (killed, node gone) while loading
             if state.lost_loads >= MAX_LOAD_ATTEMPTS:
-                state.error = (f"{MAX_LOAD_ATTEMPTS} actors died while loading model {model.name!r}: "
-                               f"{first_line(exc)}")
+                state.error = f"{MAX_LOAD_ATTEMPTS} actors died while loading model {model.name!r}: {first_line(exc)}"
                 self.queues[model.label].clear()
                 _say(f"[{model.label}] giving up: {state.error}")
                 return
@@ -285,8 +298,9 @@ class Scheduler:
             self._record_attempt(model, task, where, started_at, "lost", first_line(exc))
             state.attempts[task.ids] = state.attempts.get(task.ids, 0) + 1
             if state.attempts[task.ids] >= MAX_SHARD_ATTEMPTS:
-                state.error = (f"shard of {len(task.prompts)} prompts failed {MAX_SHARD_ATTEMPTS} times: "
-                               f"{first_line(exc)}")
+                state.error = (
+                    f"shard of {len(task.prompts)} prompts failed {MAX_SHARD_ATTEMPTS} times: {first_line(exc)}"
+                )
                 _say(f"[{model.label}] giving up: {state.error}")
                 return
             _say(f"[{model.label}] actor died ({first_line(exc)}); replacing it and redoing its shard")
@@ -309,8 +323,7 @@ class Scheduler:
         """Until every shard is stored or given up: wait for the next event, report progress."""
         start = last_report = time.time()
         while self.in_flight or self.starting:
-            done, _ = self.ray.wait(list(self.in_flight) + list(self.starting), num_returns=1,
-                                    timeout=progress_every)
+            done, _ = self.ray.wait(list(self.in_flight) + list(self.starting), num_returns=1, timeout=progress_every)
             for ref in done:
                 (self._ready if ref in self.starting else self._finished)(ref)
             if time.time() - last_report >= progress_every or not (self.in_flight or self.starting):
@@ -327,15 +340,13 @@ class Scheduler:
         total = sum(p.prompts_total for p in live)
         done = sum(p.prompts_done for p in live)
         if self.first_ready is None:
-            _say(f"progress: loading models, {done}/{total} prompts already in the store, "
-                 f"elapsed {now - start:.0f} s")
+            _say(f"progress: loading models, {done}/{total} prompts already in the store, elapsed {now - start:.0f} s")
             return
         computed = sum(p.prompts_done - p.resumed for p in self.progress.values())
         working = max(now - self.first_ready, 1e-9)
         cells = sum(p.cells for p in self.progress.values())
         eta = f"{(total - done) * working / computed:.0f} s" if computed and total > done else "-"
-        _say(f"progress: {done}/{total} prompts, {cells / working:.0f} cells/s, elapsed {now - start:.0f} s, "
-             f"ETA {eta}")
+        _say(f"progress: {done}/{total} prompts, {cells / working:.0f} cells/s, elapsed {now - start:.0f} s, ETA {eta}")
 
     def kill_all(self) -> None:
         for _model, actor, *_ in self.in_flight.values():
@@ -344,8 +355,9 @@ class Scheduler:
             self.ray.kill(actor)
 
 
-def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
-        num_cpus: int | None = None, on_shard_done=None) -> dict:
+def run(
+    cfg, store_uri: str | None = None, progress_every: float = 10.0, num_cpus: int | None = None, on_shard_done=None
+) -> dict:
     """Run an experiment config on Ray (RAY_ADDRESS, or a local instance). Returns a summary dict.
 
     `on_shard_done(label, ShardResult)` is called in the driver after each stored shard.
@@ -374,12 +386,20 @@ def run(cfg, store_uri: str | None = None, progress_every: float = 10.0,
         if started_here:  # a Ray this call started is not left behind (the report needs none)
             ray.shutdown()
     elapsed = time.time() - start
-    _say(f"run {plan.run_id} {status}: {sum(p.prompts_done for p in progress.values())} prompt x model "
-         f"results, {sum(p.failed_prompts for p in progress.values())} failed prompts, "
-         f"{sum(p.cells for p in progress.values())} cells in {elapsed:.1f} s"
-         + "".join(f"; model {k} failed: {v}" for k, v in failed_models.items()))
-    return {"run_id": plan.run_id, "status": status, "failed_models": failed_models, "store": plan.store_uri,
-            "progress": progress, "seconds": elapsed,
-            "prompts": sum(p.prompts_total for p in progress.values()),
-            "failed_prompts": sum(p.failed_prompts for p in progress.values()),
-            "seconds_after_first_actor_ready": time.time() - (scheduler.first_ready or start)}
+    _say(
+        f"run {plan.run_id} {status}: {sum(p.prompts_done for p in progress.values())} prompt x model "
+        f"results, {sum(p.failed_prompts for p in progress.values())} failed prompts, "
+        f"{sum(p.cells for p in progress.values())} cells in {elapsed:.1f} s"
+        + "".join(f"; model {k} failed: {v}" for k, v in failed_models.items())
+    )
+    return {
+        "run_id": plan.run_id,
+        "status": status,
+        "failed_models": failed_models,
+        "store": plan.store_uri,
+        "progress": progress,
+        "seconds": elapsed,
+        "prompts": sum(p.prompts_total for p in progress.values()),
+        "failed_prompts": sum(p.failed_prompts for p in progress.values()),
+        "seconds_after_first_actor_ready": time.time() - (scheduler.first_ready or start),
+    }

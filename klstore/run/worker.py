@@ -19,7 +19,6 @@ from klstore.errors import KlstoreError
 from klstore.run.plan import shard_key, shard_parts
 from klstore.spec import SPEED_MODES, ComputeSpec, check_label
 
-
 TOKENIZER_KEY = "klstore.tokenizer"  # Parquet metadata of a tokens file: tokenizer_fingerprint of its writer
 _DECODE_METHODS = ("decode", "batch_decode", "_decode", "clean_up_tokenization")
 
@@ -42,7 +41,8 @@ def tokenizer_fingerprint(engine) -> str | None:
     tokenizer = engine.tokenizer
     fast = transformers.PreTrainedTokenizerFast
     if not isinstance(tokenizer, fast) or any(
-            getattr(type(tokenizer), method, None) is not getattr(fast, method) for method in _DECODE_METHODS):
+        getattr(type(tokenizer), method, None) is not getattr(fast, method) for method in _DECODE_METHODS
+    ):
         return None
     try:
         state = tokenizer.backend_tokenizer.to_str()
@@ -50,10 +50,15 @@ def tokenizer_fingerprint(engine) -> str | None:
         size = engine.model.get_output_embeddings().weight.shape[0]
     except Exception:  # noqa: BLE001 - the fingerprint only saves work: any failure means decode
         return None
-    parts = (transformers.__version__, tokenizers.__version__, code, str(size),
-             repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)),
-             repr(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
-                          None)), state)
+    parts = (
+        transformers.__version__,
+        tokenizers.__version__,
+        code,
+        str(size),
+        repr(getattr(tokenizer, "clean_up_tokenization_spaces", None)),
+        repr(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)),
+        state,
+    )
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -85,10 +90,21 @@ class ShardResult:
 class Worker:
     """Holds one loaded model; computes and stores shards of prompts."""
 
-    def __init__(self, model: str, label: str, store_uri: str, device: str = "auto",
-                 dtype: str = "auto", trust_remote_code: bool = False, loaded=None,
-                 num_threads: int | None = None, actor: str = "local", node: str | None = None,
-                 device_map=None, max_memory=None):
+    def __init__(
+        self,
+        model: str,
+        label: str,
+        store_uri: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        loaded=None,
+        num_threads: int | None = None,
+        actor: str = "local",
+        node: str | None = None,
+        device_map=None,
+        max_memory=None,
+    ):
         from klstore.core.engine import Engine
         from klstore.core.models import load_model, quiet_libraries
         from klstore.store import open_store
@@ -101,8 +117,14 @@ class Worker:
         self.label = check_label(label, "model label")
         self.store = open_store(store_uri, create=True)
         if loaded is None:
-            loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                device_map=device_map, max_memory=max_memory)
+            loaded = load_model(
+                model,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                device_map=device_map,
+                max_memory=max_memory,
+            )
         self.engine = Engine(loaded)
         self.actor = actor  # recorded in the `shards` table: a Ray actor id, or "local"
         self.node = node or socket.gethostname()  # likewise: the host (and Ray node) it runs on
@@ -162,8 +184,9 @@ class Worker:
         first = next((o for o in outcomes if o.status == "ok"), None)
         if first is None:
             return None
-        exact_alone = job.model_copy(update={"batch_size": 1, "topk": 0,
-                                             **{key: default for key, (_, default) in SPEED_MODES.items()}})
+        exact_alone = job.model_copy(
+            update={"batch_size": 1, "topk": 0, **{key: default for key, (_, default) in SPEED_MODES.items()}}
+        )
         alone = self.engine.compute([first.prompt], exact_alone, self._layers[job.layers])[0]
         if isinstance(alone, Exception):
             return None
@@ -241,8 +264,7 @@ class Worker:
             if f"kl:{probe.name}" in wanted:
                 self.store.write("kl", rows, name, model=self.label, probe=probe.name, run_id=run_id)
         if "generations" in wanted:
-            self.store.write("generations", records.generation_rows(outcomes), name,
-                             model=self.label, run_id=run_id)
+            self.store.write("generations", records.generation_rows(outcomes), name, model=self.label, run_id=run_id)
         if "prompts" in wanted:
             self.store.write("prompts", records.prompt_rows(outcomes), name, model=self.label, run_id=run_id)
         failed = sum(1 for o in outcomes if o.status != "ok")
@@ -251,7 +273,8 @@ class Worker:
         if not self._floor_measured:  # once per worker: one prompt again, alone (costs one prompt)
             floor = self._noise_floor(outcomes, job)
             self._floor_measured = floor is not None
-        attempt = records.shard_attempt_row(key, self.describe(), started_at, ended_at,
-                                            len(prompts), cells, "ok", noise_floor=floor)
+        attempt = records.shard_attempt_row(
+            key, self.describe(), started_at, ended_at, len(prompts), cells, "ok", noise_floor=floor
+        )
         self.store.write("shards", attempt, records.attempt_file_name(key), model=self.label, run_id=run_id)
         return ShardResult(self.label, key, len(prompts), failed, cells, seconds)

@@ -21,5 +21,17 @@ from klstore.store.tables import (  # noqa: F401 - the store's public names
 )
 from klstore.store.views import connect, sql  # noqa: F401
 
-__all__ = ["GENERATIONS_SCHEMA", "KL_SCHEMA", "PROMPTS_SCHEMA", "RUNS_SCHEMA", "SHARDS_SCHEMA", "TABLES", "VIEW_COLUMNS",
-           "Store", "open_store", "work_key", "connect", "sql"]
+__all__ = [
+    "GENERATIONS_SCHEMA",
+    "KL_SCHEMA",
+    "PROMPTS_SCHEMA",
+    "RUNS_SCHEMA",
+    "SHARDS_SCHEMA",
+    "TABLES",
+    "VIEW_COLUMNS",
+    "Store",
+    "open_store",
+    "work_key",
+    "connect",
+    "sql",
+]

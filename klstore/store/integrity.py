@@ -32,8 +32,7 @@ import socket
 import time
 
 from klstore.errors import KlstoreError, first_line
-from klstore.store.tables import (JOURNAL_NAME, PENDING_SUFFIX, QUARANTINE_DIR, RECORD_SUFFIX, TABLES, TMP_MARK,
-                                  Store)
+from klstore.store.tables import JOURNAL_NAME, PENDING_SUFFIX, QUARANTINE_DIR, RECORD_SUFFIX, TABLES, TMP_MARK, Store
 
 STALE_JOURNAL_S = 3600.0  # a journal from another machine older than this is an interrupted compaction
 
@@ -80,9 +79,10 @@ def in_partition(store: Store, table: str, path: str) -> bool:
     base = store.path(table).rstrip("/") + "/"
     if not path.startswith(base):
         return False
-    folders = path[len(base):].split("/")[:-1]
+    folders = path[len(base) :].split("/")[:-1]
     return len(folders) == len(keys) and all(
-        folder.partition("=")[0] == key and folder.partition("=")[2] for key, folder in zip(keys, folders))
+        folder.partition("=")[0] == key and folder.partition("=")[2] for key, folder in zip(keys, folders)
+    )
 
 
 def unpartitioned(store: Store, table: str) -> list[str]:
@@ -208,7 +208,7 @@ def compact(store: Store, min_files: int = 2, log=lambda message: None) -> list[
 def _shards_of(store: Store, path: str) -> list[str]:
     name = path.rsplit("/", 1)[-1]
     if name.startswith("part-"):
-        return [name[len("part-"):].split(".", 1)[0]]
+        return [name[len("part-") :].split(".", 1)[0]]
     record = read_record(store, path)
     return list((record or {}).get("shards") or [])
 
@@ -217,12 +217,23 @@ def _compact_partition(store: Store, folder: str, names: list[str], target: str,
     import pyarrow as pa
 
     journal_path = f"{folder}/{JOURNAL_NAME}"
-    journal = {"state": "started", "sources": names, "target": target, "host": socket.gethostname(),
-               "pid": os.getpid(), "at": time.time()}
+    journal = {
+        "state": "started",
+        "sources": names,
+        "target": target,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "at": time.time(),
+    }
     store.put_bytes(journal_path, json.dumps(journal).encode())
     merged = pa.concat_tables(parts)
-    merged = merged.sort_by([(c, "ascending") for c in ("prompt_id", "layer", "gen_idx", "started_at", "shard_key", "token_id")
-                             if c in schema.names])
+    merged = merged.sort_by(
+        [
+            (c, "ascending")
+            for c in ("prompt_id", "layer", "gen_idx", "started_at", "shard_key", "token_id")
+            if c in schema.names
+        ]
+    )
     pending = f"{folder}/{target}{PENDING_SUFFIX}"
     store.write_file(pending, merged, schema, shards=shards)
     store.put_bytes(journal_path, json.dumps({**journal, "state": "merged"}).encode())
@@ -266,7 +277,7 @@ def quarantine(store: Store, paths: list[str]) -> list[str]:
     moved = []
     root = store.root.rstrip("/")
     for path in paths:
-        relative = path[len(root) + 1:] if path.startswith(root + "/") else path.lstrip("/")
+        relative = path[len(root) + 1 :] if path.startswith(root + "/") else path.lstrip("/")
         target = store.path(QUARANTINE_DIR, stamp, relative)
         for source, dest in ((path, target), (path + RECORD_SUFFIX, target + RECORD_SUFFIX)):
             if store.exists_file(source):
@@ -285,7 +296,7 @@ def missing_or_unrecorded(store: Store, table: str) -> tuple[list[str], list[str
     files = set(store.files(table)) - set(unpartitioned(store, table))
     pendings = {p for p in store.files(table, suffix=PENDING_SUFFIX)}
     records = store.files(table, suffix=RECORD_SUFFIX)
-    orphans = [r for r in records if r[:-len(RECORD_SUFFIX)] not in files | pendings]
+    orphans = [r for r in records if r[: -len(RECORD_SUFFIX)] not in files | pendings]
     unrecorded = [f for f in sorted(files) if f + RECORD_SUFFIX not in set(records)]
     return orphans, unrecorded
 
@@ -305,8 +316,12 @@ def record_files(store: Store, paths: list[str]) -> int:
         data = store.read_bytes(path)
         with store.fs.open_input_file(path) as handle:
             rows = pq.ParquetFile(handle).metadata.num_rows
-        record = {"sha256": hashlib.sha256(data).hexdigest(), "rows": rows, "bytes": len(data),
-                  "shards": _shards_of(store, path)}
+        record = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": rows,
+            "bytes": len(data),
+            "shards": _shards_of(store, path),
+        }
         store.put_bytes(path + RECORD_SUFFIX, json.dumps(record, sort_keys=True).encode())
         written += 1
     return written
@@ -322,7 +337,7 @@ def shards_present(store: Store, table: str, **partitions: str) -> set[str] | No
             continue
         name = path.rsplit("/", 1)[-1]
         if name.startswith("part-"):
-            keys.add(name[len("part-"):].split(".", 1)[0])
+            keys.add(name[len("part-") :].split(".", 1)[0])
             continue
         record = read_record(store, path)
         if record is None or "shards" not in record:

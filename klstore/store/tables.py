@@ -26,8 +26,8 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Any
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,69 +36,81 @@ from klstore.errors import KlstoreError, StoreWriteError, first_line
 from klstore.spec import DEFAULT_STORE, DIVERGENCES, check_label
 
 # ---------------------------------------------------------------- schemas
-KL_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt_group", pa.string()),
-    ("layer", pa.int16()),
-    ("gen_idx", pa.int16()),
-    *[(name, pa.float32()) for name in DIVERGENCES],  # null where not asked for
-    ("top1_match", pa.bool_()),
-    ("n_layers", pa.int16()),
-    # lens tokens (docs/conventions.md); null in files written before them, or with topk = 0
-    ("topk_ids", pa.list_(pa.int32())),  # the top-k tokens of Q, rank 1 first
-    ("topk_probs", pa.list_(pa.float32())),  # their probabilities under Q
-    ("gen_rank", pa.int32()),  # rank of the generated token under Q (1 = top)
-    ("gen_logq", pa.float32()),  # log Q(generated token)
-])
-TOKENS_SCHEMA = pa.schema([  # each model's vocabulary, once per model (joined by the lens_tokens view)
-    ("token_id", pa.int32()),
-    ("token_text", pa.string()),
-])
-GENERATIONS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt_group", pa.string()),
-    ("gen_idx", pa.int16()),
-    ("token_id", pa.int32()),
-    ("token_text", pa.string()),
-    ("logprob", pa.float32()),
-    ("entropy", pa.float32()),
-])
-PROMPTS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt_group", pa.string()),
-    ("prompt_text", pa.string()),
-    ("source_text", pa.string()),
-    ("n_prompt_tokens", pa.int32()),
-    ("n_generated", pa.int32()),
-    ("stopped_at_eos", pa.bool_()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-])
-RUNS_SCHEMA = pa.schema([
-    ("name", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    ("updated_at", pa.timestamp("us", tz="UTC")),
-    ("status", pa.string()),
-    ("config", pa.string()),
-    ("klstore_version", pa.string()),
-    ("torch_version", pa.string()),
-    ("transformers_version", pa.string()),
-    ("noise_floor", pa.float32()),  # max |divergence(batched) - divergence(alone)| over the sampled cells
-])
-SHARDS_SCHEMA = pa.schema([  # one row per shard attempt (provenance; never used for resume)
-    ("shard_key", pa.string()),
-    ("node", pa.string()),  # the host name; under Ray "<host>/<node id[:12]>" (nodes can share a host)
-    ("actor", pa.string()),  # the Ray actor id, or "local" (klstore compute --store, the Python API)
-    ("device", pa.string()),  # cpu, cuda:0, ...
-    ("started_at", pa.timestamp("us", tz="UTC")),
-    ("ended_at", pa.timestamp("us", tz="UTC")),
-    ("prompts", pa.int32()),
-    ("cells", pa.int32()),  # kl rows computed (every probe); null when the attempt did not finish
-    ("cells_per_second", pa.float32()),
-    ("outcome", pa.string()),  # ok, failed (an error in the shard), lost (its actor died)
-    ("error", pa.string()),
-    ("noise_floor", pa.float32()),  # measured on this attempt's first prompt, else null (docs/conventions.md)
-])
+KL_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt_group", pa.string()),
+        ("layer", pa.int16()),
+        ("gen_idx", pa.int16()),
+        *[(name, pa.float32()) for name in DIVERGENCES],  # null where not asked for
+        ("top1_match", pa.bool_()),
+        ("n_layers", pa.int16()),
+        # lens tokens (docs/conventions.md); null in files written before them, or with topk = 0
+        ("topk_ids", pa.list_(pa.int32())),  # the top-k tokens of Q, rank 1 first
+        ("topk_probs", pa.list_(pa.float32())),  # their probabilities under Q
+        ("gen_rank", pa.int32()),  # rank of the generated token under Q (1 = top)
+        ("gen_logq", pa.float32()),  # log Q(generated token)
+    ]
+)
+TOKENS_SCHEMA = pa.schema(
+    [  # each model's vocabulary, once per model (joined by the lens_tokens view)
+        ("token_id", pa.int32()),
+        ("token_text", pa.string()),
+    ]
+)
+GENERATIONS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt_group", pa.string()),
+        ("gen_idx", pa.int16()),
+        ("token_id", pa.int32()),
+        ("token_text", pa.string()),
+        ("logprob", pa.float32()),
+        ("entropy", pa.float32()),
+    ]
+)
+PROMPTS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt_group", pa.string()),
+        ("prompt_text", pa.string()),
+        ("source_text", pa.string()),
+        ("n_prompt_tokens", pa.int32()),
+        ("n_generated", pa.int32()),
+        ("stopped_at_eos", pa.bool_()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+RUNS_SCHEMA = pa.schema(
+    [
+        ("name", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()),
+        ("config", pa.string()),
+        ("klstore_version", pa.string()),
+        ("torch_version", pa.string()),
+        ("transformers_version", pa.string()),
+        ("noise_floor", pa.float32()),  # max |divergence(batched) - divergence(alone)| over the sampled cells
+    ]
+)
+SHARDS_SCHEMA = pa.schema(
+    [  # one row per shard attempt (provenance; never used for resume)
+        ("shard_key", pa.string()),
+        ("node", pa.string()),  # the host name; under Ray "<host>/<node id[:12]>" (nodes can share a host)
+        ("actor", pa.string()),  # the Ray actor id, or "local" (klstore compute --store, the Python API)
+        ("device", pa.string()),  # cpu, cuda:0, ...
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("ended_at", pa.timestamp("us", tz="UTC")),
+        ("prompts", pa.int32()),
+        ("cells", pa.int32()),  # kl rows computed (every probe); null when the attempt did not finish
+        ("cells_per_second", pa.float32()),
+        ("outcome", pa.string()),  # ok, failed (an error in the shard), lost (its actor died)
+        ("error", pa.string()),
+        ("noise_floor", pa.float32()),  # measured on this attempt's first prompt, else null (docs/conventions.md)
+    ]
+)
 
 # table -> (file schema, partition columns in path order)
 TABLES = {
@@ -111,16 +123,74 @@ TABLES = {
 }
 # the columns of each view, in the documented order
 VIEW_COLUMNS = {
-    "kl": ("run_id", "model", "probe", "prompt_id", "prompt_group", "layer", "gen_idx",
-           *DIVERGENCES, "top1_match", "n_layers", "topk_ids", "topk_probs", "gen_rank", "gen_logq"),
-    "generations": ("run_id", "model", "prompt_id", "prompt_group", "gen_idx", "token_id",
-                    "token_text", "logprob", "entropy"),
-    "prompts": ("run_id", "model", "prompt_id", "prompt_group", "prompt_text", "source_text",
-                "n_prompt_tokens", "n_generated", "stopped_at_eos", "status", "error"),
-    "runs": ("run_id", "name", "created_at", "updated_at", "status", "config",
-             "klstore_version", "torch_version", "transformers_version", "noise_floor"),
-    "shards": ("run_id", "model", "shard_key", "node", "actor", "device", "started_at", "ended_at",
-               "prompts", "cells", "cells_per_second", "outcome", "error", "noise_floor"),
+    "kl": (
+        "run_id",
+        "model",
+        "probe",
+        "prompt_id",
+        "prompt_group",
+        "layer",
+        "gen_idx",
+        *DIVERGENCES,
+        "top1_match",
+        "n_layers",
+        "topk_ids",
+        "topk_probs",
+        "gen_rank",
+        "gen_logq",
+    ),
+    "generations": (
+        "run_id",
+        "model",
+        "prompt_id",
+        "prompt_group",
+        "gen_idx",
+        "token_id",
+        "token_text",
+        "logprob",
+        "entropy",
+    ),
+    "prompts": (
+        "run_id",
+        "model",
+        "prompt_id",
+        "prompt_group",
+        "prompt_text",
+        "source_text",
+        "n_prompt_tokens",
+        "n_generated",
+        "stopped_at_eos",
+        "status",
+        "error",
+    ),
+    "runs": (
+        "run_id",
+        "name",
+        "created_at",
+        "updated_at",
+        "status",
+        "config",
+        "klstore_version",
+        "torch_version",
+        "transformers_version",
+        "noise_floor",
+    ),
+    "shards": (
+        "run_id",
+        "model",
+        "shard_key",
+        "node",
+        "actor",
+        "device",
+        "started_at",
+        "ended_at",
+        "prompts",
+        "cells",
+        "cells_per_second",
+        "outcome",
+        "error",
+        "noise_floor",
+    ),
     "tokens": ("model", "token_id", "token_text"),
 }
 ATTEMPT_PREFIX = "attempt-"  # shards files: attempt-<shard key>-<uuid8>.parquet
@@ -140,12 +210,20 @@ def parquet_options(schema: pa.Schema) -> dict:
     bytes compress (lens-token probabilities: 7.9 -> 4.9 bytes per (cell, rank) row)."""
     floats = [c for c in schema.names if c in FLOAT_COLUMNS]
     float_lists = [f.name for f in schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
-    split = {**{c: "BYTE_STREAM_SPLIT" for c in floats},
-             **{f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in float_lists}}
+    split = {
+        **{c: "BYTE_STREAM_SPLIT" for c in floats},
+        **{f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in float_lists},
+    }
     dictionary = [c for c in schema.names if c not in floats and c not in float_lists]
-    return dict(compression="zstd", compression_level=6, use_dictionary=dictionary,
-                use_byte_stream_split=False, column_encoding=split or None,
-                write_statistics=True, write_page_checksum=True)
+    return dict(
+        compression="zstd",
+        compression_level=6,
+        use_dictionary=dictionary,
+        use_byte_stream_split=False,
+        column_encoding=split or None,
+        write_statistics=True,
+        write_page_checksum=True,
+    )
 
 
 def work_key(*parts: str) -> str:
@@ -197,9 +275,13 @@ class Store:
         data = sink.getvalue().to_pybytes()
         name = final.rsplit("/", 1)[-1]
         if shards is None and name.startswith("part-"):
-            shards = [name[len("part-"):].split(".", 1)[0]]
-        record = {"sha256": hashlib.sha256(data).hexdigest(), "rows": rows.num_rows, "bytes": len(data),
-                  "shards": list(shards or [])}
+            shards = [name[len("part-") :].split(".", 1)[0]]
+        record = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": rows.num_rows,
+            "bytes": len(data),
+            "shards": list(shards or []),
+        }
         self.put_bytes(final, data)
         self.put_bytes(final + RECORD_SUFFIX, json.dumps(record, sort_keys=True).encode())
 
@@ -265,17 +347,29 @@ class Store:
 
         return self.fs.get_file_info(path).type == pafs.FileType.File
 
-    def write_run(self, run_id: str, name: str, status: str, config: dict,
-                  versions: dict[str, str], noise_floor: float | None = None) -> None:
+    def write_run(
+        self,
+        run_id: str,
+        name: str,
+        status: str,
+        config: dict,
+        versions: dict[str, str],
+        noise_floor: float | None = None,
+    ) -> None:
         """Create or update the run's row, keeping its original created_at."""
         now = datetime.now(timezone.utc)
         existing = self.read_run(run_id)
         created = existing["created_at"] if existing else now
         row = {
-            "name": [name], "created_at": [created], "updated_at": [now], "status": [status],
+            "name": [name],
+            "created_at": [created],
+            "updated_at": [now],
+            "status": [status],
             "config": [json.dumps(config, sort_keys=True)],
-            "klstore_version": [versions.get("klstore")], "torch_version": [versions.get("torch")],
-            "transformers_version": [versions.get("transformers")], "noise_floor": [noise_floor],
+            "klstore_version": [versions.get("klstore")],
+            "torch_version": [versions.get("torch")],
+            "transformers_version": [versions.get("transformers")],
+            "noise_floor": [noise_floor],
         }
         self.write("runs", pa.table(row, schema=RUNS_SCHEMA), "run.parquet", run_id=run_id)
 
@@ -305,8 +399,11 @@ class Store:
         from pyarrow import fs as pafs
 
         selector = pafs.FileSelector(self.table_dir(table, **partitions), allow_not_found=True)
-        return sorted(info.path for info in self.fs.get_file_info(selector)
-                      if info.type == pafs.FileType.File and info.path.endswith(suffix))
+        return sorted(
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.endswith(suffix)
+        )
 
     def exists(self) -> bool:
         from pyarrow import fs as pafs
@@ -314,7 +411,7 @@ class Store:
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
 
-def open_store(uri: "str | Store | None" = None, create: bool = False) -> Store:
+def open_store(uri: str | Store | None = None, create: bool = False) -> Store:
     """Open a store by path or s3:// URI. Reading a missing store is an error; writing creates it.
 
     S3: credentials and region from the usual AWS environment variables;
@@ -326,12 +423,11 @@ def open_store(uri: "str | Store | None" = None, create: bool = False) -> Store:
         return uri
     uri = uri or DEFAULT_STORE
     if uri.startswith("s3://"):
-        bucket_prefix = uri[len("s3://"):].strip("/")
+        bucket_prefix = uri[len("s3://") :].strip("/")
         if not bucket_prefix:
             raise KlstoreError(f"store {uri!r}: no bucket")
         endpoint = os.environ.get("KLSTORE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                  or "us-east-1"}
+        kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
         if endpoint:
             scheme, _, rest = endpoint.partition("://")
             kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")

@@ -8,15 +8,24 @@ from __future__ import annotations
 import pyarrow as pa
 
 from klstore.errors import KlstoreError
-from klstore.store.integrity import (_shards_of, check_file, missing_or_unrecorded, read_record, record_files, visible,
-                                     recover, stray_files, stray_message, unpartitioned)
-from klstore.store.integrity import compact
+from klstore.store.integrity import (
+    _shards_of,
+    check_file,
+    compact,
+    missing_or_unrecorded,
+    read_record,
+    record_files,
+    recover,
+    stray_files,
+    stray_message,
+    unpartitioned,
+    visible,
+)
 from klstore.store.integrity import quarantine as quarantine_files
 from klstore.store.tables import TABLES, Store
 from klstore.store.views import present_columns, read_parquet_sql, sql
 
-__all__ = ["PROBLEMS", "QUARANTINED", "compact", "mean_map", "run_summaries", "run_totals", "shard_summaries",
-           "verify"]
+__all__ = ["PROBLEMS", "QUARANTINED", "compact", "mean_map", "run_summaries", "run_totals", "shard_summaries", "verify"]
 
 
 def run_summaries(store: Store) -> list[dict]:
@@ -24,15 +33,18 @@ def run_summaries(store: Store) -> list[dict]:
     sizes: dict[str, int] = {}
     for table in TABLES:
         for path in store.files(table):
-            run = next((p[len("run_id="):] for p in path.split("/") if p.startswith("run_id=")), None)
+            run = next((p[len("run_id=") :] for p in path.split("/") if p.startswith("run_id=")), None)
             if run is not None:
                 sizes[run] = sizes.get(run, 0) + store.fs.get_file_info(path).size
-    names, rows = sql(store, """
+    names, rows = sql(
+        store,
+        """
         SELECT r.run_id, r.name, r.status, r.created_at,
                (SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id) AS prompts,
                (SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id AND p.status <> 'ok') AS failed,
                (SELECT count(*) FROM kl k WHERE k.run_id = r.run_id) AS kl_rows
-        FROM runs r ORDER BY r.created_at""")
+        FROM runs r ORDER BY r.created_at""",
+    )
     out = [dict(zip(names, row)) for row in rows]
     for item in out:
         item["bytes"] = sizes.get(item["run_id"], 0)
@@ -41,10 +53,14 @@ def run_summaries(store: Store) -> list[dict]:
 
 def run_totals(store: Store | str, run_id: str) -> tuple[list[str], list]:
     """Per model and probe of one run: prompts, cells, mean KL, top-1 rate (`klstore run`'s summary)."""
-    return sql(store, """
+    return sql(
+        store,
+        """
         SELECT model, probe, count(DISTINCT prompt_id) AS prompts, count(*) AS cells,
                round(avg(kl), 4) AS mean_kl, round(avg(top1_match::INT), 3) AS top1_rate
-        FROM kl WHERE run_id = ? GROUP BY ALL ORDER BY ALL""", [run_id])
+        FROM kl WHERE run_id = ? GROUP BY ALL ORDER BY ALL""",
+        [run_id],
+    )
 
 
 def mean_map(con, divergence: str, model: str, probe: str, group: str | None = None, run: str | None = None):
@@ -56,8 +72,10 @@ def mean_map(con, divergence: str, model: str, probe: str, group: str | None = N
         where, params = where + " AND prompt_group = ?", params + [group]
     if run is not None:
         where, params = where + " AND run_id = ?", params + [run]
-    rows = con.execute(f"SELECT layer, gen_idx, avg({divergence}), count({divergence}) FROM kl "
-                       f"WHERE {where} GROUP BY layer, gen_idx", params).fetchall()
+    rows = con.execute(
+        f"SELECT layer, gen_idx, avg({divergence}), count({divergence}) FROM kl WHERE {where} GROUP BY layer, gen_idx",
+        params,
+    ).fetchall()
     n_prompts = con.execute(f"SELECT count(DISTINCT prompt_id) FROM kl WHERE {where}", params).fetchone()[0]
     return rows, n_prompts
 
@@ -67,24 +85,31 @@ def shard_summaries(store: Store, run: str) -> dict[str, tuple[list[str], list]]
     {"per node": ..., "per actor": ..., "failed or lost attempts": ...}, each (column names, rows).
     Throughput is cells over the wall-clock span from the first start to the last end of the
     successful attempts (so a node's actors working at once add up)."""
-    _, found = sql(store, "SELECT run_id FROM runs WHERE run_id = ? OR name = ? ORDER BY run_id = ? DESC, "
-                          "created_at DESC LIMIT 1", [run, run, run])
+    _, found = sql(
+        store,
+        "SELECT run_id FROM runs WHERE run_id = ? OR name = ? ORDER BY run_id = ? DESC, created_at DESC LIMIT 1",
+        [run, run, run],
+    )
     run_id = found[0][0] if found else run
     _, count = sql(store, "SELECT count(*) FROM shards WHERE run_id = ?", [run_id])
     if not count[0][0]:
         _, runs = sql(store, "SELECT DISTINCT run_id FROM shards ORDER BY 1")
-        raise KlstoreError(f"no shard attempts recorded for run {run!r} (runs written before the shards table "
-                           f"have none); runs with attempts: {', '.join(r[0] for r in runs) or 'none'}")
+        raise KlstoreError(
+            f"no shard attempts recorded for run {run!r} (runs written before the shards table "
+            f"have none); runs with attempts: {', '.join(r[0] for r in runs) or 'none'}"
+        )
     span = "epoch(max(ended_at)) - epoch(min(started_at))"
-    throughput = (f"count(*) AS shards, sum(prompts) AS prompts, sum(cells) AS cells, round({span}, 1) AS seconds, "
-                  f"round(sum(cells) / greatest({span}, 1e-6), 1) AS cells_per_second")
+    throughput = (
+        f"count(*) AS shards, sum(prompts) AS prompts, sum(cells) AS cells, round({span}, 1) AS seconds, "
+        f"round(sum(cells) / greatest({span}, 1e-6), 1) AS cells_per_second"
+    )
     queries = {
         "per node": f"SELECT node, {throughput} FROM shards WHERE run_id = ? AND outcome = 'ok' "
-                    "GROUP BY node ORDER BY node",
+        "GROUP BY node ORDER BY node",
         "per actor": f"SELECT model, node, actor, device, {throughput} FROM shards WHERE run_id = ? "
-                     "AND outcome = 'ok' GROUP BY ALL ORDER BY model, node, actor",
+        "AND outcome = 'ok' GROUP BY ALL ORDER BY model, node, actor",
         "failed or lost attempts": "SELECT model, shard_key, node, actor, outcome, started_at, ended_at, error "
-                                   "FROM shards WHERE run_id = ? AND outcome <> 'ok' ORDER BY started_at",
+        "FROM shards WHERE run_id = ? AND outcome <> 'ok' ORDER BY started_at",
     }
     return {title: sql(store, query, [run_id]) for title, query in queries.items()}
 
@@ -153,14 +178,22 @@ def verify(store: Store, quarantine: bool = False, record: bool = False, log=lam
         for path in unpartitioned(store, table):
             problems["stray"].append(stray_message(table, path))
             to_quarantine.append(path)
-        problems["folders"] += [f"{folder}: klstore never writes such a folder" for folder in _strange_folders(store, table)]
+        problems["folders"] += [
+            f"{folder}: klstore never writes such a folder" for folder in _strange_folders(store, table)
+        ]
         for folder, paths in sorted(good.items()):
             if folder in unrecorded_folders or _shards_overlap(store, paths):
                 count, examples = _duplicates(store, table, paths)
                 duplicate_rows += count
                 problems["duplicates"] += examples
-    result = {"problems": problems, "files": checked, "bytes": size, "duplicate_rows": duplicate_rows,
-              "quarantined": [], "recorded": 0}
+    result = {
+        "problems": problems,
+        "files": checked,
+        "bytes": size,
+        "duplicate_rows": duplicate_rows,
+        "quarantined": [],
+        "recorded": 0,
+    }
     if quarantine and to_quarantine:
         result["quarantined"] = quarantine_files(store, to_quarantine)
     if record:
@@ -192,9 +225,16 @@ def _duplicates(store: Store, table: str, paths: list[str]) -> tuple[int, list[s
 
         _, partitions = TABLES[table]
         part_schema = pa.schema([(p, pa.string()) for p in partitions])
-        con.register("_files", ds.dataset(paths, filesystem=store.fs, format="parquet",
-                                          partitioning=ds.partitioning(part_schema, flavor="hive"),
-                                          partition_base_dir=store.path(table)))
+        con.register(
+            "_files",
+            ds.dataset(
+                paths,
+                filesystem=store.fs,
+                format="parquet",
+                partitioning=ds.partitioning(part_schema, flavor="hive"),
+                partition_base_dir=store.path(table),
+            ),
+        )
         source, params = "_files", None
     groups = f"SELECT {keys}, count(*) AS n FROM {source} GROUP BY ALL HAVING count(*) > 1"
     total = con.execute(f"SELECT coalesce(sum(n - 1), 0) FROM ({groups})", params).fetchone()[0]
@@ -215,7 +255,7 @@ def _strange_folders(store: Store, table: str) -> list[str]:
     for info in store.fs.get_file_info(selector):
         if info.type != pafs.FileType.Directory:
             continue
-        parts = info.path[len(base) + 1:].split("/")
+        parts = info.path[len(base) + 1 :].split("/")
         depth = len(parts) - 1
         key, _, value = parts[-1].partition("=")
         try:

@@ -25,19 +25,30 @@ from klstore.store.integrity import stray_message, unpartitioned, visible
 from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
 
 _DUCK_TYPES = {
-    pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT",
-    pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
-    pa.list_(pa.int32()): "INTEGER[]", pa.list_(pa.float32()): "FLOAT[]",
+    pa.string(): "VARCHAR",
+    pa.int16(): "SMALLINT",
+    pa.int32(): "INTEGER",
+    pa.float32(): "FLOAT",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.list_(pa.int32()): "INTEGER[]",
+    pa.list_(pa.float32()): "FLOAT[]",
 }
 
 # Views and macros over the tables (docs/conventions.md, "Lens tokens" and "Settling depth").
 # They read only the table views, so they work the same on local and S3 stores.
 # Settling, in one pass per column: the good layers in order, those above the deepest bad
 # layer (or -1), the first of them (null when there is none: the deepest layer is bad).
-_SETTLE = ("list_filter(list(layer ORDER BY layer) FILTER (WHERE {good}), "
-           "lambda x: x > coalesce(max(layer) FILTER (WHERE NOT ({good})), -1))[1]")
-_METRIC = ("CASE metric WHEN 'kl' THEN kl WHEN 'kl_reverse' THEN kl_reverse WHEN 'js' THEN js "
-           "ELSE error('settling_depth: metric must be kl, kl_reverse or js') END")
+_SETTLE = (
+    "list_filter(list(layer ORDER BY layer) FILTER (WHERE {good}), "
+    "lambda x: x > coalesce(max(layer) FILTER (WHERE NOT ({good})), -1))[1]"
+)
+_METRIC = (
+    "CASE metric WHEN 'kl' THEN kl WHEN 'kl_reverse' THEN kl_reverse WHEN 'js' THEN js "
+    "ELSE error('settling_depth: metric must be kl, kl_reverse or js') END"
+)
 _SETTLING = """
         SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group, gen_idx,
                any_value(n_layers) AS n_layers, {settle} AS settle_layer,
@@ -55,15 +66,20 @@ DERIVED_VIEWS = {
     "settling": _SETTLING.format(settle=_SETTLE.format(good="top1_match")),
 }
 DERIVED_MACROS = {
-    "settling_depth": ("g, metric := 'kl'",
-                       _SETTLING.format(settle=_SETTLE.format(good=f"coalesce({_METRIC} <= g, false)"))),
-    "deep_thinking": ("g, rho, metric := 'js'", """
+    "settling_depth": (
+        "g, metric := 'kl'",
+        _SETTLING.format(settle=_SETTLE.format(good=f"coalesce({_METRIC} <= g, false)")),
+    ),
+    "deep_thinking": (
+        "g, rho, metric := 'js'",
+        """
         SELECT run_id, model, probe, prompt_id, any_value(prompt_group) AS prompt_group,
                count(*) AS n_tokens,
                count(*) FILTER (WHERE settle_layer IS NULL OR settle_fraction > rho) AS n_deep,
                n_deep / n_tokens AS deep_share
         FROM settling_depth(g, metric := metric)
-        GROUP BY run_id, model, probe, prompt_id"""),
+        GROUP BY run_id, model, probe, prompt_id""",
+    ),
 }
 
 
@@ -93,26 +109,34 @@ def read_parquet_sql(table: str, source: str, present=None) -> str:
     _, partitions = TABLES[table]
     hive_types = ", ".join(f"{_quote(p)}: 'VARCHAR'" for p in partitions)
     types = _column_types(table)
-    cols = ", ".join(f"CAST({c if present is None or c in present else 'NULL'} AS {types[c]}) AS {c}"
-                     for c in VIEW_COLUMNS[table])
-    return (f"SELECT {cols} FROM read_parquet({source}, hive_partitioning = true, "
-            f"union_by_name = true, hive_types = {{{hive_types}}})")
+    cols = ", ".join(
+        f"CAST({c if present is None or c in present else 'NULL'} AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table]
+    )
+    return (
+        f"SELECT {cols} FROM read_parquet({source}, hive_partitioning = true, "
+        f"union_by_name = true, hive_types = {{{hive_types}}})"
+    )
 
 
 def present_columns(con, table: str, source: str, params=None) -> set[str]:
     """The columns that the files behind `source` have (their union, partition keys included)."""
     _, partitions = TABLES[table]
     hive_types = ", ".join(f"{_quote(p)}: 'VARCHAR'" for p in partitions)
-    rows = con.execute(f"DESCRIBE SELECT * FROM read_parquet({source}, hive_partitioning = true, "
-                       f"union_by_name = true, hive_types = {{{hive_types}}})", params).fetchall()
+    rows = con.execute(
+        f"DESCRIBE SELECT * FROM read_parquet({source}, hive_partitioning = true, "
+        f"union_by_name = true, hive_types = {{{hive_types}}})",
+        params,
+    ).fetchall()
     return {row[0] for row in rows}
 
 
 def _derived_statements() -> list[str]:
     """CREATE statements of the derived views and macros (after the table views)."""
     out = [f"CREATE OR REPLACE VIEW {name} AS {body.strip()};" for name, body in DERIVED_VIEWS.items()]
-    out += [f"CREATE OR REPLACE MACRO {name}({args}) AS TABLE {body.strip()};"
-            for name, (args, body) in DERIVED_MACROS.items()]
+    out += [
+        f"CREATE OR REPLACE MACRO {name}({args}) AS TABLE {body.strip()};"
+        for name, (args, body) in DERIVED_MACROS.items()
+    ]
     return out
 
 
@@ -154,8 +178,7 @@ def connect(store: Store | str | None = None):
 
     if not isinstance(store, Store):
         store = open_store(store)
-    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
-                                             "autoload_known_extensions": False})
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     _create_views(con, store)
     _confine(con, store)
     return con
@@ -189,8 +212,9 @@ def _failing_view(con, table: str, problem: str) -> None:
     cols = ", ".join(f"CAST(NULL AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table])
     variable = f"klstore_{table}_error"
     con.execute(f"SET VARIABLE {variable} = ?", [message])
-    con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM (SELECT 1) "
-                f"WHERE error(getvariable({_quote(variable)})) IS NULL")
+    con.execute(
+        f"CREATE VIEW {table} AS SELECT {cols} FROM (SELECT 1) WHERE error(getvariable({_quote(variable)})) IS NULL"
+    )
 
 
 # The read-only gate of `sql()` (and so of `klstore sql` and `open_store().sql`), judged on
@@ -249,9 +273,9 @@ def _explained(con, text: str) -> list:
         for index, (_, _, token) in enumerate(tokens):
             depth += token.count("(") - token.count(")")
             if depth <= 0:
-                rest = tokens[index + 1:]
+                rest = tokens[index + 1 :]
                 try:
-                    after_options = con.extract_statements(text[rest[0][0]:]) if rest else []
+                    after_options = con.extract_statements(text[rest[0][0] :]) if rest else []
                 except duckdb.Error:  # not parsable after the options: a parenthesised query
                     after_options = []
                 if after_options:
@@ -295,8 +319,10 @@ def _check_statement(con, statement, inside_explain: bool) -> None:
         return
     name = head if kind == "MULTI" else kind
     where = " (also inside EXPLAIN)" if inside_explain else ""
-    raise KlstoreError(f"the store is read-only here: {name} statements are refused{where} "
-                       "(use SELECT; klstore writes the store itself)")
+    raise KlstoreError(
+        f"the store is read-only here: {name} statements are refused{where} "
+        "(use SELECT; klstore writes the store itself)"
+    )
 
 
 def execute(con, query: str, params=None):
@@ -352,8 +378,14 @@ def _create_views(con, store: Store) -> None:
             continue
         part_schema = pa.schema([(p, pa.string()) for p in partitions])
         full = pa.schema(list(schema) + list(part_schema))
-        dataset = ds.dataset(files, filesystem=store.fs, format="parquet", partition_base_dir=store.path(table),
-                             partitioning=ds.partitioning(part_schema, flavor="hive"), schema=full)
+        dataset = ds.dataset(
+            files,
+            filesystem=store.fs,
+            format="parquet",
+            partition_base_dir=store.path(table),
+            partitioning=ds.partitioning(part_schema, flavor="hive"),
+            schema=full,
+        )
         con.register(f"_{table}_dataset", dataset)
         cols = ", ".join(VIEW_COLUMNS[table])
         con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM _{table}_dataset")

@@ -22,19 +22,55 @@ HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "prompts.jsonl"
 GOLDEN = HERE / "kl_smollm2.json"
 _INPUTS = ["compute", "--model", "smollm2-135m", "--prompts", str(PROMPTS), "--layers", "0,3,14-16,-2,-1", "-n", "3"]
-COMMAND = [*_INPUTS, "--probe", "logit_lens", "--probe", "skip", "--probe", "ablate_mlp",
-           "--probe", "noise", "--scale", "0.5", "--probe", "patch",
-           "--divergence", "kl", "--divergence", "kl_reverse", "--divergence", "js",
-           "--run", "golden", "--shard-size", "2"]
-QUERY = ("SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, top1_match "
-         "FROM kl ORDER BY probe, prompt_id, layer, gen_idx")
+COMMAND = [
+    *_INPUTS,
+    "--probe",
+    "logit_lens",
+    "--probe",
+    "skip",
+    "--probe",
+    "ablate_mlp",
+    "--probe",
+    "noise",
+    "--scale",
+    "0.5",
+    "--probe",
+    "patch",
+    "--divergence",
+    "kl",
+    "--divergence",
+    "kl_reverse",
+    "--divergence",
+    "js",
+    "--run",
+    "golden",
+    "--shard-size",
+    "2",
+]
+QUERY = (
+    "SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, top1_match "
+    "FROM kl ORDER BY probe, prompt_id, layer, gen_idx"
+)
 # The default path: `kl` alone goes through the vocabulary-chunked head pass (klstore/core/unembed.py),
 # which the command above (three divergences: the row path) never reaches; its lens tokens too.
 GOLDEN_HEAD_PASS = HERE / "kl_smollm2_head_pass.json"
-COMMAND_HEAD_PASS = [*_INPUTS, "--probe", "logit_lens", "--probe", "skip", "--probe", "patch",
-                     "--run", "golden-head", "--shard-size", "2"]
-QUERY_HEAD_PASS = ("SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, "
-                   "top1_match, topk_ids, topk_probs, gen_rank, gen_logq FROM kl ORDER BY probe, prompt_id, layer, gen_idx")
+COMMAND_HEAD_PASS = [
+    *_INPUTS,
+    "--probe",
+    "logit_lens",
+    "--probe",
+    "skip",
+    "--probe",
+    "patch",
+    "--run",
+    "golden-head",
+    "--shard-size",
+    "2",
+]
+QUERY_HEAD_PASS = (
+    "SELECT run_id, model, probe, prompt_id, prompt_group, layer, gen_idx, kl, kl_reverse, js, "
+    "top1_match, topk_ids, topk_probs, gen_rank, gen_logq FROM kl ORDER BY probe, prompt_id, layer, gen_idx"
+)
 RUNS = {"row path": (COMMAND, QUERY, GOLDEN), "head pass": (COMMAND_HEAD_PASS, QUERY_HEAD_PASS, GOLDEN_HEAD_PASS)}
 
 
@@ -44,12 +80,15 @@ def bits(value):
 
 def stored_rows(store: str, command: list, query: str) -> list:
     """Run a golden command into `store` and return its kl rows with floats as bit patterns."""
-    done = subprocess.run([sys.executable, "-m", "klstore", *command, "--store", store],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "klstore", *command, "--store", store], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
-    out = subprocess.run([sys.executable, "-m", "klstore", "sql", query, "--store", store, "--format", "json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "klstore", "sql", query, "--store", store, "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = json.loads(out.stdout)
     # the json output rounds nothing: floats arrive as Python floats of the float32 values
     out_rows = []

@@ -9,13 +9,30 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, run_cli
 
 PROMPT = "The capital of France is"
 LAYERS = "0,15-21,27"
-CLI_ARGS = ["--model", "smollm2-135m", "--device", "cpu", "--prompt", PROMPT, "--probe", "logit_lens",
-            "--probe", "skip", "--layers", LAYERS, "-n", "5", "--divergence", "kl", "--divergence", "js"]
+CLI_ARGS = [
+    "--model",
+    "smollm2-135m",
+    "--device",
+    "cpu",
+    "--prompt",
+    PROMPT,
+    "--probe",
+    "logit_lens",
+    "--probe",
+    "skip",
+    "--layers",
+    LAYERS,
+    "-n",
+    "5",
+    "--divergence",
+    "kl",
+    "--divergence",
+    "js",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +45,17 @@ def lens(smollm2):
 
 @pytest.fixture(scope="module")
 def result(lens):
-    return lens.compute(PROMPT, probes=["logit_lens", "skip"], layers=LAYERS, n=5, divergences=["kl", "js"],
-                        progress=False)
+    return lens.compute(
+        PROMPT, probes=["logit_lens", "skip"], layers=LAYERS, n=5, divergences=["kl", "js"], progress=False
+    )
 
 
 def test_import_is_light():
-    code = ("import sys, time; t = time.perf_counter(); import klstore; t = time.perf_counter() - t; "
-            "heavy = [m for m in ('torch', 'transformers', 'ray') if m in sys.modules]; "
-            "print(round(t, 4), heavy)")
+    code = (
+        "import sys, time; t = time.perf_counter(); import klstore; t = time.perf_counter() - t; "
+        "heavy = [m for m in ('torch', 'transformers', 'ray') if m in sys.modules]; "
+        "print(round(t, 4), heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     print("import klstore:", out.strip(), "seconds, heavy modules")
     assert out.strip().endswith("[]")
@@ -77,8 +97,9 @@ def test_save_writes_what_compute_store_writes(result, tmp_path):
         query = f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY ALL"
         import klstore
 
-        pd.testing.assert_frame_equal(klstore.open_store(tmp_path / "api").sql(query),
-                                      klstore.open_store(tmp_path / "cli").sql(query))
+        pd.testing.assert_frame_equal(
+            klstore.open_store(tmp_path / "api").sql(query), klstore.open_store(tmp_path / "cli").sql(query)
+        )
     # to_pandas() is the kl view, row for row, once saved
     mine = result.to_pandas().sort_values(["probe", "prompt_id", "layer", "gen_idx"], ignore_index=True)
     pd.testing.assert_frame_equal(mine, ours, check_dtype=False)
@@ -128,17 +149,18 @@ def test_in_memory_model_matches_load(result):
     from klstore.core.models import resolve
 
     source = resolve("smollm2-135m")
-    model = transformers.AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source.location, gguf_file=source.gguf_file, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
     lens = klstore.load(model=model, tokenizer=tokenizer, label="smollm2-135m")
-    mine = lens.compute(PROMPT, probes=["logit_lens", "skip"], layers=LAYERS, n=5, divergences=["kl", "js"],
-                        progress=False)
+    mine = lens.compute(
+        PROMPT, probes=["logit_lens", "skip"], layers=LAYERS, n=5, divergences=["kl", "js"], progress=False
+    )
     assert [t["id"] for t in mine.tokens(0)] == [t["id"] for t in result.tokens(0)]
     for probe in ("logit_lens", "skip"):
         for name in ("kl", "js"):
-            np.testing.assert_allclose(mine.matrix(0, probe, name), result.matrix(0, probe, name),
-                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(mine.matrix(0, probe, name), result.matrix(0, probe, name), rtol=1e-5, atol=1e-5)
 
 
 def _cli(*changes):
@@ -161,8 +183,10 @@ BAD_INPUTS = {
     "empty prompt": (_cli("--prompt", "   "), dict(prompts="   ")),
     "unknown probe": (_cli("--probe", "nope"), dict(probes=["nope"])),
     "unknown divergence": (_cli("--divergence", "nope"), dict(divergences=["nope"])),
-    "probe params": (_cli("--probe", "noise", "--scale", "-1"),
-                     dict(probes=[{"name": "noise", "params": {"scale": -1.0}}])),
+    "probe params": (
+        _cli("--probe", "noise", "--scale", "-1"),
+        dict(probes=[{"name": "noise", "params": {"scale": -1.0}}]),
+    ),
     "n <= 0": (_cli("-n", "0"), dict(n=0)),
     "patch without source": (_cli("--probe", "patch"), dict(probes=["patch"])),
     "topk": (_cli("--topk", "101"), dict(topk=101)),
@@ -187,7 +211,7 @@ def test_bad_input_raises_the_cli_message(case, lens):
         else:
             call = {"prompts": PROMPT, "progress": False, **api_args}
             lens.compute(call.pop("prompts"), **call)
-    assert str(caught.value) == message[len("klstore: error: "):]
+    assert str(caught.value) == message[len("klstore: error: ") :]
 
 
 @pytest.mark.real_model
@@ -200,8 +224,10 @@ def test_api_only_input_errors(lens, tmp_path):
         (dict(prompts=[{"id": "x"}]), "prompts[0]: missing 'text'"),
         (dict(prompts=["ok", " "]), "prompt 'p1' is empty"),
         (dict(prompts=str(tmp_path / "missing.jsonl")), "prompts file not found"),
-        (dict(prompts=PROMPT, probes=[{"name": "noise", "scale": 1.0}, {"name": "noise", "scale": 2.0}]),
-         "probe noise given twice"),
+        (
+            dict(prompts=PROMPT, probes=[{"name": "noise", "scale": 1.0}, {"name": "noise", "scale": 2.0}]),
+            "probe noise given twice",
+        ),
         (dict(prompts=PROMPT, layers=[0, 1]), "layers must be a layer spec"),
     ]
     for kwargs, message in cases:
@@ -221,8 +247,7 @@ def test_prompt_forms(lens, tmp_path):
     path.write_text('{"id": "a", "text": "One two three", "group": "g"}\n')
     from_file = lens.compute(path, layers="-2--1", n=2, progress=False)
     from_list = lens.compute(["One two three"], layers="-2--1", n=2, progress=False)
-    from_dict = lens.compute([{"id": "a", "text": "One two three", "group": "g"}], layers="-2--1", n=2,
-                             progress=False)
+    from_dict = lens.compute([{"id": "a", "text": "One two three", "group": "g"}], layers="-2--1", n=2, progress=False)
     assert [p.id for p in from_list.prompts] == ["p0"]
     assert from_file.prompts == from_dict.prompts
     np.testing.assert_array_equal(from_file.matrix("a"), from_list.matrix("p0"))
@@ -234,16 +259,22 @@ def test_quickstart_notebook_runs(tmp_path):
     import nbformat
 
     nb = nbformat.read(REPO / "docs" / "quickstart.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()  # raises CellExecutionError on any cell error
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
 
 
 def test_api_reference_builds_without_warnings(tmp_path):
-    proc = subprocess.run(["make", "-o", ".venv/.installed", "docs", f"PY={sys.executable}",
-                           f"API_DOCS={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["make", "-o", ".venv/.installed", "docs", f"PY={sys.executable}", f"API_DOCS={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     printed = (proc.stdout + proc.stderr).lower()
     assert "warn" not in printed, proc.stdout + proc.stderr
@@ -254,15 +285,32 @@ def test_api_reference_builds_without_warnings(tmp_path):
 def test_speed_modes_through_the_api_save_as_their_own_run(lens, result, tmp_path):
     """compute(clean_pass=, matmul_precision=) as the CLI's flags: values near the default's, and
     save() gives the run the id `compute --store` with the same flags gives it."""
-    fast = lens.compute(PROMPT, probes=["logit_lens", "skip"], layers=LAYERS, n=5, divergences=["kl", "js"],
-                        progress=False, clean_pass="cached", matmul_precision="medium")
+    fast = lens.compute(
+        PROMPT,
+        probes=["logit_lens", "skip"],
+        layers=LAYERS,
+        n=5,
+        divergences=["kl", "js"],
+        progress=False,
+        clean_pass="cached",
+        matmul_precision="medium",
+    )
     for probe in ("logit_lens", "skip"):
         for name in ("kl", "js"):
-            np.testing.assert_allclose(fast.matrix(0, probe, name), result.matrix(0, probe, name),
-                                       atol=2e-2, rtol=2e-2)
+            np.testing.assert_allclose(fast.matrix(0, probe, name), result.matrix(0, probe, name), atol=2e-2, rtol=2e-2)
     run_id = fast.save(tmp_path / "api", run="nb", progress=False)
     assert run_id != result.save(tmp_path / "api", run="nb", progress=False)
-    proc = run_cli("compute", *CLI_ARGS, "--store", tmp_path / "cli", "--run", "nb",
-                   "--clean-pass", "cached", "--matmul-precision", "medium")
+    proc = run_cli(
+        "compute",
+        *CLI_ARGS,
+        "--store",
+        tmp_path / "cli",
+        "--run",
+        "nb",
+        "--clean-pass",
+        "cached",
+        "--matmul-precision",
+        "medium",
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"run {run_id} completed" in proc.stdout

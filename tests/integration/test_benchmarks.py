@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.real_model
@@ -40,8 +39,9 @@ def test_peers_quick_prints_klstore_and_the_peer_or_says_it_is_missing():
         assert "nnsight is missing" in text and "make bench" in text, text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nnsight") is None,
-                    reason="without nnsight, the test above already runs klstore alone")
+@pytest.mark.skipif(
+    importlib.util.find_spec("nnsight") is None, reason="without nnsight, the test above already runs klstore alone"
+)
 def test_peers_without_the_peer_even_when_installed():
     text = _run("benchmarks/peers.py", "--quick", "--no-peer", "--probes", "logit_lens")
     assert re.search(rf"^logit_lens +{NUMBER} +- +- +-$", text, re.M), text
@@ -59,11 +59,21 @@ def test_engine_roofline_prints_phases_bounds_and_the_matmul_fraction():
     assert re.search(rf"plain torch.matmul 2048\^3 \(torch.float32\) {NUMBER} GFLOP/s", text), text
     for probe in ("logit_lens", "skip", "patch"):
         section = text.split(f"\n{probe}: ", 1)[1].split("\n\n", 1)[0]
-        for phase in ("generation", "clean trace", "layer sweep", "unembedding", "divergences",
-                      "top-1, lens tokens", "writing rows"):
+        for phase in (
+            "generation",
+            "clean trace",
+            "layer sweep",
+            "unembedding",
+            "divergences",
+            "top-1, lens tokens",
+            "writing rows",
+        ):
             assert re.search(rf"^  {re.escape(phase)} +{NUMBER} +{NUMBER}%", section, re.M), section
-        assert re.search(r"dominant phase: (generation|clean trace|layer sweep|unembedding|divergences|"
-                         r"top-1, lens tokens|writing rows) \(", section), section
+        assert re.search(
+            r"dominant phase: (generation|clean trace|layer sweep|unembedding|divergences|"
+            r"top-1, lens tokens|writing rows) \(",
+            section,
+        ), section
         assert re.search(rf"end-to-end {NUMBER} s", section), section
         bound = re.search(rf"lower bound \(work the cells require\): {NUMBER} GFLOP", section)
         assert bound and float(bound.group(1)) > 0, section

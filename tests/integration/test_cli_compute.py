@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.real_model
@@ -16,9 +15,11 @@ def test_help_loads_no_torch():
     import subprocess
     import sys
 
-    script = ("import sys\nfrom klstore.cli import main\ntry:\n    main(['--help'])\n"
-              "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
-              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ray'}))")
+    script = (
+        "import sys\nfrom klstore.cli import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ray'}))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "compute" in out.stdout
@@ -27,8 +28,21 @@ def test_help_loads_no_torch():
 
 def test_table_json_and_png(tmp_path):
     png = tmp_path / "map.png"
-    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
-                  "--probe", "logit_lens", "--layers", "0,15-21,27,-1", "-n", "5", "--png", png)
+    out = run_cli(
+        "compute",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The capital of France is",
+        "--probe",
+        "logit_lens",
+        "--layers",
+        "0,15-21,27,-1",
+        "-n",
+        "5",
+        "--png",
+        png,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("smollm2-135m | prompt prompt | probe logit_lens | kl (nats)")
@@ -42,9 +56,26 @@ def test_table_json_and_png(tmp_path):
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 300
 
-    js = run_cli("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
-                 "--layers", "0,15-21,27,-1", "-n", "5", "--json", "--divergence", "kl",
-                 "--divergence", "js", "--probe", "skip", "--probe", "logit_lens")
+    js = run_cli(
+        "compute",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The capital of France is",
+        "--layers",
+        "0,15-21,27,-1",
+        "-n",
+        "5",
+        "--json",
+        "--divergence",
+        "kl",
+        "--divergence",
+        "js",
+        "--probe",
+        "skip",
+        "--probe",
+        "logit_lens",
+    )
     assert js.returncode == 0, js.stderr
     doc = json.loads(js.stdout)
     prompt = doc["prompts"][0]
@@ -60,8 +91,18 @@ def test_table_json_and_png(tmp_path):
 def test_tokens_table_and_json():
     """The classic logit-lens table: the last layer's top-1 token is the generated one (greedy),
     shown with its space made visible; --json carries the top-k with probabilities."""
-    args = ("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
-            "--layers", "0,25-29", "-n", "3", "--tokens")
+    args = (
+        "compute",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The capital of France is",
+        "--layers",
+        "0,25-29",
+        "-n",
+        "3",
+        "--tokens",
+    )
     out = run_cli(*args)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -86,10 +127,10 @@ def test_tokens_table_and_json():
 
 def test_prompts_file(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "a", "text": "The capital of France is", "group": "geo"}\n\n'
-                    '{"id": "b", "text": "1, 2, 3, 4,"}\n')
-    out = run_cli("compute", "--model", "smollm2-135m", "--prompts", path, "--layers", "-1",
-                  "-n", "2", "--json")
+    path.write_text(
+        '{"id": "a", "text": "The capital of France is", "group": "geo"}\n\n{"id": "b", "text": "1, 2, 3, 4,"}\n'
+    )
+    out = run_cli("compute", "--model", "smollm2-135m", "--prompts", path, "--layers", "-1", "-n", "2", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert [p["id"] for p in doc["prompts"]] == ["a", "b"]
@@ -102,29 +143,46 @@ def _bad_file(tmp_path, text):
     return path
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "nope-model", "--prompt", "x"], "unknown model 'nope-model'"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--layers", "40"],
-     "layer 40: smollm2-135m has 30 layers, 0-29"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--layers", "3-x"], "malformed layer spec '3-x'"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--probe", "lens"], "unknown probe 'lens'"),
-    (["--model", "smollm2-135m", "--prompt", "x", "-n", "0"], "must be a positive integer, got 0"),
-    (["--model", "smollm2-135m", "--prompt", "   "], "prompt is empty"),
-    (["--model", "smollm2-135m", "--prompt", "word " * 9000], "exceeds smollm2-135m's context of 8192"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--divergence", "l1"], "unknown divergence 'l1'"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--topk", "-1"], "topk must be an integer from 0 to 100, got -1"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--topk", "five"], "topk must be an integer from 0 to 100, got 'five'"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--topk", "101"], "topk must be an integer from 0 to 100, got 101"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--topk", "0"], "--tokens needs lens tokens"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--clean-pass", "fast"],
-     "unknown clean pass 'fast': choose exact, cached"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--clean-pass", ""], "unknown clean pass '': choose exact, cached"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--matmul-precision", "tf32"],
-     "unknown matmul precision 'tf32': choose highest, high, medium"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--matmul-precision", "HIGH"],
-     "unknown matmul precision 'HIGH': choose highest, high, medium"),
-    (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--store", "s"], "query the lens_tokens view"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope-model", "--prompt", "x"], "unknown model 'nope-model'"),
+        (["--model", "smollm2-135m", "--prompt", "x", "--layers", "40"], "layer 40: smollm2-135m has 30 layers, 0-29"),
+        (["--model", "smollm2-135m", "--prompt", "x", "--layers", "3-x"], "malformed layer spec '3-x'"),
+        (["--model", "smollm2-135m", "--prompt", "x", "--probe", "lens"], "unknown probe 'lens'"),
+        (["--model", "smollm2-135m", "--prompt", "x", "-n", "0"], "must be a positive integer, got 0"),
+        (["--model", "smollm2-135m", "--prompt", "   "], "prompt is empty"),
+        (["--model", "smollm2-135m", "--prompt", "word " * 9000], "exceeds smollm2-135m's context of 8192"),
+        (["--model", "smollm2-135m", "--prompt", "x", "--divergence", "l1"], "unknown divergence 'l1'"),
+        (["--model", "smollm2-135m", "--prompt", "x", "--topk", "-1"], "topk must be an integer from 0 to 100, got -1"),
+        (
+            ["--model", "smollm2-135m", "--prompt", "x", "--topk", "five"],
+            "topk must be an integer from 0 to 100, got 'five'",
+        ),
+        (
+            ["--model", "smollm2-135m", "--prompt", "x", "--topk", "101"],
+            "topk must be an integer from 0 to 100, got 101",
+        ),
+        (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--topk", "0"], "--tokens needs lens tokens"),
+        (
+            ["--model", "smollm2-135m", "--prompt", "x", "--clean-pass", "fast"],
+            "unknown clean pass 'fast': choose exact, cached",
+        ),
+        (
+            ["--model", "smollm2-135m", "--prompt", "x", "--clean-pass", ""],
+            "unknown clean pass '': choose exact, cached",
+        ),
+        (
+            ["--model", "smollm2-135m", "--prompt", "x", "--matmul-precision", "tf32"],
+            "unknown matmul precision 'tf32': choose highest, high, medium",
+        ),
+        (
+            ["--model", "smollm2-135m", "--prompt", "x", "--matmul-precision", "HIGH"],
+            "unknown matmul precision 'HIGH': choose highest, high, medium",
+        ),
+        (["--model", "smollm2-135m", "--prompt", "x", "--tokens", "--store", "s"], "query the lens_tokens view"),
+    ],
+)
 def test_bad_input(args, message):
     out = run_cli("compute", *args)
     assert out.returncode == 2
@@ -133,13 +191,16 @@ def test_bad_input(args, message):
     assert out.stdout == ""
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "bad.jsonl:2: invalid JSON"),
-    ('{"text": "x"}\n', "bad.jsonl:1: missing 'id'"),
-    ('{"id": "a"}\n', "bad.jsonl:1: missing 'text'"),
-    ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "bad.jsonl:2: duplicate id 'a' (first on line 1)"),
-    ('{"id": "a", "text": ""}\n', "bad.jsonl:1: prompt 'a' is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": "a", "text": "x"}\n{"id": "b", "text": \n', "bad.jsonl:2: invalid JSON"),
+        ('{"text": "x"}\n', "bad.jsonl:1: missing 'id'"),
+        ('{"id": "a"}\n', "bad.jsonl:1: missing 'text'"),
+        ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "bad.jsonl:2: duplicate id 'a' (first on line 1)"),
+        ('{"id": "a", "text": ""}\n', "bad.jsonl:1: prompt 'a' is empty"),
+    ],
+)
 def test_bad_prompts_file(tmp_path, content, message):
     out = run_cli("compute", "--model", "smollm2-135m", "--prompts", _bad_file(tmp_path, content))
     assert out.returncode == 2
@@ -147,9 +208,28 @@ def test_bad_prompts_file(tmp_path, content, message):
 
 
 def test_intervention_probes_from_the_command_line(tmp_path):
-    out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "The capital of France is",
-                  "--source", "The capital of Italy is", "--layers", "10,20", "-n", "2", "--json",
-                  "--probe", "noise", "--scale", "0", "--probe", "patch", "--probe", "ablate_mlp")
+    out = run_cli(
+        "compute",
+        "--model",
+        "smollm2-135m",
+        "--prompt",
+        "The capital of France is",
+        "--source",
+        "The capital of Italy is",
+        "--layers",
+        "10,20",
+        "-n",
+        "2",
+        "--json",
+        "--probe",
+        "noise",
+        "--scale",
+        "0",
+        "--probe",
+        "patch",
+        "--probe",
+        "ablate_mlp",
+    )
     assert out.returncode == 0, out.stderr
     probes = {p["probe"]: p for p in json.loads(out.stdout)["prompts"][0]["probes"]}
     assert probes["noise"]["params"] == {"scale": 0.0, "seed": 0}
@@ -157,13 +237,16 @@ def test_intervention_probes_from_the_command_line(tmp_path):
     assert all(v > 0 for row in probes["ablate_mlp"]["matrices"]["kl"] for v in row)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--probe", "noise", "--scale", "-2"], "probe noise: scale must be >= 0, got -2.0"),
-    (["--probe", "patch"], "prompt 'prompt' has no source"),
-    (["--probe", "steer"], "probe steer: give either vector"),
-    (["--probe", "steer", "--vector", "/nonexistent/v.pt"], "steering vector file not found: /nonexistent/v.pt"),
-    (["--probe", "steer", "--vector", "WIDE"], "has width 100; the model's hidden size is 576"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--probe", "noise", "--scale", "-2"], "probe noise: scale must be >= 0, got -2.0"),
+        (["--probe", "patch"], "prompt 'prompt' has no source"),
+        (["--probe", "steer"], "probe steer: give either vector"),
+        (["--probe", "steer", "--vector", "/nonexistent/v.pt"], "steering vector file not found: /nonexistent/v.pt"),
+        (["--probe", "steer", "--vector", "WIDE"], "has width 100; the model's hidden size is 576"),
+    ],
+)
 def test_bad_probe_input_writes_nothing(tmp_path, args, message):
     import torch
 
@@ -190,15 +273,37 @@ def test_fast_mode_is_a_run_of_its_own_with_a_measured_floor(tmp_path, tiny_mode
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": f"Prompt {i} says that"}) + "\n" for i in range(3)))
     store = str(tmp_path / "store")
     for extra in ([], fast):
-        assert main(["compute", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--store", store,
-                     "--probe", "skip", "-n", "3", "--shard-size", "3", *extra]) == 0
+        assert (
+            main(
+                [
+                    "compute",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--prompts",
+                    str(prompts),
+                    "--store",
+                    store,
+                    "--probe",
+                    "skip",
+                    "-n",
+                    "3",
+                    "--shard-size",
+                    "3",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     _, runs = views.sql(store, "SELECT run_id, noise_floor FROM runs ORDER BY run_id")
     assert len(runs) == 2 and runs[0][0] != runs[1][0]
     _, shards = views.sql(store, "SELECT run_id, noise_floor FROM shards ORDER BY run_id")
     assert len(shards) == 2 and all(floor is not None and 0 <= floor < 1e-2 for _, floor in shards)
-    _, pairs = views.sql(store, """
+    _, pairs = views.sql(
+        store,
+        """
         SELECT a.kl, b.kl FROM kl a JOIN kl b USING (prompt_id, layer, gen_idx)
-        WHERE a.run_id < b.run_id""")
+        WHERE a.run_id < b.run_id""",
+    )
     assert len(pairs) == 3 * 4 * 3
     a, b = np.array(pairs).T
     tolerance = 1e-5 if "cached" in fast else 1e-2

@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 pytestmark = pytest.mark.real_model
@@ -74,25 +73,38 @@ SCRIPT = textwrap.dedent('''
 def _config(tmp_path, model_dir, name, num_gpus):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "text": f"Prompt {i} says"}) + "\n" for i in range(4)))
-    data = {"name": name, "store": str(tmp_path / f"store-{name}"),
-            "models": [{"name": str(model_dir), "label": "tiny", "num_gpus": num_gpus, "device": "cpu"}],
-            "prompts": [str(prompts)], "probes": ["logit_lens"], "generation": {"max_new_tokens": 2},
-            "shard_size": 2}
+    data = {
+        "name": name,
+        "store": str(tmp_path / f"store-{name}"),
+        "models": [{"name": str(model_dir), "label": "tiny", "num_gpus": num_gpus, "device": "cpu"}],
+        "prompts": [str(prompts)],
+        "probes": ["logit_lens"],
+        "generation": {"max_new_tokens": 2},
+        "shard_size": 2,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
 
 def test_fake_gpus_pack_fractions_and_refuse_oversized_actors(tiny_model_dir, tmp_path):
-    configs = {"four": _config(tmp_path, tiny_model_dir, "four", 4),
-               "five": _config(tmp_path, tiny_model_dir, "five", 5)}
+    configs = {
+        "four": _config(tmp_path, tiny_model_dir, "four", 4),
+        "five": _config(tmp_path, tiny_model_dir, "five", 5),
+    }
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(configs)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(configs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    out = json.loads(lines[0][len("RESULT "):])
+    out = json.loads(lines[0][len("RESULT ") :])
     assert out["nodes"][0]["GPU"] == 4
     # num_gpus 0.5: eight actors, two on each of the four GPUs, none left over
     half = out["half"]

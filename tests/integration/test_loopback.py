@@ -9,7 +9,7 @@ import sys
 from conftest import REPO
 from netcheck import is_loopback, listening, process_tree
 
-LOCAL_RAY = r'''
+LOCAL_RAY = r"""
 import json, os, sys
 sys.path.insert(0, "tests")
 from klstore.run import runner
@@ -19,7 +19,7 @@ node_ip = ray.util.get_node_ip_address()
 sockets = listening(process_tree(os.getpid()))
 ray.shutdown()
 print("RESULT " + json.dumps({"started": started, "node_ip": node_ip, "sockets": sockets}))
-'''
+"""
 
 
 def _assert_loopback(sockets, what):
@@ -30,22 +30,24 @@ def _assert_loopback(sockets, what):
 
 def test_klstore_local_ray_listens_on_loopback_only():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    out = subprocess.run([sys.executable, "-c", LOCAL_RAY], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", LOCAL_RAY], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, out.stdout[-2000:] + out.stderr[-3000:]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     assert result["started"] and result["node_ip"] == "127.0.0.1"
     _assert_loopback(result["sockets"], "klstore's local Ray")
 
 
 def test_ray_imported_first_with_multinode_on_is_one_line():
-    code = ("import ray, sys; from klstore.run import runner; from klstore.errors import KlstoreError\n"
-            "try:\n    runner._init_ray(1)\nexcept KlstoreError as exc:\n    print('ERR', exc)\n")
+    code = (
+        "import ray, sys; from klstore.run import runner; from klstore.errors import KlstoreError\n"
+        "try:\n    runner._init_ray(1)\nexcept KlstoreError as exc:\n    print('ERR', exc)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert "ERR ray was imported before klstore started its local Ray" in out.stdout, out.stdout + out.stderr
 
 

@@ -25,14 +25,14 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import REPO, stop_processes
 
 pytestmark = pytest.mark.real_model
 
 IN_NAMESPACE = os.environ.get("KLSTORE_NETNS") == "1"
-inside_only = pytest.mark.skipif(not IN_NAMESPACE, reason="runs inside the private network namespace "
-                                 "(test_multinode_in_a_private_network_namespace)")
+inside_only = pytest.mark.skipif(
+    not IN_NAMESPACE, reason="runs inside the private network namespace (test_multinode_in_a_private_network_namespace)"
+)
 
 DRIVER = r'''
 import json, os, signal, sys, threading
@@ -114,20 +114,49 @@ def two_nodes():
     env["RAY_AUTH_MODE"] = "token"
 
     def common():  # each node its own free agent ports (the shared test-session Ray holds the defaults)
-        return ["--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+        return [
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+        ]
 
-    head = subprocess.run([ray_bin, "start", "--head", f"--port={gcs_port}", "--num-cpus=1",
-                           "--include-dashboard=false", f"--temp-dir={temp_dir}",
-                           f"--ray-client-server-port={_free_port()}", *common()],
-                          capture_output=True, text=True, env=env, timeout=180)
+    head = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={gcs_port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+            f"--ray-client-server-port={_free_port()}",
+            *common(),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     markers = [temp_dir, f"--node_manager_port={worker_port}"]
     try:
         assert head.returncode == 0, head.stderr[-2000:]
-        worker = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1",
-                                 f"--node-manager-port={worker_port}", *common()],
-                                capture_output=True, text=True, env=env, timeout=180)
+        worker = subprocess.run(
+            [
+                ray_bin,
+                "start",
+                f"--address=127.0.0.1:{gcs_port}",
+                "--num-cpus=1",
+                f"--node-manager-port={worker_port}",
+                *common(),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+        )
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield {"gcs": f"127.0.0.1:{gcs_port}", "worker_port": str(worker_port), "env": env}
     finally:
@@ -136,12 +165,17 @@ def two_nodes():
 
 
 def _drive(phase, tiny_model_dir, tmp_path, nodes):
-    out = subprocess.run([sys.executable, "-c", DRIVER, str(tiny_model_dir), str(tmp_path), phase, nodes["gcs"],
-                          nodes["worker_port"]], cwd=REPO, capture_output=True, text=True, timeout=400,
-                         env={**nodes["env"], **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tiny_model_dir), str(tmp_path), phase, nodes["gcs"], nodes["worker_port"]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**nodes["env"], **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
+    )
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, out.stdout[-2000:] + out.stderr[-3000:]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @inside_only
@@ -192,8 +226,13 @@ def test_multinode_in_a_private_network_namespace():
     env = {**os.environ, "KLSTORE_NETNS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     env.pop("RAY_ADDRESS", None)
     script = 'ip link set lo up && exec "$0" -m pytest -q -p no:cacheprovider -rA -k "not private_network" "$1"'
-    out = subprocess.run([unshare, "--net", "sh", "-c", script, sys.executable, __file__], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [unshare, "--net", "sh", "-c", script, sys.executable, __file__],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0 and summary.startswith("2 passed, 1 deselected"), \
-        out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and summary.startswith("2 passed, 1 deselected"), out.stdout[-4000:] + out.stderr[-2000:]

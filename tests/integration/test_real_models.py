@@ -5,12 +5,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from klstore.core.engine import Engine
-from klstore.spec import GenerationSpec, Prompt
-from klstore.spec import ProbeSpec
 from lens_checks import check_lens_tokens
 from reference import reference_matrices
+
+from klstore.core.engine import Engine
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 
 pytestmark = pytest.mark.real_model
 PROMPT = Prompt("france", "The capital of France is")
@@ -18,15 +17,21 @@ PROMPT = Prompt("france", "The capital of France is")
 
 def test_smollm2_matches_float64_reference(smollm2):
     engine = Engine(smollm2)
-    lens, skip = engine.run(PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all",
-                            ("kl", "kl_reverse", "js"), GenerationSpec(max_new_tokens=3))
+    lens, skip = engine.run(
+        PROMPT,
+        [ProbeSpec("logit_lens"), ProbeSpec("skip")],
+        "all",
+        ("kl", "kl_reverse", "js"),
+        GenerationSpec(max_new_tokens=3),
+    )
     gen = lens.generation
     assert gen.token_texts[0] == " Paris"
     model64 = copy.deepcopy(smollm2.model).double()
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
     for result in (lens, skip):
-        expected, _, logq64 = reference_matrices(model64, sequence, len(gen.prompt_ids), gen.n,
-                                                 result.probe, result.layers, return_logq=True)
+        expected, _, logq64 = reference_matrices(
+            model64, sequence, len(gen.prompt_ids), gen.n, result.probe, result.layers, return_logq=True
+        )
         assert check_lens_tokens(result, logq64, 5) > 100  # top-5 of Q, Gen t's rank and log Q
         for name in ("kl", "kl_reverse", "js"):
             want = expected[name].numpy()
@@ -38,8 +43,9 @@ def test_smollm2_matches_float64_reference(smollm2):
 def test_identities_on_real_models(which, request):
     loaded = request.getfixturevalue(which)
     engine = Engine(loaded)
-    lens, skip = engine.run(PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "-2,-1",
-                            ("kl", "js"), GenerationSpec(max_new_tokens=4))
+    lens, skip = engine.run(
+        PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "-2,-1", ("kl", "js"), GenerationSpec(max_new_tokens=4)
+    )
     np.testing.assert_allclose(lens.values["kl"][-1], 0.0, atol=1e-5)
     assert lens.top1_match[-1].all()
     np.testing.assert_allclose(skip.values["kl"][-1], lens.values["kl"][0], rtol=1e-4, atol=1e-4)
@@ -68,7 +74,8 @@ def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
     fresh = models.load_model("smollm2-135m", device="cpu")
     assert (models._gguf_cache_folder(source) / "model.safetensors").exists()
     direct = transformers.AutoModelForCausalLM.from_pretrained(
-        source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+        source.location, gguf_file=source.gguf_file, dtype=torch.float32
+    )
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         torch.testing.assert_close(fresh.model(ids).logits, direct(ids).logits, rtol=0, atol=0)
@@ -76,8 +83,9 @@ def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
 
 
 def test_smollm2_padded_batch_equals_single_prompts(smollm2):
-    from klstore.spec import read_prompts
     from conftest import REPO
+
+    from klstore.spec import read_prompts
 
     prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[::3]  # 8 prompts, 3 groups
     engine = Engine(smollm2)
@@ -107,8 +115,16 @@ def test_model_cache_filled_by_two_processes_at_once(tmp_path):
     source = resolve("smollm2-135m")
     shutil.copy(f"{source.location}/{source.gguf_file}", copy)
     load = "import sys; from klstore.core.models import load_model; print(load_model(sys.argv[1]).label)"
-    procs = [subprocess.Popen([sys.executable, "-c", load, "smollm2-135m"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", load, "smollm2-135m"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outs]
     entries = sorted(p.name for p in (tmp_path / "cache" / "dequantized").iterdir())

@@ -10,29 +10,43 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
-from klstore.report import aggregate, plotting, site
-from klstore.spec import parse_report_spec
-from klstore.cli import main
-from klstore.spec import GenerationSpec, Prompt
-from klstore.errors import KlstoreError
-from klstore.core.models import from_objects
-from klstore.spec import ProbeSpec
-from klstore.store import open_store
-from klstore.spec import ComputeSpec
-from klstore.run.worker import Worker
 from tiny_models import ToyTokenizer, build
 
+from klstore.cli import main
+from klstore.core.models import from_objects
+from klstore.errors import KlstoreError
+from klstore.report import aggregate, plotting, site
+from klstore.run.worker import Worker
+from klstore.spec import ComputeSpec, GenerationSpec, ProbeSpec, Prompt, parse_report_spec
+from klstore.store import open_store
+
 EVIL = "<script>alert('x')</script> & more"
-PROMPTS = [Prompt("a-evil" if text == EVIL else f"p{i}", text, group) for i, (text, group) in enumerate([
-    ("The quick brown fox", "animals"), ("A lazy dog sleeps", "animals"), ("Cats purr softly", "animals"),
-    ("One two three four", "numbers"), ("Five six seven", "numbers"), (EVIL, "numbers")])]
+PROMPTS = [
+    Prompt("a-evil" if text == EVIL else f"p{i}", text, group)
+    for i, (text, group) in enumerate(
+        [
+            ("The quick brown fox", "animals"),
+            ("A lazy dog sleeps", "animals"),
+            ("Cats purr softly", "animals"),
+            ("One two three four", "numbers"),
+            ("Five six seven", "numbers"),
+            (EVIL, "numbers"),
+        ]
+    )
+]
 JOB = ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
 
 
 def _deeper_llama():
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(7)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -69,8 +83,9 @@ def _gather(store_uri, spec):
 
 def _plain_duckdb(store_uri):
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW raw AS SELECT * FROM read_parquet('{store_uri}/kl/**/*.parquet', "
-                "hive_partitioning = true)")
+    con.execute(
+        f"CREATE VIEW raw AS SELECT * FROM read_parquet('{store_uri}/kl/**/*.parquet', hive_partitioning = true)"
+    )
     return con
 
 
@@ -87,8 +102,9 @@ def test_aggregates_equal_independent_sql(store_uri, how):
     for grid in (g for g in grids if g.kind == "aggregate"):
         labels = grid.labels
         where = " AND ".join(f"{k} = '{v}'" for k, v in labels.items())
-        rows = raw.execute(f"SELECT layer, gen_idx, {fn}(kl), count(DISTINCT prompt_id) FROM raw WHERE {where} "
-                           "GROUP BY ALL").fetchall()
+        rows = raw.execute(
+            f"SELECT layer, gen_idx, {fn}(kl), count(DISTINCT prompt_id) FROM raw WHERE {where} GROUP BY ALL"
+        ).fetchall()
         expected = np.full(grid.values.shape, np.nan)
         for layer, gen_idx, value, _ in rows:
             expected[grid.layers.index(layer), gen_idx] = value
@@ -116,8 +132,11 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
     np.testing.assert_allclose(deep.values, a_skip - d[[0, 2, 3, 5]])  # round(k * 5 / 3)
     assert deep.layers == (0.0, 0.33, 0.67, 1.0) and deep.ylabel.startswith("Relative depth")
     groups = grids["tiny-a | skip | animals minus numbers"]
-    np.testing.assert_allclose(groups.values, grids["tiny-a | skip | animals | mean of 3 prompts"].values
-                               - grids["tiny-a | skip | numbers | mean of 3 prompts"].values)
+    np.testing.assert_allclose(
+        groups.values,
+        grids["tiny-a | skip | animals | mean of 3 prompts"].values
+        - grids["tiny-a | skip | numbers | mean of 3 prompts"].values,
+    )
 
 
 def test_figure_contents_from_matplotlib_objects(store_uri):
@@ -138,9 +157,13 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     prompt_grid = next(g for g in grids if g.kind == "prompt" and g.labels["model"] == "tiny-a")
     fig = plotting.draw(site.heatmap_data(prompt_grid))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    tokens = [r[0] for r in con.execute(
-        "SELECT token_text FROM generations WHERE model = 'tiny-a' AND prompt_id = ? ORDER BY gen_idx",
-        [prompt_grid.labels["prompt_id"]]).fetchall()]
+    tokens = [
+        r[0]
+        for r in con.execute(
+            "SELECT token_text FROM generations WHERE model = 'tiny-a' AND prompt_id = ? ORDER BY gen_idx",
+            [prompt_grid.labels["prompt_id"]],
+        ).fetchall()
+    ]
     assert labels == list(plotting.column_labels(4, tokens)) and labels[0].startswith("Gen0\n")
     diff = next(g for g in grids if g.kind == "difference")
     fig = plotting.draw(site.heatmap_data(diff))
@@ -181,8 +204,7 @@ def test_column_annotations_line_up_with_the_rows(rows):
 
 
 def test_cells_reached_by_fewer_prompts_are_marked():
-    data = plotting.HeatmapData(np.array([[1.0, 2.0]]), (0,), ("Gen0", "Gen1"), "t",
-                                counts=np.array([[5, 3]]))
+    data = plotting.HeatmapData(np.array([[1.0, 2.0]]), (0,), ("Gen0", "Gen1"), "t", counts=np.array([[5, 3]]))
     texts = [t.get_text() for t in plotting.draw(data).axes[0].texts]
     assert texts == ["1.00", "2.00\nn=3"]
 
@@ -196,7 +218,8 @@ def test_site_files_links_and_assets(store_uri, tmp_path):
     assert EVIL not in page and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page  # a-evil
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["figures"]) == result["drawn"] and all(
-        (out / f["png"]).stat().st_size > 1000 and (out / f["svg"]).exists() for f in manifest["figures"].values())
+        (out / f["png"]).stat().st_size > 1000 and (out / f["svg"]).exists() for f in manifest["figures"].values()
+    )
     assert (out / "report.md").read_text().startswith("# KL report: t")
     assert sorted(p.name for p in (out / "assets").iterdir()) == ["plotly.min.js", "report.css", "report.js"]
     assert (out / "assets" / "plotly.min.js").stat().st_size > 1_000_000
@@ -251,8 +274,11 @@ def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(s
     out2 = tmp_path / "rep2"
     base = site.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
     worker = Worker("tiny-a", "tiny-a", str(copy), loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
-    worker.run_shard("r1", [Prompt("new", "Brand new prompt", "animals")],
-                     ComputeSpec((ProbeSpec("skip"),), "all", ("kl",), GenerationSpec(4)))
+    worker.run_shard(
+        "r1",
+        [Prompt("new", "Brand new prompt", "animals")],
+        ComputeSpec((ProbeSpec("skip"),), "all", ("kl",), GenerationSpec(4)),
+    )
     update = site.build(open_store(str(copy)), spec2, out=out2, log=lambda m: None)
     assert update["changed"] and 0 < update["drawn"] < base["drawn"]
     # redrawn: tiny-a/skip aggregates (2 groups + overall), its group comparison, and its 2 model comparisons
@@ -263,11 +289,14 @@ def test_unchanged_rerun_redraws_nothing_and_changes_redraw_only_their_figures(s
     assert first["drawn"] > 0
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"models": ["nope"]}, "model 'nope' is not in the store; models: tiny-a, tiny-b, tiny-deep"),
-    ({"groups": ["zzz"]}, "group 'zzz' is not in the store; groups: animals, numbers"),
-    ({"runs": ["r9"]}, "run 'r9' is not in the store; runs: r1"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"models": ["nope"]}, "model 'nope' is not in the store; models: tiny-a, tiny-b, tiny-deep"),
+        ({"groups": ["zzz"]}, "group 'zzz' is not in the store; groups: animals, numbers"),
+        ({"runs": ["r9"]}, "run 'r9' is not in the store; runs: r1"),
+    ],
+)
 def test_spec_naming_what_is_not_in_the_store(store_uri, tmp_path, changes, message):
     with pytest.raises(KlstoreError, match=message):
         site.build(open_store(store_uri), _spec(**changes), out=tmp_path / "r", log=lambda m: None)
@@ -348,20 +377,24 @@ def _plain_floors(uri) -> dict:
     the largest shards.noise_floor, or runs.noise_floor where no shard of the run has one."""
     raw = _plain_duckdb(uri)
     for table in ("runs", "shards"):
-        raw.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{uri}/{table}/**/*.parquet', "
-                    "hive_partitioning = true)")
-    return dict(raw.execute("""
+        raw.execute(
+            f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{uri}/{table}/**/*.parquet', hive_partitioning = true)"
+        )
+    return dict(
+        raw.execute("""
         WITH pairs AS (SELECT DISTINCT model, run_id FROM raw),
         mine AS (SELECT model, run_id, max(noise_floor) AS f FROM shards GROUP BY ALL),
         run_any AS (SELECT run_id, max(noise_floor) AS f FROM shards GROUP BY ALL)
         SELECT p.model, max(CASE WHEN a.f IS NULL THEN r.noise_floor ELSE m.f END)
         FROM pairs p JOIN mine m USING (model, run_id) JOIN run_any a USING (run_id)
-        JOIN runs r USING (run_id) GROUP BY ALL""").fetchall())
+        JOIN runs r USING (run_id) GROUP BY ALL""").fetchall()
+    )
 
 
 def _plain_means(raw, model, probe, layers) -> np.ndarray:
-    rows = raw.execute("SELECT layer, gen_idx, avg(kl) FROM raw WHERE model = ? AND probe = ? GROUP BY ALL",
-                       [model, probe]).fetchall()
+    rows = raw.execute(
+        "SELECT layer, gen_idx, avg(kl) FROM raw WHERE model = ? AND probe = ? GROUP BY ALL", [model, probe]
+    ).fetchall()
     out = np.full((len(layers), max(r[1] for r in rows) + 1), np.nan)
     for layer, gen_idx, value in rows:
         if layer in layers:
@@ -387,7 +420,7 @@ def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(fl
             va, vb = (_plain_means(raw, m, probe, list(range(6 if m == "tiny-deep" else 4))) for m in (a, b))
             # b == tiny-deep: by relative depth, its layers round(k * 5 / 3) under the other's k
             diff = va - (vb[[0, 2, 3, 5]] if b == "tiny-deep" else vb)
-            expected = np.abs(diff[:, :grid.values.shape[1]]) < floor
+            expected = np.abs(diff[:, : grid.values.shape[1]]) < floor
         elif grid.kind == "difference":  # group vs group, one model
             floor = floors[grid.labels["model"]]
             expected = np.abs(grid.hover["a"] - grid.hover["b"]) < floor
@@ -400,8 +433,10 @@ def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(fl
         np.testing.assert_array_equal(grid.below_floor, expected, err_msg=grid.title)
         assert 0 < expected.sum(), grid.title
         n = int(expected.sum())
-        assert any(note.startswith(f"Noise floor {floor:.2g} nats") and f": {n} of {expected.size} " in note
-                   for note in grid.observations), (grid.title, grid.observations)
+        assert any(
+            note.startswith(f"Noise floor {floor:.2g} nats") and f": {n} of {expected.size} " in note
+            for note in grid.observations
+        ), (grid.title, grid.observations)
         checked[grid.kind] += 1
     assert checked == {"aggregate": 6, "difference": 6 + 6, "prompt": 6}
     partial = next(g for g in report.grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
@@ -417,8 +452,10 @@ def test_differences_below_the_floor_are_never_called_differences(floor_store):
             assert "differ by less than the noise floor" in first and "higher" not in first
         else:
             higher, lower = int((v >= floor).sum()), int((v <= -floor).sum())
-            assert (f"higher than {grid.labels['b']} in {higher} of {v.size} cells and lower in {lower}; "
-                    f"{v.size - higher - lower} differ by less than the noise floor of {floor:.2g} nats") in first
+            assert (
+                f"higher than {grid.labels['b']} in {higher} of {v.size} cells and lower in {lower}; "
+                f"{v.size - higher - lower} differ by less than the noise floor of {floor:.2g} nats"
+            ) in first
 
 
 def test_the_site_shows_the_floor_per_model_and_marks_its_figures(floor_store, tmp_path):
@@ -515,14 +552,19 @@ def test_mathtext_in_ids_is_drawn_literally(hostile_store):
     assert [t.get_text() for t in labels.axes[0].get_xticklabels()] == ["Gen0\n$x$"]
 
 
-@pytest.mark.parametrize("text, escaped", [
-    ("plain words 0.5", "plain words 0.5"),
-    ("<b>&'\"", "&lt;b&gt;&amp;&#x27;&quot;"),
-    ("[x](javascript:alert(1))", r"\[x\]\(javascript:alert\(1\)\)"),
-    (r"a|b *c* _d_ `e` #f !g ~h \i", r"a\|b \*c\* \_d\_ \`e\` \#f \!g \~h \\i"),
-    ("- item", r"\- item"), ("1. item", r"1\. item"), ("-0.5", "-0.5"),
-    ("see https://x.org or www.x.org", r"see https\://x.org or www\.x.org"),
-    ("two\nlines", "two lines"),
-])
+@pytest.mark.parametrize(
+    "text, escaped",
+    [
+        ("plain words 0.5", "plain words 0.5"),
+        ("<b>&'\"", "&lt;b&gt;&amp;&#x27;&quot;"),
+        ("[x](javascript:alert(1))", r"\[x\]\(javascript:alert\(1\)\)"),
+        (r"a|b *c* _d_ `e` #f !g ~h \i", r"a\|b \*c\* \_d\_ \`e\` \#f \!g \~h \\i"),
+        ("- item", r"\- item"),
+        ("1. item", r"1\. item"),
+        ("-0.5", "-0.5"),
+        ("see https://x.org or www.x.org", r"see https\://x.org or www\.x.org"),
+        ("two\nlines", "two lines"),
+    ],
+)
 def test_markdown_escaping(text, escaped):
     assert site.md(text) == escaped

@@ -20,18 +20,24 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
+from tiny_models import ToyTokenizer, build
 
 from klstore.core.models import from_objects
 from klstore.output import visible_token
 from klstore.report import site
-from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt, parse_report_spec
+from klstore.spec import ComputeSpec, GenerationSpec, ProbeSpec, Prompt, parse_report_spec
 from klstore.store import open_store, views
-from tiny_models import ToyTokenizer, build
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCRIPT = "<script>window.__pwned=1</script>"
 IMG = "<img src=x onerror=window.__pwned=1>"
 
@@ -40,8 +46,9 @@ class HostileTokenizer(ToyTokenizer):
     """Every token's text is markup that would set window.__pwned if a page ever parsed it."""
 
     def decode(self, ids):
-        return "".join(f"<script>window.__pwned={i}</script>" if i % 2 else f"<img src=x onerror=window.__pwned={i}>"
-                       for i in ids)
+        return "".join(
+            f"<script>window.__pwned={i}</script>" if i % 2 else f"<img src=x onerror=window.__pwned={i}>" for i in ids
+        )
 
 
 def _chromium() -> str:
@@ -66,9 +73,17 @@ def _chromium() -> str:
 def store_uri(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("browser") / "store")
     job = ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl",), GenerationSpec(4))
-    plain = [Prompt(f"p{i}", text, group) for i, (text, group) in enumerate([
-        ("The quick brown fox", "animals"), ("A lazy dog sleeps", "animals"),
-        ("One two three four", "numbers"), ("Five six seven", "numbers")])]
+    plain = [
+        Prompt(f"p{i}", text, group)
+        for i, (text, group) in enumerate(
+            [
+                ("The quick brown fox", "animals"),
+                ("A lazy dog sleeps", "animals"),
+                ("One two three four", "numbers"),
+                ("Five six seven", "numbers"),
+            ]
+        )
+    ]
     worker = Worker("tiny-a", "tiny-a", uri, loaded=from_objects("tiny-a", build("llama"), ToyTokenizer()))
     worker.run_shard("r1", plain, job)
     hostile = [Prompt(SCRIPT, f"say {IMG}", IMG), Prompt(IMG, f"say {SCRIPT}", SCRIPT)]
@@ -81,8 +96,7 @@ def store_uri(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(store_uri, tmp_path_factory):
     out = tmp_path_factory.mktemp("site") / "rep"
-    site.build(open_store(store_uri), parse_report_spec({"name": "t", "per_prompt": 2}), out=out,
-               log=lambda m: None)
+    site.build(open_store(store_uri), parse_report_spec({"name": "t", "per_prompt": 2}), out=out, log=lambda m: None)
     return out.resolve()
 
 
@@ -159,17 +173,20 @@ def _draw_all(page) -> int:
 
 def _hover(page, plot_selector: str, row: int, col: int) -> list[str]:
     """Move the mouse to cell (row, col) of a drawn heatmap; returns the hover label's lines."""
-    x, y = page.evaluate("""([selector, r, c]) => {
+    x, y = page.evaluate(
+        """([selector, r, c]) => {
         const gd = document.querySelector(selector);
         const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
         return [box.left + xa._offset + xa.c2p(c), box.top + ya._offset + ya.c2p(r)]; }""",
-                         [plot_selector, row, col])
+        [plot_selector, row, col],
+    )
     page.mouse.move(1, 1)  # off the figure: the previous label goes
     page.wait_for_selector(".hoverlayer .hovertext", state="detached")
     page.mouse.move(x, y)
     page.wait_for_selector(".hoverlayer .hovertext")
-    return page.evaluate("Array.from(document.querySelectorAll('.hoverlayer .hovertext tspan.line'))"
-                         ".map(t => t.textContent)")
+    return page.evaluate(
+        "Array.from(document.querySelectorAll('.hoverlayer .hovertext tspan.line')).map(t => t.textContent)"
+    )
 
 
 def _manifest(built: Path) -> dict:
@@ -189,18 +206,23 @@ def test_hovering_a_prompt_cell_shows_the_stored_top_tokens(built, store_uri, ta
     checked = 0
     for layer, gen_idx in ((0, 0), (1, 2), (3, 3)):
         lines = _hover(page, "figure.card .plot", layer, gen_idx)
-        top = con.execute("SELECT token_text, prob FROM lens_tokens WHERE model = 'tiny-a' AND probe = 'logit_lens' "
-                          "AND prompt_id = 'p2' AND layer = ? AND gen_idx = ? ORDER BY rank",
-                          [layer, gen_idx]).fetchall()
+        top = con.execute(
+            "SELECT token_text, prob FROM lens_tokens WHERE model = 'tiny-a' AND probe = 'logit_lens' "
+            "AND prompt_id = 'p2' AND layer = ? AND gen_idx = ? ORDER BY rank",
+            [layer, gen_idx],
+        ).fetchall()
         rank, token = con.execute(
             "SELECT k.gen_rank, g.token_text FROM kl k JOIN generations g USING (run_id, model, prompt_id, gen_idx) "
             "WHERE k.model = 'tiny-a' AND k.probe = 'logit_lens' AND k.prompt_id = 'p2' AND k.layer = ? "
-            "AND k.gen_idx = ?", [layer, gen_idx]).fetchone()
+            "AND k.gen_idx = ?",
+            [layer, gen_idx],
+        ).fetchone()
         assert len(top) == 5 and lines[0].startswith(f"layer {layer}, Gen{gen_idx}")
         assert f'1. "{visible_token(top[0][0])}"  {top[0][1]:.3f}' in lines
         assert f'5. "{visible_token(top[4][0])}"  {top[4][1]:.3f}' in lines
-        assert any(line.startswith(f'generated Gen{gen_idx}: "{visible_token(token)}", rank {rank} under Q')
-                   for line in lines)
+        assert any(
+            line.startswith(f'generated Gen{gen_idx}: "{visible_token(token)}", rank {rank} under Q') for line in lines
+        )
         checked += 1
     assert checked == 3
     assert page.locator("table.lens td.hit").count() > 0  # the top-1 table marks where it is the generated token
@@ -213,12 +235,15 @@ def test_hovering_an_aggregate_cell_shows_the_number_of_prompts(built, store_uri
     page = tab.open(built / "index.html")
     _draw(page, f"#{fig_id}")
     lines = _hover(page, f"#{fig_id} .plot", 2, 1)
-    n, mean, median = con.execute("SELECT count(kl), avg(kl), median(kl) FROM kl WHERE model = 'tiny-a' "
-                                  "AND probe = 'skip' AND layer = 2 AND gen_idx = 1").fetchone()
+    n, mean, median = con.execute(
+        "SELECT count(kl), avg(kl), median(kl) FROM kl WHERE model = 'tiny-a' "
+        "AND probe = 'skip' AND layer = 2 AND gen_idx = 1"
+    ).fetchone()
     assert lines[0] == "layer 2, Gen1" and f"{n} prompts" in lines and n == 4
     assert f"mean {mean:.4g} · median {median:.4g}" in lines
-    largest = con.execute("SELECT arg_max(prompt_id, kl) FROM kl WHERE model = 'tiny-a' AND probe = 'skip' "
-                          "AND layer = 2 AND gen_idx = 1").fetchone()[0]
+    largest = con.execute(
+        "SELECT arg_max(prompt_id, kl) FROM kl WHERE model = 'tiny-a' AND probe = 'skip' AND layer = 2 AND gen_idx = 1"
+    ).fetchone()[0]
     assert any(line.startswith("largest ") and line.endswith(f"prompt {largest}") for line in lines)
 
 
@@ -245,8 +270,11 @@ def _parse(path: Path) -> _Links:
 
 
 def test_every_link_on_every_page_resolves(built):
-    pages = [built / "index.html", *sorted((built / "probes").glob("*.html")),
-             *sorted((built / "prompts").glob("*.html"))]
+    pages = [
+        built / "index.html",
+        *sorted((built / "probes").glob("*.html")),
+        *sorted((built / "prompts").glob("*.html")),
+    ]
     assert len(pages) == 1 + 3 + 4 * 2 + 2  # index, listings, tiny-a's 4 prompts x 2 probes, evil's 2
     checked = 0
     for path in pages:
@@ -276,8 +304,9 @@ def test_a_click_enlarges_a_figure_and_a_cell_opens_its_prompt(built, tab):
     big = zoom.bounding_box()
     assert page.locator("#zoom").get_attribute("data-fig") == fig_id
     assert big["width"] > 2 * small["width"] and big["height"] > 1.5 * small["height"]
-    target = page.evaluate(f"JSON.parse(document.getElementById('klstore-figures').textContent)"
-                           f"[{json.dumps(fig_id)}].links[1][2]")
+    target = page.evaluate(
+        f"JSON.parse(document.getElementById('klstore-figures').textContent)[{json.dumps(fig_id)}].links[1][2]"
+    )
     x, y = page.evaluate("""() => { const gd = document.querySelector('#zoom .plot');
         const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
         return [box.left + xa._offset + xa.c2p(2), box.top + ya._offset + ya.c2p(1)]; }""")

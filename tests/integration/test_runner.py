@@ -10,12 +10,12 @@ import time
 
 import pytest
 import yaml
+from conftest import REPO, kill_when_seen, run_cli, stop_processes
 
 from klstore.config import load_config
+from klstore.errors import KlstoreError
 from klstore.run import runner
 from klstore.store import upkeep, views
-from klstore.errors import KlstoreError
-from conftest import REPO, kill_when_seen, run_cli, stop_processes
 
 pytestmark = pytest.mark.real_model
 
@@ -33,11 +33,16 @@ def _config(tmp_path, model_dir, n_prompts=12, shard_size=4, extra_models=(), **
     prompts = tmp_path / "prompts.jsonl"
     _prompts(prompts, n_prompts, overrides.pop("long_every", None))
     data = {
-        "name": "t", "store": str(tmp_path / "store"),
+        "name": "t",
+        "store": str(tmp_path / "store"),
         "models": [{"name": str(model_dir), "label": "tiny", "num_gpus": 0.5}, *extra_models],
-        "prompts": [{"path": str(prompts)}], "probes": ["logit_lens", "skip"],
-        "layers": "all", "generation": {"max_new_tokens": 3}, "divergences": ["kl", "js"],
-        "shard_size": shard_size, **overrides,
+        "prompts": [{"path": str(prompts)}],
+        "probes": ["logit_lens", "skip"],
+        "layers": "all",
+        "generation": {"max_new_tokens": 3},
+        "divergences": ["kl", "js"],
+        "shard_size": shard_size,
+        **overrides,
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -45,8 +50,11 @@ def _config(tmp_path, model_dir, n_prompts=12, shard_size=4, extra_models=(), **
 
 
 def _counts(store):
-    _, rows = views.sql(store, "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM generations), "
-                               "(SELECT count(*) FROM kl), (SELECT count(DISTINCT prompt_id) FROM kl)")
+    _, rows = views.sql(
+        store,
+        "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM generations), "
+        "(SELECT count(*) FROM kl), (SELECT count(DISTINCT prompt_id) FROM kl)",
+    )
     return rows[0]
 
 
@@ -97,8 +105,7 @@ def test_resume_after_interrupted_run(ray_session, tiny_model_dir, tmp_path):
 
 
 def test_killed_actor_is_replaced_and_shard_redone(ray_session, tiny_model_dir, tmp_path, capsys):
-    cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30,
-                                     generation={"max_new_tokens": 8}))
+    cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=90, shard_size=30, generation={"max_new_tokens": 8}))
     thread, killed = kill_when_seen("Worker.run_shard", delay=0.3)  # well inside the shard
     summary = runner.run(cfg, progress_every=1)
     thread.join()
@@ -159,8 +166,14 @@ def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_pat
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": -1}')
-    cfg = load_config(_config(tmp_path, tiny_model_dir, n_prompts=6,
-                                     extra_models=[{"name": str(broken), "label": "broken", "num_gpus": 0.5}]))
+    cfg = load_config(
+        _config(
+            tmp_path,
+            tiny_model_dir,
+            n_prompts=6,
+            extra_models=[{"name": str(broken), "label": "broken", "num_gpus": 0.5}],
+        )
+    )
     summary = runner.run(cfg, progress_every=1)
     assert summary["status"] == "failed"
     assert "broken" in summary["failed_models"]
@@ -169,22 +182,25 @@ def test_model_that_cannot_load_fails_alone(ray_session, tiny_model_dir, tmp_pat
     assert rows == [("tiny", 6)]
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"layer": "all"}, "cfg.yaml: layer: unknown key"),
-    ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
-    ({"shard_size": 0}, "shard_size must be at least 1"),
-    ({"probes": ["lens"]}, "unknown probe 'lens'"),
-    ({"divergences": "kl"}, "divergences must be a list"),
-    ({"generation": {"max_tokens": 3}}, "generation.max_tokens: unknown key"),
-    ({"models": [{"name": "x", "gpus": 1}]}, "models[0].gpus: unknown key"),
-    ({"models": [{"name": "x", "actors": 0}]}, "models[0].actors must be at least 1"),
-    ({"name": "../up"}, "run name '../up' cannot name a store folder"),
-    ({"layers": "1-x"}, "malformed layer spec"),
-    ({"prompts": [{"path": "/nonexistent.jsonl"}]}, "prompts file not found"),
-    ({"probes": [{"name": "noise", "scale": -1}]}, "probe noise: scale must be >= 0, got -1"),
-    ({"probes": [{"name": "noise", "sigma": 1}]}, "probe noise: unknown parameter 'sigma'"),
-    ({"probes": ["patch"]}, "patch needs a source for every prompt; 12 have none"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layer": "all"}, "cfg.yaml: layer: unknown key"),
+        ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
+        ({"shard_size": 0}, "shard_size must be at least 1"),
+        ({"probes": ["lens"]}, "unknown probe 'lens'"),
+        ({"divergences": "kl"}, "divergences must be a list"),
+        ({"generation": {"max_tokens": 3}}, "generation.max_tokens: unknown key"),
+        ({"models": [{"name": "x", "gpus": 1}]}, "models[0].gpus: unknown key"),
+        ({"models": [{"name": "x", "actors": 0}]}, "models[0].actors must be at least 1"),
+        ({"name": "../up"}, "run name '../up' cannot name a store folder"),
+        ({"layers": "1-x"}, "malformed layer spec"),
+        ({"prompts": [{"path": "/nonexistent.jsonl"}]}, "prompts file not found"),
+        ({"probes": [{"name": "noise", "scale": -1}]}, "probe noise: scale must be >= 0, got -1"),
+        ({"probes": [{"name": "noise", "sigma": 1}]}, "probe noise: unknown parameter 'sigma'"),
+        ({"probes": ["patch"]}, "patch needs a source for every prompt; 12 have none"),
+    ],
+)
 def test_config_errors(tmp_path, tiny_model_dir, change, message):
     path = _config(tmp_path, tiny_model_dir)
     data = yaml.safe_load(path.read_text())
@@ -237,21 +253,45 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's default for clusters; the CLI then sends ~/.ray/auth_token
     env.setdefault("NO_PROXY", "127.0.0.1,localhost")
     start = subprocess.run(
-        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-         # free ports for the agents: the shared test-session Ray already holds the defaults
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}"],
-        capture_output=True, text=True, env=env, timeout=180)
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            # free ports for the agents: the shared test-session Ray already holds the defaults
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         cfg = _config(tmp_path, tiny_model_dir, n_prompts=6)
-        command = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash_port}",
-                   "--runtime-env-json", json.dumps({"working_dir": str(REPO),
-                                                     "excludes": [".venv", "klstore-data", ".git"]}),
-                   "--", sys.executable, "jobs/kl_sweep.py", str(cfg)]
+        command = [
+            ray_bin,
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash_port}",
+            "--runtime-env-json",
+            json.dumps({"working_dir": str(REPO), "excludes": [".venv", "klstore-data", ".git"]}),
+            "--",
+            sys.executable,
+            "jobs/kl_sweep.py",
+            str(cfg),
+        ]
         deadline = time.time() + 120
         while True:  # the dashboard's job agent comes up a little after `ray start` returns
             submit = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)

@@ -1,14 +1,17 @@
 """S3 stores (a moto server on 127.0.0.1): round trips, verify, compaction and its faults."""
 
 import pytest
+from faults import Faulty
+from store_helpers import JOB, PROMPTS
+from store_helpers import kl_rows as _kl_table
+from store_helpers import tiny_worker as _worker
+from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
 from klstore.core.models import from_objects
 from klstore.run.worker import Worker
 from klstore.store import open_store, upkeep, views
-from faults import Faulty
-from store_helpers import JOB, PROMPTS, kl_rows as _kl_table, tiny_worker as _worker
-from tiny_models import ToyTokenizer, build
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -40,7 +43,7 @@ def test_s3_compaction_fault_at_every_step(tiny, s3_server, monkeypatch):
     """Each file operation of a compaction fails in turn: through klstore every row stays once."""
     base = "s3://klbucket/faults/base"
     for i in range(3):
-        _worker(tiny, base).run_shard("r1", PROMPTS[i:i + 1], JOB)
+        _worker(tiny, base).run_shard("r1", PROMPTS[i : i + 1], JOB)
     expected = _totals(base)
     with monkeypatch.context() as patch:
         counter = Faulty(patch, fail_at=-1)
@@ -49,7 +52,7 @@ def test_s3_compaction_fault_at_every_step(tiny, s3_server, monkeypatch):
     for k in range(1, counter.calls + 1):
         uri = f"s3://klbucket/faults/k{k}"
         for i in range(3):
-            _worker(tiny, uri).run_shard("r1", PROMPTS[i:i + 1], JOB)
+            _worker(tiny, uri).run_shard("r1", PROMPTS[i : i + 1], JOB)
         with monkeypatch.context() as patch:
             Faulty(patch, fail_at=k)
             with pytest.raises(OSError):
@@ -70,7 +73,7 @@ def test_report_on_s3_redraws_exactly_when_input_hashes_change(tiny, s3_server, 
 
     uri = "s3://klbucket/report/store"
     for i in range(2):
-        _worker(tiny, uri).run_shard("r1", PROMPTS[2 * i:2 * i + 2], JOB)
+        _worker(tiny, uri).run_shard("r1", PROMPTS[2 * i : 2 * i + 2], JOB)
     spec = parse_report_spec({"name": "s3rep", "per_prompt": 0, "compare_groups": False})
     out = tmp_path / "rep"
     first = site.build(open_store(uri), spec, out=out, log=lambda m: None)
@@ -79,7 +82,11 @@ def test_report_on_s3_redraws_exactly_when_input_hashes_change(tiny, s3_server, 
     recorded = {path: digest for files in manifest["input_files"].values() for path, digest in files}
     assert len(recorded) == len(store.files("kl")) == 4
     for path in store.files("kl"):  # the manifest holds each input file's real SHA-256
-        assert recorded[path[len(store.root) + 1:]] == file_sha256(store, path) == hashlib.sha256(store.read_bytes(path)).hexdigest()
+        assert (
+            recorded[path[len(store.root) + 1 :]]
+            == file_sha256(store, path)
+            == hashlib.sha256(store.read_bytes(path)).hexdigest()
+        )
     _worker(tiny, uri).run_shard("r1", PROMPTS[:2], JOB)  # the same shard redone: the same bytes
     again = site.build(open_store(uri), spec, out=out, log=lambda m: None)
     assert again["drawn"] == 0 and not again["changed"]

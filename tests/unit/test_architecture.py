@@ -37,8 +37,10 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "store": (("klstore.store.*",), ("spec", "errors")),
     "report": (("klstore.report.*",), ("store", "config", "spec", "errors", "package")),
     "run": (("klstore.run.*",), ("core", "store", "spec", "errors", "package")),
-    "entry": (("klstore.cli", "klstore.demo", "klstore.__main__", "klstore.api"),
-              ("run", "report", "store", "core", "config", "spec", "errors", "package")),
+    "entry": (
+        ("klstore.cli", "klstore.demo", "klstore.__main__", "klstore.api"),
+        ("run", "report", "store", "core", "config", "spec", "errors", "package"),
+    ),
 }
 
 # Arrows allowed only inside a function (taken on first use, never at import time):
@@ -113,8 +115,7 @@ class _ImportVisitor(ast.NodeVisitor):
         """A computed import_module(name) may import any klstore module that this module
         names in a string constant (e.g. a table of lazy attributes)."""
         if self.dynamic:
-            self.found += [Import(self.module, target, node.lineno, any(self.dynamic))
-                           for target, node in self.named]
+            self.found += [Import(self.module, target, node.lineno, any(self.dynamic)) for target, node in self.named]
         return self.found
 
     def visit_Import(self, node: ast.Import) -> None:
@@ -125,7 +126,7 @@ class _ImportVisitor(ast.NodeVisitor):
         base = node.module or ""
         if node.level:  # relative: climb from this module's package
             anchor = self.package.split(".")
-            anchor = anchor[:len(anchor) - (node.level - 1)]
+            anchor = anchor[: len(anchor) - (node.level - 1)]
             base = ".".join(anchor + ([base] if base else []))
         for alias in node.names:
             submodule = f"{base}.{alias.name}"
@@ -260,13 +261,15 @@ def fake_package(tmp_path):
 
 
 def test_checker_finds_wrong_arrows(fake_package):
-    assert sorted(wrong_arrows(fake_package)) == sorted([
-        "klstore.extra: in no layer of the table",
-        "klstore:3 imports klstore.errors: package may not import errors at import time",
-        "klstore.store.tables:4 imports torch.nn: the store layer never imports torch",
-        "klstore.core.engine:4 imports klstore.run.worker: core may not import run",
-        "klstore.run.worker:3 imports ray: only klstore.run.runner may import ray",
-    ])
+    assert sorted(wrong_arrows(fake_package)) == sorted(
+        [
+            "klstore.extra: in no layer of the table",
+            "klstore:3 imports klstore.errors: package may not import errors at import time",
+            "klstore.store.tables:4 imports torch.nn: the store layer never imports torch",
+            "klstore.core.engine:4 imports klstore.run.worker: core may not import run",
+            "klstore.run.worker:3 imports ray: only klstore.run.runner may import ray",
+        ]
+    )
 
 
 def test_checker_finds_cycles(fake_package):
@@ -302,11 +305,22 @@ def test_reading_configs_prompts_and_stores_loads_no_torch_or_ray(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "text": "one"}\n{"id": "b", "text": "two", "group": "g"}\n')
     config = tmp_path / "config.yaml"
-    config.write_text("name: light\nmodels: [smollm2-135m]\nprompts: [prompts.jsonl]\n"
-                      "probes: [logit_lens, {name: noise, scale: 0.5}]\nlayers: 0,-1\n")
-    out = subprocess.run([sys.executable, "-c", LIGHT_SCRIPT, str(config), str(prompts),
-                          str(tmp_path / "store")], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)
+    config.write_text(
+        "name: light\nmodels: [smollm2-135m]\nprompts: [prompts.jsonl]\n"
+        "probes: [logit_lens, {name: noise, scale: 0.5}]\nlayers: 0,-1\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", LIGHT_SCRIPT, str(config), str(prompts), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"config": ["a", "b"], "probes": ["logit_lens", "noise"],
-                                      "file": ["a", "b"], "count": 0, "heavy": []}
+    assert json.loads(out.stdout) == {
+        "config": ["a", "b"],
+        "probes": ["logit_lens", "noise"],
+        "file": ["a", "b"],
+        "count": 0,
+        "heavy": [],
+    }

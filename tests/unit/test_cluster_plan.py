@@ -4,6 +4,7 @@ cluster's nodes, the dry run's estimate, and the `shards` table of shard attempt
 import os
 
 import pytest
+from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
 from klstore.core.models import from_objects
@@ -13,7 +14,6 @@ from klstore.run.worker import Worker
 from klstore.spec import ComputeSpec, ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt, parse_experiment
 from klstore.store import open_store, views
 from klstore.store.upkeep import compact, verify
-from tiny_models import ToyTokenizer, build
 
 PROMPTS = tuple(Prompt(f"q{i}", f"prompt number {i} says") for i in range(5))
 FOUR_GPUS = [{"CPU": 16.0, "GPU": 4.0}]
@@ -25,10 +25,16 @@ def tiny():
 
 
 def _config(uri: str, **changes) -> ExperimentConfig:
-    cfg = ExperimentConfig(name="plan", store=uri, models=(ModelConfig(name="tiny", label="tiny"),),
-                           prompt_paths=(), compute=ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all",
-                                                                   ("kl",), GenerationSpec(3)), shard_size=2, source="test",
-                           prompts=PROMPTS)
+    cfg = ExperimentConfig(
+        name="plan",
+        store=uri,
+        models=(ModelConfig(name="tiny", label="tiny"),),
+        prompt_paths=(),
+        compute=ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl",), GenerationSpec(3)),
+        shard_size=2,
+        source="test",
+        prompts=PROMPTS,
+    )
     return cfg.model_copy(update=changes)
 
 
@@ -37,18 +43,21 @@ def _run(tiny, uri: str) -> dict:
     return execute_local(plan, Worker("tiny", "tiny", plan.store, loaded=tiny), say=lambda m: None)
 
 
-@pytest.mark.parametrize("nodes, model, n_models, actors", [
-    (FOUR_GPUS, {"num_gpus": 0.5}, 1, 8),  # fractions pack: two per GPU
-    (FOUR_GPUS, {"num_gpus": 0.75}, 1, 4),  # ...but never span GPUs: one 0.75 per GPU
-    (FOUR_GPUS, {"num_gpus": 0.5}, 2, 4),  # two models share the cluster evenly
-    (FOUR_GPUS, {"num_gpus": 2}, 1, 2),
-    (FOUR_GPUS, {"num_gpus": 4}, 1, 1),
-    ([{"CPU": 4.0, "GPU": 4.0}], {"num_gpus": 0.5}, 1, 4),  # one CPU each by default: the CPUs bound it
-    ([{"CPU": 4.0, "GPU": 4.0}], {"num_gpus": 0.5, "num_cpus": 0.5}, 1, 8),
-    ([{"CPU": 2.0, "GPU": 3.0}, {"CPU": 8.0, "GPU": 1.0}], {"num_gpus": 2}, 1, 1),  # per node, not summed
-    ([{"CPU": 8.0}], {"num_gpus": 1}, 1, 8),  # num_gpus is ignored without GPUs
-    ([{"CPU": 8.0}], {"num_gpus": 1, "actors": 3}, 1, 3),
-])
+@pytest.mark.parametrize(
+    "nodes, model, n_models, actors",
+    [
+        (FOUR_GPUS, {"num_gpus": 0.5}, 1, 8),  # fractions pack: two per GPU
+        (FOUR_GPUS, {"num_gpus": 0.75}, 1, 4),  # ...but never span GPUs: one 0.75 per GPU
+        (FOUR_GPUS, {"num_gpus": 0.5}, 2, 4),  # two models share the cluster evenly
+        (FOUR_GPUS, {"num_gpus": 2}, 1, 2),
+        (FOUR_GPUS, {"num_gpus": 4}, 1, 1),
+        ([{"CPU": 4.0, "GPU": 4.0}], {"num_gpus": 0.5}, 1, 4),  # one CPU each by default: the CPUs bound it
+        ([{"CPU": 4.0, "GPU": 4.0}], {"num_gpus": 0.5, "num_cpus": 0.5}, 1, 8),
+        ([{"CPU": 2.0, "GPU": 3.0}, {"CPU": 8.0, "GPU": 1.0}], {"num_gpus": 2}, 1, 1),  # per node, not summed
+        ([{"CPU": 8.0}], {"num_gpus": 1}, 1, 8),  # num_gpus is ignored without GPUs
+        ([{"CPU": 8.0}], {"num_gpus": 1, "actors": 3}, 1, 3),
+    ],
+)
 def test_actor_count_follows_ray_placement(nodes, model, n_models, actors):
     assert actor_count(nodes, ModelConfig(name="m", **model), n_models) == actors
 
@@ -62,15 +71,17 @@ def test_actor_cpus():
 
 def test_cluster_checks():
     cfg = _config("./s", models=(ModelConfig(name="m", label="big", num_gpus=5),))
-    with pytest.raises(KlstoreError, match="model 'big': num_gpus 5 per actor, but no node of the cluster has "
-                                           "more than 4 GPUs"):
+    with pytest.raises(
+        KlstoreError, match="model 'big': num_gpus 5 per actor, but no node of the cluster has more than 4 GPUs"
+    ):
         check_cluster(cfg, "./s", [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}])
     check_cluster(cfg, "./s", [{"CPU": 8.0}])  # no GPUs anywhere: num_gpus is ignored
     with pytest.raises(KlstoreError, match="num_cpus 32 per actor"):
         check_cluster(_config("./s", models=(ModelConfig(name="m", num_cpus=32),)), "./s", FOUR_GPUS)
     two_nodes = [{"CPU": 8.0}, {"CPU": 8.0}]
-    with pytest.raises(KlstoreError, match="every node must write to the same place: use an s3:// store, or set "
-                                           "`shared_store: true`"):
+    with pytest.raises(
+        KlstoreError, match="every node must write to the same place: use an s3:// store, or set `shared_store: true`"
+    ):
         check_cluster(_config("./s"), "./s", two_nodes)
     check_cluster(_config("./s", shared_store=True), "./s", two_nodes)
     check_cluster(_config("./s"), "s3://bucket/prefix", two_nodes)
@@ -99,8 +110,11 @@ def test_shard_attempts_recorded_kept_verified_and_compacted(tiny, tmp_path, cap
     uri = str(tmp_path / "s")
     _run(tiny, uri)
     run_id = RunPlan(_config(uri)).run_id
-    _, rows = views.sql(uri, "SELECT run_id, model, actor, outcome, prompts, cells, node, device, "
-                             "cells_per_second > 0, ended_at >= started_at FROM shards ORDER BY shard_key")
+    _, rows = views.sql(
+        uri,
+        "SELECT run_id, model, actor, outcome, prompts, cells, node, device, "
+        "cells_per_second > 0, ended_at >= started_at FROM shards ORDER BY shard_key",
+    )
     assert len(rows) == 3 and {r[:4] for r in rows} == {(run_id, "tiny", "local", "ok")}
     assert sorted(r[4] for r in rows) == [1, 2, 2] and all(r[7] == "cpu" and r[8] and r[9] for r in rows)
     _, kl = views.sql(uri, "SELECT count(*) FROM kl")
@@ -166,14 +180,24 @@ def test_dry_run_cli_and_shared_store_flag(tmp_path, monkeypatch, capsys):
     from klstore.run import runner
 
     model = tmp_path / "model"
-    transformers.LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                             vocab_size=64).save_pretrained(model)
+    transformers.LlamaConfig(
+        num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64
+    ).save_pretrained(model)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n')
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"name": "d", "store": str(tmp_path / "store"), "models": [str(model)],
-                                    "prompts": [str(prompts)], "probes": ["logit_lens", "skip"],
-                                    "generation": {"max_new_tokens": 4}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "d",
+                "store": str(tmp_path / "store"),
+                "models": [str(model)],
+                "prompts": [str(prompts)],
+                "probes": ["logit_lens", "skip"],
+                "generation": {"max_new_tokens": 4},
+            }
+        )
+    )
     monkeypatch.setattr(runner, "planning_nodes", lambda: ([{"CPU": 4.0}, {"CPU": 4.0}], "a test cluster"))
     assert main(["run", "--dry-run", str(path)]) == 2
     err = capsys.readouterr().err

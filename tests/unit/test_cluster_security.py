@@ -15,8 +15,9 @@ def _cluster():
 
 def test_every_ray_start_in_cluster_yaml_uses_token_auth():
     cluster = _cluster()
-    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands")
-              for c in cluster[key] if "ray start" in c]
+    starts = [
+        c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cluster[key] if "ray start" in c
+    ]
     assert len(starts) == 2
     for command in starts:
         assert re.match(r"^RAY_AUTH_MODE=token ray start ", command), command
@@ -30,7 +31,9 @@ def test_every_ray_start_in_cluster_yaml_uses_token_auth():
 def _containers(rayjob):
     spec = rayjob["spec"]
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
-    workers = [c for group in spec["rayClusterSpec"]["workerGroupSpecs"] for c in group["template"]["spec"]["containers"]]
+    workers = [
+        c for group in spec["rayClusterSpec"]["workerGroupSpecs"] for c in group["template"]["spec"]["containers"]
+    ]
     submitter = spec["submitterPodTemplate"]["spec"]["containers"]
     return head + workers + submitter
 

@@ -8,25 +8,45 @@ import pytest
 from klstore.cli import main
 from klstore.errors import KlstoreError
 from klstore.run.plan import run_id_for
-from klstore.spec import (DEFAULT_TOPK, ComputeSpec, ExperimentConfig, GenerationSpec, ModelConfig, Option,
-                          ProbeSpec, Prompt)
+from klstore.spec import (
+    DEFAULT_TOPK,
+    ComputeSpec,
+    ExperimentConfig,
+    GenerationSpec,
+    ModelConfig,
+    Option,
+    ProbeSpec,
+    Prompt,
+)
 from klstore.store import views
 
 
 def _config(compute, name="r"):
-    return ExperimentConfig(name=name, store="/tmp/unused", models=(ModelConfig(name="tiny", label="tiny"),),
-                            prompt_paths=(), compute=compute, shard_size=16, prompts=(Prompt("a", "hello"),))
+    return ExperimentConfig(
+        name=name,
+        store="/tmp/unused",
+        models=(ModelConfig(name="tiny", label="tiny"),),
+        prompt_paths=(),
+        compute=compute,
+        shard_size=16,
+        prompts=(Prompt("a", "hello"),),
+    )
 
 
 def test_identity_is_the_one_written_before_the_compute_value():
     """Run ids of stores written before ComputeSpec stay valid: the identity dict is the old one."""
     probes = (ProbeSpec("logit_lens"), ProbeSpec("noise", {"scale": 2.0}))
     cfg = _config(ComputeSpec(probes, "0,2", ("kl", "js"), GenerationSpec(3)))
-    old = {"name": "r", "models": [{"name": "tiny", "label": "tiny", "dtype": "auto"}],
-           "prompts_sha256": cfg.identity()["prompts_sha256"],
-           "probes": [{"name": "logit_lens"}, {"name": "noise", "scale": 2.0, "seed": 0}],
-           "layers": "0,2", "divergences": ["kl", "js"], "generation": GenerationSpec(3).model_dump(),
-           "shard_size": 16}
+    old = {
+        "name": "r",
+        "models": [{"name": "tiny", "label": "tiny", "dtype": "auto"}],
+        "prompts_sha256": cfg.identity()["prompts_sha256"],
+        "probes": [{"name": "logit_lens"}, {"name": "noise", "scale": 2.0, "seed": 0}],
+        "layers": "0,2",
+        "divergences": ["kl", "js"],
+        "generation": GenerationSpec(3).model_dump(),
+        "shard_size": 16,
+    }
     assert cfg.identity() == old
     fast = _config(ComputeSpec(probes, "0,2", ("kl", "js"), GenerationSpec(3), topk=0, clean_pass="cached"))
     assert fast.identity() == {**old, "topk": 0, "clean_pass": "cached"}
@@ -34,12 +54,15 @@ def test_identity_is_the_one_written_before_the_compute_value():
     assert batched.identity() == old  # batch size moves values by rounding only: not identity
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"topk": 101}, "topk must be an integer from 0 to 100, got 101"),
-    ({"clean_pass": "fast"}, "unknown clean pass 'fast': choose exact, cached"),
-    ({"matmul_precision": "tf32"}, "unknown matmul precision 'tf32': choose highest, high, medium"),
-    ({"lens": "tuned"}, "unknown option 'lens'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"topk": 101}, "topk must be an integer from 0 to 100, got 101"),
+        ({"clean_pass": "fast"}, "unknown clean pass 'fast': choose exact, cached"),
+        ({"matmul_precision": "tf32"}, "unknown matmul precision 'tf32': choose highest, high, medium"),
+        ({"lens": "tuned"}, "unknown option 'lens'"),
+    ],
+)
 def test_options_checked_once(options, message):
     with pytest.raises(KlstoreError, match=message):
         ComputeSpec.check_options(options)
@@ -70,8 +93,11 @@ def test_a_new_field_reaches_the_engine_the_identity_and_the_cli(tiny_model_dir,
 
     seen = []
     original = engine.Engine.compute
-    monkeypatch.setattr(engine.Engine, "compute", lambda self, prompts, value, *a, **k:
-                        seen.append(value) or original(self, prompts, value, *a, **k))
+    monkeypatch.setattr(
+        engine.Engine,
+        "compute",
+        lambda self, prompts, value, *a, **k: seen.append(value) or original(self, prompts, value, *a, **k),
+    )
     monkeypatch.setattr(spec, "ComputeSpec", WithLens)  # what the CLI builds its flags and value from
     store = str(tmp_path / "store")
     base = ["compute", "--model", str(tiny_model_dir), "--prompt", "hello there", "-n", "2", "--store", store]

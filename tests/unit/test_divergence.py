@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from klstore.core import divergence
-from klstore.spec import check_divergences
 from klstore.errors import KlstoreError
+from klstore.spec import check_divergences
 
 
 def _pairs(seed=0, shape=(7, 50), spread=3.0):
@@ -18,10 +18,15 @@ def _pairs(seed=0, shape=(7, 50), spread=3.0):
 def test_kl_matches_torch_distributions():
     lp, lq = _pairs()
     expected = torch.distributions.kl_divergence(
-        torch.distributions.Categorical(logits=lp), torch.distributions.Categorical(logits=lq))
+        torch.distributions.Categorical(logits=lp), torch.distributions.Categorical(logits=lq)
+    )
     torch.testing.assert_close(divergence.kl(lp, lq), expected)
-    torch.testing.assert_close(divergence.kl_reverse(lp, lq), torch.distributions.kl_divergence(
-        torch.distributions.Categorical(logits=lq), torch.distributions.Categorical(logits=lp)))
+    torch.testing.assert_close(
+        divergence.kl_reverse(lp, lq),
+        torch.distributions.kl_divergence(
+            torch.distributions.Categorical(logits=lq), torch.distributions.Categorical(logits=lp)
+        ),
+    )
 
 
 def test_js_matches_definition_in_float64():

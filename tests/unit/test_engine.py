@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from reference import LN2, reference_matrices
+from tiny_models import ToyTokenizer, build
 
 from klstore.core.adapter import Adapter
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.errors import UnsupportedArchitecture
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
-from reference import LN2, reference_matrices
-from tiny_models import ToyTokenizer, build
 
 PROMPT = Prompt("p1", "The quick brown fox", group="g")
 DIVS = ("kl", "kl_reverse", "js")
@@ -32,22 +32,23 @@ def test_engine_matches_float64_reference(family, engine, probe):
     assert gen.n == 4 and result.layers == (0, 1, 2, 3)
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
     model64 = build(family, torch.float64)
-    expected, top1, margin = reference_matrices(model64, sequence, len(gen.prompt_ids), gen.n, probe,
-                                                result.layers, return_margin=True)
+    expected, top1, margin = reference_matrices(
+        model64, sequence, len(gen.prompt_ids), gen.n, probe, result.layers, return_margin=True
+    )
     for name in DIVS:
         _close(result.values[name], expected[name].numpy())
     assert (result.values["kl"] > 1e-3).any(), "random tiny model should give visible KL"
     # top1 agrees wherever the float64 winner is not a near tie; near ties are skipped
     clear = (margin > NEAR_TIE).numpy()
     assert clear.any(), "every cell was a near tie: top1 was never compared"
-    np.testing.assert_array_equal(result.top1_match[clear],
-                                  (top1 == torch.tensor(gen.token_ids)).numpy()[clear])
+    np.testing.assert_array_equal(result.top1_match[clear], (top1 == torch.tensor(gen.token_ids)).numpy()[clear])
     assert result.errors == ()
 
 
 def test_properties_and_identities(engine):
-    lens, skip = engine.run(PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all",
-                            DIVS, GenerationSpec(max_new_tokens=5))
+    lens, skip = engine.run(
+        PROMPT, [ProbeSpec("logit_lens"), ProbeSpec("skip")], "all", DIVS, GenerationSpec(max_new_tokens=5)
+    )
     for result in (lens, skip):
         assert (result.values["kl"] >= 0).all() and (result.values["kl_reverse"] >= 0).all()
         assert ((result.values["js"] >= 0) & (result.values["js"] <= LN2)).all()

@@ -15,15 +15,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import ToyTokenizer, build
 
 from klstore.core.engine import Engine, _sampling_probs
 from klstore.core.models import from_objects
 from klstore.errors import KlstoreError
-from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt
+from klstore.spec import ComputeSpec, GenerationSpec, ProbeSpec, Prompt
 from klstore.store import views
-from tiny_models import ToyTokenizer, build
 
 PROMPTS = [Prompt("a", "The quick brown fox"), Prompt("b", "Hello there")]
 
@@ -80,17 +79,25 @@ def _stored(tmp_path, dtype, probe, generation):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e38, 1.7976931348623157e308])
 def test_extreme_temperatures_store_finite_runs(tmp_path, dtype, temperature):
-    prompts, cells = _stored(tmp_path, dtype, ProbeSpec("logit_lens"),
-                             GenerationSpec(3, do_sample=True, temperature=temperature))
+    prompts, cells = _stored(
+        tmp_path, dtype, ProbeSpec("logit_lens"), GenerationSpec(3, do_sample=True, temperature=temperature)
+    )
     assert [status for _, status, _ in prompts] == ["ok", "ok"], prompts
     assert len(cells) == 2 * 4 * 3 and all(kl >= 0 and 0 <= js <= math.log(2) + 1e-6 for kl, js in cells)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("probe", [
-    ("noise", {"scale": 1e38}), ("noise", {"scale": 3.4e38}), ("noise", {"scale": 1.7976931348623157e308}),
-    ("steer", {"alpha": 1e308}), ("steer", {"alpha": -1e308}), ("steer", {"alpha": 3.4e38}),
-])
+@pytest.mark.parametrize(
+    "probe",
+    [
+        ("noise", {"scale": 1e38}),
+        ("noise", {"scale": 3.4e38}),
+        ("noise", {"scale": 1.7976931348623157e308}),
+        ("steer", {"alpha": 1e308}),
+        ("steer", {"alpha": -1e308}),
+        ("steer", {"alpha": 3.4e38}),
+    ],
+)
 def test_overflowing_scales_are_recorded_nonfinite(tmp_path, dtype, probe):
     name, params = probe
     if name == "steer":
@@ -103,6 +110,5 @@ def test_overflowing_scales_are_recorded_nonfinite(tmp_path, dtype, probe):
             assert error.startswith("non-finite ") and "\n" not in error
     # a cell is a finite divergence or null, never a stored non-finite number
     assert len(cells) == 2 * 4 * 2
-    assert all((kl is None) == (js is None) and (kl is None or (math.isfinite(kl) and kl >= 0))
-               for kl, js in cells)
+    assert all((kl is None) == (js is None) and (kl is None or (math.isfinite(kl) and kl >= 0)) for kl, js in cells)
     assert any(status == "nonfinite" for _, status, _ in prompts) or all(kl is not None for kl, _ in cells)

@@ -35,6 +35,7 @@ def f32(value):
 
 def plain(pairs) -> dict:
     """The rule, in plain Python over SHARDS and RUNS."""
+
     def measured(model, run):
         found = [f32(v) for v in SHARDS.get((model, run), []) if isinstance(v, float) and math.isfinite(v)]
         return max(found) if found else None
@@ -51,15 +52,35 @@ def uri(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("floor") / "store")
     store = open_store(uri, create=True)
     for model, run in KL:
-        rows = pa.Table.from_pylist([{"prompt_id": "p0", "prompt_group": "g", "layer": layer, "gen_idx": 0,
-                                      "kl": 0.1 * layer, "top1_match": True, "n_layers": 2} for layer in (0, 1)],
-                                    schema=KL_SCHEMA)
+        rows = pa.Table.from_pylist(
+            [
+                {
+                    "prompt_id": "p0",
+                    "prompt_group": "g",
+                    "layer": layer,
+                    "gen_idx": 0,
+                    "kl": 0.1 * layer,
+                    "top1_match": True,
+                    "n_layers": 2,
+                }
+                for layer in (0, 1)
+            ],
+            schema=KL_SCHEMA,
+        )
         store.write("kl", rows, "part-x.parquet", model=model, probe="logit_lens", run_id=run)
     now = datetime.now(timezone.utc)
     for (model, run), values in SHARDS.items():
         for i, value in enumerate(values):
-            row = shard_attempt_row(f"k{i}", {"node": "n", "actor": "local", "device": "cpu"}, now, now, 2, 4,
-                                    "ok", noise_floor=None if value == "old" else value)
+            row = shard_attempt_row(
+                f"k{i}",
+                {"node": "n", "actor": "local", "device": "cpu"},
+                now,
+                now,
+                2,
+                4,
+                "ok",
+                noise_floor=None if value == "old" else value,
+            )
             path = store.write("shards", row, attempt_file_name(f"k{i}"), model=model, run_id=run)
             if value == "old":
                 pq.write_table(pq.read_table(path, partitioning=None).drop_columns(["noise_floor"]), path)
@@ -84,7 +105,12 @@ def test_the_selection_chooses_the_pairs(uri):
 
 def test_per_model_is_the_largest_over_its_runs(uri):
     per_model = floor.load(views.connect(uri), Filter()).per_model()
-    assert per_model == {"a": (0.5, 2, 2), "b": (None, 0, 1), "c": (0.25, 1, 2),
-                         "d": (pytest.approx(2e-6), 1, 1), "e": (0.125, 1, 1)}
+    assert per_model == {
+        "a": (0.5, 2, 2),
+        "b": (None, 0, 1),
+        "c": (0.25, 1, 2),
+        "d": (pytest.approx(2e-6), 1, 1),
+        "e": (0.125, 1, 1),
+    }
     line = floor.summary_line(floor.load(views.connect(uri), Filter()))
     assert line.startswith("Noise floor: a 0.5 nats, b not measured, c 0.25 nats (measured in 1 of 2 runs), ")

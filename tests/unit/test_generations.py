@@ -10,17 +10,19 @@ log P_t(Gen t), the entropy of P_t in nats, and the greedy choice.
 import numpy as np
 import pytest
 import torch
-
-from klstore.core.models import from_objects
-from klstore.spec import ComputeSpec
-from klstore.run.worker import Worker
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt
-from klstore.store import views
 from tiny_models import FAMILIES, ToyTokenizer, build
 
+from klstore.core.models import from_objects
+from klstore.run.worker import Worker
+from klstore.spec import ComputeSpec, GenerationSpec, ProbeSpec, Prompt
+from klstore.store import views
+
 MAX_NEW = 6
-PROMPTS = [Prompt("short", "Hi", "a"), Prompt("fox", "The quick brown fox", "a"),
-           Prompt("vow", "Sphinx of black quartz, judge my vow", "b")]
+PROMPTS = [
+    Prompt("short", "Hi", "a"),
+    Prompt("fox", "The quick brown fox", "a"),
+    Prompt("vow", "Sphinx of black quartz, judge my vow", "b"),
+]
 JOB = ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(max_new_tokens=MAX_NEW))
 EOS = ToyTokenizer.eos_token_id
 NEAR_TIE = 1e-3  # nats between the two most likely tokens: float32 may pick either
@@ -42,7 +44,7 @@ def _float64_log_probs(model64, prompt_ids, token_ids):
     sequence = torch.tensor([list(prompt_ids) + list(token_ids)])
     logits = model64(sequence).logits[0].double()
     first = len(prompt_ids) - 1
-    return logits[first:first + len(token_ids)].log_softmax(-1)
+    return logits[first : first + len(token_ids)].log_softmax(-1)
 
 
 def _rows(uri, query, prompt_id):
@@ -53,10 +55,15 @@ def _rows(uri, query, prompt_id):
 @pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: p.id)
 def test_generations_match_float64(stored, prompt):
     family, uri = stored
-    gens = _rows(uri, "SELECT gen_idx, token_id, token_text, logprob, entropy, prompt_group, model, "
-                      "run_id FROM generations WHERE prompt_id = ? ORDER BY gen_idx", prompt.id)
-    (info,) = _rows(uri, "SELECT n_prompt_tokens, n_generated, status, stopped_at_eos FROM prompts "
-                         "WHERE prompt_id = ?", prompt.id)
+    gens = _rows(
+        uri,
+        "SELECT gen_idx, token_id, token_text, logprob, entropy, prompt_group, model, "
+        "run_id FROM generations WHERE prompt_id = ? ORDER BY gen_idx",
+        prompt.id,
+    )
+    (info,) = _rows(
+        uri, "SELECT n_prompt_tokens, n_generated, status, stopped_at_eos FROM prompts WHERE prompt_id = ?", prompt.id
+    )
     prompt_ids = ToyTokenizer()(prompt.text)["input_ids"]
     tokens = [r[1] for r in gens]
     assert info[0] == len(prompt_ids)
@@ -87,8 +94,7 @@ def test_every_prompt_is_stored_once(stored):
     _, uri = stored
     _, prompts = views.sql(uri, "SELECT prompt_id, count(*) FROM prompts GROUP BY prompt_id ORDER BY 1")
     assert prompts == sorted((p.id, 1) for p in PROMPTS)
-    _, total = views.sql(uri, "SELECT (SELECT sum(n_generated) FROM prompts), "
-                              "(SELECT count(*) FROM generations)")
+    _, total = views.sql(uri, "SELECT (SELECT sum(n_generated) FROM prompts), (SELECT count(*) FROM generations)")
     assert total[0][0] == total[0][1] > 0
 
 
@@ -107,15 +113,19 @@ def test_stop_at_eos_is_recorded_not_padded(tmp_path):
     prompt = PROMPTS[1]
     loaded = from_objects("tiny", _eos_forced(), ToyTokenizer())
     Worker("tiny", "tiny", uri, loaded=loaded).run_shard("r1", [prompt], JOB)
-    gens = _rows(uri, "SELECT gen_idx, token_id, logprob, entropy FROM generations WHERE prompt_id = ? "
-                      "ORDER BY gen_idx", prompt.id)
+    gens = _rows(
+        uri,
+        "SELECT gen_idx, token_id, logprob, entropy FROM generations WHERE prompt_id = ? ORDER BY gen_idx",
+        prompt.id,
+    )
     tokens = [r[1] for r in gens]
     assert len(tokens) < MAX_NEW and tokens[-1] == EOS and EOS not in tokens[:-1]
     assert [r[0] for r in gens] == list(range(len(tokens)))
-    assert _rows(uri, "SELECT n_generated, stopped_at_eos, status FROM prompts WHERE prompt_id = ?",
-                 prompt.id) == [(len(tokens), True, "ok")]
+    assert _rows(uri, "SELECT n_generated, stopped_at_eos, status FROM prompts WHERE prompt_id = ?", prompt.id) == [
+        (len(tokens), True, "ok")
+    ]
     logp = _float64_log_probs(_eos_forced(torch.float64), ToyTokenizer()(prompt.text)["input_ids"], tokens)
-    np.testing.assert_allclose([r[2] for r in gens], logp[torch.arange(len(tokens)), tokens].numpy(),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose([r[3] for r in gens], -(logp.exp() * logp).sum(-1).numpy(),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        [r[2] for r in gens], logp[torch.arange(len(tokens)), tokens].numpy(), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose([r[3] for r in gens], -(logp.exp() * logp).sum(-1).numpy(), rtol=1e-4, atol=1e-4)

@@ -1,17 +1,16 @@
 """Lens tokens in the store, and the settling views and macros against plain Python."""
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from store_helpers import JOB, PROMPTS, tiny_worker
+from tiny_models import VOCAB, ToyTokenizer, build
 
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.errors import KlstoreError
 from klstore.store import views
-from store_helpers import JOB, PROMPTS, tiny_worker
-from tiny_models import VOCAB, ToyTokenizer, build
 
 CELL_KEY = ("run_id", "model", "probe", "prompt_id", "gen_idx")
 
@@ -39,31 +38,38 @@ def test_lens_columns_round_trip(tiny, store):
     in_memory = Engine(tiny).run_many(PROMPTS[:3], list(JOB.probes), "all", ("kl", "js"), JOB.generation)
     for prompt, matrices in zip(PROMPTS[:3], in_memory):
         for m in matrices:
-            rows = _rows(store, "SELECT topk_ids, topk_probs, gen_rank, gen_logq FROM kl WHERE prompt_id = ? "
-                                "AND probe = ? ORDER BY layer, gen_idx", [prompt.id, m.probe])
+            rows = _rows(
+                store,
+                "SELECT topk_ids, topk_probs, gen_rank, gen_logq FROM kl WHERE prompt_id = ? "
+                "AND probe = ? ORDER BY layer, gen_idx",
+                [prompt.id, m.probe],
+            )
             shape = m.topk_ids.shape
             assert np.array([r["topk_ids"] for r in rows]).reshape(shape).tolist() == m.topk_ids.tolist()
-            np.testing.assert_array_equal(np.array([r["topk_probs"] for r in rows], np.float32).reshape(shape),
-                                          m.topk_probs)
+            np.testing.assert_array_equal(
+                np.array([r["topk_probs"] for r in rows], np.float32).reshape(shape), m.topk_probs
+            )
             assert [r["gen_rank"] for r in rows] == m.gen_rank.reshape(-1).tolist()
-            np.testing.assert_array_equal(np.array([r["gen_logq"] for r in rows], np.float32),
-                                          m.gen_logq.reshape(-1))
+            np.testing.assert_array_equal(np.array([r["gen_logq"] for r in rows], np.float32), m.gen_logq.reshape(-1))
 
 
 def test_lens_tokens_view_one_row_per_cell_and_rank(store):
     cells = _rows(store, "SELECT count(*) AS n FROM kl")[0]["n"]
     rows = _rows(store, "SELECT * FROM lens_tokens ORDER BY run_id, model, probe, prompt_id, layer, gen_idx, rank")
     assert len(rows) == cells * 5
-    first = _rows(store, "SELECT topk_ids, topk_probs FROM kl ORDER BY run_id, model, probe, prompt_id, "
-                         "layer, gen_idx LIMIT 1")[0]
+    first = _rows(
+        store, "SELECT topk_ids, topk_probs FROM kl ORDER BY run_id, model, probe, prompt_id, layer, gen_idx LIMIT 1"
+    )[0]
     assert [r["rank"] for r in rows[:5]] == [1, 2, 3, 4, 5]
     assert [r["token_id"] for r in rows[:5]] == first["topk_ids"]
     assert [r["prob"] for r in rows[:5]] == first["topk_probs"]
     tokenizer = ToyTokenizer()
     assert all(r["token_text"] == tokenizer.decode([r["token_id"]]) for r in rows)
     # the vocabulary is stored once per model, however many shards wrote rows
-    assert _rows(store, "SELECT count(*) AS n, count(DISTINCT token_id) AS d FROM tokens")[0] == \
-        {"n": VOCAB, "d": VOCAB}
+    assert _rows(store, "SELECT count(*) AS n, count(DISTINCT token_id) AS d FROM tokens")[0] == {
+        "n": VOCAB,
+        "d": VOCAB,
+    }
 
 
 def test_topk_zero_writes_no_token_rows(tiny, tmp_path):
@@ -79,17 +85,28 @@ def test_topk_zero_writes_no_token_rows(tiny, tmp_path):
 def _old_file(folder, rows):
     """A kl file as written before lens tokens existed (no topk/gen columns, no n_layers)."""
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({
-        "prompt_id": [r[0] for r in rows], "prompt_group": ["g"] * len(rows),
-        "layer": pa.array([r[1] for r in rows], pa.int16()), "gen_idx": pa.array([r[2] for r in rows], pa.int16()),
-        "kl": pa.array([r[3] for r in rows], pa.float32()), "top1_match": [r[4] for r in rows],
-        "n_layers": pa.array([4] * len(rows), pa.int16())}), folder / "part-old.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "prompt_id": [r[0] for r in rows],
+                "prompt_group": ["g"] * len(rows),
+                "layer": pa.array([r[1] for r in rows], pa.int16()),
+                "gen_idx": pa.array([r[2] for r in rows], pa.int16()),
+                "kl": pa.array([r[3] for r in rows], pa.float32()),
+                "top1_match": [r[4] for r in rows],
+                "n_layers": pa.array([4] * len(rows), pa.int16()),
+            }
+        ),
+        folder / "part-old.parquet",
+    )
 
 
 def test_old_store_without_lens_columns_still_queries(tmp_path):
     uri = tmp_path / "store"
-    _old_file(uri / "kl" / "model=old" / "probe=logit_lens" / "run_id=r0",
-              [("x", layer, 0, 1.0 - layer / 4, layer >= 2) for layer in range(4)])
+    _old_file(
+        uri / "kl" / "model=old" / "probe=logit_lens" / "run_id=r0",
+        [("x", layer, 0, 1.0 - layer / 4, layer >= 2) for layer in range(4)],
+    )
     rows = _rows(str(uri), "SELECT kl, topk_ids, topk_probs, gen_rank, gen_logq FROM kl ORDER BY layer")
     assert rows[0] == {"kl": 1.0, "topk_ids": None, "topk_probs": None, "gen_rank": None, "gen_logq": None}
     assert _rows(str(uri), "SELECT count(*) AS n FROM lens_tokens")[0]["n"] == 0
@@ -122,8 +139,10 @@ def _columns(uri, value_sql: str) -> dict:
 
 
 def _settling_rows(uri, source: str, params=None) -> dict:
-    return {tuple(r[c] for c in CELL_KEY): (r["settle_layer"], r["settle_fraction"], r["n_layers"])
-            for r in _rows(uri, f"SELECT * FROM {source}", params)}
+    return {
+        tuple(r[c] for c in CELL_KEY): (r["settle_layer"], r["settle_fraction"], r["n_layers"])
+        for r in _rows(uri, f"SELECT * FROM {source}", params)
+    }
 
 
 def test_settling_view_matches_python(store):
@@ -131,7 +150,7 @@ def test_settling_view_matches_python(store):
     got = _settling_rows(store, "settling")
     assert {k: v[0] for k, v in got.items()} == expected
     assert {v for v in expected.values() if v is not None} - {0}, "every token settled at layer 0: weak test"
-    for (layer, fraction, n_layers) in got.values():
+    for layer, fraction, n_layers in got.values():
         assert fraction == (None if layer is None else (layer + 1) / n_layers)
 
 
@@ -155,8 +174,10 @@ def test_deep_thinking_matches_python(store, g, rho):
         counts = per_prompt.setdefault(key[:4], [0, 0])
         counts[0] += 1
         counts[1] += deep
-    got = {tuple(r[c] for c in CELL_KEY[:4]): (r["n_tokens"], r["n_deep"], r["deep_share"])
-           for r in _rows(store, "SELECT * FROM deep_thinking(?, ?)", [g, rho])}
+    got = {
+        tuple(r[c] for c in CELL_KEY[:4]): (r["n_tokens"], r["n_deep"], r["deep_share"])
+        for r in _rows(store, "SELECT * FROM deep_thinking(?, ?)", [g, rho])
+    }
     assert got == {k: (n, d, d / n) for k, (n, d) in per_prompt.items()}
 
 
@@ -164,9 +185,14 @@ def test_settling_on_constructed_columns(tmp_path):
     uri = tmp_path / "store"
     # x/Gen0: T F T T -> 2; x/Gen1: F F F T -> 3; x/Gen2: T T T F -> never; x/Gen3: all T -> 0
     pattern = {0: [1, 0, 1, 1], 1: [0, 0, 0, 1], 2: [1, 1, 1, 0], 3: [1, 1, 1, 1]}
-    _old_file(uri / "kl" / "model=m" / "probe=logit_lens" / "run_id=r0",
-              [("x", layer, gen, 0.0 if pattern[gen][layer] else 1.0, bool(pattern[gen][layer]))
-               for gen in pattern for layer in range(4)])
+    _old_file(
+        uri / "kl" / "model=m" / "probe=logit_lens" / "run_id=r0",
+        [
+            ("x", layer, gen, 0.0 if pattern[gen][layer] else 1.0, bool(pattern[gen][layer]))
+            for gen in pattern
+            for layer in range(4)
+        ],
+    )
     got = _rows(str(uri), "SELECT gen_idx, settle_layer, settle_fraction FROM settling ORDER BY gen_idx")
     assert [(r["gen_idx"], r["settle_layer"]) for r in got] == [(0, 2), (1, 3), (2, None), (3, 0)]
     assert [r["settle_fraction"] for r in got] == [0.75, 1.0, None, 0.25]

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from lens_checks import check_lens_tokens
 from reference import reference_matrices
 from tiny_models import build
+
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 
 PROMPT = Prompt("p1", "The quick brown fox", group="g")
 
@@ -18,8 +18,9 @@ def test_lens_tokens_match_float64_reference(family, engine, probe):
     result = engine.run(PROMPT, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(max_new_tokens=4), topk=k)[0]
     gen = result.generation
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
-    _, top1, logq64 = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n,
-                                         probe, result.layers, return_logq=True)
+    _, top1, logq64 = reference_matrices(
+        build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n, probe, result.layers, return_logq=True
+    )
     assert result.topk_ids.shape == (len(result.layers), gen.n, k) and result.topk_ids.dtype == np.int32
     assert check_lens_tokens(result, logq64, k) > 0
     # rank 1 is the argmax: the top1_match column agrees with the stored top-1 token
@@ -36,7 +37,6 @@ def test_last_layer_logit_lens_ranks_the_greedy_token_first(engine):
 
 
 def test_topk_zero_computes_no_tokens_but_keeps_rank(engine):
-    result = engine.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(max_new_tokens=3),
-                        topk=0)[0]
+    result = engine.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(max_new_tokens=3), topk=0)[0]
     assert result.topk_ids is None and result.topk_probs is None
     assert result.gen_rank.shape == (len(result.layers), 3)

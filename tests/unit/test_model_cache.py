@@ -8,11 +8,14 @@ from klstore.core import models
 from klstore.errors import KlstoreError
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"KLSTORE_CACHE": "/k", "XDG_CACHE_HOME": "/x"}, "/k"),
-    ({"XDG_CACHE_HOME": "/x"}, "/x/klstore"),
-    ({}, str(Path.home() / ".cache" / "klstore")),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"KLSTORE_CACHE": "/k", "XDG_CACHE_HOME": "/x"}, "/k"),
+        ({"XDG_CACHE_HOME": "/x"}, "/x/klstore"),
+        ({}, str(Path.home() / ".cache" / "klstore")),
+    ],
+)
 def test_cache_dir_honours_klstore_cache_then_xdg(monkeypatch, env, expected):
     for key in ("KLSTORE_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(key, raising=False)

@@ -18,9 +18,20 @@ from klstore.spec import parse_report_spec
 
 def grid(values, kind="aggregate", labels=None, settling=None, counts=None):
     values = np.asarray(values, dtype=float)
-    return Grid("g", "s", "t", tuple(range(values.shape[0])), tuple(f"Gen{i}" for i in range(values.shape[1])),
-                values, np.full(values.shape, 4) if counts is None else counts, 4, "kl", kind, labels or {},
-                settling=settling)
+    return Grid(
+        "g",
+        "s",
+        "t",
+        tuple(range(values.shape[0])),
+        tuple(f"Gen{i}" for i in range(values.shape[1])),
+        values,
+        np.full(values.shape, 4) if counts is None else counts,
+        4,
+        "kl",
+        kind,
+        labels or {},
+        settling=settling,
+    )
 
 
 def columns(*means, rows=6):
@@ -49,13 +60,16 @@ def test_a_wide_range_is_not_alike():
     assert any("Column means range from 1 nats (Gen4) to 1.95 (Gen0), 1.95x" in n for n in said)
 
 
-@pytest.mark.parametrize("means, sentence", [
-    ((5.0, 4.0, 1.0), "Gen0 stands out: its mean 5 nats is the highest, 1.25x the runner-up Gen1 (4)."),
-    ((4.9, 4.0, 1.0), None),  # 1.225x: just under the margin
-    ((1.0, 1.25, 1.1), "The generated tokens are alike: column means range from 1 to 1.25 nats (1.25x)."),
-    ((1.0, 1.26, 1.1), None),  # 1.26x: just over the spread
-    ((2.0, 0.0), "Gen0 stands out: its mean 2 nats is the highest."),  # the runner-up is 0
-])
+@pytest.mark.parametrize(
+    "means, sentence",
+    [
+        ((5.0, 4.0, 1.0), "Gen0 stands out: its mean 5 nats is the highest, 1.25x the runner-up Gen1 (4)."),
+        ((4.9, 4.0, 1.0), None),  # 1.225x: just under the margin
+        ((1.0, 1.25, 1.1), "The generated tokens are alike: column means range from 1 to 1.25 nats (1.25x)."),
+        ((1.0, 1.26, 1.1), None),  # 1.26x: just over the spread
+        ((2.0, 0.0), "Gen0 stands out: its mean 2 nats is the highest."),  # the runner-up is 0
+    ],
+)
 def test_the_margins_at_their_edges(means, sentence):
     said = columns_sentence(means)
     if sentence is None:
@@ -67,7 +81,8 @@ def test_the_margins_at_their_edges(means, sentence):
 def test_single_column_and_flat_grids_claim_nothing_about_columns():
     assert columns_sentence([3.0]) is None
     assert notes(grid(np.full((4, 3), 2.0))) == [
-        "The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."]
+        "The grid is flat: every cell is within 0 nats of the others (mean 2 nats)."
+    ]
 
 
 def test_peak_outliers_and_early_ends_are_reported():
@@ -84,32 +99,59 @@ def test_peak_outliers_and_early_ends_are_reported():
 
 # ------------------------------------------------------------------ settling depth
 def test_every_kind_of_figure_names_its_settling_depth():
-    aggregate = grid(np.arange(12.0).reshape(4, 3), settling={
-        "n_tokens": 30, "n_settled": 24, "median_layer": 14.0, "median_fraction": 0.5, "n_layers": 30})
-    assert notes(aggregate)[-1] == ("Top-1 settling depth: median layer 14 of 30 (depth fraction 0.50) "
-                                    "over 30 tokens; 6 never settle.")
-    mixed = grid(np.arange(12.0).reshape(4, 3), settling={
-        "n_tokens": 2, "n_settled": 2, "median_layer": 3.0, "median_fraction": 0.25, "n_layers": None})
+    aggregate = grid(
+        np.arange(12.0).reshape(4, 3),
+        settling={"n_tokens": 30, "n_settled": 24, "median_layer": 14.0, "median_fraction": 0.5, "n_layers": 30},
+    )
+    assert notes(aggregate)[-1] == (
+        "Top-1 settling depth: median layer 14 of 30 (depth fraction 0.50) over 30 tokens; 6 never settle."
+    )
+    mixed = grid(
+        np.arange(12.0).reshape(4, 3),
+        settling={"n_tokens": 2, "n_settled": 2, "median_layer": 3.0, "median_fraction": 0.25, "n_layers": None},
+    )
     assert notes(mixed)[-1] == "Top-1 settling depth: median depth fraction 0.25 over 2 tokens."
     prompt = grid(np.arange(12.0).reshape(4, 3), kind="prompt", settling={"layers": [2, None, 3], "n_layers": 4})
-    assert notes(prompt)[-1] == "Top-1 settling depth: layer 2 for Gen0, never for Gen1, layer 3 for Gen2 (of 4 layers)."
+    assert (
+        notes(prompt)[-1] == "Top-1 settling depth: layer 2 for Gen0, never for Gen1, layer 3 for Gen2 (of 4 layers)."
+    )
     summary = {"n_tokens": 5, "n_settled": 0, "median_layer": None, "median_fraction": None, "n_layers": 4}
-    difference = grid(np.arange(12.0).reshape(4, 3) - 5, kind="difference", labels={"a": "m1", "b": "m2"},
-                      settling={"a": summary, "b": None})
-    assert notes(difference)[-1] == ("Top-1 settling depth: m1: none of 5 tokens settles "
-                                     "(the last layer's top-1 is never the generated token).")
+    difference = grid(
+        np.arange(12.0).reshape(4, 3) - 5,
+        kind="difference",
+        labels={"a": "m1", "b": "m2"},
+        settling={"a": summary, "b": None},
+    )
+    assert notes(difference)[-1] == (
+        "Top-1 settling depth: m1: none of 5 tokens settles (the last layer's top-1 is never the generated token)."
+    )
 
 
 # ------------------------------------------------------------------ colour scales
 # Gemma-3-270m's logit lens, kl averaged over the 24 demo prompts (klstore compute --model gemma3-270m
 # --prompts jobs/prompts/demo.jsonl --json, rows = layers 0..17): layer 0 washes out the rest.
-GEMMA_LOGIT_LENS = np.array([
-    [65.2, 61.6, 142.4, 139.2, 124.1], [28.0, 22.0, 27.8, 29.2, 29.3], [24.0, 21.4, 24.2, 25.9, 26.8],
-    [24.3, 20.8, 25.2, 26.3, 27.3], [19.7, 17.5, 19.7, 22.6, 23.7], [15.0, 12.0, 13.4, 16.3, 15.8],
-    [15.4, 13.5, 16.7, 17.7, 16.8], [12.4, 10.5, 13.2, 13.8, 13.6], [11.9, 10.1, 12.6, 13.3, 13.0],
-    [11.2, 9.3, 11.6, 11.7, 12.5], [6.8, 6.1, 7.6, 7.0, 8.0], [7.8, 5.0, 6.2, 6.8, 7.8],
-    [5.7, 6.2, 5.5, 5.3, 5.9], [4.3, 4.3, 3.4, 3.3, 4.4], [3.4, 2.5, 2.1, 2.7, 3.6],
-    [2.6, 1.5, 1.8, 2.0, 1.9], [0.8, 0.4, 0.5, 0.7, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+GEMMA_LOGIT_LENS = np.array(
+    [
+        [65.2, 61.6, 142.4, 139.2, 124.1],
+        [28.0, 22.0, 27.8, 29.2, 29.3],
+        [24.0, 21.4, 24.2, 25.9, 26.8],
+        [24.3, 20.8, 25.2, 26.3, 27.3],
+        [19.7, 17.5, 19.7, 22.6, 23.7],
+        [15.0, 12.0, 13.4, 16.3, 15.8],
+        [15.4, 13.5, 16.7, 17.7, 16.8],
+        [12.4, 10.5, 13.2, 13.8, 13.6],
+        [11.9, 10.1, 12.6, 13.3, 13.0],
+        [11.2, 9.3, 11.6, 11.7, 12.5],
+        [6.8, 6.1, 7.6, 7.0, 8.0],
+        [7.8, 5.0, 6.2, 6.8, 7.8],
+        [5.7, 6.2, 5.5, 5.3, 5.9],
+        [4.3, 4.3, 3.4, 3.3, 4.4],
+        [3.4, 2.5, 2.1, 2.7, 3.6],
+        [2.6, 1.5, 1.8, 2.0, 1.9],
+        [0.8, 0.4, 0.5, 0.7, 0.5],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+    ]
+)
 
 
 def test_robust_scale_clips_one_outlying_layer_and_counts_the_cells():
@@ -177,8 +219,13 @@ def test_store_text_in_figures_is_escaped_and_tokens_visible():
     g.columns = ("Gen0\n<script>", "Gen1\n\u2423")
     topk = np.empty((1, 2), dtype=object)
     topk[0, 0] = [(" <i>", 0.5), ("\n", 0.25)]
-    g.hover = {"topk": topk, "gen_rank": np.array([[1.0, np.nan]]), "gen_logq": np.array([[-0.7, np.nan]]),
-               "top1_match": np.array([[True, None]], dtype=object), "tokens": ["<script>", " "]}
+    g.hover = {
+        "topk": topk,
+        "gen_rank": np.array([[1.0, np.nan]]),
+        "gen_logq": np.array([[-0.7, np.nan]]),
+        "top1_match": np.array([[True, None]], dtype=object),
+        "tokens": ["<script>", " "],
+    }
     fig = interactive.figure(g)
     assert fig["layout"]["title"]["text"] == "m | p | &lt;img src=x onerror=alert(1)&gt;"
     assert fig["layout"]["xaxis"]["ticktext"] == ["Gen0<br>&lt;script&gt;", "Gen1<br>\u2423"]
@@ -245,7 +292,8 @@ def test_a_figure_answers_to_the_largest_floor_of_the_runs_behind_it():
     assert floor.for_grid(page, floors) == 1e-6
     assert floors.per_model() == {"a": (1e-6, 1, 2), "b": (4e-6, 1, 1), "c": (None, 0, 1)}
     assert floor.summary_line(floors).startswith(
-        "Noise floor: a 1e-06 nats (measured in 1 of 2 runs), b 4e-06 nats, c not measured (")
+        "Noise floor: a 1e-06 nats (measured in 1 of 2 runs), b 4e-06 nats, c not measured ("
+    )
     assert floor.summary_line(floor.Floors({("a", "r2"): None})).startswith("Noise floor: not measured (")
 
 
@@ -256,7 +304,8 @@ def test_observations_name_the_floor_and_count_the_cells_below_it():
     assert not any("noise floor" in n.lower() for n in notes(grid(values)))  # not measured: nothing said
     assert notes(floored(np.full((2, 2), 1e-7) * [[1, 2], [3, 4]], 1e-6))[0] == (
         "Every cell is below the noise floor of 1e-06 nats (the largest is 4e-07 nats): "
-        "no value here is distinguishable from 0.")
+        "no value here is distinguishable from 0."
+    )
 
 
 def test_a_lead_smaller_than_the_floor_is_no_standout_trend_or_outlier():
@@ -285,11 +334,15 @@ def test_differences_below_the_floor_are_not_called_differences():
     labels = {"a": "m1", "b": "m2"}
     values = np.array([[0.5, -0.2, 1e-7], [-2e-7, 3e-7, 0.0]])
     said = notes(floored(values, 1e-6, "difference", labels))
-    assert said[0] == ("m1 is higher than m2 in 1 of 6 cells and lower in 1; 4 differ by less than the noise floor "
-                       "of 1e-06 nats; the mean difference is +0.05 nats.")
+    assert said[0] == (
+        "m1 is higher than m2 in 1 of 6 cells and lower in 1; 4 differ by less than the noise floor "
+        "of 1e-06 nats; the mean difference is +0.05 nats."
+    )
     assert notes(grid(values, "difference", labels))[0].startswith("m1 is higher than m2 in 3 of 6 cells")
-    assert ("Noise floor 1e-06 nats (the larger of the two sides'): 4 of 6 differences below it "
-            "(marked with a dot; not differences).") in said
+    assert (
+        "Noise floor 1e-06 nats (the larger of the two sides'): 4 of 6 differences below it "
+        "(marked with a dot; not differences)."
+    ) in said
     tiny = notes(floored(values * 1e-6, 1e-6, "difference", labels))
     assert tiny[0].startswith("m1 and m2 differ by less than the noise floor of 1e-06 nats in every cell")
     assert not any("higher" in n for n in tiny)

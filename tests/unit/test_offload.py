@@ -4,11 +4,11 @@ numbers, and the engine's per-block forward patching leaves accelerate's hooks i
 import numpy as np
 import pytest
 import transformers
+from tiny_models import ToyTokenizer, build
 
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
-from tiny_models import ToyTokenizer, build
 
 PROMPT = Prompt("a", "The quick brown fox", source="A lazy dog sleeps")
 
@@ -21,7 +21,8 @@ def engines(tmp_path_factory):
     plain = Engine(from_objects("plain", model, ToyTokenizer()))
     # so little CPU memory that half the blocks, the norm and the head go to disk
     dispatched = transformers.AutoModelForCausalLM.from_pretrained(
-        folder / "model", device_map="auto", max_memory={"cpu": "120KB"}, offload_folder=str(folder / "off"))
+        folder / "model", device_map="auto", max_memory={"cpu": "120KB"}, offload_folder=str(folder / "off")
+    )
     offloaded = Engine(from_objects("offloaded", dispatched, ToyTokenizer()))
     hooks = [block.__dict__.get("forward") for block in offloaded.adapter.blocks]  # accelerate's wrappers
     return plain, offloaded, dispatched, hooks
@@ -74,9 +75,16 @@ def test_a_block_left_on_meta_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: ToyTokenizer())
     folder = tmp_path / "m"
     build("llama").save_pretrained(folder)
-    placed = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "meta",
-              "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu",
-              "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    placed = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "meta",
+        "model.layers.2": "cpu",
+        "model.layers.3": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     with pytest.raises(KlstoreError, match=r"leaves 1 module\(s\) on the meta device.*model\.layers\.1"):
         load_model(str(folder), device="cpu", device_map=placed)
     with accelerate.init_empty_weights():

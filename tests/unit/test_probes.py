@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from reference import reference_matrices
+from tiny_models import ToyTokenizer, build
 
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.core.steering import prepare_probes, steer_vectors
 from klstore.errors import KlstoreError, UnsupportedArchitecture
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
-from reference import reference_matrices
-from tiny_models import ToyTokenizer, build
 
 PROMPT = Prompt("p1", "The quick brown fox", group="g", source="A lazy dog sleeps")
 DIVS = ("kl", "kl_reverse", "js")
@@ -51,10 +51,17 @@ def test_probe_matches_float64_reference(family, engine, probe, vector_file):
     result = _run(engine, PROMPT, [spec], "all", DIVS, GenerationSpec(max_new_tokens=4))[0]
     gen = result.generation
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
-    params = {"scale": 0.5, "seed": 3, "prompt_id": PROMPT.id, "alpha": 2.0,
-              "vectors": torch.load(vector_file), "source_ids": ToyTokenizer()(PROMPT.source)["input_ids"]}
-    expected, top1 = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids),
-                                        gen.n, probe, result.layers, params)
+    params = {
+        "scale": 0.5,
+        "seed": 3,
+        "prompt_id": PROMPT.id,
+        "alpha": 2.0,
+        "vectors": torch.load(vector_file),
+        "source_ids": ToyTokenizer()(PROMPT.source)["input_ids"],
+    }
+    expected, top1 = reference_matrices(
+        build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n, probe, result.layers, params
+    )
     for name in DIVS:
         _close(result.values[name], expected[name].numpy())
     assert (result.values["kl"] > 1e-4).any()
@@ -77,7 +84,12 @@ def test_noise_is_identical_across_runs(family):
     b = _run(Engine(from_objects(family, build(family), ToyTokenizer())), PROMPT, [spec], "all", ("kl",))[0]
     np.testing.assert_array_equal(a.values["kl"], b.values["kl"])
     other = _run(
-        Engine(from_objects(family, build(family), ToyTokenizer())), PROMPT, [ProbeSpec("noise", {"scale": 1.0, "seed": 6})], "all", ("kl",))[0]
+        Engine(from_objects(family, build(family), ToyTokenizer())),
+        PROMPT,
+        [ProbeSpec("noise", {"scale": 1.0, "seed": 6})],
+        "all",
+        ("kl",),
+    )[0]
     assert not np.array_equal(a.values["kl"], other.values["kl"])
 
 
@@ -98,9 +110,9 @@ def test_steer_from_prompt_sets_and_saved_vector(tmp_path):
     spec = ProbeSpec("steer", {"alpha": 1.5, "positive": str(pos), "negative": str(neg), "save": str(saved)})
     from_sets = _run(engine, PROMPT, [spec], "all", ("kl",))[0]
     vectors = steer_vectors(engine, spec, GenerationSpec())
-    expected = torch.stack([engine.last_position_outputs(ToyTokenizer()(t)["input_ids"])
-                            for t in ("happy joyful day", "great fun")]).mean(0) - \
-        engine.last_position_outputs(ToyTokenizer()("sad gloomy night")["input_ids"])
+    expected = torch.stack(
+        [engine.last_position_outputs(ToyTokenizer()(t)["input_ids"]) for t in ("happy joyful day", "great fun")]
+    ).mean(0) - engine.last_position_outputs(ToyTokenizer()("sad gloomy night")["input_ids"])
     torch.testing.assert_close(vectors, expected)
     reused = _run(engine, PROMPT, [ProbeSpec("steer", {"alpha": 1.5, "vector": str(saved)})], "all", ("kl",))[0]
     np.testing.assert_allclose(reused.values["kl"], from_sets.values["kl"], rtol=1e-6, atol=1e-7)
@@ -124,10 +136,24 @@ def test_bad_probe_input(tmp_path):
     torch.save(torch.zeros(3, HIDDEN), layers3)
     junk.write_bytes(b"not a tensor")
     cases = [
-        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(wide)})], GenerationSpec()), "has width 33; the model's hidden size is 32"),
-        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(layers3)})], GenerationSpec()), "has shape [3, 32]; the model needs [32] or [4, 32]"),
-        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(tmp_path / "none.pt")})], GenerationSpec()), "steering vector file not found"),
-        (lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(junk)})], GenerationSpec()), "cannot read steering vector"),
+        (
+            lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(wide)})], GenerationSpec()),
+            "has width 33; the model's hidden size is 32",
+        ),
+        (
+            lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(layers3)})], GenerationSpec()),
+            "has shape [3, 32]; the model needs [32] or [4, 32]",
+        ),
+        (
+            lambda: prepare_probes(
+                engine, [ProbeSpec("steer", {"vector": str(tmp_path / "none.pt")})], GenerationSpec()
+            ),
+            "steering vector file not found",
+        ),
+        (
+            lambda: prepare_probes(engine, [ProbeSpec("steer", {"vector": str(junk)})], GenerationSpec()),
+            "cannot read steering vector",
+        ),
         (lambda: ProbeSpec("noise", {"scale": -1}), "scale must be >= 0, got -1"),
         (lambda: ProbeSpec("steer", {"alpha": 1}), "give either vector"),
         (lambda: ProbeSpec("skip", {"scale": 1}), "probe skip: unknown parameter 'scale'"),
@@ -151,8 +177,11 @@ def test_ablate_without_sublayers_is_named():
         Engine.prepare(engine, ProbeSpec("ablate_attn"))
 
 
-BATCH = [Prompt("a", "The quick brown fox", source="Hi"), Prompt("b", "Hello", source="A lazy dog sleeps"),
-         Prompt("c", "Sphinx of black quartz, judge my vow", source="x y z")]
+BATCH = [
+    Prompt("a", "The quick brown fox", source="Hi"),
+    Prompt("b", "Hello", source="A lazy dog sleeps"),
+    Prompt("c", "Sphinx of black quartz, judge my vow", source="x y z"),
+]
 
 
 def test_padded_batches_equal_one_prompt_at_a_time(engine, vector_file):
@@ -191,8 +220,9 @@ def test_from_position_patch_sweep_matches_float64_reference(family, engine, mon
     gen = result.generation
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
     params = {"source_ids": ToyTokenizer()(PROMPT.source)["input_ids"]}
-    expected, _ = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n,
-                                     "patch", result.layers, params)
+    expected, _ = reference_matrices(
+        build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n, "patch", result.layers, params
+    )
     for name in DIVS:
         _close(result.values[name], expected[name].numpy())
 

@@ -7,8 +7,16 @@ import yaml
 
 from klstore.config import load_config, load_report_spec
 from klstore.errors import KlstoreError
-from klstore.spec import (DIVERGENCES, PROBES, GenerationSpec, ProbeSpec, Prompt, check_divergences,
-                          parse_experiment, parse_report_spec)
+from klstore.spec import (
+    DIVERGENCES,
+    PROBES,
+    GenerationSpec,
+    ProbeSpec,
+    Prompt,
+    check_divergences,
+    parse_experiment,
+    parse_report_spec,
+)
 
 
 def _escape(message: str) -> str:
@@ -20,12 +28,19 @@ def config_file(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"id": "q{i}", "text": "prompt {i}"}}\n' for i in range(3)))
     path = tmp_path / "cfg.yaml"
-    base = {"name": "t", "models": [{"name": "m", "label": "tiny"}], "prompts": [{"path": "p.jsonl"}],
-            "probes": ["logit_lens"], "layers": "all", "generation": {"max_new_tokens": 2}}
+    base = {
+        "name": "t",
+        "models": [{"name": "m", "label": "tiny"}],
+        "prompts": [{"path": "p.jsonl"}],
+        "probes": ["logit_lens"],
+        "layers": "all",
+        "generation": {"max_new_tokens": 2},
+    }
 
     def write(**change):
         path.write_text(yaml.safe_dump({**base, **change}))
         return path
+
     return write
 
 
@@ -38,57 +53,68 @@ def test_valid_config_fills_defaults(config_file):
     assert cfg.divergences == ("kl",) and cfg.shard_size == 16
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"layer": "all"}, "cfg.yaml: layer: unknown key (allowed: clean_pass, divergences, generation"),
-    ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
-    ({"shard_size": 0}, "cfg.yaml: shard_size must be at least 1, got 0"),
-    ({"shard_size": True}, "cfg.yaml: shard_size must be an integer, got True"),
-    ({"topk": -1}, "cfg.yaml: topk must be at least 0, got -1"),
-    ({"topk": 101}, "cfg.yaml: topk must be at most 100, got 101"),
-    ({"topk": "5"}, "cfg.yaml: topk must be an integer, got '5'"),
-    ({"topk": 2.5}, "cfg.yaml: topk must be an integer, got 2.5"),
-    ({"clean_pass": "fast"}, "cfg.yaml: clean_pass: unknown clean pass 'fast': choose exact, cached"),
-    ({"clean_pass": True}, "cfg.yaml: clean_pass must be a string, got True"),
-    ({"clean_pass": None}, "cfg.yaml: clean_pass must be a string, got None"),
-    ({"matmul_precision": "bf16"}, "cfg.yaml: matmul_precision: unknown matmul precision 'bf16': choose highest"),
-    ({"matmul_precision": 32}, "cfg.yaml: matmul_precision must be a string, got 32"),
-    ({"probes": ["lens"]}, "unknown probe 'lens'"),
-    ({"probes": []}, "cfg.yaml: probes: empty"),
-    ({"divergences": "kl"}, "cfg.yaml: divergences must be a list, got 'kl'"),
-    ({"divergences": ["kl", "l2"]}, "unknown divergence 'l2'"),
-    ({"generation": {"max_tokens": 3}}, "cfg.yaml: generation.max_tokens: unknown key"),
-    ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens must be a positive integer, got 0"),
-    ({"generation": {"temperature": float("nan")}}, "generation.temperature must be a finite number, got nan"),
-    ({"generation": {"temperature": float("inf")}}, "generation.temperature must be a finite number, got inf"),
-    ({"generation": {"temperature": 0}}, "generation.temperature must be > 0, got 0"),
-    ({"generation": {"seed": 2**64}}, "generation.seed must be < 18446744073709551616"),
-    ({"generation": {"do_sample": "yes"}}, "generation.do_sample must be true or false, got 'yes'"),
-    ({"models": [{"name": "x", "gpus": 1}]}, "cfg.yaml: models[0].gpus: unknown key"),
-    ({"models": [{"name": "x", "actors": 0}]}, "cfg.yaml: models[0].actors must be at least 1, got 0"),
-    ({"models": [{"name": "x", "num_gpus": -1}]}, "models[0].num_gpus must be >= 0, got -1"),
-    ({"models": [{"name": "x", "num_cpus": 0}]}, "models[0].num_cpus must be > 0, got 0"),
-    ({"models": [{"name": "x", "device_map": {"model.layers.1": "meta"}}]},
-     "models[0].device_map: device_map puts 'model.layers.1' on the meta device"),
-    ({"models": [{"name": "x", "device_map": "fast"}]}, "device_map must be one of auto, balanced"),
-    ({"models": [{"name": "x", "device_map": {"lm_head": "gpu7"}}]},
-     "device_map['lm_head'] must be a GPU index, cpu, disk or cuda:N, got 'gpu7'"),
-    ({"models": [{"name": "x", "device_map": {"lm_head": -1}}]},
-     "device_map['lm_head'] must be a GPU index, cpu, disk or cuda:N, got -1"),
-    ({"models": [{"name": "x", "device_map": {"lm_head": True}}]},
-     "device_map['lm_head'] must be a GPU index, cpu, disk or cuda:N, got True"),
-    ({"models": [{"label": "x"}]}, "cfg.yaml: models[0].name: missing (required)"),
-    ({"models": ["a", "a"]}, "cfg.yaml: models: duplicate model label"),
-    ({"models": []}, "cfg.yaml: models: empty"),
-    ({"models": [{"name": "x", "label": "../up"}]}, "model label '../up' cannot name a store folder"),
-    ({"name": "../up"}, "run name '../up' cannot name a store folder"),
-    ({"layers": "1-x"}, "malformed layer spec '1-x'"),
-    ({"layers": True}, "layers must be a layer spec such as all or 0,15-21,27"),
-    ({"prompts": [{"path": "/nonexistent.jsonl"}]}, "prompts file not found: /nonexistent.jsonl"),
-    ({"probes": [{"name": "noise", "scale": -1}]}, "probe noise: scale must be >= 0, got -1"),
-    ({"probes": [{"name": "noise", "scale": float("nan")}]}, "probe noise: scale must be a finite number, got nan"),
-    ({"probes": [{"name": "noise", "sigma": 1}]}, "probe noise: unknown parameter 'sigma' (allowed: scale, seed)"),
-    ({"probes": ["patch"]}, "patch needs a source for every prompt; 3 have none (first: 'q0')"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layer": "all"}, "cfg.yaml: layer: unknown key (allowed: clean_pass, divergences, generation"),
+        ({"shard_size": "big"}, "cfg.yaml: shard_size must be an integer, got 'big'"),
+        ({"shard_size": 0}, "cfg.yaml: shard_size must be at least 1, got 0"),
+        ({"shard_size": True}, "cfg.yaml: shard_size must be an integer, got True"),
+        ({"topk": -1}, "cfg.yaml: topk must be at least 0, got -1"),
+        ({"topk": 101}, "cfg.yaml: topk must be at most 100, got 101"),
+        ({"topk": "5"}, "cfg.yaml: topk must be an integer, got '5'"),
+        ({"topk": 2.5}, "cfg.yaml: topk must be an integer, got 2.5"),
+        ({"clean_pass": "fast"}, "cfg.yaml: clean_pass: unknown clean pass 'fast': choose exact, cached"),
+        ({"clean_pass": True}, "cfg.yaml: clean_pass must be a string, got True"),
+        ({"clean_pass": None}, "cfg.yaml: clean_pass must be a string, got None"),
+        ({"matmul_precision": "bf16"}, "cfg.yaml: matmul_precision: unknown matmul precision 'bf16': choose highest"),
+        ({"matmul_precision": 32}, "cfg.yaml: matmul_precision must be a string, got 32"),
+        ({"probes": ["lens"]}, "unknown probe 'lens'"),
+        ({"probes": []}, "cfg.yaml: probes: empty"),
+        ({"divergences": "kl"}, "cfg.yaml: divergences must be a list, got 'kl'"),
+        ({"divergences": ["kl", "l2"]}, "unknown divergence 'l2'"),
+        ({"generation": {"max_tokens": 3}}, "cfg.yaml: generation.max_tokens: unknown key"),
+        ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens must be a positive integer, got 0"),
+        ({"generation": {"temperature": float("nan")}}, "generation.temperature must be a finite number, got nan"),
+        ({"generation": {"temperature": float("inf")}}, "generation.temperature must be a finite number, got inf"),
+        ({"generation": {"temperature": 0}}, "generation.temperature must be > 0, got 0"),
+        ({"generation": {"seed": 2**64}}, "generation.seed must be < 18446744073709551616"),
+        ({"generation": {"do_sample": "yes"}}, "generation.do_sample must be true or false, got 'yes'"),
+        ({"models": [{"name": "x", "gpus": 1}]}, "cfg.yaml: models[0].gpus: unknown key"),
+        ({"models": [{"name": "x", "actors": 0}]}, "cfg.yaml: models[0].actors must be at least 1, got 0"),
+        ({"models": [{"name": "x", "num_gpus": -1}]}, "models[0].num_gpus must be >= 0, got -1"),
+        ({"models": [{"name": "x", "num_cpus": 0}]}, "models[0].num_cpus must be > 0, got 0"),
+        (
+            {"models": [{"name": "x", "device_map": {"model.layers.1": "meta"}}]},
+            "models[0].device_map: device_map puts 'model.layers.1' on the meta device",
+        ),
+        ({"models": [{"name": "x", "device_map": "fast"}]}, "device_map must be one of auto, balanced"),
+        (
+            {"models": [{"name": "x", "device_map": {"lm_head": "gpu7"}}]},
+            "device_map['lm_head'] must be a GPU index, cpu, disk or cuda:N, got 'gpu7'",
+        ),
+        (
+            {"models": [{"name": "x", "device_map": {"lm_head": -1}}]},
+            "device_map['lm_head'] must be a GPU index, cpu, disk or cuda:N, got -1",
+        ),
+        (
+            {"models": [{"name": "x", "device_map": {"lm_head": True}}]},
+            "device_map['lm_head'] must be a GPU index, cpu, disk or cuda:N, got True",
+        ),
+        ({"models": [{"label": "x"}]}, "cfg.yaml: models[0].name: missing (required)"),
+        ({"models": ["a", "a"]}, "cfg.yaml: models: duplicate model label"),
+        ({"models": []}, "cfg.yaml: models: empty"),
+        ({"models": [{"name": "x", "label": "../up"}]}, "model label '../up' cannot name a store folder"),
+        ({"name": "../up"}, "run name '../up' cannot name a store folder"),
+        ({"layers": "1-x"}, "malformed layer spec '1-x'"),
+        ({"layers": True}, "layers must be a layer spec such as all or 0,15-21,27"),
+        ({"prompts": [{"path": "/nonexistent.jsonl"}]}, "prompts file not found: /nonexistent.jsonl"),
+        ({"probes": [{"name": "noise", "scale": -1}]}, "probe noise: scale must be >= 0, got -1"),
+        ({"probes": [{"name": "noise", "scale": float("nan")}]}, "probe noise: scale must be a finite number, got nan"),
+        ({"probes": [{"name": "noise", "sigma": 1}]}, "probe noise: unknown parameter 'sigma' (allowed: scale, seed)"),
+        ({"probes": ["patch"]}, "patch needs a source for every prompt; 3 have none (first: 'q0')"),
+    ],
+)
 def test_config_errors(config_file, change, message):
     with pytest.raises(KlstoreError, match=_escape(message)) as info:
         load_config(config_file(**change))
@@ -105,22 +131,28 @@ def test_config_that_is_not_a_mapping(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: ProbeSpec("lens"), "unknown probe 'lens': choose from logit_lens, skip"),
-    (lambda: ProbeSpec("skip", {"scale": 1}), "probe skip: unknown parameter 'scale' (it takes none)"),
-    (lambda: ProbeSpec("noise", {"scale": "big"}), "probe noise: scale must be a number, got 'big'"),
-    (lambda: ProbeSpec("noise", {"scale": math.inf}), "probe noise: scale must be a finite number, got inf"),
-    (lambda: ProbeSpec("noise", {"seed": 1.5}), "probe noise: seed must be an integer, got 1.5"),
-    (lambda: ProbeSpec("steer", {"alpha": 1}), "probe steer: give either vector"),
-    (lambda: ProbeSpec("steer", {"vector": "v.pt", "positive": "p.jsonl"}), "probe steer: give either vector"),
-    (lambda: ProbeSpec("steer", {"positive": "p.jsonl"}), "probe steer: give either vector"),
-    (lambda: ProbeSpec("steer", {"vector": "v.pt", "alpha": math.nan}), "probe steer: alpha must be a finite number"),
-    (lambda: GenerationSpec(0), "max_new_tokens must be a positive integer, got 0"),
-    (lambda: GenerationSpec(2, temperature=math.nan), "temperature must be a finite number, got nan"),
-    (lambda: GenerationSpec(2, seed=2**64), "seed must be < 18446744073709551616"),
-    (lambda: Prompt("a", 3), "prompt: text must be a string, got 3"),
-    (lambda: check_divergences([]), "no divergence asked for"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ProbeSpec("lens"), "unknown probe 'lens': choose from logit_lens, skip"),
+        (lambda: ProbeSpec("skip", {"scale": 1}), "probe skip: unknown parameter 'scale' (it takes none)"),
+        (lambda: ProbeSpec("noise", {"scale": "big"}), "probe noise: scale must be a number, got 'big'"),
+        (lambda: ProbeSpec("noise", {"scale": math.inf}), "probe noise: scale must be a finite number, got inf"),
+        (lambda: ProbeSpec("noise", {"seed": 1.5}), "probe noise: seed must be an integer, got 1.5"),
+        (lambda: ProbeSpec("steer", {"alpha": 1}), "probe steer: give either vector"),
+        (lambda: ProbeSpec("steer", {"vector": "v.pt", "positive": "p.jsonl"}), "probe steer: give either vector"),
+        (lambda: ProbeSpec("steer", {"positive": "p.jsonl"}), "probe steer: give either vector"),
+        (
+            lambda: ProbeSpec("steer", {"vector": "v.pt", "alpha": math.nan}),
+            "probe steer: alpha must be a finite number",
+        ),
+        (lambda: GenerationSpec(0), "max_new_tokens must be a positive integer, got 0"),
+        (lambda: GenerationSpec(2, temperature=math.nan), "temperature must be a finite number, got nan"),
+        (lambda: GenerationSpec(2, seed=2**64), "seed must be < 18446744073709551616"),
+        (lambda: Prompt("a", 3), "prompt: text must be a string, got 3"),
+        (lambda: check_divergences([]), "no divergence asked for"),
+    ],
+)
 def test_value_errors(build, message):
     with pytest.raises(KlstoreError, match=_escape(message)):
         build()
@@ -135,20 +167,23 @@ def test_probe_defaults_and_identity():
     assert list(DIVERGENCES) == ["kl", "kl_reverse", "js"]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"layer": 1}, "s.yaml: layer: unknown key"),
-    ({"aggregate": "mode"}, "s.yaml: aggregate must be mean or median, got 'mode'"),
-    ({"divergence": "l2"}, "s.yaml: divergence must be kl, kl_reverse or js, got 'l2'"),
-    ({"per_prompt": -1}, "s.yaml: per_prompt must be a whole number >= 0, got -1"),
-    ({"per_prompt": True}, "s.yaml: per_prompt must be a whole number >= 0, got True"),
-    ({"models": 3}, "s.yaml: models must be 'all' or a list of names, got 3"),
-    ({"group_by": []}, "group_by must be a list of groupings"),
-    ({"group_by": [["layer"]]}, "must list some of model, probe, prompt_group"),
-    ({"layers": {"m": "1-x"}}, "layers must be a layer spec"),
-    ({"shared_scale": "no"}, "s.yaml: shared_scale must be true or false, got 'no'"),
-    ({"name": "a/b"}, "report name 'a/b' cannot name a store folder"),
-    ({"source": "x"}, "s.yaml: source: unknown key"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"layer": 1}, "s.yaml: layer: unknown key"),
+        ({"aggregate": "mode"}, "s.yaml: aggregate must be mean or median, got 'mode'"),
+        ({"divergence": "l2"}, "s.yaml: divergence must be kl, kl_reverse or js, got 'l2'"),
+        ({"per_prompt": -1}, "s.yaml: per_prompt must be a whole number >= 0, got -1"),
+        ({"per_prompt": True}, "s.yaml: per_prompt must be a whole number >= 0, got True"),
+        ({"models": 3}, "s.yaml: models must be 'all' or a list of names, got 3"),
+        ({"group_by": []}, "group_by must be a list of groupings"),
+        ({"group_by": [["layer"]]}, "must list some of model, probe, prompt_group"),
+        ({"layers": {"m": "1-x"}}, "layers must be a layer spec"),
+        ({"shared_scale": "no"}, "s.yaml: shared_scale must be true or false, got 'no'"),
+        ({"name": "a/b"}, "report name 'a/b' cannot name a store folder"),
+        ({"source": "x"}, "s.yaml: source: unknown key"),
+    ],
+)
 def test_report_spec_errors(data, message):
     with pytest.raises(KlstoreError, match=_escape(message)):
         parse_report_spec(data, "s.yaml")
@@ -171,11 +206,15 @@ def test_experiment_identity_is_stable():
     data = {"name": "x", "models": ["smollm2-135m"], "prompts": [], "probes": ["noise"]}
     cfg = parse_experiment(data)
     assert cfg.identity() == {
-        "name": "x", "models": [{"name": "smollm2-135m", "label": "smollm2-135m", "dtype": "auto"}],
+        "name": "x",
+        "models": [{"name": "smollm2-135m", "label": "smollm2-135m", "dtype": "auto"}],
         "prompts_sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-        "probes": [{"name": "noise", "scale": 1.0, "seed": 0}], "layers": "all", "divergences": ["kl"],
+        "probes": [{"name": "noise", "scale": 1.0, "seed": 0}],
+        "layers": "all",
+        "divergences": ["kl"],
         "generation": {"max_new_tokens": 5, "do_sample": False, "seed": 0, "temperature": 1.0, "chat": False},
-        "shard_size": 16}
+        "shard_size": 16,
+    }
     # topk joins the identity only when it is not the default (older run ids stay valid)
     assert "topk" not in cfg.identity()
     assert parse_experiment({**data, "topk": 0}).identity()["topk"] == 0

@@ -4,14 +4,13 @@ import hashlib
 import os
 
 import pytest
+from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
 from klstore.core.models import from_objects
-from klstore.spec import ComputeSpec
 from klstore.run.worker import Worker
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt
+from klstore.spec import ComputeSpec, GenerationSpec, ProbeSpec, Prompt
 from klstore.store import connect
-from tiny_models import ToyTokenizer, build
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +35,30 @@ def _checksums(root):
 SECRET = os.path.expanduser("~/.klstore-test-secret")
 
 
-@pytest.mark.parametrize("query, message", [
-    ("COPY (SELECT * FROM kl) TO 'STORE/kl/model=tiny/probe=logit_lens/run_id=r1/dup.parquet'",
-     "COPY statements are refused"),
-    ("COPY kl TO '/tmp/klstore-copy.csv'", "COPY statements are refused"),
-    ("ATTACH '/tmp/klstore-attach.db' AS x", "ATTACH statements are refused"),
-    ("INSTALL httpfs", "LOAD statements are refused"),
-    ("LOAD httpfs", "LOAD statements are refused"),
-    ("CREATE TABLE t AS SELECT 1", "CREATE statements are refused"),
-    ("INSERT INTO kl SELECT * FROM kl", "INSERT statements are refused"),
-    ("DROP VIEW kl", "DROP statements are refused"),
-    ("SET enable_external_access = true", "SET statements are refused"),
-    ("PRAGMA enable_profiling", "PRAGMA statements are refused"),
-    ("CALL pragma_version()", "CALL statements are refused"),
-    ("SELECT 1; SELECT 2", "give one SQL statement per call, got 2"),
-    ("SELECT 1; COPY kl TO '/tmp/klstore-copy2.csv'", "give one SQL statement per call, got 2"),
-    (f"SELECT * FROM read_text('{SECRET}')", "file system operations are disabled"),
-    ("SELECT * FROM read_text('/etc/hostname')", "file system operations are disabled"),
-    ("SELECT * FROM read_parquet('STORE/../outside.parquet')", "file system operations are disabled"),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        (
+            "COPY (SELECT * FROM kl) TO 'STORE/kl/model=tiny/probe=logit_lens/run_id=r1/dup.parquet'",
+            "COPY statements are refused",
+        ),
+        ("COPY kl TO '/tmp/klstore-copy.csv'", "COPY statements are refused"),
+        ("ATTACH '/tmp/klstore-attach.db' AS x", "ATTACH statements are refused"),
+        ("INSTALL httpfs", "LOAD statements are refused"),
+        ("LOAD httpfs", "LOAD statements are refused"),
+        ("CREATE TABLE t AS SELECT 1", "CREATE statements are refused"),
+        ("INSERT INTO kl SELECT * FROM kl", "INSERT statements are refused"),
+        ("DROP VIEW kl", "DROP statements are refused"),
+        ("SET enable_external_access = true", "SET statements are refused"),
+        ("PRAGMA enable_profiling", "PRAGMA statements are refused"),
+        ("CALL pragma_version()", "CALL statements are refused"),
+        ("SELECT 1; SELECT 2", "give one SQL statement per call, got 2"),
+        ("SELECT 1; COPY kl TO '/tmp/klstore-copy2.csv'", "give one SQL statement per call, got 2"),
+        (f"SELECT * FROM read_text('{SECRET}')", "file system operations are disabled"),
+        ("SELECT * FROM read_text('/etc/hostname')", "file system operations are disabled"),
+        ("SELECT * FROM read_parquet('STORE/../outside.parquet')", "file system operations are disabled"),
+    ],
+)
 def test_sql_refuses_writes_and_outside_files(store_dir, capsys, query, message):
     with open(SECRET, "w") as handle:
         handle.write("token")
@@ -73,16 +77,31 @@ def test_read_only_queries_still_work(store_dir, capsys):
     assert main(["sql", "SELECT count(*) AS n FROM kl", "--store", str(store_dir), "--format", "csv"]) == 0
     assert capsys.readouterr().out.strip() == "n\n" + str(4 * 2 * 2)  # 4 layers x 2 tokens x 2 prompts
     assert main(["sql", "EXPLAIN SELECT * FROM kl", "--store", str(store_dir)]) == 0
-    assert main(["sql", "WITH x AS (SELECT DISTINCT prompt_id FROM kl) SELECT count(*) FROM x",
-                 "--store", str(store_dir), "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "sql",
+                "WITH x AS (SELECT DISTINCT prompt_id FROM kl) SELECT count(*) FROM x",
+                "--store",
+                str(store_dir),
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip().endswith("\n2")
 
 
 def test_connect_is_confined(store_dir):
     con = connect(str(store_dir))
     assert con.execute("SELECT count(DISTINCT prompt_id) FROM prompts").fetchone() == (2,)
-    for statement in ("SELECT * FROM read_text('/etc/hostname')", "SET enable_external_access = true",
-                      "INSTALL httpfs", "SET autoload_known_extensions = true"):
+    for statement in (
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SET enable_external_access = true",
+        "INSTALL httpfs",
+        "SET autoload_known_extensions = true",
+    ):
         with pytest.raises(Exception, match="disabled by configuration|configuration has been locked"):
             con.execute(statement)
 
@@ -150,28 +169,35 @@ def _csv(store_dir, capsys, query):
     return capsys.readouterr().out.strip().splitlines()
 
 
-@pytest.mark.parametrize("query, expected", [
-    # PIVOT without IN: DuckDB makes an ENUM type of the pivoted values first (a MULTI statement)
-    ("PIVOT (SELECT prompt_id, layer FROM kl) ON prompt_id USING count(*) GROUP BY layer ORDER BY layer",
-     ["layer,a,b", "0,2,2", "1,2,2", "2,2,2", "3,2,2"]),
-    ("PIVOT (SELECT prompt_id FROM kl) ON prompt_id IN ('a', 'b') USING count(*)", ["a,b", "8,8"]),
-    ("SELECT * FROM (PIVOT (SELECT prompt_id FROM kl) ON prompt_id USING count(*))", ["a,b", "8,8"]),
-    ("UNPIVOT (SELECT 1 AS a, 2 AS b) ON a, b INTO NAME k VALUE v ORDER BY k", ["k,v", "a,1", "b,2"]),
-    ("SELECT column_name, count FROM (SUMMARIZE prompts) WHERE column_name = 'prompt_id'",
-     ["column_name,count", "prompt_id,2"]),
-    ("SUMMARIZE SELECT layer FROM kl", None),
-    ("DESCRIBE runs", None),
-    ("SHOW TABLES", None),
-    ("FROM prompts SELECT prompt_id ORDER BY prompt_id", ["prompt_id", "a", "b"]),
-    ("FROM kl SELECT count(*) AS n", ["n", "16"]),
-    ("TABLE prompts", None),
-    ("VALUES (1, 'x'), (2, 'y')", ["col0,col1", "1,x", "2,y"]),
-    ("EXPLAIN PIVOT (SELECT prompt_id FROM kl) ON prompt_id USING count(*)", None),
-    ("EXPLAIN ANALYZE SELECT count(*) FROM kl", None),
-    ("EXPLAIN ANALYZE (SELECT 1)", None),
-    ("EXPLAIN (FORMAT json) FROM kl", None),
-    ("/* why */ EXPLAIN ANALYZE VALUES (1) -- done", None),
-])
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        # PIVOT without IN: DuckDB makes an ENUM type of the pivoted values first (a MULTI statement)
+        (
+            "PIVOT (SELECT prompt_id, layer FROM kl) ON prompt_id USING count(*) GROUP BY layer ORDER BY layer",
+            ["layer,a,b", "0,2,2", "1,2,2", "2,2,2", "3,2,2"],
+        ),
+        ("PIVOT (SELECT prompt_id FROM kl) ON prompt_id IN ('a', 'b') USING count(*)", ["a,b", "8,8"]),
+        ("SELECT * FROM (PIVOT (SELECT prompt_id FROM kl) ON prompt_id USING count(*))", ["a,b", "8,8"]),
+        ("UNPIVOT (SELECT 1 AS a, 2 AS b) ON a, b INTO NAME k VALUE v ORDER BY k", ["k,v", "a,1", "b,2"]),
+        (
+            "SELECT column_name, count FROM (SUMMARIZE prompts) WHERE column_name = 'prompt_id'",
+            ["column_name,count", "prompt_id,2"],
+        ),
+        ("SUMMARIZE SELECT layer FROM kl", None),
+        ("DESCRIBE runs", None),
+        ("SHOW TABLES", None),
+        ("FROM prompts SELECT prompt_id ORDER BY prompt_id", ["prompt_id", "a", "b"]),
+        ("FROM kl SELECT count(*) AS n", ["n", "16"]),
+        ("TABLE prompts", None),
+        ("VALUES (1, 'x'), (2, 'y')", ["col0,col1", "1,x", "2,y"]),
+        ("EXPLAIN PIVOT (SELECT prompt_id FROM kl) ON prompt_id USING count(*)", None),
+        ("EXPLAIN ANALYZE SELECT count(*) FROM kl", None),
+        ("EXPLAIN ANALYZE (SELECT 1)", None),
+        ("EXPLAIN (FORMAT json) FROM kl", None),
+        ("/* why */ EXPLAIN ANALYZE VALUES (1) -- done", None),
+    ],
+)
 def test_read_only_forms_are_accepted(store_dir, capsys, query, expected):
     before = _checksums(store_dir)
     lines = _csv(store_dir, capsys, query)
@@ -185,8 +211,17 @@ def test_read_only_forms_are_accepted(store_dir, capsys, query, expected):
 
 
 def test_read_only_forms_expected_rows(store_dir, capsys):
-    assert _csv(store_dir, capsys, "SELECT name FROM (SHOW TABLES) ORDER BY name") == \
-        ["name", "generations", "kl", "lens_tokens", "prompts", "runs", "settling", "shards", "tokens"]
+    assert _csv(store_dir, capsys, "SELECT name FROM (SHOW TABLES) ORDER BY name") == [
+        "name",
+        "generations",
+        "kl",
+        "lens_tokens",
+        "prompts",
+        "runs",
+        "settling",
+        "shards",
+        "tokens",
+    ]
     described = _csv(store_dir, capsys, "SELECT column_name FROM (DESCRIBE prompts) LIMIT 3")
     assert described == ["column_name", "run_id", "model", "prompt_id"]
     table = _csv(store_dir, capsys, "SELECT prompt_id, n_generated FROM (TABLE prompts) ORDER BY 1")
@@ -197,7 +232,8 @@ def test_pivot_through_the_python_api(store_dir):
     from klstore import open_store
 
     frame = open_store(str(store_dir)).sql(
-        "PIVOT (SELECT prompt_id, layer FROM kl) ON prompt_id USING count(*) GROUP BY layer ORDER BY layer")
+        "PIVOT (SELECT prompt_id, layer FROM kl) ON prompt_id USING count(*) GROUP BY layer ORDER BY layer"
+    )
     assert frame.columns.tolist() == ["layer", "a", "b"] and frame["a"].tolist() == [2, 2, 2, 2]
 
 
@@ -208,11 +244,17 @@ def test_stray_file_is_named_by_readers_and_quarantined(tmp_path, capsys):
 
     root = tmp_path / "store"
     worker = Worker("tiny", "tiny", str(root), loaded=from_objects("tiny", build("llama"), ToyTokenizer()))
-    worker.run_shard("r1", [Prompt("a", "The quick brown fox")],
-                     ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(2)))
+    worker.run_shard(
+        "r1",
+        [Prompt("a", "The quick brown fox")],
+        ComputeSpec((ProbeSpec("logit_lens"),), "all", ("kl",), GenerationSpec(2)),
+    )
     capsys.readouterr()
-    strays = [root / "kl" / "pwn.parquet", root / "prompts" / "model=tiny" / "x.parquet",
-              root / "kl" / "model=tiny" / "probe=logit_lens" / "y.parquet"]
+    strays = [
+        root / "kl" / "pwn.parquet",
+        root / "prompts" / "model=tiny" / "x.parquet",
+        root / "kl" / "model=tiny" / "probe=logit_lens" / "y.parquet",
+    ]
     for path in strays:
         path.parent.mkdir(parents=True, exist_ok=True)
         duckdb.sql(f"COPY (SELECT 42 AS x) TO '{path}' (FORMAT parquet)")
@@ -228,8 +270,9 @@ def test_stray_file_is_named_by_readers_and_quarantined(tmp_path, capsys):
     assert main(["sql", "SELECT count(*) FROM generations", "--store", str(root), "--format", "csv"]) == 0
     assert capsys.readouterr().out.strip() == "count_star()\n2"  # other tables still answer
     assert main(["verify", "--quarantine", "--store", str(root)]) == 0
-    moved = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
-             if line.startswith("quarantined: ")]
+    moved = [
+        line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("quarantined: ")
+    ]
     assert len(moved) == 3 and all(os.path.exists(p) for p in moved)
     assert not any(path.exists() for path in strays)
     assert main(["sql", "SELECT count(*) FROM kl", "--store", str(root), "--format", "csv"]) == 0

@@ -9,15 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from store_helpers import JOB, PROMPTS
+from store_helpers import kl_rows as _kl_table
+from store_helpers import tiny_worker as _worker
+from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.run.worker import Worker
-from klstore.spec import ComputeSpec, GenerationSpec, Prompt
+from klstore.spec import GenerationSpec, Prompt
 from klstore.store import open_store, upkeep, views
-from store_helpers import JOB, PROMPTS, kl_rows as _kl_table, tiny_worker as _worker
-from tiny_models import ToyTokenizer, build
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -32,16 +35,19 @@ def test_round_trip_equals_in_memory(tiny, tmp_path):
     in_memory = engine.run_many(PROMPTS[:3], list(JOB.probes), "all", ("kl", "js"), GenerationSpec(4))
     for prompt, matrices in zip(PROMPTS[:3], in_memory):
         for matrix in matrices:
-            _, rows = views.sql(uri, "SELECT layer, gen_idx, kl, js, kl_reverse, top1_match, "
-                                     "prompt_group, model FROM kl WHERE prompt_id = ? AND probe = ? "
-                                     "AND run_id = ? ORDER BY layer, gen_idx",
-                                [prompt.id, matrix.probe, "r1"])
+            _, rows = views.sql(
+                uri,
+                "SELECT layer, gen_idx, kl, js, kl_reverse, top1_match, "
+                "prompt_group, model FROM kl WHERE prompt_id = ? AND probe = ? "
+                "AND run_id = ? ORDER BY layer, gen_idx",
+                [prompt.id, matrix.probe, "r1"],
+            )
             assert len(rows) == len(matrix.layers) * matrix.generation.n
             kl = np.array([r[2] for r in rows]).reshape(len(matrix.layers), -1)
             js = np.array([r[3] for r in rows]).reshape(len(matrix.layers), -1)
             np.testing.assert_array_equal(kl, matrix.values["kl"])
             np.testing.assert_array_equal(js, matrix.values["js"])
-            assert [r[0] for r in rows[::matrix.generation.n]] == list(matrix.layers)
+            assert [r[0] for r in rows[:: matrix.generation.n]] == list(matrix.layers)
             assert all(r[4] is None for r in rows)  # kl_reverse not asked for: null
             assert [r[5] for r in rows] == matrix.top1_match.reshape(-1).tolist()
             assert {r[6] for r in rows} == {prompt.group} and {r[7] for r in rows} == {"tiny-llama"}
@@ -82,7 +88,8 @@ def test_interrupted_write_is_invisible_and_reported(tiny, tmp_path):
         "os.replace = lambda *a: os._exit(9)  # die between the write and the rename\n"
         f"store = open_store({uri!r})\n"
         "rows = pa.table({n: pa.nulls(3, f.type) for n, f in zip(KL_SCHEMA.names, KL_SCHEMA)})\n"
-        "store.write('kl', rows, 'part-crash.parquet', model='tiny-llama', probe='skip', run_id='r1')\n")
+        "store.write('kl', rows, 'part-crash.parquet', model='tiny-llama', probe='skip', run_id='r1')\n"
+    )
     crashed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert crashed.returncode == 9, crashed.stderr
     store = open_store(uri)
@@ -117,10 +124,14 @@ def test_compact_keeps_every_query_result(tiny, tmp_path):
     uri = str(tmp_path / "store")
     worker = _worker(tiny, uri)
     for i in range(len(PROMPTS)):
-        worker.run_shard("r1", PROMPTS[i:i + 1], JOB)
+        worker.run_shard("r1", PROMPTS[i : i + 1], JOB)
     store = open_store(uri)
-    queries = ["SELECT * FROM kl ORDER BY ALL", "SELECT * FROM generations ORDER BY ALL",
-               "SELECT * FROM prompts ORDER BY ALL", "SELECT * FROM runs ORDER BY ALL"]
+    queries = [
+        "SELECT * FROM kl ORDER BY ALL",
+        "SELECT * FROM generations ORDER BY ALL",
+        "SELECT * FROM prompts ORDER BY ALL",
+        "SELECT * FROM runs ORDER BY ALL",
+    ]
     aggregate = "SELECT layer, gen_idx, avg(kl), avg(js) FROM kl GROUP BY ALL ORDER BY ALL"
     before = [views.sql(uri, q) for q in queries]
     before_agg = views.sql(uri, aggregate)[1]
@@ -139,9 +150,19 @@ def test_older_schema_files_stay_readable(tiny, tmp_path):
     _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
     folder = tmp_path / "store" / "kl" / "model=old" / "probe=logit_lens" / "run_id=r0"
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({"prompt_id": ["x"], "prompt_group": ["g"], "layer": pa.array([0], pa.int16()),
-                             "gen_idx": pa.array([0], pa.int16()), "kl": pa.array([1.5], pa.float32()),
-                             "top1_match": [True]}), folder / "part-old.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "prompt_id": ["x"],
+                "prompt_group": ["g"],
+                "layer": pa.array([0], pa.int16()),
+                "gen_idx": pa.array([0], pa.int16()),
+                "kl": pa.array([1.5], pa.float32()),
+                "top1_match": [True],
+            }
+        ),
+        folder / "part-old.parquet",
+    )
     _, rows = views.sql(uri, "SELECT kl, js, n_layers FROM kl WHERE model = 'old'")
     assert rows == [(1.5, None, None)]
     merged = upkeep.compact(open_store(uri), min_files=1)
@@ -172,11 +193,14 @@ def test_sql_formats(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0] == {"layer": 0, "n": 4}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sql", "SELEC 1"], "SQL error: Parser Error"),
-    (["sql", "SELECT nope FROM kl"], "SQL error: Binder Error"),
-    (["sql", "SELECT 1", "--format", "xml"], "unknown --format 'xml'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sql", "SELEC 1"], "SQL error: Parser Error"),
+        (["sql", "SELECT nope FROM kl"], "SQL error: Binder Error"),
+        (["sql", "SELECT 1", "--format", "xml"], "unknown --format 'xml'"),
+    ],
+)
 def test_sql_bad_input(tiny, tmp_path, capsys, argv, message):
     uri = str(tmp_path / "store")
     _worker(tiny, uri).run_shard("r1", PROMPTS[:1], JOB)
@@ -201,10 +225,11 @@ def test_store_bad_input_leaves_store_untouched(tmp_path):
     out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", blocker / "store")
     assert out.returncode == 2 and "cannot create store" in out.stderr and "Traceback" not in out.stderr
     store = tmp_path / "store"
-    for label, message in [("../x", "model label '../x' cannot name a store folder"),
-                           ("a/b", "model label 'a/b' cannot name a store folder")]:
-        out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", store,
-                      "--label", label)
+    for label, message in [
+        ("../x", "model label '../x' cannot name a store folder"),
+        ("a/b", "model label 'a/b' cannot name a store folder"),
+    ]:
+        out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", store, "--label", label)
         assert out.returncode == 2 and message in out.stderr
     out = run_cli("compute", "--model", "smollm2-135m", "--prompt", "hi", "--store", store, "--run", "/")
     assert out.returncode == 2 and "run name '/' cannot name a store folder" in out.stderr
@@ -235,8 +260,9 @@ def test_readme_example_queries_run(tiny, tmp_path):
         per.setdefault((row["model"], row["prompt_group"]), []).append(row["layer"])
     assert {m for m, _ in per} == {"smollm2-135m", "other-model"} and all(len(v) == 3 for v in per.values())
     assert {r["model"] for r in results[4]} == {"smollm2-135m", "other-model"} and len(results[4]) == 10
-    assert {(r["model"], r["rank"]) for r in results[6]} == {(m, k) for m in ("smollm2-135m", "other-model")
-                                                              for k in (1, 2, 3)}
+    assert {(r["model"], r["rank"]) for r in results[6]} == {
+        (m, k) for m in ("smollm2-135m", "other-model") for k in (1, 2, 3)
+    }
     assert all(0 <= r["deep_thinking_ratio"] <= 1 for r in results[7])
 
 
@@ -247,8 +273,15 @@ def test_noise_floor_is_measured_once_per_worker_and_recorded(tiny, tmp_path):
     from klstore.spec import ExperimentConfig, ModelConfig
 
     uri = str(tmp_path / "store")
-    cfg = ExperimentConfig(name="floor", store=uri, models=(ModelConfig(name="tiny", label="tiny-llama"),),
-                           prompt_paths=(), compute=JOB, shard_size=3, prompts=tuple(PROMPTS))
+    cfg = ExperimentConfig(
+        name="floor",
+        store=uri,
+        models=(ModelConfig(name="tiny", label="tiny-llama"),),
+        prompt_paths=(),
+        compute=JOB,
+        shard_size=3,
+        prompts=tuple(PROMPTS),
+    )
     plan = RunPlan(cfg)
     worker = _worker(tiny, plan.store)
     execute_local(plan, worker, say=lambda m: None)
@@ -259,10 +292,12 @@ def test_noise_floor_is_measured_once_per_worker_and_recorded(tiny, tmp_path):
     # the same prompt alone vs in its batch, recomputed here independently
     engine = Engine(tiny)
     batched = engine.run_many(PROMPTS[:3], list(JOB.probes), "all", JOB.divergences, JOB.generation)[0]
-    alone = engine.run_many(PROMPTS[:1], list(JOB.probes), "all", JOB.divergences, JOB.generation,
-                            batch_size=1)[0]
-    expected = max(float(np.nanmax(np.abs(b.values[d].astype(np.float64) - a.values[d])))
-                   for b, a in zip(batched, alone) for d in JOB.divergences)
+    alone = engine.run_many(PROMPTS[:1], list(JOB.probes), "all", JOB.divergences, JOB.generation, batch_size=1)[0]
+    expected = max(
+        float(np.nanmax(np.abs(b.values[d].astype(np.float64) - a.values[d])))
+        for b, a in zip(batched, alone)
+        for d in JOB.divergences
+    )
     assert floors[0] == pytest.approx(expected, abs=1e-9)
     _, runs = views.sql(uri, "SELECT status, noise_floor FROM runs")
     assert runs == [("completed", pytest.approx(floors[0]))]

@@ -8,6 +8,8 @@ import sys
 
 import duckdb
 import pytest
+from faults import Faulty
+from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
 from klstore.core.models import from_objects
@@ -17,8 +19,6 @@ from klstore.spec import ComputeSpec, ExperimentConfig, GenerationSpec, ModelCon
 from klstore.store import open_store, views
 from klstore.store.integrity import JOURNAL_NAME, recover
 from klstore.store.upkeep import compact, verify
-from faults import Faulty
-from tiny_models import ToyTokenizer, build
 
 PROMPTS = tuple(Prompt(f"q{i}", f"prompt number {i} says", group="g" if i % 2 else "h") for i in range(6))
 PROBES = (ProbeSpec("logit_lens"), ProbeSpec("skip"))
@@ -30,9 +30,16 @@ def tiny():
 
 
 def _config(uri: str) -> ExperimentConfig:
-    return ExperimentConfig(name="integ", store=uri, models=(ModelConfig(name="tiny", label="tiny"),),
-                            prompt_paths=(), compute=ComputeSpec(PROBES, "all", ("kl", "js"), GenerationSpec(3)),
-                            shard_size=2, source="test", prompts=PROMPTS)
+    return ExperimentConfig(
+        name="integ",
+        store=uri,
+        models=(ModelConfig(name="tiny", label="tiny"),),
+        prompt_paths=(),
+        compute=ComputeSpec(PROBES, "all", ("kl", "js"), GenerationSpec(3)),
+        shard_size=2,
+        source="test",
+        prompts=PROMPTS,
+    )
 
 
 def _run(tiny, uri: str) -> dict:
@@ -53,8 +60,9 @@ def _totals(uri: str) -> dict:
 def _plain_count(root: str) -> int:
     """What a plain DuckDB reader of the folder sees: it must never count a row twice."""
     con = duckdb.connect()
-    return con.execute("SELECT count(*) FROM read_parquet(?, hive_partitioning = true)",
-                       [f"{root}/kl/**/*.parquet"]).fetchone()[0]
+    return con.execute(
+        "SELECT count(*) FROM read_parquet(?, hive_partitioning = true)", [f"{root}/kl/**/*.parquet"]
+    ).fetchone()[0]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +142,8 @@ def test_compaction_killed_with_sigkill(tiny, tmp_path, baseline):
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    original(self, path)\n"
         "Store.delete = delete\n"
-        f"compact(open_store({uri!r}))\n")
+        f"compact(open_store({uri!r}))\n"
+    )
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _totals(uri) == baseline
@@ -153,8 +162,14 @@ def test_a_live_compaction_is_left_alone(tiny, tmp_path, baseline):
         import json
         import socket
 
-        journal = {"state": "started", "sources": [], "target": "compact-x.parquet",
-                   "host": socket.gethostname(), "pid": sleeper.pid, "at": 0}
+        journal = {
+            "state": "started",
+            "sources": [],
+            "target": "compact-x.parquet",
+            "host": socket.gethostname(),
+            "pid": sleeper.pid,
+            "at": 0,
+        }
         with open(os.path.join(folder, JOURNAL_NAME), "w") as handle:
             json.dump(journal, handle)
         assert recover(store) == 0

@@ -5,20 +5,22 @@ log-sum-exp, the rank's two targets and the top-k merge all cross chunk borders.
 import numpy as np
 import pytest
 import torch
-
-from klstore.core import unembed
-from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 from lens_checks import check_lens_tokens
 from reference import reference_matrices
 from tiny_models import VOCAB, build
 
-PROMPTS = [Prompt("p1", "The quick brown fox", group="g"), Prompt("p2", "Hello", group="g"),
-           Prompt("p3", "A longer prompt than the others, by far", group="h")]
+from klstore.core import unembed
+from klstore.spec import GenerationSpec, ProbeSpec, Prompt
+
+PROMPTS = [
+    Prompt("p1", "The quick brown fox", group="g"),
+    Prompt("p2", "Hello", group="g"),
+    Prompt("p3", "A longer prompt than the others, by far", group="h"),
+]
 
 
 def _run(engine, probe, prompts=PROMPTS, n=4, topk=5):
-    results = engine.run_many(prompts, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(max_new_tokens=n),
-                              topk=topk)
+    results = engine.run_many(prompts, [ProbeSpec(probe)], "all", ("kl",), GenerationSpec(max_new_tokens=n), topk=topk)
     for result in results:
         assert not isinstance(result, Exception), result
     return [result[0] for result in results]
@@ -52,8 +54,9 @@ def test_chunked_pass_matches_float64_reference(family, engine, monkeypatch, pro
     for result in _run(engine, probe):
         gen = result.generation
         sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
-        values, _, logq64 = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids),
-                                               gen.n, probe, result.layers, return_logq=True)
+        values, _, logq64 = reference_matrices(
+            build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n, probe, result.layers, return_logq=True
+        )
         np.testing.assert_allclose(result.values["kl"], values["kl"].numpy(), atol=1e-5, rtol=1e-5)
         assert check_lens_tokens(result, logq64, 5) > 0
 
@@ -93,8 +96,9 @@ def test_topk_zero(engine):
     assert (result.gen_rank[-1] == 1).all()
 
 
-@pytest.mark.parametrize("divergences, expected", [
-    (("kl",), True), (("kl", "js"), False), (("js",), False), (("kl_reverse",), False)])
+@pytest.mark.parametrize(
+    "divergences, expected", [(("kl",), True), (("kl", "js"), False), (("js",), False), (("kl_reverse",), False)]
+)
 def test_applies_to_forward_kl_alone(engine, divergences, expected):
     assert unembed.applies(engine.adapter, divergences) is expected
 
@@ -146,8 +150,9 @@ def test_cached_clean_pass_matches_exact_and_float64(family, engine, probe, n):
         np.testing.assert_allclose(b.gen_logprob, a.gen_logprob, atol=1e-5)
         gen = b.generation
         sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
-        values, _ = reference_matrices(build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n,
-                                       probe, b.layers)
+        values, _ = reference_matrices(
+            build(family, torch.float64), sequence, len(gen.prompt_ids), gen.n, probe, b.layers
+        )
         np.testing.assert_allclose(b.values["kl"], values["kl"].numpy(), atol=1e-5, rtol=1e-5)
 
 
@@ -167,9 +172,10 @@ def test_cached_trace_equals_teacher_forced_trace(engine):
 
 
 def test_cached_trace_stops_at_eos_like_the_exact_one():
+    from tiny_models import ToyTokenizer
+
     from klstore.core.engine import Engine
     from klstore.core.models import from_objects
-    from tiny_models import ToyTokenizer
 
     model = build("llama")
     with torch.no_grad():  # EOS (id 0) certain from the second token on: rows end at different lengths
@@ -178,8 +184,9 @@ def test_cached_trace_stops_at_eos_like_the_exact_one():
     exact = _run(engine, "logit_lens", n=6)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(engine, "trace_batch", lambda *a: pytest.fail("cached mode ran the teacher-forced pass"))
-        cached = engine.run_many(PROMPTS, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(6),
-                                 clean_pass="cached")
+        cached = engine.run_many(
+            PROMPTS, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(6), clean_pass="cached"
+        )
     for a, b in zip(exact, cached):
         assert a.generation == b[0].generation
         np.testing.assert_allclose(b[0].values["kl"], a.values["kl"], atol=1e-5, rtol=1e-5)
@@ -208,8 +215,9 @@ def test_reduced_matmul_precision_is_scoped_to_the_call(family, engine, precisio
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(engine, "_final_states", spy)
-        reduced = engine.run_many(PROMPTS, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(max_new_tokens=4),
-                                  matmul_precision=precision)
+        reduced = engine.run_many(
+            PROMPTS, [ProbeSpec("skip")], "all", ("kl",), GenerationSpec(max_new_tokens=4), matmul_precision=precision
+        )
     assert set(seen) == {{"high": ("tf32", "ieee"), "medium": ("tf32", "bf16")}[precision]}
     assert torch.get_float32_matmul_precision() == "highest"
     for a, b in zip(full, reduced):
@@ -273,7 +281,7 @@ def test_minus_infinite_logits_are_zero_terms_not_errors(family, engine, monkeyp
     monkeypatch.setattr(unembed, "VOCAB_CHUNK", 16)
     head = engine.adapter.head
     bias = torch.zeros(VOCAB)
-    bias[VOCAB - 20:] = -torch.inf  # a whole chunk (80-95) and part of another
+    bias[VOCAB - 20 :] = -torch.inf  # a whole chunk (80-95) and part of another
     monkeypatch.setattr(head, "bias", torch.nn.Parameter(bias, requires_grad=False))
     result = _run(engine, "logit_lens", PROMPTS[:1])[0]
     with monkeypatch.context() as m:
@@ -288,9 +296,10 @@ def test_minus_infinite_logits_are_zero_terms_not_errors(family, engine, monkeyp
 def test_bfloat16_ranks_agree_with_the_row_path(family, monkeypatch, chunk):
     """bfloat16 logits tie often; Gen t's own logit must round as the chunks' do, so a token tied
     with it is never counted above it (ties share the better rank)."""
+    from tiny_models import ToyTokenizer
+
     from klstore.core.engine import Engine
     from klstore.core.models import from_objects
-    from tiny_models import ToyTokenizer
 
     engine = Engine(from_objects(family, build(family, torch.bfloat16), ToyTokenizer()))
     monkeypatch.setattr(unembed, "VOCAB_CHUNK", chunk)

@@ -6,13 +6,13 @@ import copy
 import pyarrow.parquet as pq
 import pytest
 import transformers
+from store_helpers import JOB, PROMPTS
+from tiny_models import VOCAB, ToyTokenizer, build
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from klstore.core.models import from_objects
 from klstore.run.worker import TOKENIZER_KEY, Worker, tokenizer_fingerprint
 from klstore.store import views
-from store_helpers import JOB, PROMPTS
-from tiny_models import VOCAB, ToyTokenizer, build
 
 
 def fast_tokenizer(first: int = 32) -> transformers.PreTrainedTokenizerFast:
@@ -114,8 +114,9 @@ def test_fingerprint_follows_what_decoding_reads(model):
 def test_fingerprint_covers_the_head_size(model):
     padded = copy.deepcopy(model)
     padded.resize_token_embeddings(VOCAB + 32)  # a head with rows past the tokenizer's ids
-    assert tokenizer_fingerprint(from_objects_engine(padded, fast_tokenizer())) != \
-        tokenizer_fingerprint(from_objects_engine(model, fast_tokenizer()))
+    assert tokenizer_fingerprint(from_objects_engine(padded, fast_tokenizer())) != tokenizer_fingerprint(
+        from_objects_engine(model, fast_tokenizer())
+    )
 
 
 def from_objects_engine(model, tokenizer):
