@@ -242,8 +242,10 @@ class Lens:
         """`compute` for validated prompts and one `klstore.spec.ComputeSpec`, taken whole (the
         keyword arguments of `compute` build one; the CLI's `compute` calls this too)."""
         from klstore.core.steering import prepare_probes
+        from klstore.run import lenses
         from klstore.spec import parse_layers
 
+        compute = lenses.resolve(compute, lenses.store_for_ids(None))
         resolved = parse_layers(compute.layers, self.engine.n_layers, self.loaded.label)
         prepare_probes(self.engine, compute.probes, compute.generation)
         encoded = [self.engine.encode(p, compute.generation) for p in prompts]  # every prompt before any work
@@ -442,11 +444,11 @@ class Result:
     def klmatrix(self, prompt=0, probe: str | None = None):
         """The engine's `KLMatrix` of one prompt (index or id) and probe (name; default the first)."""
         matrices = self.results[self._prompt_index(prompt)]
-        name = probe or self.probes[0].name
+        name = probe or self.compute.readouts[0]
         for m in matrices:
             if m.probe == name:
                 return m
-        raise KlstoreError(f"unknown probe {name!r} in this result: {', '.join(p.name for p in self.probes)}")
+        raise KlstoreError(f"unknown probe {name!r} in this result: {', '.join(self.compute.readouts)}")
 
     def _divergence(self, divergence: str | None) -> str:
         name = divergence or self.divergences[0]
@@ -510,12 +512,12 @@ class Result:
 
         outcomes = self._outcomes()
         parts = []
-        for probe in self.probes:
-            rows = records.kl_rows(outcomes, probe.name)  # the very rows `save` writes
+        for probe in self.compute.readouts:
+            rows = records.kl_rows(outcomes, probe)  # the very rows `save` writes
             count = rows.num_rows
             rows = rows.append_column("run_id", pa.array([self.run_id] * count, pa.string()))
             rows = rows.append_column("model", pa.array([self.model] * count, pa.string()))
-            rows = rows.append_column("probe", pa.array([probe.name] * count, pa.string()))
+            rows = rows.append_column("probe", pa.array([probe] * count, pa.string()))
             parts.append(rows.select(list(VIEW_COLUMNS["kl"])))
         return pa.concat_tables(parts)
 
@@ -540,7 +542,7 @@ class Result:
         tokens = str(n_gen[0]) if len(n_gen) == 1 else f"{n_gen[0]}-{n_gen[-1]}"
         return (
             f"klstore Result: {self.model}, {len(self.prompts)} prompt(s), "
-            f"probes {', '.join(p.name for p in self.probes)}, {len(self.layers)} layer(s) "
+            f"probes {', '.join(self.compute.readouts)}, {len(self.layers)} layer(s) "
             f"({self.layer_spec}), {tokens} generated token(s), {', '.join(self.divergences)}"
             + (f", run {self.run_id}" if self.run_id else "")
         )

@@ -108,7 +108,13 @@ def _add_options(parser) -> None:
     from klstore.spec import ComputeSpec
 
     for name, (info, option) in ComputeSpec.options().items():
-        if option.flag is not None:
+        if option.flag is None:
+            continue
+        if option.repeat:  # given several times: the list (absent: None, and the field's default applies)
+            parser.add_argument(
+                option.flag, dest=name, type=option.parse, metavar=option.metavar, action="append", help=option.help
+            )
+        else:
             parser.add_argument(
                 option.flag,
                 dest=name,
@@ -129,7 +135,11 @@ def _compute_inputs(args):
     from klstore.spec import ComputeSpec
 
     options = ComputeSpec.check_options(
-        {name: getattr(args, name) for name, (_, option) in ComputeSpec.options().items() if option.flag is not None}
+        {
+            name: getattr(args, name)
+            for name, (_, option) in ComputeSpec.options().items()
+            if option.flag is not None and getattr(args, name) is not None
+        }
     )
     if args.tokens and not options["topk"]:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
@@ -187,8 +197,10 @@ def cmd_compute(args) -> int:
     compute, prompts = _compute_inputs(args)
     png = _png_target(args.png)
     from klstore.core.models import load_model, quiet_libraries, resolve
+    from klstore.run import lenses
 
     quiet_libraries()
+    compute = lenses.resolve(compute, lenses.store_for_ids(args.store))
     from klstore.run.preflight import check_model
 
     # layers, generation length against the context, steering vectors: as `klstore run` before Ray

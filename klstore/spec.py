@@ -594,6 +594,81 @@ def probe_from_entry(entry) -> ProbeSpec:
     return ProbeSpec(entry["name"], {k: v for k, v in entry.items() if k != "name"})
 
 
+# ----------------------------------------------------------------- lenses
+# kind -> the read-out probe name its kl rows carry (docs/conventions.md, "Lenses"). The read-out
+# is asked for as `logit_lens` in `probes`; `lens` says which lenses read it. Rows read by the
+# logit lens keep the name `logit_lens`, so every query written before lenses keeps its meaning.
+LENS_READOUTS = {
+    "logit": "logit_lens",
+    "tuned": "tuned_lens",
+    "least_squares": "least_squares_lens",
+    "jacobian": "jacobian_lens",
+}
+LOGIT_LENS_ID = "logit"  # the lens_id of the logit lens (it has no parameters to hash)
+LENS_ID_LENGTH = 16  # hex digits of a fitted lens's content hash
+
+
+def is_lens_id(text: str) -> bool:
+    """Whether `text` has the form of a fitted lens's id (16 lowercase hex digits)."""
+    return len(text) == LENS_ID_LENGTH and all(c in "0123456789abcdef" for c in text)
+
+
+class LensSpec(_Value):
+    """One lens reading the read-out probe. `kind` and `id` (the content hash of its parameters,
+    `logit` for the logit lens) define it; `source` says where its files are (a lens folder or
+    file, or a lens in the store) and is never part of a run's identity. A lens a user names by
+    path or store id has no kind and id until it is resolved (klstore.core.lenses.resolve)."""
+
+    kind: str = ""
+    id: str = ""
+    source: str = ""
+
+    @classmethod
+    def of(cls, value) -> LensSpec:
+        """A lens as users write it: `logit`, a path, a store lens id, or a LensSpec."""
+        if isinstance(value, LensSpec):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise KlstoreError(f"a lens is `logit`, a lens folder or file, or a lens id, got {value!r}")
+        if value == "logit":
+            return cls(kind="logit", id=LOGIT_LENS_ID)
+        return cls(source=value)
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.kind and self.id)
+
+    @property
+    def readout(self) -> str:
+        """The probe name of the kl rows this lens reads."""
+        return LENS_READOUTS[self.kind]
+
+    def describe(self) -> str:
+        return self.kind if self.kind == "logit" else f"{self.kind} lens {self.id or self.source}"
+
+
+LOGIT_LENS = LensSpec.of("logit")
+
+
+def _lens_list(value) -> tuple[LensSpec, ...]:
+    """One lens or a list of lenses, without repeats (the order given is kept)."""
+    if isinstance(value, (str, LensSpec)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise KlstoreError("lens must be a lens or a non-empty list of lenses")
+    out: list[LensSpec] = []
+    for entry in value:
+        lens = LensSpec.of(entry)
+        if lens not in out:
+            out.append(lens)
+    return tuple(out)
+
+
+def check_lens(value) -> tuple[LensSpec, ...]:
+    """The `lens` option: `logit`, a lens folder or file, or a lens id in the store; one or a list."""
+    return _lens_list(value)
+
+
 # ------------------------------------------------------- what to compute
 @dataclass(frozen=True)
 class Option:
@@ -601,7 +676,8 @@ class Option:
     (argparse `parse`, then `check`, whose messages CLI and API users see) and a keyword of
     `Lens.compute` (a field of ComputeOptions is also a config key of the same name).
     `identity`: the field joins the run identity when it is not its default (so runs written
-    before the field existed keep their ids)."""
+    before the field existed keep their ids), as `identity_of(value)`. `repeat`: the flag may
+    be given several times, and the field takes the list."""
 
     flag: str | None
     metavar: str | None = None
@@ -609,6 +685,8 @@ class Option:
     check: Callable[[Any], Any] = lambda value: value
     parse: Callable[[str], Any] = str
     identity: bool = True
+    identity_of: Callable[[Any], Any] = lambda value: value
+    repeat: bool = False
 
 
 def _int_or_text(text: str):
@@ -663,6 +741,19 @@ class ComputeOptions(_Value):
             check=check_matmul_precision,
         ),
     ] = DEFAULT_MATMUL_PRECISION
+    lens: Annotated[
+        tuple[LensSpec, ...],
+        BeforeValidator(lambda value: _rule(check_lens, value)),
+        Option(
+            "--lens",
+            "LENS",
+            "which lens reads the logit_lens probe: logit (default), a lens folder or file "
+            "(tuned-lens format), or a lens id from the store; repeat to read through several",
+            check=check_lens,
+            identity_of=lambda lenses: [{"kind": lens.kind, "id": lens.id} for lens in lenses],
+            repeat=True,
+        ),
+    ] = (LOGIT_LENS,)
 
 
 class ComputeSpec(ComputeOptions):
@@ -737,11 +828,23 @@ class ComputeSpec(ComputeOptions):
             "divergences": list(self.divergences),
             "generation": self.generation.model_dump(),
         }
+        unresolved = [lens.source for lens in self.lens if not lens.resolved]
+        if unresolved:  # a path or store id: its id is the hash of what it names (core.lenses.resolve)
+            raise KlstoreError(f"lens {unresolved[0]!r} is not resolved to its id yet")
         for name, (info, option) in self.options().items():
             value = getattr(self, name)
             if option.identity and value != info.get_default(call_default_factory=True):
-                out[name] = value
+                out[name] = option.identity_of(value)
         return out
+
+    @property
+    def readouts(self) -> tuple[str, ...]:
+        """The probe names of the kl rows this value writes: each intervention once, and the
+        read-out once per lens (`LensSpec.readout`)."""
+        out: list[str] = []
+        for probe in self.probes:
+            out += [lens.readout for lens in self.lens] if probe.is_readout else [probe.name]
+        return tuple(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------- experiments

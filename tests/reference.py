@@ -93,12 +93,15 @@ def reference_matrices(
     rows = {name: [] for name in ("kl", "kl_reverse", "js")}
     top1, margin, logqs = [], [], []
     for layer in layers:
-        if probe == "logit_lens":
+        if probe in ("logit_lens", "tuned_lens"):
             store = {}
             handle = blocks[layer].register_forward_hook(lambda m, a, o, store=store: store.setdefault("h", _first(o)))
             model64(input_ids=ids, use_cache=False)
             handle.remove()
-            q = _softcap(model64, model64.get_output_embeddings()(_final_norm(model64)(store["h"])))[0, pos]
+            h = store["h"]
+            if probe == "tuned_lens":  # params: weight (L, H, H), bias (L, H); h + W_l h + b_l
+                h = h + h @ params["weight"][layer].double().T + params["bias"][layer].double()
+            q = _softcap(model64, model64.get_output_embeddings()(_final_norm(model64)(h)))[0, pos]
         elif probe in ("ablate_attn", "ablate_mlp"):
 
             def zero(module, args, output):

@@ -32,12 +32,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from klstore.core import divergence, unembed
+from klstore.core import divergence, lenses, unembed
 from klstore.core.adapter import Adapter
 from klstore.core.models import LoadedModel
 from klstore.core.probes import BlockSite, ProbeContext, intervene
 from klstore.errors import KlstoreError
-from klstore.spec import DEFAULT_BATCH_SIZE, DEFAULT_TOPK, ComputeSpec, GenerationSpec, ProbeSpec, Prompt, parse_layers
+from klstore.spec import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_TOPK,
+    LOGIT_LENS,
+    ComputeSpec,
+    GenerationSpec,
+    LensSpec,
+    ProbeSpec,
+    Prompt,
+    parse_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,10 @@ class KLMatrix:
     topk_probs: np.ndarray | None = None  # float32 (len(layers), n, k): their probabilities under Q
     gen_rank: np.ndarray | None = None  # int32 (len(layers), n): 1 + #{v: Q(v) > Q(Gen t)}
     gen_logq: np.ndarray | None = None  # float32 (len(layers), n): log Q_{l,t}(Gen t)
+    # which lens read the rows (docs/conventions.md, "Lenses"): interventions read the model's
+    # own output, `logit`; `probe` is then the lens's read-out name (spec.LENS_READOUTS)
+    lens: str = "logit"
+    lens_id: str = "logit"
 
 
 # matmul_precision -> float32 matmul precision of (CUDA, oneDNN: the CPU), in torch's per-backend API.
@@ -163,6 +177,8 @@ class Engine:
         self.chunk_bytes = chunk_bytes
         self._steer_cache: dict = {}  # steer probe key -> (n_layers, H) vectors
         self._prepared: set = set()  # keys of probes checked against this model
+        self._lenses: dict[str, lenses.AffineLens] = {}  # lens id -> the lens, checked against this model
+        self._unembed_hash: str | None = None
         self.adapter = Adapter.discover(self.model)
         self.n_layers = self.adapter.n_layers
         vocab, self.hidden_size = self.model.get_output_embeddings().weight.shape
@@ -478,6 +494,23 @@ class Engine:
         cache = getattr(out, "cache", None)
         return out.past_key_values if cache is None else cache
 
+    # -------------------------------------------------------------------- lenses
+    def lens(self, spec: LensSpec) -> lenses.AffineLens | None:
+        """The fitted lens `spec` names, read from `spec.source` once and checked against this
+        model (depth, width, unembedding); None for the logit lens."""
+        if spec.kind == "logit":
+            return None
+        if spec.id not in self._lenses:
+            lens = lenses.load(spec.source)
+            where = f"lens {spec.id or spec.source}"
+            if spec.id and lens.id != spec.id:
+                raise lenses.LensError(f"{where}: the files at {spec.source} now hold lens {lens.id}")
+            if lens.unembed_hash and self._unembed_hash is None:
+                self._unembed_hash = lenses.unembed_hash(self.model)
+            lenses.check_fits(lens, self.n_layers, self.hidden_size, self._unembed_hash, where)
+            self._lenses[spec.id or lens.id] = lens
+        return self._lenses[spec.id]
+
     # -------------------------------------------------------------------- probes
     def _cells_per_chunk(self, vocab: int) -> int:
         """How many (row, position) cells of full-vocabulary log-probs fit in `chunk_bytes` on the
@@ -500,16 +533,23 @@ class Engine:
 
     @torch.no_grad()
     def _final_states(
-        self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext
+        self,
+        trace: Trace,
+        spec: ProbeSpec,
+        layers: tuple[int, ...],
+        context: ProbeContext,
+        lens: LensSpec = LOGIT_LENS,
     ) -> torch.Tensor:
         """(len(layers), n, H): the residual stream to decode, per layer, at the positions
-        predicting Gen t, on the head's device."""
+        predicting Gen t, on the head's device; a read-out's states through `lens`."""
         where = trace.ref_logp.device
-        return torch.cat([hidden.to(where) for _, hidden in self._final_hidden(trace, spec, layers, context)])
+        hidden = torch.cat([h.to(where) for _, h in self._final_hidden(trace, spec, layers, context)])
+        fitted = self.lens(lens) if spec.is_readout else None
+        return hidden if fitted is None else fitted.translate(layers, hidden)
 
     def _final_hidden(self, trace: Trace, spec: ProbeSpec, layers: tuple[int, ...], context: ProbeContext):
         """Yield (layer chunk, (R, n, H) residual stream to decode at the positions predicting Gen t)."""
-        if spec.is_readout:  # logit lens: the recorded block outputs (on the last one's device)
+        if spec.is_readout:  # the read-out: the recorded block outputs (on the last one's device)
             where = trace.outputs[-1].device
             yield (
                 layers,
@@ -690,16 +730,23 @@ class Engine:
         prompt: Prompt,
         context: ProbeContext | None = None,
         topk: int = DEFAULT_TOPK,
+        lens: LensSpec = LOGIT_LENS,
     ) -> KLMatrix:
         """KL matrix of one probe over `layers` for a traced prompt (context: see `probe_context()`),
         with each cell's lens tokens: the top-`topk` tokens of Q (none when 0), and the rank and
-        log-probability of the generated token under Q."""
-        hidden = self._final_states(trace, spec, layers, context or ProbeContext(prompt.id))
-        return self._matrices([(trace, prompt, hidden)], spec, layers, divergences, topk)[0]
+        log-probability of the generated token under Q. A read-out reads through `lens`."""
+        hidden = self._final_states(trace, spec, layers, context or ProbeContext(prompt.id), lens)
+        return self._matrices([(trace, prompt, hidden)], spec, layers, divergences, topk, lens)[0]
 
     @torch.no_grad()
     def _matrices(
-        self, items: list, spec: ProbeSpec, layers: tuple[int, ...], divergences: tuple[str, ...], topk: int
+        self,
+        items: list,
+        spec: ProbeSpec,
+        layers: tuple[int, ...],
+        divergences: tuple[str, ...],
+        topk: int,
+        lens: LensSpec = LOGIT_LENS,
     ) -> list[KLMatrix]:
         """One KLMatrix per (trace, prompt, final states) item. Where `unembed.applies`, one
         vocabulary-chunked head pass serves every item at once; otherwise each item goes
@@ -709,7 +756,10 @@ class Engine:
             cells = self._cells_fused(items, k)
         else:
             cells = [self._cells_rows(trace, hidden, divergences, k) for trace, _, hidden in items]
-        return [self._matrix(trace, prompt, spec, layers, numbers) for (trace, prompt, _), numbers in zip(items, cells)]
+        return [
+            self._matrix(trace, prompt, spec, layers, numbers, lens)
+            for (trace, prompt, _), numbers in zip(items, cells)
+        ]
 
     def _cells_fused(self, items: list, k: int) -> list[dict]:
         """`unembed.run` over the items' cells, in passes of at most chunk_bytes of logits."""
@@ -792,7 +842,13 @@ class Engine:
         return dict(values=values, gen_logq=gen_logq, gen_rank=gen_rank, topk_ids=topk_ids, topk_probs=topk_probs)
 
     def _matrix(
-        self, trace: Trace, prompt: Prompt, spec: ProbeSpec, layers: tuple[int, ...], numbers: dict
+        self,
+        trace: Trace,
+        prompt: Prompt,
+        spec: ProbeSpec,
+        layers: tuple[int, ...],
+        numbers: dict,
+        lens: LensSpec = LOGIT_LENS,
     ) -> KLMatrix:
         gen = trace.generation
         ref = trace.ref_logp
@@ -811,7 +867,7 @@ class Engine:
         return KLMatrix(
             model=self.loaded.label,
             prompt=prompt,
-            probe=spec.name,
+            probe=lens.readout if spec.is_readout else spec.name,
             probe_params=dict(spec.params),
             layers=tuple(layers),
             n_layers_total=self.n_layers,
@@ -825,6 +881,8 @@ class Engine:
             topk_probs=numbers["topk_probs"],
             gen_rank=numbers["gen_rank"],
             gen_logq=numbers["gen_logq"],
+            lens=lens.kind if spec.is_readout else "logit",
+            lens_id=lens.id if spec.is_readout else LOGIT_LENS.id,
         )
 
     # ---------------------------------------------------------------- many prompts
@@ -880,10 +938,13 @@ class Engine:
     def _compute(self, prompts, compute: ComputeSpec, layers, encoded):
         if layers is None:
             layers = parse_layers(compute.layers, self.n_layers, self.loaded.label)
-        probes, divergences, spec, topk = compute.probes, compute.divergences, compute.generation, compute.topk
+        probes, spec = compute.probes, compute.generation
         for probe in probes:
             if probe.key() not in self._prepared and probe.name != "steer":  # steer: prepared with vectors
                 self.prepare(probe)
+        if any(probe.is_readout for probe in probes):
+            for lens in compute.lens:  # read and checked against the model once, before any prompt
+                self.lens(lens)
 
         def traced_batch(ids):
             if compute.clean_pass == "cached":
@@ -909,52 +970,54 @@ class Engine:
                     traced.append((i, trace if trace is not None else traced_batch([ids])[0]))
                 except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
                     results[i] = exc
-            self._probe_batch(traced, prompts, probes, layers, divergences, spec, topk, results)
+            self._probe_batch(traced, prompts, compute, layers, results)
         return results
 
-    def _probe_batch(self, traced: list, prompts, probes, layers, divergences, spec, topk, results) -> None:
-        """Every probe on traced prompts [(index, Trace)]: results[i] becomes prompt i's KLMatrix
-        list, or the exception that stopped it. A probe's final states are staged until they
-        reach chunk_bytes, then decoded together (`_matrices`)."""
+    def _probe_batch(self, traced: list, prompts, compute: ComputeSpec, layers, results) -> None:
+        """Every probe of `compute` on traced prompts [(index, Trace)], the read-out once per lens:
+        results[i] becomes prompt i's KLMatrix list, or the exception that stopped it. A probe's
+        final states are staged until they reach chunk_bytes, then decoded together (`_matrices`)."""
         done: dict[int, list] = {i: [] for i, _ in traced}
+        divergences, topk = compute.divergences, compute.topk
 
-        def decode(staged, probe):
+        def decode(staged, probe, lens):
             items = [(trace, prompts[i], hidden) for i, trace, hidden in staged]
             try:
-                matrices = self._matrices(items, probe, layers, divergences, topk)
+                matrices = self._matrices(items, probe, layers, divergences, topk, lens)
             except Exception:  # noqa: BLE001 - redone one by one, each failure recorded alone
-                matrices = [self._matrix_or_error(item, probe, layers, divergences, topk) for item in items]
+                matrices = [self._matrix_or_error(item, probe, layers, compute, lens) for item in items]
             for (i, _, _), matrix in zip(staged, matrices):
                 if isinstance(matrix, Exception):
                     results[i] = matrix
                 else:
                     done[i].append(matrix)
 
-        for probe in probes:
+        readings = [(p, lens) for p in compute.probes for lens in (compute.lens if p.is_readout else (LOGIT_LENS,))]
+        for probe, lens in readings:
             staged, size = [], 0
             for i, trace in traced:
                 if results[i] is not None:
                     continue
                 try:
-                    context = self.probe_context(probe, prompts[i], trace.generation, spec)
-                    hidden = self._final_states(trace, probe, layers, context)
+                    context = self.probe_context(probe, prompts[i], trace.generation, compute.generation)
+                    hidden = self._final_states(trace, probe, layers, context, lens)
                 except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
                     results[i] = exc
                     continue
                 staged.append((i, trace, hidden))
                 size += hidden.numel() * hidden.element_size()
                 if size >= self.chunk_bytes:
-                    decode(staged, probe)
+                    decode(staged, probe, lens)
                     staged, size = [], 0
             if staged:
-                decode(staged, probe)
+                decode(staged, probe, lens)
         for i, _ in traced:
             if results[i] is None:
                 results[i] = done[i]
 
-    def _matrix_or_error(self, item, probe, layers, divergences, topk):
+    def _matrix_or_error(self, item, probe, layers, compute: ComputeSpec, lens: LensSpec):
         try:
-            return self._matrices([item], probe, layers, divergences, topk)[0]
+            return self._matrices([item], probe, layers, compute.divergences, compute.topk, lens)[0]
         except Exception as exc:  # noqa: BLE001 - one prompt's failure is its result
             return exc
 

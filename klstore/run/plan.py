@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from klstore.errors import KlstoreError
-from klstore.spec import ExperimentConfig, Prompt, check_label
+from klstore.spec import ComputeSpec, ExperimentConfig, Prompt, check_label
 from klstore.store.tables import Store, open_store, work_key
 
 # Bytes on disk per `kl` row measured on 100 M rows (README, "Performance": benchmarks/store.py);
@@ -45,9 +45,10 @@ class ShardTask:
         return tuple(p.id for p in self.prompts)
 
 
-def shard_parts(probes) -> tuple[str, ...]:
-    """Everything a shard writes, in order: the prompts part last (it marks the shard done)."""
-    return (*(f"kl:{p.name}" for p in probes), "generations", "prompts")
+def shard_parts(compute: ComputeSpec) -> tuple[str, ...]:
+    """Everything a shard writes, in order: the kl rows of each probe name (the read-out's once per
+    lens, `ComputeSpec.readouts`), then generations, and the prompts part last (it marks the shard done)."""
+    return (*(f"kl:{name}" for name in compute.readouts), "generations", "prompts")
 
 
 def run_id_for(identity: dict) -> str:
@@ -233,6 +234,10 @@ class RunPlan:
             recover(self.store)  # an interrupted compaction is finished or undone before any write
         else:
             self.store = _existing_store(self.store_uri)
+        if not all(lens.resolved for lens in config.compute.lens):  # named by path or store id
+            from klstore.run import lenses  # (torch: only when a fitted lens is asked for)
+
+            config = self.config = config.model_copy(update={"compute": lenses.resolve(config.compute, self.store)})
         identity = config.identity()
         self.run_id = run_id_for(identity)
         self.record = {**identity, "store": self.store_uri, "source": config.source}
@@ -247,8 +252,8 @@ class RunPlan:
         from klstore.store.integrity import shards_present
 
         if self.store is None:  # a dry run before the store exists
-            return [ShardTask(shard, shard_parts(self.config.probes)) for shard in self.shards]
-        parts = shard_parts(self.config.probes)
+            return [ShardTask(shard, shard_parts(self.config.compute)) for shard in self.shards]
+        parts = shard_parts(self.config.compute)
         present = {}
         for part in parts:
             table, _, probe = part.partition(":")
@@ -288,7 +293,7 @@ class RunPlan:
             in_store = dict(rows)
             measured_rows = sql(self.store, "SELECT count(*) FROM kl")[1][0][0]
             measured_bytes = sum(self.store.fs.get_file_info(path).size for path in visible(self.store, "kl"))
-        per_prompt = cfg.generation.max_new_tokens * len(cfg.probes)
+        per_prompt = cfg.generation.max_new_tokens * len(cfg.compute.readouts)
         models = []
         for model in cfg.models:
             shape = read_shape(model.name, model.trust_remote_code)

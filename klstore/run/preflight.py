@@ -43,6 +43,18 @@ def check_model(name: str, label: str, compute: ComputeSpec, trust_remote_code: 
         )
     if shape.hidden_size:
         _check_vectors(compute.probes, shape.n_layers, shape.hidden_size)
+        if any(probe.is_readout for probe in compute.probes):
+            _check_lenses(compute, label, shape.n_layers, shape.hidden_size)
+
+
+def _check_lenses(compute: ComputeSpec, label: str, n_layers: int, hidden: int) -> None:
+    """Each fitted lens against the model's depth and width (its unembedding is checked on load)."""
+    from klstore.core import lenses
+
+    for spec in compute.lens:
+        if spec.kind != "logit" and spec.resolved:  # a store id is checked when the run resolves it
+            lens = lenses.load(spec.source)
+            lenses.check_fits(lens, n_layers, hidden, None, f"lens {spec.id} (for {label})")
 
 
 def _check_vectors(probes: tuple[ProbeSpec, ...] | list[ProbeSpec], n_layers: int, hidden: int) -> None:

@@ -60,6 +60,8 @@ def kl_rows(outcomes, probe: str) -> pa.Table:
                 "n_layers": pa.array(np.full(count, m.n_layers_total, np.int16)),
             }
             columns.update(_lens_columns(m, count))
+            columns["lens"] = pa.array([m.lens] * count, pa.string())
+            columns["lens_id"] = pa.array([m.lens_id] * count, pa.string())
             for name in DIVERGENCES:
                 flat = _float_column(m, name, (n_rows, n_cols))
                 if flat is None:

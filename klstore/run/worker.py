@@ -256,13 +256,13 @@ class Worker:
             self._write_tokens()
         key = shard_key([p.id for p in prompts])
         name = f"part-{key}.parquet"
-        wanted = set(parts or shard_parts(job.probes))
+        wanted = set(parts or shard_parts(job))
         cells = 0
-        for probe in job.probes:
-            rows = records.kl_rows(outcomes, probe.name)
+        for probe in job.readouts:
+            rows = records.kl_rows(outcomes, probe)
             cells += rows.num_rows
-            if f"kl:{probe.name}" in wanted:
-                self.store.write("kl", rows, name, model=self.label, probe=probe.name, run_id=run_id)
+            if f"kl:{probe}" in wanted:
+                self.store.write("kl", rows, name, model=self.label, probe=probe, run_id=run_id)
         if "generations" in wanted:
             self.store.write("generations", records.generation_rows(outcomes), name, model=self.label, run_id=run_id)
         if "prompts" in wanted:

@@ -50,6 +50,10 @@ KL_SCHEMA = pa.schema(
         ("topk_probs", pa.list_(pa.float32())),  # their probabilities under Q
         ("gen_rank", pa.int32()),  # rank of the generated token under Q (1 = top)
         ("gen_logq", pa.float32()),  # log Q(generated token)
+        # which lens read the row (docs/conventions.md, "Lenses"): its kind, and for a fitted lens
+        # the content hash of its parameters; files written before lenses read as `logit`
+        ("lens", pa.string()),
+        ("lens_id", pa.string()),
     ]
 )
 TOKENS_SCHEMA = pa.schema(
@@ -138,6 +142,8 @@ VIEW_COLUMNS = {
         "topk_probs",
         "gen_rank",
         "gen_logq",
+        "lens",
+        "lens_id",
     ),
     "generations": (
         "run_id",
@@ -193,6 +199,8 @@ VIEW_COLUMNS = {
     ),
     "tokens": ("model", "token_id", "token_text"),
 }
+# what a view column reads as where its files have none (written before the column existed)
+VIEW_DEFAULTS = {"kl": {"lens": "logit", "lens_id": "logit"}}
 ATTEMPT_PREFIX = "attempt-"  # shards files: attempt-<shard key>-<uuid8>.parquet
 FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy", "gen_logq")
 TMP_MARK = ".tmp-"

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from klstore.errors import KlstoreError, first_line
 from klstore.store.integrity import stray_message, unpartitioned, visible
-from klstore.store.tables import TABLES, VIEW_COLUMNS, Store, open_store
+from klstore.store.tables import TABLES, VIEW_COLUMNS, VIEW_DEFAULTS, Store, open_store
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
@@ -109,9 +109,13 @@ def read_parquet_sql(table: str, source: str, present=None) -> str:
     _, partitions = TABLES[table]
     hive_types = ", ".join(f"{_quote(p)}: 'VARCHAR'" for p in partitions)
     types = _column_types(table)
-    cols = ", ".join(
-        f"CAST({c if present is None or c in present else 'NULL'} AS {types[c]}) AS {c}" for c in VIEW_COLUMNS[table]
-    )
+    defaults = VIEW_DEFAULTS.get(table, {})
+
+    def column(c: str) -> str:
+        value = f"CAST({c if present is None or c in present else 'NULL'} AS {types[c]})"
+        return f"COALESCE({value}, {_quote(defaults[c])}) AS {c}" if c in defaults else f"{value} AS {c}"
+
+    cols = ", ".join(column(c) for c in VIEW_COLUMNS[table])
     return (
         f"SELECT {cols} FROM read_parquet({source}, hive_partitioning = true, "
         f"union_by_name = true, hive_types = {{{hive_types}}})"

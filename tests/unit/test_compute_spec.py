@@ -60,7 +60,7 @@ def test_identity_is_the_one_written_before_the_compute_value():
         ({"topk": 101}, "topk must be an integer from 0 to 100, got 101"),
         ({"clean_pass": "fast"}, "unknown clean pass 'fast': choose exact, cached"),
         ({"matmul_precision": "tf32"}, "unknown matmul precision 'tf32': choose highest, high, medium"),
-        ({"lens": "tuned"}, "unknown option 'lens'"),
+        ({"lense": "tuned"}, "unknown option 'lense'"),
     ],
 )
 def test_options_checked_once(options, message):
@@ -76,15 +76,15 @@ def test_one_default_per_field():
         ComputeSpec(layers="0-")
 
 
-class WithLens(ComputeSpec):
-    """A test-only field, added as the lens field will be: nothing else is edited."""
+class WithProbeDtype(ComputeSpec):
+    """A test-only field, added as a real one would be: nothing else is edited."""
 
-    lens: str = "logit"
+    probe_dtype: str = "float32"
 
     @classmethod
     def options(cls):
-        info = cls.model_fields["lens"]
-        return {**super().options(), "lens": (info, Option("--lens", "LENS", "which lens reads a layer"))}
+        info = cls.model_fields["probe_dtype"]
+        return {**super().options(), "probe_dtype": (info, Option("--probe-dtype", "D", "the dtype of a probe's pass"))}
 
 
 def test_a_new_field_reaches_the_engine_the_identity_and_the_cli(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -98,19 +98,19 @@ def test_a_new_field_reaches_the_engine_the_identity_and_the_cli(tiny_model_dir,
         "compute",
         lambda self, prompts, value, *a, **k: seen.append(value) or original(self, prompts, value, *a, **k),
     )
-    monkeypatch.setattr(spec, "ComputeSpec", WithLens)  # what the CLI builds its flags and value from
+    monkeypatch.setattr(spec, "ComputeSpec", WithProbeDtype)  # what the CLI builds its flags and value from
     store = str(tmp_path / "store")
     base = ["compute", "--model", str(tiny_model_dir), "--prompt", "hello there", "-n", "2", "--store", store]
     assert main(base) == 0
-    assert main([*base, "--lens", "tuned"]) == 0
+    assert main([*base, "--probe-dtype", "float64"]) == 0
     capsys.readouterr()
-    assert [v.lens for v in seen if isinstance(v, WithLens) and v.batch_size > 1] == ["logit", "tuned"]
+    assert [v.probe_dtype for v in seen if isinstance(v, WithProbeDtype) and v.batch_size > 1] == ["float32", "float64"]
     _, runs = views.sql(store, "SELECT run_id, config FROM runs ORDER BY created_at")
     assert len(runs) == 2
-    default_run, lens_run = (json.loads(config) for _, config in runs)
-    assert "lens" not in default_run and lens_run["lens"] == "tuned"
+    default_run, dtype_run = (json.loads(config) for _, config in runs)
+    assert "probe_dtype" not in default_run and dtype_run["probe_dtype"] == "float64"
     # the default run's id is the one ComputeSpec itself gives: a new field at its default changes no id
     plain = {k: v for k, v in default_run.items() if k not in ("store", "source")}
     assert runs[0][0] == run_id_for(plain)
     monkeypatch.undo()
-    assert "--lens" not in " ".join(o.flag or "" for _, o in ComputeSpec.options().values())
+    assert "--probe-dtype" not in " ".join(o.flag or "" for _, o in ComputeSpec.options().values())

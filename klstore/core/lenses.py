@@ -1,0 +1,254 @@
+"""Trained lenses: per-layer affine translators read before the model's own head.
+
+A lens of kind `tuned`, `least_squares` or `jacobian` (docs/conventions.md, "Lenses") is,
+for every decoder block l, a map of block l's output h_l:
+
+    T_l(h) = h + W_l h + b_l          (tuned: W_l, b_l fitted; least squares: W_l = A_l - I,
+                                       b_l = c_l; Jacobian: W_l = J_l - I, b_l = 0)
+
+read as `head(final_norm(T_l(h_l)))`. At the last block every lens is the identity.
+
+Files are the tuned-lens package's lens folder (`config.json` + `params.pt`), so lenses move
+both ways between klstore and tuned-lens. Its translators are indexed by Hugging Face's
+`hidden_states[:-1]`: translator 0 reads the embedding output, translator i the output of block
+i-1. So klstore block l (l <= L-2) uses translator l+1, and block L-1 (the last) is the
+identity; klstore writes translator 0 as zeros. klstore's own provenance (kind, recipe, model
+fingerprint) goes in `klstore.json` beside them, which tuned-lens ignores.
+
+A lens's id is the content hash of its parameters (float32 bytes, layer by layer), never of
+its path: the same lens saved twice, or copied, has one id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from klstore.errors import KlstoreError, first_line
+from klstore.spec import LENS_ID_LENGTH, LENS_READOUTS, LensSpec
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.pt"
+KLSTORE_FILE = "klstore.json"  # klstore's provenance of a lens; tuned-lens ignores it
+FITTED_KINDS = tuple(kind for kind in LENS_READOUTS if kind != "logit")
+
+
+class LensError(KlstoreError):
+    """A lens that cannot be read, or does not fit the model it is used with."""
+
+
+@dataclass(frozen=True)
+class AffineLens:
+    """Per block l: T_l(h) = h + h @ weight[l].T + bias[l]. weight (L, d, d) and bias (L, d) are
+    float32 on the CPU, indexed by klstore's block index; row L-1 is zeros (the identity)."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    unembed_hash: str = ""  # tuned-lens's hash of the model's unembedding ("" when unknown)
+    model: str = ""  # the base model's name, as the lens folder gives it
+    provenance: dict = field(default_factory=dict)  # klstore.json: fingerprint, recipe, ...
+
+    @property
+    def n_layers(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def id(self) -> str:
+        return content_id(self.kind, self.weight, self.bias)
+
+    def spec(self, source: str = "") -> LensSpec:
+        return LensSpec(kind=self.kind, id=self.id, source=source)
+
+    def translate(self, layers: tuple[int, ...], hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (R, n, d), row r read at block layers[r] -> T_{layers[r]}(hidden[r]), in the
+        wider of hidden's dtype and float32, returned in hidden's dtype."""
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        index = torch.tensor(layers, dtype=torch.long)
+        weight = self.weight[index].to(hidden.device, wide)  # (R, d, d)
+        bias = self.bias[index].to(hidden.device, wide)  # (R, d)
+        x = hidden.to(wide)
+        return torch.baddbmm(x + bias[:, None, :], x, weight.transpose(1, 2)).to(hidden.dtype)
+
+
+def content_id(kind: str, weight: torch.Tensor, bias: torch.Tensor) -> str:
+    """The lens id: SHA-256 of its kind, shape and float32 parameters, layer by layer (16 hex)."""
+    digest = hashlib.sha256(f"klstore-lens-v1\n{kind}\n{tuple(weight.shape)}\n".encode())
+    for layer in range(weight.shape[0]):
+        digest.update(weight[layer].detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(bias[layer].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:LENS_ID_LENGTH]
+
+
+def identity_lens(kind: str, n_layers: int, d_model: int, **meta) -> AffineLens:
+    """Every translator zero: the logit lens, written as a lens of `kind` (a fit's start)."""
+    return AffineLens(kind, torch.zeros(n_layers, d_model, d_model), torch.zeros(n_layers, d_model), **meta)
+
+
+# ------------------------------------------------------------ tuned-lens folders
+def _folder_of(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file() and path.name == PARAMS_FILE:
+        return path.parent
+    if path.is_file() and path.name == CONFIG_FILE:
+        return path.parent
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LensError(f"lens {source}: expected a lens folder (config.json + params.pt) or its params.pt")
+    raise LensError(f"lens {source}: no such file or folder")
+
+
+def _read_json(path: Path, source) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LensError(f"lens {source}: {path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LensError(f"lens {source}: {path.name} is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise LensError(f"lens {source}: {path.name} must hold a JSON object")
+    return data
+
+
+def _positive_int(config: dict, key: str, source) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LensError(f"lens {source}: config.json: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def load(source: str | Path) -> AffineLens:
+    """A lens folder (tuned-lens format) or its params.pt -> AffineLens; one-line LensError on
+    anything missing, truncated or inconsistent."""
+    folder = _folder_of(source)
+    config = _read_json(folder / CONFIG_FILE, source)
+    extra = _read_json(folder / KLSTORE_FILE, source) if (folder / KLSTORE_FILE).exists() else {}
+    d_model = _positive_int(config, "d_model", source)
+    n_layers = _positive_int(config, "num_hidden_layers", source)
+    lens_type = config.get("lens_type", "linear_tensor")
+    if lens_type != "linear_tensor":
+        raise LensError(f"lens {source}: lens_type {lens_type!r} is not supported (only linear_tensor)")
+    state = _read_params(folder / PARAMS_FILE, source)
+    weight = torch.zeros(n_layers, d_model, d_model)
+    bias = torch.zeros(n_layers, d_model)
+    use_bias = config.get("bias", True)
+    for block in range(n_layers - 1):  # translator block+1 reads block `block`'s output
+        w = _tensor(state, f"{block + 1}.weight", (d_model, d_model), source)
+        weight[block] = w
+        if use_bias:
+            bias[block] = _tensor(state, f"{block + 1}.bias", (d_model,), source)
+    _tensor(state, "0.weight", (d_model, d_model), source)  # present, and the right shape
+    extra_keys = sorted(k for k in state if k.split(".")[0] not in {str(i) for i in range(n_layers)})
+    if extra_keys:
+        raise LensError(f"lens {source}: params.pt has translators beyond num_hidden_layers ({extra_keys[0]})")
+    kind = extra.get("kind", "tuned")
+    if kind not in FITTED_KINDS:
+        raise LensError(f"lens {source}: klstore.json: unknown lens kind {kind!r}")
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise LensError(f"lens {source}: params.pt holds non-finite values")
+    return AffineLens(
+        kind,
+        weight,
+        bias,
+        unembed_hash=str(config.get("unembed_hash") or ""),
+        model=str(config.get("base_model_name_or_path") or ""),
+        provenance=extra,
+    )
+
+
+def _read_params(path: Path, source) -> dict:
+    if not path.exists():
+        raise LensError(f"lens {source}: params.pt is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors on a broken file are of many types
+        raise LensError(f"lens {source}: params.pt is truncated or not a torch file ({first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LensError(f"lens {source}: params.pt must hold a state dict of tensors")
+    return {_translator_key(k): v for k, v in state.items()}
+
+
+def _translator_key(key: str) -> str:
+    """tuned-lens's state-dict key of a translator parameter, as '<index>.<weight|bias>'."""
+    return key.removeprefix("layer_translators.")
+
+
+def _tensor(state: dict, key: str, shape: tuple, source) -> torch.Tensor:
+    if key not in state:
+        raise LensError(f"lens {source}: params.pt has no {key}")
+    value = state[key]
+    if tuple(value.shape) != shape:
+        raise LensError(f"lens {source}: params.pt: {key} has shape {tuple(value.shape)}, expected {shape}")
+    return value.detach().to(torch.float32)
+
+
+def save(lens: AffineLens, folder: str | Path, base_model: str = "", provenance: dict | None = None) -> Path:
+    """Write `lens` as a tuned-lens lens folder (+ klstore.json); returns the folder. Translator
+    0 (the embedding output, which klstore never reads) is zeros."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n, d = lens.n_layers, lens.d_model
+    state = {"0.weight": torch.zeros(d, d), "0.bias": torch.zeros(d)}
+    for block in range(n - 1):
+        state[f"{block + 1}.weight"] = lens.weight[block].detach().to(torch.float32).clone()
+        state[f"{block + 1}.bias"] = lens.bias[block].detach().to(torch.float32).clone()
+    config = {
+        "base_model_name_or_path": base_model or lens.model,
+        "d_model": d,
+        "num_hidden_layers": n,
+        "bias": True,
+        "base_model_revision": None,
+        "unembed_hash": lens.unembed_hash or None,
+        "lens_type": "linear_tensor",
+    }
+    torch.save(state, folder / PARAMS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    extra = {"kind": lens.kind, "id": lens.id, **lens.provenance, **(provenance or {})}
+    (folder / KLSTORE_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+# ------------------------------------------------------------ a lens and its model
+def unembed_hash(model) -> str:
+    """tuned-lens's hash of a model's unembedding (what its lens folders record)."""
+    weight = model.get_output_embeddings().weight
+    digest = hashlib.sha256()
+    digest.update(weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """The model a lens is tied to (docs/conventions.md): SHA-256 (16 hex) of every parameter's
+    name and shape, and of the unembedding's float32 values (through `unembed_hash`)."""
+    digest = hashlib.sha256(b"klstore-model-v1\n")
+    for name, param in model.named_parameters():
+        digest.update(f"{name}\t{tuple(param.shape)}\n".encode())
+    digest.update(unembed_hash(model).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_fits(lens: AffineLens, n_layers: int, d_model: int, model_unembed_hash: str | None, where: str) -> None:
+    """A one-line LensError when `lens` was made for another depth, width or unembedding."""
+    if lens.n_layers != n_layers or lens.d_model != d_model:
+        raise LensError(
+            f"{where} is for a model with {lens.n_layers} layers of width {lens.d_model}; "
+            f"this model has {n_layers} layers of width {d_model}"
+        )
+    if model_unembed_hash is not None and lens.unembed_hash and lens.unembed_hash != model_unembed_hash:
+        raise LensError(f"{where} was fitted on another model (its unembedding hash differs from this model's)")
+
+
+def resolve_path(spec: LensSpec) -> LensSpec:
+    """A lens named by a path -> its LensSpec with kind and id (read from its files)."""
+    if spec.resolved:
+        return spec
+    return load(spec.source).spec(source=str(Path(spec.source).resolve()))
