@@ -14,11 +14,15 @@ with some other hidden step fails loudly instead of giving wrong numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from klstore.errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -47,7 +51,7 @@ class Adapter:
         return len(self.blocks)
 
     @classmethod
-    def discover(cls, model: nn.Module) -> Adapter:
+    def discover(cls, model: PreTrainedModel) -> Adapter:
         kind = type(model).__name__
         n = n_layers_of(model.config)
         lists = [

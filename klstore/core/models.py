@@ -158,6 +158,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _gguf_cache_folder(source: ModelSource) -> Path:
+    """Where a .gguf source's dequantized folder is cached; callers check `source.gguf_file` first."""
+    assert source.gguf_file is not None, f"{source.label} is not a .gguf source"
     gguf = Path(source.location) / source.gguf_file
     return cache_dir() / "dequantized" / f"sha256-{file_sha256(gguf)[:32]}"  # by content, not name
 
@@ -243,7 +245,7 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
     source = resolve(name)
     if source.gguf_file is None and not Path(source.location).is_dir():
         return None
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     location = source.location
     if source.gguf_file is not None:
         folder = _gguf_cache_folder(source)

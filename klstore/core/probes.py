@@ -105,9 +105,17 @@ def intervene(spec: ProbeSpec, site: BlockSite, context: ProbeContext) -> torch.
         delta = params["scale"] * rms(out) * noise.to(out.device)
         return (out.float() + delta).to(out.dtype)
     if name == "steer":
+        if context.steer_vectors is None:
+            raise KlstoreError(
+                f"probe steer has no steering vectors for prompt {context.prompt_id!r} (see Engine.probe_context)"
+            )
         vector = context.steer_vectors[site.layer].to(out.device, torch.float32)
         return (out.float() + params["alpha"] * vector).to(out.dtype)
     if name == "patch":
+        if context.source_last is None or context.patch_position is None:
+            raise KlstoreError(
+                f"probe patch has no source outputs for prompt {context.prompt_id!r} (see Engine.probe_context)"
+            )
         patched = out.clone()
         patched[:, context.patch_position] = context.source_last[site.layer].to(out.device, out.dtype)
         return patched

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from klstore.errors import KlstoreError
+from klstore.report.scale import Scale
 from klstore.spec import ReportSpec, parse_layers
 
 DIM_TITLES = {"model": "model", "probe": "probe", "prompt_group": "group"}
@@ -51,7 +52,7 @@ class Grid:
     # for the interactive figure (klstore.report.interactive); arrays are (len(layers), len(columns))
     hover: dict = field(default_factory=dict)  # aggregate: mean, median, max, max_at; prompt: lens tokens
     settling: dict | None = None  # the settling depth behind it (observe.settling_sentences)
-    scale: object = None  # its klstore.report.scale.Scale, set by site before drawing
+    scale: Scale | None = None  # set by site before drawing
     page: str | None = None  # prompt grids: the site path of the prompt's own page
     # klstore.report.floor, set by site before drawing: the runs' noise floor (nats; None: not
     # measured) and the cells whose |value| lies below it (marked in the figures)

@@ -140,7 +140,7 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
                 "name": "above the scale",
             }
         )
-    quiet = floor_marks(grid, grid.values.shape)
+    quiet = floor_marks(grid.noise_floor, grid.below_floor, grid.values.shape)
     if quiet.any():
         rows, cols = np.nonzero(quiet)
         data.append(
@@ -209,10 +209,10 @@ def _column(label: str) -> str:
 def _hover(grid: Grid, pages: dict) -> tuple[list, list]:
     """Per cell: the hover text (HTML for plotly, store strings escaped) and the link a click opens."""
     n_rows, n_cols = grid.values.shape
-    hover = [[None] * n_cols for _ in range(n_rows)]
-    links = [[None] * n_cols for _ in range(n_rows)]
+    hover: list[list[str]] = [[""] * n_cols for _ in range(n_rows)]  # every cell is filled in below
+    links: list[list[str | None]] = [[None] * n_cols for _ in range(n_rows)]
     cell = {"aggregate": _aggregate_cell, "prompt": _prompt_cell, "difference": _difference_cell}[grid.kind]
-    quiet = floor_marks(grid, grid.values.shape)
+    quiet = floor_marks(grid.noise_floor, grid.below_floor, grid.values.shape)
     note = (
         (
             f"<i>{'not a difference: ' if grid.kind == 'difference' else ''}"

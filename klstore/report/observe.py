@@ -34,7 +34,7 @@ FLAT = 0.05  # spread / mean, under
 TREND = 2.0  # first third / last third (or back), at least
 
 
-def _cell(grid: Grid, r: int, c: int) -> str:
+def _cell(grid: Grid, r: int | np.integer, c: int | np.integer) -> str:
     return f"layer {grid.layers[r]}, Gen{c}" if grid.ylabel == "Layer" else f"depth {grid.layers[r]}, Gen{c}"
 
 
@@ -207,7 +207,8 @@ def _levels(grid: Grid, v, finite) -> list[str]:
         out += [sentence] if sentence else []
     out += _rows(grid, np.nanmean(masked, axis=1))
     beyond = 0.0 if floor is None else floor  # an outlier stands more than the floor above the mean
-    outliers = np.argwhere(np.isfinite(v) & (v > mean + 2 * std) & (v - mean >= beyond)) if std > 0 else []
+    high = np.isfinite(v) & (v > mean + 2 * std) & (v - mean >= beyond)
+    outliers = np.argwhere(high) if std > 0 else np.empty((0, 2), int)  # (row, column) pairs
     if len(outliers):
         listed = "; ".join(f"{_cell(grid, r, c)} ({v[r, c]:.3g})" for r, c in outliers[:5])
         more = f" and {len(outliers) - 5} more" if len(outliers) > 5 else ""

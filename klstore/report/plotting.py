@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from klstore.output import visible_token
+from klstore.report.scale import Scale
 from klstore.spec import DIVERGENCES
 
 DIVERGENCE_LABELS = {name: f"{label} (nats)" for name, label in DIVERGENCES.items()}
@@ -46,7 +47,7 @@ class HeatmapData:
     cmap: str = "YlOrRd"  # differences use a diverging map centred on 0 ("RdBu_r")
     colorbar_label: str | None = None  # default: from the divergence
     ylabel: str = "Layer"
-    scale: object = None  # a klstore.report.scale.Scale; None: min..max (symmetric for diverging maps)
+    scale: Scale | None = None  # None: min..max (symmetric for diverging maps)
     noise_floor: float | None = None  # nats; None: not measured (nothing marked)
     below_floor: np.ndarray | None = None  # cells whose |value| lies below noise_floor (dotted)
 
@@ -130,7 +131,7 @@ def draw(
     lo, hi, log, above, below = _range(data, values, vmin, vmax)
     width = max(20, int((size[0] - 0.3) / _TITLE_CHAR))
     title = textwrap.wrap(data.title, width, break_on_hyphens=False) or [""]
-    quiet = floor_marks(data, values.shape)
+    quiet = floor_marks(data.noise_floor, data.below_floor, values.shape)
     if quiet.any():
         title += textwrap.wrap(floor_legend(data), width)
     ax, cax = _layout(fig, data, n_rows, len(title))
@@ -169,11 +170,11 @@ def _mark(ax, clipped) -> None:
         )
 
 
-def floor_marks(data: HeatmapData, shape) -> np.ndarray:
+def floor_marks(noise_floor: float | None, below_floor: np.ndarray | None, shape) -> np.ndarray:
     """The cells to dot: below the noise floor (none when it was not measured)."""
-    if data.noise_floor is None or data.below_floor is None:
+    if noise_floor is None or below_floor is None:
         return np.zeros(shape, dtype=bool)
-    return np.asarray(data.below_floor, dtype=bool)
+    return np.asarray(below_floor, dtype=bool)
 
 
 def floor_legend(data: HeatmapData) -> str:
@@ -211,7 +212,8 @@ def _annotate(ax, data: HeatmapData, values, norm, floor, literal) -> None:
     set to the row height: a few text artists instead of one per cell, which halves the time
     a figure takes to render. Cells with a count below the maximum (two lines) are drawn one
     by one instead."""
-    full = None if data.counts is None else int(np.max(data.counts))
+    counts = data.counts
+    full = None if counts is None else int(np.max(counts))
     n_rows, n_cols = values.shape
     texts = np.empty(values.shape, dtype=object)
     dark = np.zeros(values.shape, dtype=bool)
@@ -222,10 +224,10 @@ def _annotate(ax, data: HeatmapData, values, norm, floor, literal) -> None:
             if np.isfinite(value):
                 strength = float(np.clip(norm(value if floor is None else max(value, floor)), 0, 1))
                 dark[r, c] = strength > 0.6 if data.cmap == "YlOrRd" else abs(strength - 0.5) > 0.3
-    if full is not None and (data.counts < full).any():
+    if counts is not None and full is not None and (counts < full).any():
         for r in range(n_rows):
             for c in range(n_cols):
-                extra = f"\nn={int(data.counts[r, c])}" if data.counts[r, c] < full else ""
+                extra = f"\nn={int(counts[r, c])}" if counts[r, c] < full else ""
                 ax.text(
                     c,
                     r,

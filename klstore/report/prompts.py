@@ -81,18 +81,19 @@ class Listing:
         return [r for r in round_robin(self.rows, start) if r.page][:n]
 
 
-def round_robin(rows: list, start: int = 0) -> list:
+def round_robin(rows: list[PromptRow], start: int = 0) -> list[PromptRow]:
     """Rows (with prompt_group, prompt_id) ordered group by group: each group's first prompt
     (by id), then each group's second, ... so any prefix spreads over the groups. The groups
     take turns in name order, beginning with the (start mod number of groups)-th."""
-    by_group: dict = {}
+    by_group: dict[str, list[PromptRow]] = {}
     for row in sorted(rows, key=lambda r: (r.prompt_group, r.prompt_id)):
         by_group.setdefault(row.prompt_group, []).append(row)
     groups = list(by_group.values())
     if groups:
         first = start % len(groups)
         groups = groups[first:] + groups[:first]
-    order, depth = [], 0
+    order: list[PromptRow] = []
+    depth = 0
     while len(order) < len(rows):
         order += [group[depth] for group in groups if depth < len(group)]
         depth += 1

@@ -349,9 +349,10 @@ def _figures_json(figures: dict):
 def _lens_table(grid: Grid) -> list:
     """Rows of the logit-lens token table: (layer, [(top-1 text, its probability, top-1 is the
     generated token, the top-k as one line)] per generated token)."""
-    topk, match = grid.hover.get("topk"), grid.hover.get("top1_match")
+    topk = grid.hover.get("topk")
     if topk is None or not any(cell for cell in topk.flat):
         return []
+    match = grid.hover["top1_match"]  # set with topk (prompts._grid)
     rows = []
     for r, layer in enumerate(grid.layers):
         cells = []
@@ -420,7 +421,6 @@ def heatmap_data(grid: Grid):
     from klstore.report.plotting import DIVERGENCE_LABELS, HeatmapData
 
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
-    marks = {"scale": grid.scale, "noise_floor": grid.noise_floor, "below_floor": grid.below_floor}
     if grid.kind == "difference":
         return HeatmapData(
             grid.values,
@@ -432,7 +432,9 @@ def heatmap_data(grid: Grid):
             cmap="RdBu_r",
             colorbar_label=f"Difference in {label}",
             ylabel=grid.ylabel,
-            **marks,
+            scale=grid.scale,
+            noise_floor=grid.noise_floor,
+            below_floor=grid.below_floor,
         )
     return HeatmapData(
         grid.values,
@@ -442,7 +444,9 @@ def heatmap_data(grid: Grid):
         grid.divergence,
         counts=grid.counts if grid.kind == "aggregate" else None,
         ylabel=grid.ylabel,
-        **marks,
+        scale=grid.scale,
+        noise_floor=grid.noise_floor,
+        below_floor=grid.below_floor,
     )
 
 

@@ -119,7 +119,7 @@ def _live(journal: dict) -> bool:
     """Whether the compaction that wrote this journal may still be running."""
     if journal.get("host") == socket.gethostname():
         pid = journal.get("pid")
-        if pid == os.getpid():
+        if pid is None or pid == os.getpid():
             return False
         try:
             os.kill(int(pid), 0)
@@ -314,6 +314,8 @@ def record_files(store: Store, paths: list[str]) -> int:
         if problem:
             raise KlstoreError(f"{path}: {problem}; not recorded (run `klstore verify --quarantine`)")
         data = store.read_bytes(path)
+        if data is None:
+            raise KlstoreError(f"{path}: gone since its check; not recorded")
         with store.fs.open_input_file(path) as handle:
             rows = pq.ParquetFile(handle).metadata.num_rows
         record = {

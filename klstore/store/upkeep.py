@@ -237,7 +237,9 @@ def _duplicates(store: Store, table: str, paths: list[str]) -> tuple[int, list[s
         )
         source, params = "_files", None
     groups = f"SELECT {keys}, count(*) AS n FROM {source} GROUP BY ALL HAVING count(*) > 1"
-    total = con.execute(f"SELECT coalesce(sum(n - 1), 0) FROM ({groups})", params).fetchone()[0]
+    summed = con.execute(f"SELECT coalesce(sum(n - 1), 0) FROM ({groups})", params).fetchone()
+    assert summed is not None  # an aggregate without GROUP BY returns exactly one row
+    total = summed[0]
     examples = con.execute(f"{groups} ORDER BY n DESC LIMIT 5", params).fetchall()
     return int(total), [f"{table}: {dict(zip(_KEYS[table], row[:-1]))} x{row[-1]}" for row in examples]
 
