@@ -108,3 +108,33 @@ $(BENCH_VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) benchmarks/peers.py
 	$(BENCH_PY) benchmarks/engine.py --roofline
+
+# `make bench-tunedlens-env`: the reference tuned lens (tuned-lens 0.2.0, Belrose et al.) in
+# its own environment, without klstore: benchmarks/tunedlens_ref.py runs on its python to write
+# and read lens folders (config.json + params.pt) with tuned-lens's own code, so klstore's
+# tests can compare formats and logits. torch comes first (TORCH_SPEC) and is pinned while the
+# rest installs, so nothing replaces it (e.g. with PyPI's CUDA build). Pins, all tested on
+# torch 2.13.0 (lens load/save/forward and a short `python -m tuned_lens train` on a tiny Llama):
+# - torchdata 0.9.0: the last release with dataloader2/datapipes, which tuned-lens's training
+#   scripts import (0.10 removed them); it asks only torch>=2.
+# - transformers 4.57.6 (the last 4.x): tuned-lens's trainer passes load_in_8bit= to
+#   from_pretrained, which transformers 5 hands to the model's __init__ (TypeError). The lens
+#   alone works on 5.x with identical logits. huggingface-hub and tokenizers are the versions
+#   4.57.6 accepts (hub < 1.0); the rest is what that resolved to, pinned for reproducibility.
+TUNEDLENS_VENV ?= build/venv-tunedlens
+TUNEDLENS_PY := $(TUNEDLENS_VENV)/bin/python
+TUNEDLENS_SPEC ?= tuned-lens==0.2.0 torchdata==0.9.0 transformers==4.57.6 \
+	huggingface-hub==0.36.2 tokenizers==0.22.2 safetensors==0.8.0 accelerate==1.16.0 \
+	datasets==5.0.1 simple-parsing==0.1.9 flatten-dict==0.5.0 wandb==0.31.0 plotly==7.1.0
+
+.PHONY: bench-tunedlens-env
+bench-tunedlens-env: $(TUNEDLENS_VENV)/.installed
+
+$(TUNEDLENS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TUNEDLENS_VENV)
+	$(TUNEDLENS_PY) -m pip install -q --upgrade pip
+	$(TUNEDLENS_PY) -c "import torch" 2>/dev/null || $(TUNEDLENS_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(TUNEDLENS_PY) -m pip install -q $(TUNEDLENS_SPEC) \
+		"torch==$$($(TUNEDLENS_PY) -W ignore -c 'import torch; print(torch.__version__)')"
+	$(TUNEDLENS_PY) -W ignore -c "import tuned_lens.scripts.train_loop"
+	touch $@
