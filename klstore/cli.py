@@ -638,6 +638,73 @@ def cmd_report(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------- lens
+def _add_lens(sub) -> None:
+    p = sub.add_parser("lens", help="fit trained lenses and list them (docs/lenses.md)")
+    lens_sub = p.add_subparsers(dest="lens_command", required=True)
+    fit = lens_sub.add_parser("fit", help="fit a lens (tuned, least_squares) over Ray Train workers")
+    fit.add_argument("config", help="lens-fit config (YAML; see jobs/lens-demo.yaml)")
+    fit.add_argument("--store", help="override the config's store")
+    fit.add_argument(
+        "--dry-run", action="store_true", help="print the fit's id, steps and tokens; compute and write nothing"
+    )
+    fit.set_defaults(func=cmd_lens_fit)
+    listing = lens_sub.add_parser("list", help="the lenses in the store, with their held-out KL")
+    listing.add_argument("--store", help="store folder or s3://bucket/prefix (default ./klstore-data)")
+    listing.add_argument("--format", default="table", help="table (default), csv or json")
+    listing.set_defaults(func=cmd_lens_list)
+    evaluation = lens_sub.add_parser("eval", help="the held-out KL per layer of a model's lenses (lens_eval)")
+    evaluation.add_argument("--store", help="store folder or s3://bucket/prefix (default ./klstore-data)")
+    evaluation.add_argument("--model", help="only this model label")
+    evaluation.add_argument("--format", default="table", help="table (default), csv or json")
+    evaluation.set_defaults(func=cmd_lens_eval)
+
+
+def cmd_lens_fit(args) -> int:
+    from klstore.config import load_fit
+
+    spec = load_fit(args.config)  # every config error before Ray starts
+    from klstore.run import fit
+
+    fit.check(spec)
+    if args.dry_run:
+        store = args.store or spec.store
+        line = f"dry run of lens fit {fit.fit_id_for(spec)} into {store}: {spec.kind} lens of {spec.model.name}"
+        if spec.kind == "tuned":
+            steps, per_step = fit.steps_of(spec)
+            line += f", {steps} step(s) of {per_step} sequence(s) x {spec.corpus.seq_len} tokens"
+        print(line + f", {spec.workers} worker(s); nothing is computed or written")
+        return 0
+    from klstore.core.models import quiet_libraries
+
+    quiet_libraries()
+    result = fit.fit(spec, args.store)
+    names = ["lens", "lens_id", "layer", "kl", "top1_agreement", "tokens"]
+    print(output.format_rows(names, [[row[n] for n in names] for row in result["eval"]], "table"))
+    for lens in result["lenses"]:
+        if lens["kind"] != "logit":
+            print(f"{lens['kind']} lens {lens['id']}: klstore compute --lens {lens['id']} ...")
+    return 0
+
+
+def cmd_lens_list(args) -> int:
+    from klstore.store import upkeep
+
+    _check_format(args.format)
+    names, rows = upkeep.lens_summaries(_open_for_reading(args.store))
+    print(output.format_rows(names, rows, args.format) if rows else "(no lenses)")
+    return 0
+
+
+def cmd_lens_eval(args) -> int:
+    from klstore.store import upkeep
+
+    _check_format(args.format)
+    names, rows = upkeep.lens_eval_table(_open_for_reading(args.store), args.model)
+    print(output.format_rows(names, rows, args.format) if rows else "(no lens_eval rows)")
+    return 0
+
+
 # -------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from klstore import __version__
@@ -651,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(sub)
     _add_run(sub)
     _add_report(sub)
+    _add_lens(sub)
     return parser
 
 

@@ -44,13 +44,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from klstore.spec import ExperimentConfig, ReportSpec, parse_experiment, parse_report_spec, read_yaml
+from klstore.spec import (
+    ExperimentConfig,
+    FitSpec,
+    ReportSpec,
+    parse_experiment,
+    parse_fit,
+    parse_report_spec,
+    read_yaml,
+)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment config; relative prompt paths resolve against its folder."""
     path = Path(path)
     return parse_experiment(read_yaml(path, "config file") or {}, str(path), base_dir=path.parent)
+
+
+def load_fit(path: str | Path) -> FitSpec:
+    """Read and validate a lens-fit config; a relative corpus path resolves against its folder
+    when it does not exist from the working directory."""
+    path = Path(path)
+    spec = parse_fit(read_yaml(path, "config file") or {}, str(path))
+    corpus = Path(spec.corpus.path).expanduser()
+    if not corpus.is_absolute() and not corpus.exists() and (path.parent / corpus).exists():
+        spec = spec.model_copy(update={"corpus": spec.corpus.model_copy(update={"path": str(path.parent / corpus)})})
+    return spec
 
 
 def load_report_spec(path: str | Path | None) -> ReportSpec:

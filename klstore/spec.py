@@ -1055,6 +1055,98 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
     )
 
 
+# ------------------------------------------------------------ lens fits
+class CorpusSpec(_Value):
+    """The text a lens is fitted on (klstore.core.corpus): a text file, a folder of them, a JSON
+    Lines file with a `text` field, or `hf:<dataset>` (a Hugging Face dataset), packed into
+    sequences of `seq_len` tokens; the last `held_out` sequences are the evaluation split."""
+
+    path: str
+    seq_len: int = Field(128, ge=2, le=1_000_000)
+    held_out: int = Field(16, ge=1)
+    text_field: str = "text"
+    split: str = "train"  # of a Hugging Face dataset
+    max_documents: int | None = Field(None, ge=1)
+
+
+class TunedRecipe(_Value):
+    """How the tuned lens is trained: tuned-lens 0.2.0's defaults (its `train` command), but for
+    the token budget, which is required (tuned-lens's 250 x 2**18 ~ 65M tokens is weeks on a CPU).
+    SGD with Nesterov momentum at lr_scale x (1 - momentum) (0.1), coupled weight decay, gradients
+    clipped to norm `max_grad_norm`, linear warm-up then linear decay to 0 at the last step."""
+
+    tokens: int = Field(ge=1)  # training tokens seen in all (steps = tokens / tokens_per_step)
+    tokens_per_step: int = Field(2**18, ge=1)
+    lr_scale: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-3, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0  # the order of the training sequences
+
+    @property
+    def lr(self) -> float:
+        """The SGD learning rate at the end of warm-up (tuned-lens: lr_scale x (1 - momentum))."""
+        return self.lr_scale * (1 - self.momentum) if self.momentum else self.lr_scale
+
+
+FIT_KINDS = ("tuned", "least_squares")  # the Jacobian lens joins with its own estimator
+
+
+class FitSpec(_Value):
+    """A lens fit (`klstore lens fit CONFIG`): one model, one corpus, one lens kind."""
+
+    name: str = "lens-fit"
+    store: str = DEFAULT_STORE
+    model: ModelConfig
+    kind: Literal["tuned", "least_squares"]
+    init: Literal["identity", "least_squares"] = "least_squares"  # tuned: where training starts
+    corpus: CorpusSpec
+    train: TunedRecipe | None = None  # required for kind tuned
+    workers: int = Field(1, ge=1)  # Ray Train workers (one model copy each)
+    batch_size: int = Field(4, ge=1)  # sequences per forward pass on a worker
+    checkpoint_every: int = Field(10, ge=1)  # training steps between checkpoints in the store
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        return _rule(check_label, value, "fit name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            data = {**data, "model": {"name": data["model"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _recipe(self):
+        if self.kind == "tuned" and self.train is None:
+            raise _fail("train: a tuned lens needs a training recipe with at least `tokens:`")
+        return self
+
+    def identity(self) -> dict:
+        """What defines the fit (hashed into its id, which names its checkpoints in the store)."""
+        return {
+            "name": self.name,
+            "model": {"name": self.model.name, "dtype": self.model.dtype},
+            "kind": self.kind,
+            "init": self.init if self.kind == "tuned" else None,
+            "corpus": self.corpus.model_dump(),
+            "train": self.train.model_dump() if self.train and self.kind == "tuned" else None,
+            "workers": self.workers,
+            "batch_size": self.batch_size,
+        }
+
+
+def parse_fit(data, source: str = "config") -> FitSpec:
+    """Validate a lens-fit config mapping (errors name the file and key)."""
+    if not isinstance(data, dict):
+        raise KlstoreError(f"{source}: config must be a mapping")
+    return validate(FitSpec, data, source)
+
+
 # ------------------------------------------------------------ report specs
 REPORT_DIMENSIONS = ("model", "probe", "prompt_group")
 

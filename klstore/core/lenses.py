@@ -35,6 +35,7 @@ CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.pt"
 KLSTORE_FILE = "klstore.json"  # klstore's provenance of a lens; tuned-lens ignores it
 FITTED_KINDS = tuple(kind for kind in LENS_READOUTS if kind != "logit")
+LENS_TYPE = "linear_tuned_lens"  # tuned-lens 0.2.0's TunedLensConfig.lens_type
 
 
 class LensError(KlstoreError):
@@ -134,9 +135,9 @@ def load(source: str | Path) -> AffineLens:
     extra = _read_json(folder / KLSTORE_FILE, source) if (folder / KLSTORE_FILE).exists() else {}
     d_model = _positive_int(config, "d_model", source)
     n_layers = _positive_int(config, "num_hidden_layers", source)
-    lens_type = config.get("lens_type", "linear_tensor")
-    if lens_type != "linear_tensor":
-        raise LensError(f"lens {source}: lens_type {lens_type!r} is not supported (only linear_tensor)")
+    lens_type = config.get("lens_type", LENS_TYPE)
+    if lens_type != LENS_TYPE:
+        raise LensError(f"lens {source}: lens_type {lens_type!r} is not supported (only {LENS_TYPE})")
     state = _read_params(folder / PARAMS_FILE, source)
     weight = torch.zeros(n_layers, d_model, d_model)
     bias = torch.zeros(n_layers, d_model)
@@ -208,7 +209,7 @@ def save(lens: AffineLens, folder: str | Path, base_model: str = "", provenance:
         "bias": True,
         "base_model_revision": None,
         "unembed_hash": lens.unembed_hash or None,
-        "lens_type": "linear_tensor",
+        "lens_type": LENS_TYPE,
     }
     torch.save(state, folder / PARAMS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -219,20 +220,26 @@ def save(lens: AffineLens, folder: str | Path, base_model: str = "", provenance:
 
 # ------------------------------------------------------------ a lens and its model
 def unembed_hash(model) -> str:
-    """tuned-lens's hash of a model's unembedding (what its lens folders record)."""
-    weight = model.get_output_embeddings().weight
-    digest = hashlib.sha256()
-    digest.update(weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """tuned-lens 0.2.0's hash of a model's unembedding, computed as it computes it (so lens
+    folders check both ways): SHA-256 of numpy's text of the float32 weight at 1 decimal. numpy
+    summarises arrays over 1000 elements, so this text holds only the corner rows and columns:
+    a weak check, which klstore's `model_fingerprint` complements."""
+    import numpy as np
+
+    weight = model.get_output_embeddings().weight.detach().cpu().float().numpy()
+    with np.printoptions(threshold=1000, edgeitems=3, linewidth=75, suppress=False, floatmode="maxprec", sign="-"):
+        text = np.array_str(weight, precision=1)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_fingerprint(model) -> str:
     """The model a lens is tied to (docs/conventions.md): SHA-256 (16 hex) of every parameter's
-    name and shape, and of the unembedding's float32 values (through `unembed_hash`)."""
+    name and shape, and of every float32 value of the unembedding."""
     digest = hashlib.sha256(b"klstore-model-v1\n")
     for name, param in model.named_parameters():
         digest.update(f"{name}\t{tuple(param.shape)}\n".encode())
-    digest.update(unembed_hash(model).encode())
+    weight = model.get_output_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
+    digest.update(weight.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -265,6 +265,25 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
     return ModelShape(depth, context, getattr(text, "hidden_size", None) or getattr(text, "n_embd", None))
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A model's tokenizer alone (a lens fit packs its corpus before Ray starts or weights load)."""
+    import transformers
+
+    source = resolve(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    location = source.location
+    if source.gguf_file is not None:
+        folder = _gguf_cache_folder(source)
+        if (folder / "tokenizer_config.json").exists():
+            location = str(folder)
+        else:
+            kwargs["gguf_file"] = source.gguf_file
+    try:
+        return transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise KlstoreError(f"cannot read the tokenizer of model {name!r}: {first_line(exc)}") from None
+
+
 def pick_device_dtype(device: str = "auto", dtype: str = "auto"):
     """'auto' device is CUDA when available else CPU; 'auto' dtype is bf16 on CUDA, fp32 on CPU."""
     import torch

@@ -16,6 +16,8 @@ from klstore.store.tables import (
     ATTEMPT_PREFIX,
     GENERATIONS_SCHEMA,
     KL_SCHEMA,
+    LENS_EVAL_SCHEMA,
+    LENSES_SCHEMA,
     PROMPTS_SCHEMA,
     SHARDS_SCHEMA,
     TOKENS_SCHEMA,
@@ -92,6 +94,22 @@ def _lens_columns(m, count: int) -> dict:
         out["gen_rank"] = pa.array(m.gen_rank.reshape(-1).astype(np.int32))
         out["gen_logq"] = pa.array(logq, mask=~np.isfinite(logq))
     return out
+
+
+def lens_rows(rows: list[dict]) -> pa.Table:
+    """`lenses` rows (store.tables.LENSES_SCHEMA) from dicts with its columns."""
+    return pa.Table.from_pylist([{name: row.get(name) for name in LENSES_SCHEMA.names} for row in rows], LENSES_SCHEMA)
+
+
+def lens_eval_rows(rows: list[dict]) -> pa.Table:
+    """`lens_eval` rows (store.tables.LENS_EVAL_SCHEMA); a non-finite kl is stored as null."""
+    clean = []
+    for row in rows:
+        values = {name: row.get(name) for name in LENS_EVAL_SCHEMA.names}
+        if values["kl"] is not None and not np.isfinite(values["kl"]):
+            values["kl"] = None
+        clean.append(values)
+    return pa.Table.from_pylist(clean, LENS_EVAL_SCHEMA)
 
 
 def token_rows(texts) -> pa.Table:

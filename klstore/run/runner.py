@@ -84,7 +84,7 @@ SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 def _single_node_mode() -> None:
     """Check that the local Ray about to start is in Ray's single-node mode (every server on
-    loopback): `_init_ray` sets it before importing ray; a `ray` imported earlier with
+    loopback): `init_ray` sets it before importing ray; a `ray` imported earlier with
     multi-node support on is one line."""
     from ray._private import ray_constants
 
@@ -96,7 +96,7 @@ def _single_node_mode() -> None:
         )
 
 
-def _init_ray(num_cpus: int | None = None):
+def init_ray(num_cpus: int | None = None):
     """Join the cluster named by RAY_ADDRESS, or start a local Ray that listens on loopback
     only (`_single_node_mode`). Returns the ray module and whether this call started it (the
     caller then shuts it down)."""
@@ -143,7 +143,7 @@ def planning_nodes() -> tuple[list[dict], str]:
     devices), without starting Ray: a dry run should cost nothing."""
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray, started_here = _init_ray()
+        ray, started_here = init_ray()
         try:
             return cluster_nodes(ray), f"the cluster at RAY_ADDRESS={address}"
         finally:
@@ -364,7 +364,7 @@ def run(
     If the driver itself fails, the run is marked failed; running it again resumes.
     """
     plan = RunPlan(cfg, store_uri)
-    ray, started_here = _init_ray(num_cpus)
+    ray, started_here = init_ray(num_cpus)
     start = time.time()
     scheduler = None
     try:

@@ -116,6 +116,39 @@ SHARDS_SCHEMA = pa.schema(
     ]
 )
 
+LENSES_SCHEMA = pa.schema(
+    [  # one row per fitted lens (docs/conventions.md, "Lenses"); its files: <store>/lens_files/<lens_id>/
+        ("lens_id", pa.string()),  # the content hash of its parameters
+        ("kind", pa.string()),  # tuned, least_squares, jacobian
+        ("model_name", pa.string()),  # what was loaded (a path, a hub id, a built-in name)
+        ("fingerprint", pa.string()),  # the model fingerprint the lens is tied to
+        ("unembed_hash", pa.string()),  # tuned-lens's hash of the unembedding
+        ("corpus", pa.string()),  # the corpus as configured
+        ("corpus_hash", pa.string()),  # SHA-256 of the training split's token ids
+        ("held_out_hash", pa.string()),  # SHA-256 of the held-out split's token ids
+        ("recipe", pa.string()),  # JSON: kind, init, optimizer and schedule
+        ("tokens", pa.int64()),  # training tokens seen
+        ("wall_s", pa.float64()),  # the fit's wall time, model loads included
+        ("workers", pa.int32()),
+        ("final_loss", pa.float64()),  # the last step's training loss (null: one-pass fits)
+        ("fit_id", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+LENS_EVAL_SCHEMA = pa.schema(
+    [  # per lens and layer, on a held-out split: how close its read-out is to the model's output
+        ("lens_id", pa.string()),  # `logit` for the logit lens
+        ("lens", pa.string()),  # the kind
+        ("layer", pa.int16()),
+        ("kl", pa.float64()),  # mean KL(final || lens read-out) over the tokens, nats
+        ("top1_agreement", pa.float64()),  # share of tokens where argmax Q = argmax of the final distribution
+        ("tokens", pa.int64()),
+        ("held_out_hash", pa.string()),
+        ("fingerprint", pa.string()),
+        ("fit_id", pa.string()),
+    ]
+)
+
 # table -> (file schema, partition columns in path order)
 TABLES = {
     "kl": (KL_SCHEMA, ("model", "probe", "run_id")),
@@ -124,6 +157,8 @@ TABLES = {
     "runs": (RUNS_SCHEMA, ("run_id",)),
     "shards": (SHARDS_SCHEMA, ("model", "run_id")),
     "tokens": (TOKENS_SCHEMA, ("model",)),
+    "lenses": (LENSES_SCHEMA, ("model",)),
+    "lens_eval": (LENS_EVAL_SCHEMA, ("model",)),
 }
 # the columns of each view, in the documented order
 VIEW_COLUMNS = {
@@ -198,6 +233,8 @@ VIEW_COLUMNS = {
         "noise_floor",
     ),
     "tokens": ("model", "token_id", "token_text"),
+    "lenses": ("model", *LENSES_SCHEMA.names),
+    "lens_eval": ("model", *LENS_EVAL_SCHEMA.names),
 }
 # what a view column reads as where its files have none (written before the column existed)
 VIEW_DEFAULTS = {"kl": {"lens": "logit", "lens_id": "logit"}}

@@ -63,6 +63,37 @@ def run_totals(store: Store | str, run_id: str) -> tuple[list[str], list]:
     )
 
 
+def lens_summaries(store: Store | str) -> tuple[list[str], list]:
+    """`klstore lens list`: every fitted lens, with its mean held-out KL over layers next to the
+    logit lens's on the same held-out split."""
+    return sql(
+        store,
+        """
+        SELECT l.model, l.lens_id, l.kind, l.tokens, l.workers, round(l.wall_s, 1) AS wall_s,
+               round(l.final_loss, 4) AS final_loss,
+               round((SELECT avg(kl) FROM lens_eval e WHERE e.lens_id = l.lens_id
+                      AND e.held_out_hash = l.held_out_hash), 4) AS held_out_kl,
+               round((SELECT avg(kl) FROM lens_eval e WHERE e.lens_id = 'logit' AND e.model = l.model
+                      AND e.held_out_hash = l.held_out_hash), 4) AS logit_kl,
+               l.corpus, l.created_at
+        FROM lenses l ORDER BY l.model, l.created_at""",
+    )
+
+
+def lens_eval_table(store: Store | str, model: str | None = None) -> tuple[list[str], list]:
+    """`klstore lens eval`: held-out KL and top-1 agreement per model, lens and layer (the
+    latest evaluation of each lens on each held-out split)."""
+    where, params = ("WHERE model = ?", [model]) if model else ("", [])
+    return sql(
+        store,
+        f"""
+        SELECT model, lens, lens_id, layer, round(avg(kl), 4) AS kl,
+               round(avg(top1_agreement), 3) AS top1_agreement, max(tokens) AS tokens, held_out_hash
+        FROM lens_eval {where} GROUP BY ALL ORDER BY model, held_out_hash, lens, lens_id, layer""",
+        params,
+    )
+
+
 def mean_map(con, divergence: str, model: str, probe: str, group: str | None = None, run: str | None = None):
     """The mean `divergence` per (layer, gen_idx) over the prompts of a model and probe (optionally
     one prompt group and run id), nulls left out: (rows of (layer, gen_idx, mean, count), number

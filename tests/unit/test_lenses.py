@@ -80,7 +80,7 @@ def _tuned_lens_folder(tmp_path, n_layers: int, d_model: int, state: dict, **con
     folder = tmp_path / "tl"
     folder.mkdir(exist_ok=True)
     torch.save(state, folder / "params.pt")
-    base = {"d_model": d_model, "num_hidden_layers": n_layers, "bias": True, "lens_type": "linear_tensor"}
+    base = {"d_model": d_model, "num_hidden_layers": n_layers, "bias": True, "lens_type": "linear_tuned_lens"}
     (folder / "config.json").write_text(json.dumps({**base, **config}))
     return str(folder)
 
