@@ -14,7 +14,7 @@ import json, os, sys
 sys.path.insert(0, "tests")
 from klstore.run import runner
 from netcheck import listening, process_tree
-ray, started = runner._init_ray(1)
+ray, started = runner.init_ray(1)
 node_ip = ray.util.get_node_ip_address()
 sockets = listening(process_tree(os.getpid()))
 ray.shutdown()
@@ -43,7 +43,7 @@ def test_klstore_local_ray_listens_on_loopback_only():
 def test_ray_imported_first_with_multinode_on_is_one_line():
     code = (
         "import ray, sys; from klstore.run import runner; from klstore.errors import KlstoreError\n"
-        "try:\n    runner._init_ray(1)\nexcept KlstoreError as exc:\n    print('ERR', exc)\n"
+        "try:\n    runner.init_ray(1)\nexcept KlstoreError as exc:\n    print('ERR', exc)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"

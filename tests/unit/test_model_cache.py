@@ -56,7 +56,7 @@ def test_unauthenticated_cluster_gets_a_hint(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     with pytest.raises(KlstoreError) as info:
-        runner._init_ray()
+        runner.init_ray()
     message = str(info.value)
     assert message.startswith("cannot start or join Ray (127.0.0.1:6379): Unauthenticated")
     assert "set RAY_AUTH_MODE=token" in message and "\n" not in message
