@@ -1057,13 +1057,16 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
 
 # ------------------------------------------------------------ lens fits
 class CorpusSpec(_Value):
-    """The text a lens is fitted on (klstore.core.corpus): a text file, a folder of them, a JSON
-    Lines file with a `text` field, or `hf:<dataset>` (a Hugging Face dataset), packed into
-    sequences of `seq_len` tokens; the last `held_out` sequences are the evaluation split."""
+    """The text a lens is fitted on (klstore.core.corpus): a text file (one document), a folder
+    of them, a JSON Lines file with a `text` field, or a Hugging Face dataset name (`name` or
+    `name:config`), packed into sequences of `seq_len` tokens; the last `held_out` sequences are
+    the evaluation split, and the training split is the first `train_sequences` of the others
+    (all when absent)."""
 
     path: str
     seq_len: int = Field(128, ge=2, le=1_000_000)
     held_out: int = Field(16, ge=1)
+    train_sequences: int | None = Field(None, ge=1)
     text_field: str = "text"
     split: str = "train"  # of a Hugging Face dataset
     max_documents: int | None = Field(None, ge=1)

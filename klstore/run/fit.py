@@ -75,6 +75,7 @@ def read_corpus(spec: FitSpec, tokenizer=None):
         tokenizer or load_tokenizer(spec.model.name, spec.model.trust_remote_code),
         spec.corpus.seq_len,
         spec.corpus.held_out,
+        max_train_sequences=spec.corpus.train_sequences,
         text_field=spec.corpus.text_field,
         dataset_split=spec.corpus.split,
         max_documents=spec.corpus.max_documents,
@@ -97,7 +98,7 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
         return done
     from klstore.run.runner import init_ray
 
-    ray, started_here = init_ray()
+    ray, started_here = init_ray(log_to_driver=False)  # progress comes through the store (`_Progress`)
     try:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -112,13 +113,14 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
         )
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"spec": spec.model_dump(), "store": store.uri, "fit_id": fit_id},
+            train_loop_config={"spec": _absolute(spec).model_dump(), "store": _store_uri(store), "fit_id": fit_id},
             scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
             run_config=RunConfig(name=fit_id, storage_path=_ray_storage()),
         )
         started = time.perf_counter()
         try:
-            trainer.fit()
+            with _Progress(store, fit_id, say):
+                trainer.fit()
         except Exception as exc:  # noqa: BLE001 - the worker's own message, in one line
             from klstore.errors import remote_message
 
@@ -131,6 +133,62 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
     if result is None:
         raise KlstoreError(f"lens fit {fit_id} ended without writing its record (see the log above)")
     return result
+
+
+def _progress_path(store: Store, fit_id: str) -> str:
+    return store.path(FITS, fit_id, "progress.txt")
+
+
+class _Progress:
+    """The driver's view of rank 0's progress lines, which it writes into the store (a few
+    lines, replaced each time): a thread prints every new line while the fit runs."""
+
+    def __init__(self, store: Store, fit_id: str, say, poll: float = 1.0):
+        import threading
+
+        self.store, self.fit_id, self.say, self.poll = store, fit_id, say, poll
+        self.printed = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.poll):
+            self._show()
+
+    def _show(self) -> None:
+        data = self.store.read_bytes(_progress_path(self.store, self.fit_id))
+        lines = [] if data is None else data.decode().splitlines()
+        count, fresh = (int(lines[0]), lines[1:]) if lines else (0, [])
+        new = count - self.printed  # lines written since the last look (the file keeps the last ones)
+        for line in fresh[max(0, len(fresh) - new) :]:
+            self.say(line)
+        self.printed = max(self.printed, count)
+
+    def __enter__(self):
+        self.store.delete(_progress_path(self.store, self.fit_id))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._show()
+        return False
+
+
+def _absolute(spec: FitSpec) -> FitSpec:
+    """The spec with local corpus and model paths made absolute: Ray Train runs each worker in
+    a folder of its own (the fit's id was taken from the paths as written)."""
+    corpus, model = spec.corpus, spec.model
+    if os.path.exists(os.path.expanduser(corpus.path)):
+        corpus = corpus.model_copy(update={"path": os.path.abspath(os.path.expanduser(corpus.path))})
+    if os.path.exists(os.path.expanduser(model.name)):
+        model = model.model_copy(update={"name": os.path.abspath(os.path.expanduser(model.name))})
+    return spec.model_copy(update={"corpus": corpus, "model": model})
+
+
+def _store_uri(store: Store) -> str:
+    return store.uri if not store.is_local else os.path.abspath(store.uri)
 
 
 def _ray_storage() -> str:
@@ -188,14 +246,17 @@ def train_worker(config: dict) -> None:
         for start in range(0, rows.shape[0], spec.batch_size):
             yield rows[start : start + spec.batch_size].to(device)
 
-    last_said = [0.0]
+    last_said, said = [0.0], []
 
     def log(message: str, every: float = 0.0) -> None:
-        """Rank 0's progress line (at most one per `every` seconds when given)."""
+        """Rank 0's progress line (at most one per `every` seconds when given), for the driver
+        (`_Progress`): the count of lines so far, then the last 20."""
         now = time.perf_counter()
         if rank == 0 and now - last_said[0] >= every:
             last_said[0] = now
-            print(f"[{fit_id}] {message}", flush=True)
+            said.append(f"[{fit_id}] {message}")
+            text = "\n".join([str(len(said)), *said[-20:]]) + "\n"
+            store.put_bytes(_progress_path(store, fit_id), text.encode())
 
     fitted: list[tuple[lenses.AffineLens, dict]] = []
     start_lens = lenses.identity_lens("tuned", n_layers, d_model, **meta)

@@ -96,10 +96,11 @@ def _single_node_mode() -> None:
         )
 
 
-def init_ray(num_cpus: int | None = None):
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
     """Join the cluster named by RAY_ADDRESS, or start a local Ray that listens on loopback
     only (`_single_node_mode`). Returns the ray module and whether this call started it (the
-    caller then shuts it down)."""
+    caller then shuts it down). `log_to_driver`: stream the workers' output here (a lens fit
+    reports its progress through the store instead, without Ray Train's own chatter)."""
     address = os.environ.get("RAY_ADDRESS")
     if not address and "ray" not in sys.modules:
         os.environ[SINGLE_NODE_ENV] = "0"  # before ray reads it on import
@@ -110,11 +111,13 @@ def init_ray(num_cpus: int | None = None):
     try:
         if address:
             _check_reachable(address)
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
             # a Ray of its own serves this machine only: it listens on loopback, not the network
             _single_node_mode()
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+            ray.init(
+                num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, _node_ip_address="127.0.0.1"
+            )
     except KlstoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to join is one line for the user
