@@ -81,6 +81,20 @@ def test_two_workers_fit_one_workers_translators(ray_session, tiny_model_dir, co
     assert (tmp_path / "s2" / "lens_files" / b.id / "params.pt.sha256.json").exists()
     again = fitting_run.fit(parse_fit(_config(tiny_model_dir, corpus, tmp_path / "s2", workers=2)), say=quiet)
     assert again == two  # a finished fit is not redone
+    # klstore lens list / lens eval read the same rows
+    listed = run_cli("lens", "list", "--store", tmp_path / "s2", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    by_kind = {row["kind"]: row for row in json.loads(listed.stdout)}
+    assert set(by_kind) == {"least_squares", "tuned"} and by_kind["tuned"]["lens_id"] == b.id
+    _, means = views.sql(
+        str(tmp_path / "s2"), "SELECT lens, round(avg(kl), 4) FROM lens_eval GROUP BY lens ORDER BY lens"
+    )
+    means = dict(means)
+    assert by_kind["tuned"]["held_out_kl"] == means["tuned"] and by_kind["tuned"]["logit_kl"] == means["logit"]
+    evaluated = run_cli("lens", "eval", "--store", tmp_path / "s2", "--format", "json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    table = json.loads(evaluated.stdout)
+    assert len(table) == 12 and {row["lens"] for row in table} == {"logit", "least_squares", "tuned"}
 
 
 def test_killed_fit_resumes_to_the_uninterrupted_lens(tiny_model_dir, corpus, tmp_path):
@@ -156,4 +170,16 @@ def test_bad_fit_configs_are_one_line_errors_with_nothing_written(case, tiny_mod
     lines = [line for line in result.stderr.splitlines() if line.startswith("klstore: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_dry_run_computes_and_writes_nothing(tiny_model_dir, corpus, tmp_path):
+    import yaml
+
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(_config(tiny_model_dir, corpus, tmp_path / "store")))
+    result = run_cli("lens", "fit", tmp_path / "fit.yaml", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    spec = parse_fit(_config(tiny_model_dir, corpus, tmp_path / "store"))
+    assert f"dry run of lens fit {fitting_run.fit_id_for(spec)}" in result.stdout
+    assert "6 step(s) of 4 sequence(s) x 32 tokens" in result.stdout
     assert not (tmp_path / "store").exists()
