@@ -1,0 +1,125 @@
+"""The Jacobian lens's estimator (Gurnee et al. 2026; docs/conventions.md, "Lenses").
+
+For one prompt of T tokens and a source block l, with V the valid positions (the first `skip`
+and the last excluded) and h_final the last block's output (before the final norm):
+
+    J_l(prompt) = (1 / |V|) sum_{t in V} sum_{t' in V, t' >= t} d h_final,t' / d h_l,t      (d x d)
+
+and the lens's J_l is the mean of J_l(prompt) over prompts. Row j of the double sum is the
+gradient, at h_l, of sum_{t' in V} h_final[t', j], summed over t in V (the model is causal, so
+positions t' < t contribute nothing). One backward pass gives it for every source block at
+once; `dim_batch` copies of the prompt in one batch give `dim_batch` rows per pass, so a
+prompt costs one forward and ceil(d / dim_batch) backward passes of `dim_batch` rows.
+
+`JacobianSums` holds the sum over prompts (float64) and the prompt count: partial sums from
+any split of the prompts add up exactly, in any order, and `mean()` is the lens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from klstore.core.adapter import Adapter
+from klstore.core.lenses import AffineLens
+
+DEFAULT_SKIP = 16  # leading positions excluded from V (the reference's default)
+DEFAULT_DIM_BATCH = 8  # output dimensions per backward pass
+
+
+def valid_positions(n_tokens: int, skip: int) -> range:
+    """V: positions skip .. T-2 (the first `skip` and the last excluded); empty when T <= skip + 1."""
+    return range(skip, max(skip, n_tokens - 1))
+
+
+def prompt_jacobian(
+    model, adapter: Adapter, input_ids: torch.Tensor, skip: int = DEFAULT_SKIP, dim_batch: int = DEFAULT_DIM_BATCH
+) -> torch.Tensor | None:
+    """(L, d, d) float64: J_l(prompt) for every block l (the last is the identity), for one
+    prompt `input_ids` (1, T); None when the prompt has no valid position."""
+    n_tokens = input_ids.shape[1]
+    valid = valid_positions(n_tokens, skip)
+    if len(valid) == 0:
+        return None
+    embed = model.get_input_embeddings()
+    n_layers = adapter.n_layers
+    d_model = embed.weight.shape[1]
+    device = input_ids.device
+    mask = torch.zeros(n_tokens, device=device)
+    mask[list(valid)] = 1.0
+    rows = torch.zeros(n_layers, d_model, d_model, dtype=torch.float64)
+    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad():
+        embedded = embed(input_ids)  # (1, T, d)
+    for start in range(0, d_model, dim_batch):
+        dims = list(range(start, min(start + dim_batch, d_model)))
+        outputs: list[torch.Tensor] = []
+
+        def keep(_module, _args, out, outputs=outputs):
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden.retain_grad()
+            outputs.append(hidden)
+
+        handles = [block.register_forward_hook(keep) for block in adapter.blocks]
+        try:
+            with torch.enable_grad():
+                x = embedded.expand(len(dims), -1, -1).detach().clone().requires_grad_(True)
+                model(inputs_embeds=x, use_cache=False, **keep_one)  # the head's output is not needed
+                seed = torch.zeros_like(outputs[-1])  # (b, T, d): 1 at (row r, t' in V, dims[r])
+                for r, j in enumerate(dims):
+                    seed[r, :, j] = mask.to(seed.dtype)
+                outputs[-1].backward(seed)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer, hidden in enumerate(outputs):
+            grad = hidden.grad  # (b, T, d): row r = d(sum_{t' in V} h_final[t', dims[r]]) / d h_l
+            if grad is None:  # the last block is its own output: d h_final / d h_final = I
+                grad = seed
+            summed = (grad.double() * mask.double()[None, :, None]).sum(1)  # (b, d): the sum over t in V
+            rows[layer, dims[0] : dims[-1] + 1] = summed.cpu()
+    return rows / len(valid)
+
+
+@dataclass
+class JacobianSums:
+    """The sum over prompts of J_l(prompt) (float64) and how many prompts it holds; prompts with
+    no valid position are counted apart (`skipped`)."""
+
+    total: torch.Tensor  # (L, d, d) float64
+    prompts: int = 0
+    skipped: int = 0
+    seen: list = field(default_factory=list)  # shard keys merged in (provenance, order-free)
+
+    @classmethod
+    def zeros(cls, n_layers: int, d_model: int) -> JacobianSums:
+        return cls(torch.zeros(n_layers, d_model, d_model, dtype=torch.float64))
+
+    def add(self, jacobian: torch.Tensor | None) -> None:
+        if jacobian is None:
+            self.skipped += 1
+        else:
+            self.total += jacobian
+            self.prompts += 1
+
+    def merge(self, other: JacobianSums) -> None:
+        self.total += other.total
+        self.prompts += other.prompts
+        self.skipped += other.skipped
+        self.seen += other.seen
+
+    def mean(self) -> torch.Tensor:
+        """(L, d, d) float64: J_l, the prompt-weighted mean."""
+        if not self.prompts:
+            raise ValueError("no prompt had a valid position")
+        return self.total / self.prompts
+
+    def lens(self, **meta) -> AffineLens:
+        """The J-lens as translators: W_l = J_l - I, b_l = 0; the last block is the identity."""
+        jac = self.mean()
+        n_layers, d_model, _ = jac.shape
+        weight = (jac - torch.eye(d_model, dtype=torch.float64)).float()
+        weight[-1] = 0.0
+        return AffineLens("jacobian", weight, torch.zeros(n_layers, d_model), **meta)
