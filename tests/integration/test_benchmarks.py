@@ -82,3 +82,43 @@ def test_engine_roofline_prints_phases_bounds_and_the_matmul_fraction():
         performed = re.search(rf"FLOPs performed \(torch's FlopCounterMode[^)]*\): {NUMBER} G", section)
         assert performed, section
         assert 0 < float(bound.group(1)) <= float(performed.group(1)), section  # a lower bound
+
+
+def test_lens_fit_quick_prints_the_table_the_targets_and_both_worker_counts():
+    text = _run("benchmarks/lens_fit.py", "--quick")  # a tiny random Llama (4 blocks), 256 training tokens
+    quality = text.split("\n1. quality", 1)[1].split("\n2. ", 1)[0]
+    row = rf" +{NUMBER} +{NUMBER}"
+    layers = re.findall(rf"^ +([0-9]+){row * 3}$", quality, re.M)
+    assert [int(layer[0]) for layer in layers] == [0, 1, 2, 3], quality
+    assert re.search(rf"^ +mean{row * 3}$", quality, re.M), quality
+    assert re.search(
+        rf"^target: tuned KL <= logit KL \+ 0\.01 nats at every layer: (PASS|FAIL) "
+        rf"\(max tuned - logit = [+-]{NUMBER} nats at layer [0-9]+\)$",
+        quality,
+        re.M,
+    ), quality
+    assert re.search(
+        rf"^target: tuned mean KL over layers 0-1 <= 0\.5 x logit's: (PASS|FAIL) \({NUMBER} vs {NUMBER} nats, "
+        rf"ratio {NUMBER}\)$",
+        quality,
+        re.M,
+    ), quality
+    speed = text.split("\n2. ", 1)[1].split("\n3. ", 1)[0]
+    line = r"^target: klstore's time to tuned-lens's held-out KL <= 0\.33 x tuned-lens's time: "
+    if (REPO / "build" / "venv-tunedlens" / ".installed").is_file():
+        assert "anchor path: tuned-lens's trainer" in speed, speed
+        assert re.search(rf"^tuned-lens: {NUMBER} s in all", speed, re.M), speed
+        assert len(re.findall(rf"^ +[0-9]+{row * 4}$", speed, re.M)) == 4, speed  # + tuned-lens's column
+        assert re.search(
+            rf"{line}(PASS|FAIL) \(({NUMBER} s vs {NUMBER} s, ratio {NUMBER}"
+            rf"|klstore did not reach {NUMBER} nats .*)\)$",
+            speed,
+            re.M,
+        ), speed
+    else:
+        assert re.search(rf"{line}SKIP \(anchor skipped: no tuned-lens environment", speed, re.M), speed
+    scale = text.split("\n3. ", 1)[1]
+    for workers in (1, 2):
+        rate = re.search(rf"^{workers} worker\(s\): {NUMBER} tokens/s", scale, re.M)
+        assert rate and float(rate.group(1)) > 0, scale
+    assert re.search(rf"^2 workers vs 1: {NUMBER}x", scale, re.M), scale
