@@ -6,6 +6,7 @@ has one, else `spawn`; never `fork`, because the parent holds DuckDB's threads).
 starts before the report's queries run, so the workers' imports overlap them. Each worker
 keeps one Figure per figure size and redraws into it (plotting.draw(..., figure=)), so the
 canvas and its renderer's text-metrics cache are made once per process, not per figure.
+A job holds a heatmap (plotting.HeatmapData) or a line figure (lineplot.LinesData, one size).
 With one worker (or one figure) everything is drawn in the calling process.
 
 Worker processes import the caller's main module again (as every spawn/forkserver pool does):
@@ -22,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from klstore.report import plotting
+from klstore.report import lineplot, plotting
 
 _FIGURES: dict = {}  # in each drawing process: figure size -> the Figure it redraws into
 
@@ -31,7 +32,7 @@ _FIGURES: dict = {}  # in each drawing process: figure size -> the Figure it red
 class Job:
     """One figure to draw: its data and the files to write (format from each suffix)."""
 
-    data: plotting.HeatmapData
+    data: plotting.HeatmapData | lineplot.LinesData
     paths: tuple[str, ...]
 
 
@@ -47,6 +48,10 @@ def draw_one(job: Job) -> float:
     """Draw and save one figure, redrawing into this process's Figure of that size; returns
     the CPU seconds it took (benchmarks add them up)."""
     start = time.process_time()
+    if isinstance(job.data, lineplot.LinesData):
+        key = ("lines", lineplot.FIGSIZE)
+        _FIGURES[key] = lineplot.save(job.data, *job.paths, figure=_FIGURES.get(key))
+        return time.process_time() - start
     size = plotting.figure_size(*job.data.values.shape)
     _FIGURES[size] = plotting.save(job.data, *job.paths, figure=_FIGURES.get(size))
     return time.process_time() - start

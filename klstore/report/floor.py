@@ -16,6 +16,8 @@ than that is not a measurement.
   sides' for a difference (the larger floor of the two), the prompt's own run for a per-prompt
   map. None when none of those measured one: then nothing is marked.
 - `below(values, floor)`: the cells to mark, |value| < floor (finite values only).
+- `LENS_EVAL_FLOOR`: the fixed threshold the Lenses section compares lenses by (no run
+  measures a floor for lens evaluations; see its comment).
 
 Pure numpy and one SQL query; never imports matplotlib or torch.
 """
@@ -28,6 +30,13 @@ import numpy as np
 
 UNIT = "nats"
 NOT_MEASURED = "not measured"
+# The threshold for lens evaluations (`lens_eval`, klstore.report.lenses), which have no measured
+# floor: `shards.noise_floor` compares a prompt computed in its batch with the same prompt alone, a
+# measurement of a kl run, not of a lens fit's held-out evaluation (a mean over the held-out tokens,
+# the same tokens for every lens of the fit, summed in float64). Two lenses' held-out KL at a layer
+# count as different only when they differ by at least this much; it is also the bottom of the
+# lens figure's log axis (smaller values are drawn on it).
+LENS_EVAL_FLOOR = 0.01  # nats
 
 
 @dataclass(frozen=True)

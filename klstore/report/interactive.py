@@ -20,6 +20,10 @@ Hover, per cell: the value, the number of prompts behind it, and
 Cells beyond a robust scale are marked with a triangle (log: below the floor, not marked).
 Cells below the runs' noise floor (klstore.report.floor) get a small dot in their bottom-left
 corner, as in the PNG, and the hover line "below the noise floor (X nats)".
+
+Line figures (`lines_figure`, from a klstore.report.lineplot.LinesData: the Lenses section) get
+one trace per series, on the same log axis as the PNG, with each point's own value and the
+series' extra lines on hover.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 
 from klstore.output import visible_token
 from klstore.report.aggregate import Grid
+from klstore.report.lineplot import COLOURS, LinesData, colour, shown
 from klstore.report.plotting import DIVERGENCE_LABELS, cell_text, floor_marks
 
 # ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
@@ -290,3 +295,46 @@ def _difference_cell(grid: Grid, r: int, c: int, pages: dict):
     n = int(grid.counts[r, c])
     lines.append(f"{n} prompt{'s' if n != 1 else ''} behind it (the smaller side)")
     return "<br>".join(lines), None
+
+
+def lines_figure(data: LinesData) -> dict:
+    """The plotly figure of a LinesData: {"data", "layout", "links": []} (nothing to click)."""
+    traces = []
+    for i, series in enumerate(data.series):
+        y, low = shown(data, series)
+        hover = []
+        for k, (x, value) in enumerate(zip(series.x, np.asarray(series.y, dtype=np.float64))):
+            lines = [f"<b>{_text(series.label)}</b>", f"layer {_text(x)}: {_value(value)} nats"]
+            if low[k]:
+                lines.append(f"<i>drawn at {data.y_min:g} (the axis bottom)</i>")
+            if k < len(series.hover):
+                lines.append(_text(series.hover[k]))
+            hover.append("<br>".join(lines))
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": _text(series.label),
+                "x": [int(x) for x in series.x],
+                "y": [_num(v, 6) for v in y],
+                "line": {"color": colour(i, series), "dash": "dash" if series.dashed else "solid", "width": 2},
+                "marker": {
+                    "size": [8 if flag else 5 for flag in low],
+                    "color": ["#ffffff" if flag else colour(i, series) for flag in low],
+                    "line": {"width": 1.5, "color": colour(i, series)},
+                },
+                "customdata": hover,
+                "hovertemplate": "%{customdata}<extra></extra>",
+            }
+        )
+    layout = {
+        "title": {"text": _text(data.title), "font": {"size": 13}, "x": 0.02, "xanchor": "left"},
+        "xaxis": {"title": {"text": _text(data.xlabel)}, "zeroline": False},
+        "yaxis": {"title": {"text": _text(data.ylabel)}, "type": "log" if data.log_y else "linear"},
+        "margin": {"l": 70, "r": 20, "t": 50, "b": 50},
+        "height": 420,
+        "legend": {"font": {"size": 11}},
+        "colorway": list(COLOURS),
+        "hoverlabel": {"align": "left"},
+    }
+    return {"data": traces, "layout": layout, "links": []}

@@ -17,7 +17,12 @@ Reads only the grid's arrays, labels and settling summary; units are nats. The r
   figure names it with its number and how many cells lie below it, and nothing smaller than
   it is called a difference: not a standout's lead, a trend, an outlier, nor a model's or
   group's cell being higher or lower than the other's (such cells are counted as within the
-  floor).
+  floor);
+- each **fitted lens** of a model (klstore.report.lenses) gets one sentence comparing its
+  held-out KL with the logit lens's on the same held-out tokens, layer by layer: the layers
+  where it is lower, and those where it is higher, by at least `LENS_EVAL_FLOOR` (0.01 nats:
+  lens evaluations have no measured noise floor, klstore.report.floor), with the mean KL of
+  both lenses over those layers.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from __future__ import annotations
 import numpy as np
 
 from klstore.report.aggregate import Grid
-from klstore.report.floor import UNIT
+from klstore.report.floor import LENS_EVAL_FLOOR, UNIT
 from klstore.report.floor import text as _floor
+from klstore.report.lenses import LensFigure
 
 STANDOUT = 1.25  # leader / runner-up, at least
 ALIKE = 1.25  # largest / smallest column mean, at most
@@ -246,4 +252,65 @@ def _rows(grid: Grid, row_means) -> list[str]:
             f"{grid.divergence} {trend} with depth: {early:.3g} {UNIT} on average in the first third "
             f"of the listed layers, {late:.3g} in the last third."
         )
+    return out
+
+
+# ------------------------------------------------------------------ lenses
+def layer_ranges(layers) -> str:
+    """'layer 3', 'layers 0-14, 16 and 20-22' (sorted, runs of consecutive layers joined)."""
+    layers = sorted(int(layer) for layer in layers)
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in runs]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"layer{'s' if len(layers) > 1 else ''} {text}"
+
+
+def lens_sentences(figure: LensFigure) -> list[str]:
+    """One sentence per fitted lens: where its held-out KL differs from the logit lens's by at
+    least LENS_EVAL_FLOOR, lower and higher, with both lenses' means over those layers; then the
+    threshold."""
+    floor = f"{LENS_EVAL_FLOOR:g} {UNIT}"
+    fitted = [curve for curve in figure.curves if not curve.is_logit]
+    logit = figure.logit
+    if not fitted:
+        return [f"Only the logit lens is evaluated on this held-out split ({figure.tokens} tokens)."]
+    if logit is None:
+        return ["The logit lens is not evaluated on this held-out split: the fitted lenses are not compared with it."]
+    out = []
+    for curve in fitted:
+        ours, _ = curve.at(curve.layers)
+        base, _ = logit.at(curve.layers)
+        both = np.isfinite(ours) & np.isfinite(base)
+        if not both.any():
+            out.append(f"{curve.name}: no layer has a held-out KL from both it and the logit lens.")
+            continue
+        layers = np.asarray(curve.layers)
+        diff = np.where(both, ours - base, 0.0)
+        lower, higher = both & (diff <= -LENS_EVAL_FLOOR), both & (diff >= LENS_EVAL_FLOOR)
+        if not lower.any() and not higher.any():
+            out.append(
+                f"{curve.name}: held-out KL within {floor} of the logit lens's at every layer both evaluate "
+                f"({layer_ranges(layers[both])})."
+            )
+            continue
+        parts: list[str] = []
+        for mask, word in ((lower, "below"), (higher, "above")):
+            if mask.any():
+                parts.append(
+                    f"{'held-out KL ' if not parts else ''}{word} the logit lens's at {layer_ranges(layers[mask])} "
+                    f"(mean {ours[mask].mean():.3g} vs {base[mask].mean():.3g} {UNIT})"
+                )
+        within = both & ~lower & ~higher
+        if within.any():
+            parts.append(f"within {floor} of it at {layer_ranges(layers[within])}")
+        out.append(f"{curve.name}: {'; '.join(parts)}.")
+    out.append(
+        f"Differences under {floor} are not counted: lens evaluations have no measured noise floor, "
+        "so this fixed threshold stands in for one."
+    )
     return out

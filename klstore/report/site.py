@@ -8,7 +8,8 @@ the cells below it are marked), writes observations
 (klstore.report.observe), draws PNG + SVG in parallel processes (klstore.report.drawing) and
 the interactive figures' JSON (klstore.report.interactive) into a fresh build folder:
 
-    index.html                    summary, every figure in a grid, each enlarged on click
+    index.html                    summary, every figure in a grid, each enlarged on click; where
+                                  the store has lens evaluations, a Lenses section (report.lenses)
     probes/<model, probe>.html    every prompt with its settling depths, linking its map
     prompts/<prompt>.html         one prompt's interactive map and its logit-lens token table
     figures/<figure>.png|svg      matplotlib figures for papers (report.md embeds the PNGs)
@@ -40,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.report import aggregate, drawing, floor, interactive, prompts, settling
+from klstore.report import aggregate, drawing, floor, interactive, lenses, prompts, settling
 from klstore.report.aggregate import Grid, _filters, _summary
-from klstore.report.observe import observe
+from klstore.report.observe import lens_sentences, observe
 from klstore.report.scale import bounds, choose
 from klstore.spec import ReportSpec, write_problem
 
@@ -106,11 +107,13 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
 
 
 class Report:
-    """What one build shows: the index's grids, every prompt page's grid, the listings."""
+    """What one build shows: the index's grids, every prompt page's grid, the listings, and the
+    lens figures (none when the store has no lens evaluations)."""
 
-    def __init__(self, grids, pages, listings, summary, floors=None):
+    def __init__(self, grids, pages, listings, summary, floors=None, lens_figures=()):
         self.grids, self.pages, self.listings, self.summary = grids, pages, listings, summary
         self.floors = floors or floor.Floors({})  # the noise floor of each (model, run) shown
+        self.lenses = list(lens_figures)  # lenses.LensFigure, with their observations
         self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
 
 
@@ -153,7 +156,10 @@ def gather(
     settling.attach(con, grids)
     for grid in grids + [p for p in pages if p not in examples]:
         grid.observations = observe(grid)
-    return Report(grids, pages, listings, _with_floors(_summary(con, spec, where), floors), floors)
+    lens_figures = lenses.load(con, spec.models)
+    for figure in lens_figures:
+        figure.observations = lens_sentences(figure)
+    return Report(grids, pages, listings, _with_floors(_summary(con, spec, where), floors), floors, lens_figures)
 
 
 def _set_floors(grids, floors: floor.Floors) -> None:
@@ -188,11 +194,11 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         old_manifest = json.loads((previous / "manifest.json").read_text())
     stats = _input_stats(store, chosen.get("runs"))
     floors = floor.load(con, chosen["selection"])  # a floor recorded later (a shard's, a run's) redraws
-    all_inputs = hashlib.sha256(
-        json.dumps(
-            [SITE_VERSION, spec.describe(), sorted((f"{k}", v) for k, v in stats.items()), floors.key()], default=str
-        ).encode()
-    ).hexdigest()
+    inputs = [SITE_VERSION, spec.describe(), sorted((f"{k}", v) for k, v in stats.items()), floors.key()]
+    lens_stats = _lens_input_stats(store)
+    if lens_stats:  # only then: a store without lens tables keeps its inputs hash
+        inputs.append(lens_stats)
+    all_inputs = hashlib.sha256(json.dumps(inputs, default=str).encode()).hexdigest()
     if not force and old_manifest.get("inputs_sha256") == all_inputs:
         log(f"report {spec.name}: inputs unchanged, nothing to redraw")
         return {
@@ -235,9 +241,36 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         scale = grid.scale
         return [scale.lo, scale.hi] if spec.shared_scale and scale is not None else None
 
+    lens_keys: dict = {}
+
+    def draw_or_reuse_lenses(figures):
+        nonlocal reused
+        jobs = []
+        for figure in figures:
+            key = lens_keys[figure.fig_id] = hashlib.sha256(
+                json.dumps([SITE_VERSION, figure.fig_id, figure.key()]).encode()
+            ).hexdigest()
+            png, svg = f"figures/{figure.fig_id}.png", f"figures/{figure.fig_id}.svg"
+            old = old_manifest.get("lenses", {}).get(figure.fig_id)
+            if (
+                not force
+                and old
+                and old.get("key") == key
+                and previous is not None
+                and (previous / png).exists()
+                and (previous / svg).exists()
+            ):
+                shutil.copy2(previous / png, build_dir / png)
+                shutil.copy2(previous / svg, build_dir / svg)
+                reused += 1
+            else:
+                jobs.append(drawing.Job(figure.lines(), (str(build_dir / png), str(build_dir / svg))))
+        drawer.submit(jobs)
+
     main_cpu = time.process_time()
     with drawing.Drawer(workers) as drawer:  # its processes start while the queries run
         report = gather(con, spec, where, chosen, on_figures=draw_or_reuse, floors=floors)
+        draw_or_reuse_lenses(report.lenses)
         _write_site(build_dir, spec, store, report)  # while the figures are drawn
         drawn = drawer.wait()
         if drawer.broken:
@@ -272,6 +305,21 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         "figures": figures,
         "pages": {"probes": [listing.page for listing in report.listings], "prompts": len(report.pages)},
     }
+    if report.lenses:  # the key only where the store has lens evaluations
+        manifest["lenses"] = {
+            f.fig_id: {
+                "key": lens_keys[f.fig_id],
+                "png": f"figures/{f.fig_id}.png",
+                "svg": f"figures/{f.fig_id}.svg",
+                "title": f.title,
+                "model": f.model,
+                "held_out_hash": f.held_out_hash,
+                "threshold_nats": floor.LENS_EVAL_FLOOR,
+                "lenses": [{"kind": c.kind, "lens_id": c.lens_id, "fit_id": c.fit_id} for c in f.curves],
+                "observations": f.observations,
+            }
+            for f in report.lenses
+        }
     (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     _publish(build_dir, out)
     for old_build in builds.iterdir():
@@ -279,7 +327,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
             shutil.rmtree(old_build, ignore_errors=True)
     seconds = time.perf_counter() - start
     log(
-        f"report {spec.name}: {len(report.grids)} figures ({drawn} drawn, {reused} unchanged), "
+        f"report {spec.name}: {len(report.grids) + len(report.lenses)} figures ({drawn} drawn, {reused} unchanged), "
         f"{len(report.pages)} prompt pages in {seconds:.1f} s"
     )
     return {
@@ -310,7 +358,7 @@ def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> Non
                 render_prompt_page(env, spec, grid, listing, report.prompt_pages), encoding="utf-8"
             )
     (build_dir / "report.md").write_text(
-        render_markdown(spec, report.grids, report.summary, report.floors), encoding="utf-8"
+        render_markdown(spec, report.grids, report.summary, report.floors, report.lenses), encoding="utf-8"
     )
 
 
@@ -382,6 +430,20 @@ def _input_stats(store, chosen_runs) -> dict:
         relative = path[len(root) :] if path.startswith(root) else path
         stats.setdefault((parts.get("model"), parts.get("probe")), []).append((relative, digest))
     return {key: sorted(files) for key, files in stats.items()}
+
+
+def _lens_input_stats(store) -> list:
+    """Sorted (path, SHA-256) of the `lenses` and `lens_eval` files (empty for a store without
+    lens tables): a new evaluation or fit changes it."""
+    from klstore.store.integrity import file_sha256, read_record, visible
+
+    root = store.root.rstrip("/") + "/"
+    out = []
+    for table in ("lenses", "lens_eval"):
+        for path in visible(store, table):
+            digest = (read_record(store, path) or {}).get("sha256") or file_sha256(store, path)
+            out.append((path[len(root) :] if path.startswith(root) else path, digest))
+    return sorted(out)
 
 
 def _figure_key(spec: ReportSpec, grid: Grid, stats: dict, extra: str) -> str:
@@ -528,6 +590,7 @@ def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> s
         )
     largest = {g.fig_id: _largest(g, report.prompt_pages) for g in grids if g.kind == "aggregate"}
     figures = {g.fig_id: interactive.figure(g, report.prompt_pages) for g in grids}
+    figures.update({f.fig_id: interactive.lines_figure(f.lines()) for f in report.lenses})
     return (
         (env or _environment(autoescape=True))
         .get_template("index.html.j2")
@@ -541,6 +604,8 @@ def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> s
             noise_floor=floor.summary_line(report.floors),
             listings=report.listings,
             largest=largest,
+            lenses=_lens_sections(report.lenses),
+            lens_threshold=floor.LENS_EVAL_FLOOR,
             figures=_figures_json(figures),
             root="",
         )
@@ -558,9 +623,16 @@ def _largest(grid: Grid, pages: dict, top: int = 3) -> list:
     ]
 
 
-def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | None = None) -> str:
-    """report.md: the summary table, the noise floor per model and every figure with its
-    observations; each value through the `md` filter (`md_code` inside a code span)."""
+def _lens_sections(figures) -> list:
+    """The Lenses section's models in order: [(model, [(figure, table names, table rows)])]."""
+    ordered = sorted(figures, key=lambda f: (f.model, f.held_out_hash or ""))
+    return [(model, [(f, *f.table()) for f in items]) for model, items in itertools.groupby(ordered, lambda f: f.model)]
+
+
+def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | None = None, lens_figures=()) -> str:
+    """report.md: the summary table, the noise floor per model, every figure with its
+    observations, and the Lenses section where there are lens figures; each value through the
+    `md` filter (`md_code` inside a code span)."""
     sections = [(name.capitalize(), list(items)) for name, items in itertools.groupby(grids, lambda g: g.section)]
     return (
         _environment(autoescape=False)
@@ -571,6 +643,8 @@ def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | Non
             summary_rows=summary[1],
             sections=sections,
             noise_floor=floor.summary_line(floors or floor.Floors({})),
+            lenses=_lens_sections(lens_figures),
+            lens_threshold=floor.LENS_EVAL_FLOOR,
         )
         .rstrip("\n")
         + "\n"

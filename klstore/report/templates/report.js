@@ -33,7 +33,8 @@
       gd.on('plotly_click', function (event) {
         var point = event.points && event.points[0];
         if (!point || point.curveNumber !== 0) return;
-        var link = figures[id].links[point.y][point.x];
+        var row = figures[id].links[point.y];  // line figures have no links
+        var link = row && row[point.x];
         if (link) window.location.href = root + link;
       });
     });
