@@ -138,3 +138,31 @@ $(TUNEDLENS_VENV)/.installed: Makefile
 		"torch==$$($(TUNEDLENS_PY) -W ignore -c 'import torch; print(torch.__version__)')"
 	$(TUNEDLENS_PY) -W ignore -c "import tuned_lens.scripts.train_loop"
 	touch $@
+
+# `make bench-tlens-env`: the reference Jacobian lens (TransformerLens 4.3's JacobianLens,
+# Gurnee et al. 2026) in its own environment, without klstore: benchmarks/jlens_ref.py runs on
+# its python to fit, read out, merge and save lenses with TransformerLens's own code, so
+# klstore's tests can compare matrices, logits and the .pt artifact. torch comes first
+# (TORCH_SPEC) and is pinned while the rest installs, so nothing replaces it with a CUDA build.
+# transformer-lens 4.3.0 asks transformers>=5.9; the pins are what it resolved to on torch
+# 2.13.0 (tested: fit, readout, merge and save/load on a tiny Llama and SmolLM2-135M), the
+# shared ones equal to constraints.txt's. 1.5 to 2.5 minutes on 2 CPUs (wheels cached).
+TLENS_VENV ?= build/venv-tlens
+TLENS_PY := $(TLENS_VENV)/bin/python
+TLENS_SPEC ?= transformer-lens==4.3.0 transformers==5.25.0 huggingface-hub==2.4.0 \
+	tokenizers==0.23.3 safetensors==0.8.0 accelerate==1.16.0 datasets==5.2.0 wandb==0.31.0 \
+	numpy==2.4.6 pandas==3.1.1 beartype==0.23.1 einops==0.8.2 fancy-einsum==0.0.3 \
+	jaxtyping==0.3.11 protobuf==7.36.2 rich==15.0.0 sentencepiece==0.2.3 tqdm==4.70.1 \
+	transformers-stream-generator==0.0.5 typeguard==4.6.1
+
+.PHONY: bench-tlens-env
+bench-tlens-env: $(TLENS_VENV)/.installed
+
+$(TLENS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(TLENS_VENV)
+	$(TLENS_PY) -m pip install -q --upgrade pip
+	$(TLENS_PY) -c "import torch" 2>/dev/null || $(TLENS_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(TLENS_PY) -m pip install -q $(TLENS_SPEC) \
+		"torch==$$($(TLENS_PY) -W ignore -c 'import torch; print(torch.__version__)')"
+	$(TLENS_PY) -W ignore -c "import transformer_lens.tools.analysis.jacobian_lens"
+	touch $@
