@@ -33,7 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from klstore.errors import KlstoreError
 
@@ -101,7 +101,7 @@ def _path(loc) -> str:
     return out
 
 
-def _what_of(error: dict) -> str:
+def _what_of(error: ErrorDetails) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind in _TYPE_PHRASES:
         return _TYPE_PHRASES[kind]
@@ -979,10 +979,21 @@ class ExperimentConfig(_Value):
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity
 
     # the compute value's core fields, read often enough to be named here too
-    probes = property(lambda self: self.compute.probes)
-    layers = property(lambda self: self.compute.layers)
-    divergences = property(lambda self: self.compute.divergences)
-    generation = property(lambda self: self.compute.generation)
+    @property
+    def probes(self) -> tuple[ProbeSpec, ...]:
+        return self.compute.probes
+
+    @property
+    def layers(self) -> str:
+        return self.compute.layers
+
+    @property
+    def divergences(self) -> tuple[str, ...]:
+        return self.compute.divergences
+
+    @property
+    def generation(self) -> GenerationSpec:
+        return self.compute.generation
 
     def identity(self) -> dict:
         """What defines the work (not where it goes): hashed into the run id. The compute
@@ -1023,7 +1034,9 @@ def parse_experiment(data, source: str = "config", base_dir: Path | None = None)
     if not isinstance(data, dict):
         raise KlstoreError(f"{source}: config must be a mapping")
     raw = validate(_ExperimentFile, data, source)
-    paths, prompts, seen = [], [], {}
+    paths: list[str] = []
+    prompts: list[Prompt] = []
+    seen: dict[str, str] = {}  # prompt id -> the file it came from
     for entry in raw.prompts:
         path = Path(entry.path)
         if not path.is_absolute() and base_dir is not None and not path.exists():
@@ -1094,7 +1107,16 @@ class TunedRecipe(_Value):
         return self.lr_scale * (1 - self.momentum) if self.momentum else self.lr_scale
 
 
-FIT_KINDS = ("tuned", "least_squares")  # the Jacobian lens joins with its own estimator
+class JacobianRecipe(_Value):
+    """The Jacobian lens's estimator (klstore.core.jacobian): the reference's options."""
+
+    skip: int = Field(16, ge=0)  # leading positions excluded from the valid positions V
+    dim_batch: int = Field(8, ge=1)  # output dimensions per backward pass
+    max_len: int | None = Field(None, ge=2)  # cut each prompt to this many tokens
+    shard_size: int = Field(4, ge=1)  # prompts per checkpointed shard in the store
+
+
+FIT_KINDS = ("tuned", "least_squares", "jacobian")
 
 
 class FitSpec(_Value):
@@ -1103,10 +1125,11 @@ class FitSpec(_Value):
     name: str = "lens-fit"
     store: str = DEFAULT_STORE
     model: ModelConfig
-    kind: Literal["tuned", "least_squares"]
+    kind: Literal["tuned", "least_squares", "jacobian"]
     init: Literal["identity", "least_squares"] = "least_squares"  # tuned: where training starts
     corpus: CorpusSpec
     train: TunedRecipe | None = None  # required for kind tuned
+    jacobian: JacobianRecipe = Field(default_factory=JacobianRecipe)  # kind jacobian
     workers: int = Field(1, ge=1)  # Ray Train workers (one model copy each)
     batch_size: int = Field(4, ge=1)  # sequences per forward pass on a worker
     checkpoint_every: int = Field(10, ge=1)  # training steps between checkpoints in the store
@@ -1127,6 +1150,13 @@ class FitSpec(_Value):
     def _recipe(self):
         if self.kind == "tuned" and self.train is None:
             raise _fail("train: a tuned lens needs a training recipe with at least `tokens:`")
+        if self.kind == "jacobian":
+            length = min(self.corpus.seq_len, self.jacobian.max_len or self.corpus.seq_len)
+            if length <= self.jacobian.skip + 1:
+                raise _fail(
+                    f"jacobian: prompts of {length} tokens have no valid position with skip "
+                    f"{self.jacobian.skip} (every prompt is too short: they need at least {self.jacobian.skip + 2})"
+                )
         return self
 
     def identity(self) -> dict:
@@ -1140,6 +1170,7 @@ class FitSpec(_Value):
             "train": self.train.model_dump() if self.train and self.kind == "tuned" else None,
             "workers": self.workers,
             "batch_size": self.batch_size,
+            **({"jacobian": self.jacobian.model_dump()} if self.kind == "jacobian" else {}),
         }
 
 

@@ -34,6 +34,7 @@ from klstore.spec import LENS_ID_LENGTH, LENS_READOUTS, LensSpec
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.pt"
 KLSTORE_FILE = "klstore.json"  # klstore's provenance of a lens; tuned-lens ignores it
+JLENS_FILE = "jlens.pt"  # beside a Jacobian lens's folder: the same lens as a TransformerLens 4.3 artifact
 FITTED_KINDS = tuple(kind for kind in LENS_READOUTS if kind != "logit")
 LENS_TYPE = "linear_tuned_lens"  # tuned-lens 0.2.0's TunedLensConfig.lens_type
 
@@ -95,6 +96,107 @@ def identity_lens(kind: str, n_layers: int, d_model: int, **meta) -> AffineLens:
 
 
 # ------------------------------------------------------------ tuned-lens folders
+# ------------------------------------------------------------ Jacobian-lens artifacts
+def is_jlens_artifact(source: str | Path) -> bool:
+    """A single .pt file that is not a tuned-lens params.pt: the reference J-lens artifact."""
+    path = Path(source)
+    return path.is_file() and path.suffix == ".pt" and path.name != PARAMS_FILE
+
+
+def load_jlens(source: str | Path) -> AffineLens:
+    """A J-lens artifact as TransformerLens 4.3's `JacobianLens.save` writes it (and Anthropic's
+    reference format: `jacobian_sum` / `n_done`): `J` {block: (d, d)}, `n_prompts`,
+    `source_layers`, `d_model`, optional `metadata`. The four keys cannot name their model: the
+    depth is taken as max(source_layers) + 2 (the last block is never fitted) and checked,
+    with d_model, against the model when the lens is used; every block but the last must be
+    fitted. float16 matrices are read as their float16 values (exact in float32)."""
+    path = Path(source)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors on a broken file are of many types
+        raise LensError(f"lens {source}: not a readable J-lens artifact ({first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise LensError(f"lens {source}: a J-lens artifact is a dict (J, n_prompts, source_layers, d_model)")
+    if "jacobian_sum" in state and "n_done" in state:  # the reference implementation's checkpoint
+        n_done = int(state["n_done"])
+        if n_done < 1:
+            raise LensError(f"lens {source}: n_done is {n_done}: no prompt was fitted")
+        matrices = {int(k): v / n_done for k, v in dict(state["jacobian_sum"]).items()}
+    elif "J" in state:
+        matrices = {int(k): v for k, v in dict(state["J"]).items()}
+    else:
+        raise LensError(f"lens {source}: no J (nor jacobian_sum) in the artifact: not a J-lens")
+    if not matrices:
+        raise LensError(f"lens {source}: the artifact holds no matrix")
+    layers = sorted(matrices)
+    declared = [int(x) for x in state.get("source_layers", layers)]
+    if sorted(declared) != layers:
+        raise LensError(f"lens {source}: source_layers {declared} do not match the layers of J {layers}")
+    n_layers = layers[-1] + 2
+    if layers != list(range(n_layers - 1)):
+        missing = sorted(set(range(n_layers - 1)) - set(layers))
+        raise LensError(
+            f"lens {source}: fitted at blocks {layers[0]}-{layers[-1]} without {missing[:5]}: klstore reads J-lenses "
+            "fitted at every block but the last"
+        )
+    d_model = int(state.get("d_model", matrices[layers[0]].shape[-1]))
+    weight = torch.zeros(n_layers, d_model, d_model)
+    for layer in layers:
+        value = matrices[layer]
+        if tuple(value.shape) != (d_model, d_model):
+            raise LensError(
+                f"lens {source}: J[{layer}] has shape {tuple(value.shape)}, expected ({d_model}, {d_model})"
+            )
+        weight[layer] = value.float() - torch.eye(d_model)
+    if not torch.isfinite(weight).all():
+        raise LensError(f"lens {source}: the artifact holds non-finite values")
+    metadata = state.get("metadata") or {}
+    provenance = {"kind": "jacobian", "n_prompts": state.get("n_prompts"), "metadata": _plain(metadata)}
+    return AffineLens(
+        "jacobian",
+        weight,
+        torch.zeros(n_layers, d_model),
+        model=str(metadata.get("model_name", "")),
+        provenance=provenance,
+    )
+
+
+def _plain(value):
+    """JSON-able copy of artifact metadata (tensors and other objects as text)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def save_jlens(
+    lens: AffineLens,
+    path: str | Path,
+    n_prompts: int = 0,
+    metadata: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a Jacobian lens as a TransformerLens 4.3 artifact (float32 unless `dtype` says
+    otherwise; TransformerLens's own default is float16)."""
+    eye = torch.eye(lens.d_model)
+    payload = {
+        "J": {layer: (lens.weight[layer] + eye).to(dtype) for layer in range(lens.n_layers - 1)},
+        "n_prompts": int(n_prompts),
+        "source_layers": list(range(lens.n_layers - 1)),
+        "d_model": lens.d_model,
+        "metadata": {
+            "estimator": "jacobian_lens",
+            "hook_convention": "blocks.{layer}.hook_out",
+            "processing": {"compatibility_mode": False, "weight_basis": "raw_huggingface"},
+            **(metadata or {}),
+        },
+    }
+    path = Path(path)
+    torch.save(payload, path)
+    return path
+
+
 def _folder_of(source: str | Path) -> Path:
     path = Path(source)
     if path.is_file() and path.name == PARAMS_FILE:
@@ -128,8 +230,10 @@ def _positive_int(config: dict, key: str, source) -> int:
 
 
 def load(source: str | Path) -> AffineLens:
-    """A lens folder (tuned-lens format) or its params.pt -> AffineLens; one-line LensError on
-    anything missing, truncated or inconsistent."""
+    """A lens folder (tuned-lens format) or its params.pt, or a J-lens artifact (.pt) ->
+    AffineLens; one-line LensError on anything missing, truncated or inconsistent."""
+    if is_jlens_artifact(source):
+        return load_jlens(source)
     folder = _folder_of(source)
     config = _read_json(folder / CONFIG_FILE, source)
     extra = _read_json(folder / KLSTORE_FILE, source) if (folder / KLSTORE_FILE).exists() else {}
@@ -215,6 +319,14 @@ def save(lens: AffineLens, folder: str | Path, base_model: str = "", provenance:
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     extra = {"kind": lens.kind, "id": lens.id, **lens.provenance, **(provenance or {})}
     (folder / KLSTORE_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if lens.kind == "jacobian":  # also as TransformerLens's artifact, so its JacobianLens.load reads it
+        prompts = extra.get("n_prompts") or (extra.get("recipe") or {}).get("prompts") or 0
+        save_jlens(
+            lens,
+            folder / JLENS_FILE,
+            n_prompts=int(prompts),
+            metadata={"model_name": base_model or lens.model},
+        )
     return folder
 
 

@@ -27,12 +27,20 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
+from typing import TypedDict
 
 from klstore.errors import KlstoreError
 from klstore.spec import FitSpec, check_label, model_label
 from klstore.store.tables import Store, open_store
 
 FITS = "lens_fits"  # <store>/lens_fits/<fit id>/checkpoint.pt (+ its checksum record)
+
+
+class _LensMeta(TypedDict):
+    """What every lens of a fit records of its base model (lenses.AffineLens fields)."""
+
+    unembed_hash: str
+    model: str
 
 
 def fit_id_for(spec: FitSpec) -> str:
@@ -232,7 +240,7 @@ def train_worker(config: dict) -> None:
     adapter = Adapter.discover(model)
     data = read_corpus(spec, loaded.tokenizer)
     n_layers, d_model = adapter.n_layers, model.get_output_embeddings().weight.shape[1]
-    meta = {"unembed_hash": lenses.unembed_hash(model), "model": spec.model.name}
+    meta: _LensMeta = {"unembed_hash": lenses.unembed_hash(model), "model": spec.model.name}
     provenance = {
         "model_fingerprint": lenses.model_fingerprint(model),
         "corpus": data.source,
@@ -260,7 +268,7 @@ def train_worker(config: dict) -> None:
 
     fitted: list[tuple[lenses.AffineLens, dict]] = []
     start_lens = lenses.identity_lens("tuned", n_layers, d_model, **meta)
-    if spec.kind == "least_squares" or spec.init == "least_squares":
+    if spec.kind == "least_squares" or (spec.kind == "tuned" and spec.init == "least_squares"):
         sums = fitting.NormalSums.zeros(n_layers, d_model)
         mine = data.train[rank::world]
         for i, ids in enumerate(batches(mine)):
@@ -276,6 +284,14 @@ def train_worker(config: dict) -> None:
     if spec.kind == "tuned":
         tuned, record = _train_tuned(spec, store, fit_id, model, adapter, data, start_lens, batches, log, meta)
         fitted.append((tuned, record))
+    if spec.kind == "jacobian":
+        from klstore.run import jacobian_fit
+
+        sums = jacobian_fit.fit(spec.jacobian, store, fit_id, model, adapter, data.train, log, rank, world)
+        recipe = {"kind": "jacobian", **spec.jacobian.model_dump(), "prompts": sums.prompts}
+        recipe["skipped_prompts"] = sums.skipped
+        fitted.append((sums.lens(**meta), {"recipe": recipe, "tokens": data.n_train_tokens, "loss": None}))
+        log(f"jacobian: merged {sums.prompts} prompt(s) ({sums.skipped} without a valid position)")
     evaluation = _evaluate(model, adapter, [None] + [lens for lens, _ in fitted], batches(data.held_out[rank::world]))
     if rank == 0:
         _write_results(

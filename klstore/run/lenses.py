@@ -20,7 +20,7 @@ from klstore.spec import DEFAULT_STORE, ComputeSpec, LensSpec, is_lens_id
 from klstore.store.tables import RECORD_SUFFIX, Store, open_store
 
 LENS_FILES = "lens_files"  # <store>/lens_files/<lens id>/{config.json, params.pt, klstore.json}
-_FILES = (lenses.CONFIG_FILE, lenses.PARAMS_FILE, lenses.KLSTORE_FILE)
+_FILES = (lenses.CONFIG_FILE, lenses.PARAMS_FILE, lenses.KLSTORE_FILE, lenses.JLENS_FILE)
 
 
 def resolve(compute: ComputeSpec, store: Store | None = None) -> ComputeSpec:

@@ -196,6 +196,28 @@ def _non_finite(tmp_path, lens):
     return _write(tmp_path, lenses.AffineLens("tuned", weight, lens.bias))
 
 
+def _jlens(tmp_path, n_blocks=4, d=32, truncate=False, **changes):
+    generator = torch.Generator().manual_seed(9)
+    payload = {
+        "J": {l: torch.randn(d, d, generator=generator).half() for l in range(n_blocks - 1)},
+        "n_prompts": 3,
+        "source_layers": list(range(n_blocks - 1)),
+        "d_model": d,
+        **changes,
+    }
+    path = tmp_path / "lens.pt"
+    torch.save(payload, path)
+    if truncate:
+        path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def _not_jlens(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"something": torch.zeros(3)}, path)
+    return path
+
+
 BAD_LENSES = {
     "another depth": (lambda p, lens: _write(p, random_lens(6, 32)), "is for a model with 6 layers of width 32"),
     "another width": (lambda p, lens: _write(p, random_lens(4, 16)), "is for a model with 4 layers of width 16"),
@@ -209,7 +231,36 @@ BAD_LENSES = {
     "non-finite values": (_non_finite, "params.pt holds non-finite values"),
     "no such path": (lambda p, lens: p / "nowhere", "no such file or folder"),
     "an id not in the store": (lambda p, lens: "0123456789abcdef", "lens 0123456789abcdef is not in the store"),
+    "a J-lens for another depth": (lambda p, lens: _jlens(p, n_blocks=6), "is for a model with 6 layers of width 32"),
+    "a J-lens for another width": (lambda p, lens: _jlens(p, d=16), "is for a model with 4 layers of width 16"),
+    "a truncated J-lens artifact": (lambda p, lens: _jlens(p, truncate=True), "not a readable J-lens artifact"),
+    "a J-lens missing a block": (
+        lambda p, lens: _jlens(p, J={0: torch.eye(32), 2: torch.eye(32)}, source_layers=[0, 2]),
+        "klstore reads J-lenses fitted at every block but the last",
+    ),
+    "a .pt that is not a J-lens": (lambda p, lens: _not_jlens(p), "not a J-lens"),
 }
+
+
+def test_jlens_artifacts_round_trip_and_read_the_reference_format(tmp_path):
+    path = _jlens(tmp_path)
+    lens = lenses.load(path)
+    state = torch.load(path, weights_only=True)
+    assert lens.kind == "jacobian" and lens.n_layers == 4 and not lens.bias.any() and not lens.weight[-1].any()
+    for layer in range(3):  # float16 values, read exactly
+        assert torch.equal(lens.weight[layer] + torch.eye(32), state["J"][layer].float())
+    written = lenses.save_jlens(lens, tmp_path / "again.pt", n_prompts=3)
+    back = torch.load(written, weights_only=True)
+    assert back["source_layers"] == [0, 1, 2] and back["d_model"] == 32 and back["n_prompts"] == 3
+    assert all(back["J"][l].dtype == torch.float32 for l in range(3))
+    assert lenses.load(written).id == lens.id
+    # the reference implementation's checkpoint: sums and a prompt count
+    sums = {l: state["J"][l].float() * 4 for l in range(3)}
+    torch.save({"jacobian_sum": sums, "n_done": 4}, tmp_path / "ref.pt")
+    torch.testing.assert_close(lenses.load(tmp_path / "ref.pt").weight, lens.weight)
+    # a klstore J-lens folder carries the TransformerLens artifact too
+    folder = lenses.save(lens, tmp_path / "folder", base_model="tiny")
+    assert lenses.load(folder).id == lens.id == lenses.load(folder / "jlens.pt").id
 
 
 @pytest.mark.parametrize("case", list(BAD_LENSES))

@@ -1,0 +1,149 @@
+"""`klstore lens fit` with kind jacobian on a tiny model: the fitted J-lens equals the estimator
+run in one process over the same prompts, two workers equal one, a killed fit resumes without
+recomputing finished shards, and bad settings are one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from klstore.core import jacobian, lenses
+from klstore.core.adapter import Adapter
+from klstore.core.models import load_model
+from klstore.run import fit as fitting_run
+from klstore.spec import parse_fit
+from klstore.store import views
+
+WORDS = "the of and a to in is was he for it with as his on be at by this had not are but from or".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import random
+
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("jcorpus") / "corpus.jsonl"
+    with open(path, "w") as handle:
+        for _ in range(12):
+            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(30))}) + "\n")
+    return path
+
+
+def _config(tiny_model_dir, text, store, **changes) -> dict:
+    config = {
+        "name": "tinyj",
+        "store": str(store),
+        "model": str(tiny_model_dir),
+        "kind": "jacobian",
+        "corpus": {"path": str(text), "seq_len": 12, "held_out": 2, "train_sequences": 6},
+        "jacobian": {"skip": 3, "dim_batch": 8, "shard_size": 2},
+        "workers": 1,
+    }
+    config.update(changes)
+    return config
+
+
+def _jlens(store, result) -> lenses.AffineLens:
+    (entry,) = [lens for lens in result["lenses"] if lens["kind"] == "jacobian"]
+    return lenses.load(store / "lens_files" / entry["id"])
+
+
+def test_jacobian_fit_equals_the_estimator_and_two_workers_equal_one(ray_session, tiny_model_dir, corpus, tmp_path):
+    quiet = lambda message: None  # noqa: E731
+    spec = parse_fit(_config(tiny_model_dir, corpus, tmp_path / "s1"))
+    one = fitting_run.fit(spec, say=quiet)
+    two = fitting_run.fit(parse_fit(_config(tiny_model_dir, corpus, tmp_path / "s2", workers=2)), say=quiet)
+    a, b = _jlens(tmp_path / "s1", one), _jlens(tmp_path / "s2", two)
+    torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=0)  # the same shards, merged in index order
+    # the estimator in this process over the same packed prompts
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    loaded.model.requires_grad_(False)
+    adapter = Adapter.discover(loaded.model)
+    data = fitting_run.read_corpus(spec, loaded.tokenizer)
+    sums = jacobian.JacobianSums.zeros(4, 32)
+    for row in range(data.train.shape[0]):
+        sums.add(jacobian.prompt_jacobian(loaded.model, adapter, data.train[row : row + 1], skip=3, dim_batch=8))
+    expected = sums.lens()
+    torch.testing.assert_close(a.weight, expected.weight, rtol=1e-5, atol=1e-6)
+    assert a.kind == "jacobian" and not a.bias.any() and not a.weight[-1].any()
+    _, rows = views.sql(str(tmp_path / "s2"), "SELECT kind, workers, tokens, recipe FROM lenses")
+    ((kind, workers, tokens, recipe),) = rows
+    assert (kind, workers, tokens) == ("jacobian", 2, 6 * 12)
+    assert json.loads(recipe)["prompts"] == 6 and json.loads(recipe)["skipped_prompts"] == 0
+    _, evals = views.sql(str(tmp_path / "s2"), "SELECT lens, count(*) FROM lens_eval GROUP BY lens ORDER BY lens")
+    assert evals == [("jacobian", 4), ("logit", 4)]
+
+
+def test_killed_jacobian_fit_resumes_without_recomputing_shards(tiny_model_dir, corpus, tmp_path):
+    import yaml
+
+    config = _config(tiny_model_dir, corpus, tmp_path / "store", jacobian={"skip": 3, "dim_batch": 1, "shard_size": 1})
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "klstore", "lens", "fit", str(tmp_path / "fit.yaml")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    shards = tmp_path / "store" / "lens_fits"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(shards.glob("*/jacobian-*.pt"))) < 3:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in shards.glob("*/jacobian-*.pt")}
+    assert 3 <= len(finished) < 6, sorted(finished)
+    resumed = run_cli("lens", "fit", tmp_path / "fit.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*/jacobian-*.pt")}
+    assert len(after) == 6 and all(after[name] == mtime for name, mtime in finished.items())  # not recomputed
+    whole = run_cli(
+        "lens",
+        "fit",
+        _write_yaml(tmp_path, _config(tiny_model_dir, corpus, tmp_path / "whole", jacobian=config["jacobian"])),
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    a = [lenses.load(p.parent) for p in (tmp_path / "whole").glob("lens_files/*/klstore.json")][0]
+    b = [lenses.load(p.parent) for p in (tmp_path / "store").glob("lens_files/*/klstore.json")][0]
+    assert a.id == b.id
+
+
+def _write_yaml(tmp_path, config):
+    import yaml
+
+    path = tmp_path / "whole.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+BAD = {
+    "every prompt shorter than the skipped positions": (
+        {"jacobian": {"skip": 11}},
+        "no valid position",
+    ),
+    "dim_batch 0": ({"jacobian": {"dim_batch": 0}}, "jacobian.dim_batch"),
+    "a negative skip": ({"jacobian": {"skip": -1}}, "jacobian.skip"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_jacobian_settings_are_one_line_errors(case, tiny_model_dir, corpus, tmp_path):
+    change, message = BAD[case]
+    path = _write_yaml(tmp_path, _config(tiny_model_dir, corpus, tmp_path / "store", **change))
+    result = run_cli("lens", "fit", path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("klstore: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "store").exists()
