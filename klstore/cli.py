@@ -260,7 +260,7 @@ def _compute_into_store(args, compute, prompts) -> int:
     )
     plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
     worker = Worker(
-        args.model, label, plan.store, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        args.model, label, plan.target, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
     worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
     for prompt in prompts:  # empty, or too long for the context: before anything is written

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -105,7 +107,8 @@ _MATMUL_PRECISION = {"highest": ("ieee", "ieee"), "high": ("tf32", "ieee"), "med
 def matmul_precision_of(precision: str):
     """float32 matrix products at `precision` (spec.MATMUL_PRECISIONS) inside the block; the
     caller's own settings are restored after it, whatever they were."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    # torch.backends.mkldnn.matmul exists at runtime (MkldnnModule replaces the module); its stubs lack it
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
     before = [backend.fp32_precision for backend in backends]
     try:
         for backend, value in zip(backends, _MATMUL_PRECISION[precision]):
@@ -135,8 +138,13 @@ class Trace:
     @property
     def reference(self) -> torch.Tensor:
         """(n, H): the last block's clean output at the positions predicting Gen t (P's state)."""
-        last = self.outputs[-1]
-        return last[0, self.positions.to(last.device)]
+        return _reference(self.outputs, self.positions)
+
+
+def _reference(outputs: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """Trace.reference of these block outputs and positions (`_trace_of` needs it before the Trace)."""
+    last = outputs[-1]
+    return last[0, positions.to(last.device)]
 
 
 def _hidden_arg(args, kwargs) -> torch.Tensor:
@@ -152,6 +160,12 @@ def _take_rows(value, rows: torch.Tensor, batch: int):
     if isinstance(value, tuple):
         return tuple(_take_rows(v, rows, batch) for v in value)
     return value
+
+
+def _patch_only(_: object) -> NoReturn:
+    """BlockSite.run and .sublayer in the sweep from the patched position (`_run_rows_from`),
+    which only patch takes, and patch uses neither."""
+    raise NotImplementedError("the sweep from the patched position neither re-runs blocks nor reaches sub-layers")
 
 
 def _sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -294,7 +308,7 @@ class Engine:
                 if done[row]:
                     chosen.append(self._pad_id)
                     continue
-                if spec.do_sample:
+                if generators is not None:  # spec.do_sample
                     token = int(
                         torch.multinomial(_sampling_probs(logits[row], spec.temperature), 1, generator=generators[row])
                     )
@@ -308,7 +322,7 @@ class Engine:
             past = getattr(out, "cache", None)
             past = out.past_key_values if past is None else past
             step_ids = torch.tensor(chosen, device=self.device)[:, None]
-            if mask is not None:
+            if mask is not None and step_pos is not None:  # left-padded (batch > 1): both or neither
                 mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
                 step_pos = step_pos[:, -1:] + 1
         return [
@@ -368,16 +382,14 @@ class Engine:
         devices: each stays on its block's device), with P from the last one."""
         first = len(generation.prompt_ids) - 1
         positions = torch.arange(first, first + generation.n, device=self.device)
-        trace = Trace(
+        return Trace(
             generation,
             torch.tensor([self._sequence(generation)], device=self.device),
             positions,
             outputs,
-            None,
+            self.adapter.log_probs(_reference(outputs, positions)),
             as_tuple,
         )
-        trace.ref_logp = self.adapter.log_probs(trace.reference)
-        return trace
 
     def trace(self, generation: Generation) -> Trace:
         """One clean teacher-forced pass over prompt + continuation (minus its last token)."""
@@ -412,7 +424,7 @@ class Engine:
                 step[k] = None
         return [self._trace_of(gen, outputs, as_tuple) for gen, outputs in zip(generations, per_row)]
 
-    def _left_pad(self, sequences: list[list[int]]):
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, attention mask, position ids), each (B, T), sequences padded on the left."""
         width = max(len(seq) for seq in sequences)
         ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
@@ -562,10 +574,12 @@ class Engine:
         for start in range(0, len(layers), rows):
             chunk = layers[start : start + rows]
             if self._from_position(trace, spec, chunk, context):  # patch: the positions from the patched one on
+                patched = context.patch_position
+                assert patched is not None  # _from_position: a patch from a prompt position
                 if context.prefix_cache is None:
-                    context.prefix_cache = self._prefix_cache(trace.input_ids[0, : context.patch_position].tolist())
+                    context.prefix_cache = self._prefix_cache(trace.input_ids[0, :patched].tolist())
                 final = self._run_rows_from(trace, spec, chunk, context)
-                yield chunk, final[:, (trace.positions - context.patch_position).to(final.device)]
+                yield chunk, final[:, (trace.positions - patched).to(final.device)]
             else:  # an intervention: the layer sweep
                 final = self._run_rows(trace, spec, chunk, context)
                 yield chunk, final[:, trace.positions.to(final.device)]
@@ -624,8 +638,8 @@ class Engine:
                         layer=k,
                         hidden_in=hidden[here],
                         clean_out=trace.outputs[k].expand(here.numel(), -1, -1),
-                        run=lambda x, rows=here: run(rows, x),
-                        sublayer=lambda which, k=k, block=block: self.adapter.sublayer(block, which, k),
+                        run=functools.partial(run, here),
+                        sublayer=functools.partial(self.adapter.sublayer, block, layer=k),
                     )
                     out[here] = intervene(spec, site, context).to(out.device)
                 if k == last:
@@ -678,7 +692,10 @@ class Engine:
         row_layer = torch.tensor(row_layers)
         last, low = self.n_layers - 1, min(row_layers)
         shifted = dataclasses.replace(context, patch_position=0, prefix_cache=None)
+        from transformers import Cache  # (imported already: the model is loaded)
+
         cache = copy.deepcopy(context.prefix_cache)
+        assert isinstance(cache, Cache), "_final_hidden builds the prefix cache before this sweep"
         cache.batch_repeat_interleave(batch)
 
         def make_forward(k: int, block):
@@ -697,8 +714,8 @@ class Engine:
                         layer=k,
                         hidden_in=_hidden_arg(args, kwargs).to(clean.device)[here],
                         clean_out=clean.expand(here.numel(), -1, -1),
-                        run=None,
-                        sublayer=lambda which: None,
+                        run=_patch_only,
+                        sublayer=_patch_only,
                     )
                     out[here] = intervene(spec, site, shifted).to(out.dtype)
                 if k == last:
@@ -773,7 +790,8 @@ class Engine:
                 for r in range(0, hidden.shape[0], step)
             ]
         parts: list[list] = [[] for _ in items]
-        group, size = [], 0
+        group: list[tuple[int, unembed.Job]] = []
+        size = 0
         for piece in pieces + [None]:
             cells = 0 if piece is None else piece[1].hidden.shape[0] * piece[1].hidden.shape[1]
             if group and (piece is None or size + cells > budget):
@@ -834,7 +852,7 @@ class Engine:
                 gen_logq[rows, cols] = target[..., 0].float().cpu().numpy()
                 # rank = 1 + #{v: Q(v) > Q(Gen t)}; an int32 sum of the comparison is 3x faster than bool.sum
                 gen_rank[rows, cols] = (1 + torch.gt(logq, target).sum(-1, dtype=torch.int32)).cpu().numpy()
-                if k:
+                if topk_ids is not None and topk_probs is not None:  # k > 0
                     best = logq.topk(k, dim=-1)  # sorted: rank 1 first
                     topk_ids[rows, cols] = best.indices.cpu().numpy()
                     topk_probs[rows, cols] = best.values.exp().float().cpu().numpy()

@@ -201,7 +201,8 @@ class Estimate:
     @property
     def kl_rows(self) -> int | None:
         rows = [m.kl_rows for m in self.models]
-        return None if None in rows else sum(rows)
+        known = [r for r in rows if r is not None]
+        return sum(known) if len(known) == len(rows) else None
 
     @property
     def kl_bytes(self) -> float | None:
@@ -227,6 +228,7 @@ class RunPlan:
     def __init__(self, config: ExperimentConfig, store_uri: str | None = None, write: bool = True):
         self.config = config
         self.store_uri = store_uri or config.store
+        self.store: Store | None  # None: a dry run's store that does not exist yet
         if write:
             self.store = open_store(self.store_uri, create=True)  # unwritable: fails before any work
             from klstore.store.integrity import recover
@@ -265,12 +267,13 @@ class RunPlan:
             key = shard_key([p.id for p in shard])
             missing = []
             for part in parts:
-                if present[part] is None:  # a compacted file without a record: trust the prompts table
+                recorded = present[part]
+                if recorded is None:  # a compacted file without a record: trust the prompts table
                     if legacy_done is None:
                         legacy_done = done_prompt_ids(self.store, model_label, self.run_id)
                     if not {p.id for p in shard} <= legacy_done:
                         missing.append(part)
-                elif key not in present[part]:
+                elif key not in recorded:
                     missing.append(part)
             if missing:
                 tasks.append(ShardTask(shard, tuple(missing)))
@@ -330,11 +333,17 @@ class RunPlan:
             bytes_measured_on=int(measured_rows),
         )
 
+    @property
+    def target(self) -> Store:
+        """The store the run writes to: a plan made to write (write=True) always has one."""
+        assert self.store is not None, "a dry-run plan (write=False) writes nothing"
+        return self.store
+
     def mark(self, status: str) -> None:
         """Write the run's row with `status` (running, completed or failed); a completed run's
         noise floor is the largest its shard attempts measured (docs/conventions.md)."""
         floor = self.noise_floor() if status == "completed" else None
-        self.store.write_run(self.run_id, self.config.name, status, self.record, versions(), floor)
+        self.target.write_run(self.run_id, self.config.name, status, self.record, versions(), floor)
 
     def noise_floor(self) -> float | None:
         """max(noise_floor) over this run's shard attempts (None when none measured one), read
@@ -345,9 +354,9 @@ class RunPlan:
         mine = f"/run_id={self.run_id}/"
         floors = [
             value
-            for path in visible(self.store, "shards")
+            for path in visible(self.target, "shards")
             if mine in path
-            for value in _read_column(self.store, path, "noise_floor")
+            for value in _read_column(self.target, path, "noise_floor")
             if value is not None
         ]
         return float(max(floors)) if floors else None

@@ -7,6 +7,7 @@ matrices (one per probe, sharing one generation) or the error that stopped it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -129,7 +130,7 @@ def tokens_file_name(texts) -> str:
 
 
 def generation_rows(outcomes) -> pa.Table:
-    rows = {name: [] for name in GENERATIONS_SCHEMA.names}
+    rows: dict[str, list[Any]] = {name: [] for name in GENERATIONS_SCHEMA.names}
     for outcome in outcomes:
         if not outcome.matrices:
             continue
@@ -147,7 +148,7 @@ def generation_rows(outcomes) -> pa.Table:
 
 
 def prompt_rows(outcomes) -> pa.Table:
-    rows = {name: [] for name in PROMPTS_SCHEMA.names}
+    rows: dict[str, list[Any]] = {name: [] for name in PROMPTS_SCHEMA.names}
     for outcome in outcomes:
         prompt = outcome.prompt
         gen = outcome.matrices[0].generation if outcome.matrices else None

@@ -184,9 +184,10 @@ class RayWorker(Worker):
         import ray
 
         context = ray.get_runtime_context()
-        super().__init__(
-            *args, actor=context.get_actor_id(), node=f"{socket.gethostname()}/{context.get_node_id()[:12]}", **kwargs
-        )
+        actor = context.get_actor_id()
+        assert actor is not None, "RayWorker runs only as a Ray actor (ray.remote)"
+        kwargs.update(actor=actor, node=f"{socket.gethostname()}/{context.get_node_id()[:12]}")
+        super().__init__(*args, **kwargs)
 
 
 def _raised_in_init(exc) -> bool:
@@ -264,7 +265,9 @@ class Scheduler:
         row = records.shard_attempt_row(
             key, where, started_at, datetime.now(timezone.utc), len(task.prompts), None, outcome, error
         )
-        self.plan.store.write("shards", row, records.attempt_file_name(key), model=model.label, run_id=self.plan.run_id)
+        self.plan.target.write(
+            "shards", row, records.attempt_file_name(key), model=model.label, run_id=self.plan.run_id
+        )
 
     def _ready(self, ref) -> None:
         model, actor = self.starting.pop(ref)
