@@ -23,7 +23,7 @@ LENS_FILES = "lens_files"  # <store>/lens_files/<lens id>/{config.json, params.p
 _FILES = (lenses.CONFIG_FILE, lenses.PARAMS_FILE, lenses.KLSTORE_FILE, lenses.JLENS_FILE)
 
 
-def resolve(compute: ComputeSpec, store: Store | None = None) -> ComputeSpec:
+def resolve(compute: ComputeSpec, store: Store | str | None = None) -> ComputeSpec:
     """`compute` with every lens resolved to its kind and id (a no-op for the logit lens). A
     path is read and hashed; a 16-hex id is looked up in `store`. One-line errors for a path
     that is not a lens and an id that is not in the store."""
@@ -32,21 +32,22 @@ def resolve(compute: ComputeSpec, store: Store | None = None) -> ComputeSpec:
     return compute.model_copy(update={"lens": tuple(resolve_one(lens, store) for lens in compute.lens)})
 
 
-def store_for_ids(uri: str | None) -> Store | None:
-    """The store that lens ids name lenses in: `uri`, else the default store if it exists."""
+def store_for_ids(uri: str | None) -> str | None:
+    """The store that lens ids name lenses in: `uri`, else the default store if it exists. Only
+    a lens id opens it (never creating it), so a bad command still leaves no store behind."""
     if uri is None and not Path(DEFAULT_STORE).is_dir():
         return None
-    return open_store(uri or DEFAULT_STORE, create=True)
+    return uri or DEFAULT_STORE
 
 
-def resolve_one(lens: LensSpec, store: Store | None = None) -> LensSpec:
+def resolve_one(lens: LensSpec, store: Store | str | None = None) -> LensSpec:
     if lens.resolved:
         return lens
     if Path(lens.source).exists() or not is_lens_id(lens.source):
         return lenses.resolve_path(lens)
     if store is None:
         raise KlstoreError(f"lens {lens.source} is a lens id, but no store was given to look it up in")
-    folder = local_folder(store, lens.source)
+    folder = local_folder(open_store(store) if isinstance(store, str) else store, lens.source)
     loaded = lenses.load(folder)
     return LensSpec(kind=loaded.kind, id=loaded.id, source=str(folder))
 

@@ -193,6 +193,7 @@ def shard_attempt_row(
         "outcome": [outcome],
         "error": [error],
         "noise_floor": [noise_floor],
+        "fingerprint": [where.get("fingerprint")],
     }
     return pa.table(row, schema=SHARDS_SCHEMA)
 

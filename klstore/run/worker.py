@@ -18,6 +18,7 @@ import numpy as np
 from klstore.errors import KlstoreError
 from klstore.run.plan import shard_key, shard_parts
 from klstore.spec import SPEED_MODES, ComputeSpec, check_label
+from klstore.store.tables import Store
 
 TOKENIZER_KEY = "klstore.tokenizer"  # Parquet metadata of a tokens file: tokenizer_fingerprint of its writer
 _DECODE_METHODS = ("decode", "batch_decode", "_decode", "clean_up_tokenization")
@@ -94,7 +95,7 @@ class Worker:
         self,
         model: str,
         label: str,
-        store_uri: str,
+        store_uri: str | Store,
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
@@ -132,14 +133,20 @@ class Worker:
         self._layers: dict[str, tuple[int, ...]] = {}  # layer spec -> resolved block indices
         self._tokens_written = False  # the model's vocabulary is in the store
         self._floor_measured = False  # this worker measured a noise floor (once is enough)
+        self._fingerprint: str | None = None  # the model fingerprint (`describe`)
 
     def describe(self) -> dict:
-        """Where this worker runs, as the `shards` table records it: node, actor, device."""
+        """Where this worker runs and on what, as the `shards` table records it: node, actor,
+        device, and the model fingerprint (docs/conventions.md, "Lenses"; hashed once)."""
+        if self._fingerprint is None:
+            from klstore.core.lenses import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self.engine.model)
         placed = getattr(self.engine.model, "hf_device_map", None)
+        device = str(self.engine.device)
         if placed and len(set(placed.values())) > 1:  # split over devices: name them all
-            names = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()})
-            return {"node": self.node, "actor": self.actor, "device": "+".join(names)}
-        return {"node": self.node, "actor": self.actor, "device": str(self.engine.device)}
+            device = "+".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()}))
+        return {"node": self.node, "actor": self.actor, "device": device, "fingerprint": self._fingerprint}
 
     def prepare(self, job: ComputeSpec) -> None:
         """Check the job's probes and layers against this model (once per job), before any work."""

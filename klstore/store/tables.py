@@ -113,6 +113,7 @@ SHARDS_SCHEMA = pa.schema(
         ("outcome", pa.string()),  # ok, failed (an error in the shard), lost (its actor died)
         ("error", pa.string()),
         ("noise_floor", pa.float32()),  # measured on this attempt's first prompt, else null (docs/conventions.md)
+        ("fingerprint", pa.string()),  # the model fingerprint (docs/conventions.md, "Lenses"); null before lenses
     ]
 )
 
@@ -231,6 +232,7 @@ VIEW_COLUMNS = {
         "outcome",
         "error",
         "noise_floor",
+        "fingerprint",
     ),
     "tokens": ("model", "token_id", "token_text"),
     "lenses": ("model", *LENSES_SCHEMA.names),

@@ -41,6 +41,12 @@ def test_compute_store_through_two_lenses(tiny_model_dir, tmp_path):
         [runs[1][0]],
     )
     assert rows == [("logit_lens", "logit", "logit", 12), ("tuned_lens", "tuned", lens.id, 12)]
+    # every shard attempt records the model fingerprint that lenses are tied to
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    _, prints = views.sql(str(store), "SELECT DISTINCT fingerprint FROM shards")
+    assert prints == [(lenses.model_fingerprint(model),)]
     _, cells = views.sql(
         str(store),
         "SELECT probe, layer, gen_idx, kl FROM kl WHERE run_id = ? ORDER BY probe, layer, gen_idx",
@@ -114,5 +120,5 @@ def test_bad_lens_on_the_command_line_is_one_line_and_writes_nothing(tiny_model_
         assert result.returncode == 2
         (line,) = [x for x in result.stderr.splitlines() if x.startswith("klstore: error:")]
         assert "Traceback" not in result.stderr
-        assert message in line or "not in the store" in line, line
+        assert message in line or "does not exist" in line, line
     assert not (store / "kl").exists() and not (store / "runs").exists()
