@@ -245,14 +245,7 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
     source = resolve(name)
     if source.gguf_file is None and not Path(source.location).is_dir():
         return None
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    location = source.location
-    if source.gguf_file is not None:
-        folder = _gguf_cache_folder(source)
-        if (folder / "config.json").exists():
-            location = str(folder)
-        else:
-            kwargs["gguf_file"] = source.gguf_file
+    location, kwargs = _light_location(source, "config.json", trust_remote_code)
     try:
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
@@ -265,19 +258,23 @@ def read_shape(name: str, trust_remote_code: bool = False) -> ModelShape | None:
     return ModelShape(depth, context, getattr(text, "hidden_size", None) or getattr(text, "n_embd", None))
 
 
+def _light_location(source: ModelSource, marker: str, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+    """Where to read a model's config or tokenizer without its weights: a GGUF's dequantized
+    cache folder once it holds `marker`, else the GGUF file itself; any other source as is."""
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file is None:
+        return source.location, kwargs
+    folder = _gguf_cache_folder(source)
+    if (folder / marker).exists():
+        return str(folder), kwargs
+    return source.location, {**kwargs, "gguf_file": source.gguf_file}
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """A model's tokenizer alone (a lens fit packs its corpus before Ray starts or weights load)."""
     import transformers
 
-    source = resolve(name)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    location = source.location
-    if source.gguf_file is not None:
-        folder = _gguf_cache_folder(source)
-        if (folder / "tokenizer_config.json").exists():
-            location = str(folder)
-        else:
-            kwargs["gguf_file"] = source.gguf_file
+    location, kwargs = _light_location(resolve(name), "tokenizer_config.json", trust_remote_code)
     try:
         return transformers.AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:

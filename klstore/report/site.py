@@ -214,26 +214,26 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
     keys: dict = {}
     reused = 0
 
-    def draw_or_reuse(grids):  # called by gather as soon as the grids' numbers and scales are known
+    def reuse(old: dict | None, key: str, png: str, svg: str) -> bool:
+        """Copy a figure from the previous build when its inputs are unchanged (its manifest
+        `key`) and both its files are there; False when it must be drawn."""
         nonlocal reused
+        if force or not old or old.get("key") != key or previous is None:
+            return False
+        if not ((previous / png).exists() and (previous / svg).exists()):
+            return False
+        shutil.copy2(previous / png, build_dir / png)
+        shutil.copy2(previous / svg, build_dir / svg)
+        reused += 1
+        return True
+
+    def draw_or_reuse(grids):  # called by gather as soon as the grids' numbers and scales are known
         jobs = []
         for grid in grids:
             extra = json.dumps([report_shared(grid), grid.noise_floor])
             key = keys[grid.fig_id] = _figure_key(spec, grid, stats, extra)
             png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
-            old = old_manifest.get("figures", {}).get(grid.fig_id)
-            if (
-                not force
-                and old
-                and old.get("key") == key
-                and previous
-                and (previous / png).exists()
-                and (previous / svg).exists()
-            ):
-                shutil.copy2(previous / png, build_dir / png)
-                shutil.copy2(previous / svg, build_dir / svg)
-                reused += 1
-            else:
+            if not reuse(old_manifest.get("figures", {}).get(grid.fig_id), key, png, svg):
                 jobs.append(drawing.Job(heatmap_data(grid), (str(build_dir / png), str(build_dir / svg))))
         drawer.submit(jobs)
 
@@ -244,26 +244,13 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
     lens_keys: dict = {}
 
     def draw_or_reuse_lenses(figures):
-        nonlocal reused
         jobs = []
         for figure in figures:
             key = lens_keys[figure.fig_id] = hashlib.sha256(
                 json.dumps([SITE_VERSION, figure.fig_id, figure.key()]).encode()
             ).hexdigest()
             png, svg = f"figures/{figure.fig_id}.png", f"figures/{figure.fig_id}.svg"
-            old = old_manifest.get("lenses", {}).get(figure.fig_id)
-            if (
-                not force
-                and old
-                and old.get("key") == key
-                and previous is not None
-                and (previous / png).exists()
-                and (previous / svg).exists()
-            ):
-                shutil.copy2(previous / png, build_dir / png)
-                shutil.copy2(previous / svg, build_dir / svg)
-                reused += 1
-            else:
+            if not reuse(old_manifest.get("lenses", {}).get(figure.fig_id), key, png, svg):
                 jobs.append(drawing.Job(figure.lines(), (str(build_dir / png), str(build_dir / svg))))
         drawer.submit(jobs)
 

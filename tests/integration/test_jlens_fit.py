@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from conftest import REPO, run_cli
+from lens_helpers import word_corpus
 
 from klstore.core import jacobian, lenses
 from klstore.core.adapter import Adapter
@@ -22,19 +23,10 @@ from klstore.run import fit as fitting_run
 from klstore.spec import parse_fit
 from klstore.store import views
 
-WORDS = "the of and a to in is was he for it with as his on be at by this had not are but from or".split()
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import random
-
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("jcorpus") / "corpus.jsonl"
-    with open(path, "w") as handle:
-        for _ in range(12):
-            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(30))}) + "\n")
-    return path
+    return word_corpus(tmp_path_factory.mktemp("jcorpus") / "corpus.jsonl", documents=12, words=30, seed=1)
 
 
 def _config(tiny_model_dir, text, store, **changes) -> dict:

@@ -14,28 +14,17 @@ import time
 import pytest
 import torch
 from conftest import REPO, run_cli
+from lens_helpers import word_corpus
 
 from klstore.core import lenses
 from klstore.run import fit as fitting_run
 from klstore.spec import parse_fit
 from klstore.store import views
 
-WORDS = (
-    "the of and a to in is was he for it with as his on be at by this had not are but from or have an they "
-    "which one you were her all she there would their we him been has when who will more no if out so said"
-).split()
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with open(path, "w") as handle:
-        for _ in range(40):
-            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) + "\n")
-    return path
+    return word_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", documents=40, words=40, seed=0)
 
 
 def _config(tiny_model_dir, text, store, **changes) -> dict:
