@@ -15,7 +15,9 @@ It prints, in one run:
 6. with two or more CUDA devices: SmolLM2 split over all of them (`device_map="balanced"`)
    against the whole model on one device, for logit_lens, skip and patch (max |difference|);
 7. the opt-in speed modes on the float32 model (matmul_precision high = TF32 on NVIDIA GPUs,
-   medium, clean_pass cached): speed-up over the default and max |difference| from it.
+   medium, clean_pass cached): speed-up over the default and max |difference| from it;
+8. lens fits in one process: tuned-lens training tokens/s and Jacobian-lens prompts/s
+   (docs/lenses.md; Ray Train adds workers, not speed per worker).
 Prints numbers; asserts nothing.
 """
 
@@ -196,6 +198,40 @@ def throughput(loaded, n_prompts, n_new) -> None:
     print(f"throughput [{loaded.label}, logit_lens, cells/s]: " + ", ".join(parts))
 
 
+def lens_fit(loaded, seq_len: int = 64, jlens_len: int = 24, dim_batch: int = 64) -> None:
+    """Tuned-lens training (the frozen model's forward, the loss over every layer, the backward
+    into the translators) in tokens/s, and the Jacobian lens's estimator (one forward and
+    ceil(d / dim_batch) backward passes of dim_batch rows) in prompts/s."""
+    from klstore.core import fitting, jacobian, lenses
+    from klstore.core.adapter import Adapter
+
+    model = loaded.model.requires_grad_(False)
+    adapter = Adapter.discover(model)
+    vocab, d_model = model.get_output_embeddings().weight.shape
+    ids = torch.randint(1, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(loaded.device)
+    translators = fitting.Translators(lenses.identity_lens("tuned", adapter.n_layers, d_model)).to(loaded.device)
+
+    def step():
+        outputs, final_logp = fitting.block_states(model, adapter, ids)
+        translators(adapter, outputs, final_logp).backward()
+
+    step()  # warm-up
+    _sync(loaded.device)
+    t0 = time.perf_counter()
+    for _ in range(2):
+        step()
+    _sync(loaded.device)
+    tokens_per_s = 2 * seq_len / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jacobian.prompt_jacobian(model, adapter, ids[:, :jlens_len], skip=16, dim_batch=dim_batch)
+    _sync(loaded.device)
+    prompts_per_s = 1 / (time.perf_counter() - t0)
+    print(
+        f"lens fit [{loaded.label}]: tuned-lens training {tokens_per_s:.0f} tokens/s (sequences of {seq_len}), "
+        f"Jacobian lens {prompts_per_s:.3g} prompts/s ({jlens_len} tokens, dim_batch {dim_batch})"
+    )
+
+
 def noise_floor(loaded, prompts, n_new) -> None:
     """max |KL batched - KL alone| over every cell of the first prompt (runs.noise_floor's rule)."""
     from klstore.run.worker import max_gap
@@ -292,6 +328,8 @@ def main() -> None:
     if device.type == "cuda":
         noise_floor(smol16, prompts, args.tokens)
     speed_modes(smol32, prompts, args.tokens)
+    if device.type == "cuda":  # on a CPU, SmolLM2's J-lens prompt alone takes minutes: the small model's line
+        lens_fit(fast)
     split_check(args.tokens)
     if args.big != "none":
         tokenizer = _ClampedTokenizer(smol32.tokenizer, BIG[args.big]["vocab_size"])
@@ -303,6 +341,7 @@ def main() -> None:
         mfu(chosen, prompts, args.tokens, matmul_n=8192 if device.type == "cuda" else 1024)
         memory(chosen, prompts, args.tokens)
         throughput(chosen, args.prompts, args.tokens)
+        lens_fit(chosen)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ class NormalSums:
 def lens_logprobs(adapter: Adapter, weight: torch.Tensor, bias: torch.Tensor, hidden: torch.Tensor):
     """log Q of block `layer`'s states (..., d) through translator (weight, bias): differentiable
     in the translator, the model's own final norm and head frozen."""
-    translated = hidden + hidden @ weight.T + bias
+    wide = hidden.to(torch.promote_types(hidden.dtype, weight.dtype))  # a bf16 model's states, float32 translators
+    translated = wide + wide @ weight.T + bias
     return adapter.logits(translated.to(hidden.dtype)).log_softmax(-1)
 
 

@@ -130,9 +130,7 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
             with _Progress(store, fit_id, say):
                 trainer.fit()
         except Exception as exc:  # noqa: BLE001 - the worker's own message, in one line
-            from klstore.errors import remote_message
-
-            raise KlstoreError(f"lens fit {fit_id} failed: {remote_message(exc)}") from None
+            raise KlstoreError(f"lens fit {fit_id} failed: {_worker_error(exc)}") from None
         say(f"fit {fit_id} done in {time.perf_counter() - started:.0f} s")
     finally:
         if started_here:
@@ -141,6 +139,32 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
     if result is None:
         raise KlstoreError(f"lens fit {fit_id} ended without writing its record (see the log above)")
     return result
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The line that says why a Ray Train worker failed: its own `SomethingError: ...` line (a
+    KlstoreError's message as is), else Ray's out-of-memory kill in plain words, else the first line."""
+    import re
+
+    from klstore.errors import first_line, remote_message
+
+    text = str(exc)
+    if "KlstoreError: " in text or "CorpusError: " in text or "LensError: " in text:
+        return remote_message(exc).split("Error: ", 1)[-1]
+    wrappers = ("WorkerGroupError", "TrainingFailedError", "RayTaskError", "ActorDiedError")
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if re.match(r"^[\w.]*(Error|Exception): \S", line.strip()) and not line.strip().startswith(wrappers)
+    ]
+    if lines:
+        return lines[-1]
+    if "memory" in text.lower() and "kill" in text.lower():
+        return (
+            "a worker was killed for lack of memory (Ray's memory monitor): use fewer workers, a smaller "
+            "batch_size or dim_batch, or a machine with more memory"
+        )
+    return first_line(exc)
 
 
 def _progress_path(store: Store, fit_id: str) -> str:

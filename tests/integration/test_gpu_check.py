@@ -52,6 +52,12 @@ def test_gpu_check_on_cpu_prints_every_figure():
             text,
         )
         assert speed and all(int(v) > 0 for v in speed.groups()), text
+    fit = re.search(  # on a CPU only for the small model (gpu_check.py: SmolLM2's takes minutes there)
+        r"lens fit \[tiny\]: tuned-lens training (\d+) tokens/s \(sequences of 64\), "
+        r"Jacobian lens ([0-9.e+-]+) prompts/s",
+        text,
+    )
+    assert fit and int(fit.group(1)) > 0 and float(fit.group(2)) > 0, text
     floor = re.search(
         r"noise floor \[smollm2-135m, float32\]: max \|KL\(batch of 16\) - KL\(alone\)\| = "
         r"([0-9.e+-]+) nats",

@@ -95,3 +95,27 @@ def test_evaluate_logit_lens_last_layer_is_zero_and_sums_add(tiny):
         assert whole[layer].tokens == 24
         assert whole[layer].kl_sum == pytest.approx(parts[0][layer].kl_sum + parts[1][layer].kl_sum, rel=1e-9)
         assert whole[layer].kl >= 0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "Training failed due to worker errors:\n  File x\nklstore.errors.KlstoreError: corpus c is empty",
+            "corpus c is empty",
+        ),
+        (
+            "ray.train.WorkerGroupError: failed\nTraceback\n  ...\nValueError: shapes do not match",
+            "ValueError: shapes do not match",
+        ),
+        (
+            "Training failed due to worker errors:\nRay killed 4 worker(s) ... out of memory: memory usage 95%",
+            "a worker was killed for lack of memory",
+        ),
+    ],
+)
+def test_a_failed_fit_names_the_workers_reason_in_one_line(text, expected):
+    from klstore.run.fit import _worker_error
+
+    message = _worker_error(RuntimeError(text))
+    assert expected in message and "\n" not in message
