@@ -109,7 +109,8 @@ def load_jlens(source: str | Path) -> AffineLens:
     `source_layers`, `d_model`, optional `metadata`. The four keys cannot name their model: the
     depth is taken as max(source_layers) + 2 (the last block is never fitted) and checked,
     with d_model, against the model when the lens is used; every block but the last must be
-    fitted. float16 matrices are read as their float16 values (exact in float32)."""
+    fitted. float16 matrices are read as their float16 values; J - I is stored, so the
+    diagonal is within 2^-24 of them (docs/lenses.md)."""
     path = Path(source)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
