@@ -104,37 +104,25 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
     if done is not None:
         say(f"fit {fit_id} is already in the store: nothing to do")
         return done
-    from klstore.run.runner import init_ray
+    from klstore.run import runner
 
-    ray, started_here = init_ray(log_to_driver=False)  # progress comes through the store (`_Progress`)
-    try:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+    config = {"spec": _absolute(spec).model_dump(), "store": _store_uri(store), "fit_id": fit_id}
 
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        use_gpu = gpus >= spec.workers and spec.model.device in ("auto", "cuda")
-        per_worker = {"CPU": max(1.0, math.floor(cpus / spec.workers))} if not use_gpu else {"CPU": 1.0}
+    def announce(use_gpu: bool) -> None:
         say(
             f"fit {fit_id}: {spec.kind} lens of {spec.model.name} on {spec.corpus.path}, "
             f"{spec.workers} Ray Train worker(s) ({'GPU' if use_gpu else 'CPU'})"
         )
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"spec": _absolute(spec).model_dump(), "store": _store_uri(store), "fit_id": fit_id},
-            scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-            run_config=RunConfig(name=fit_id, storage_path=_ray_storage()),
-        )
-        started = time.perf_counter()
-        try:
-            with _Progress(store, fit_id, say):
-                trainer.fit()
-        except Exception as exc:  # noqa: BLE001 - the worker's own message, in one line
-            raise KlstoreError(f"lens fit {fit_id} failed: {_worker_error(exc)}") from None
-        say(f"fit {fit_id} done in {time.perf_counter() - started:.0f} s")
-    finally:
-        if started_here:
-            ray.shutdown()
+
+    started = time.perf_counter()
+    try:
+        with _Progress(store, fit_id, say):
+            runner.train(train_worker, config, spec.workers, spec.model.device, fit_id, _ray_storage(), announce)
+    except KlstoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the worker's own message, in one line
+        raise KlstoreError(f"lens fit {fit_id} failed: {_worker_error(exc)}") from None
+    say(f"fit {fit_id} done in {time.perf_counter() - started:.0f} s")
     result = _finished(store, fit_id)
     if result is None:
         raise KlstoreError(f"lens fit {fit_id} ended without writing its record (see the log above)")
@@ -239,7 +227,6 @@ def _finished(store: Store, fit_id: str) -> dict | None:
 # ------------------------------------------------------------------ in each worker
 def train_worker(config: dict) -> None:
     """The body of every Ray Train worker (see the module docstring)."""
-    import ray.train
     import torch
 
     from klstore.core import fitting, lenses
@@ -250,8 +237,9 @@ def train_worker(config: dict) -> None:
     spec = FitSpec.model_validate(config["spec"])
     store = open_store(config["store"], create=True)
     fit_id = config["fit_id"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    from klstore.run.runner import train_rank
+
+    rank, world = train_rank()
     started = time.perf_counter()
     loaded = load_model(
         spec.model.name,
@@ -336,10 +324,10 @@ def _all_sum(*tensors):
 def _train_tuned(spec, store, fit_id, model, adapter, data, start_lens, batches, log, meta):
     """SGD over the translators, DDP across workers; checkpoints in the store every
     `checkpoint_every` steps, resumed from the last one."""
-    import ray.train.torch
     import torch
 
     from klstore.core import fitting
+    from klstore.run.runner import prepare_ddp, train_rank
 
     recipe = spec.train
     steps, per_step = steps_of(spec)
@@ -350,12 +338,11 @@ def _train_tuned(spec, store, fit_id, model, adapter, data, start_lens, batches,
         translators.load_state_dict(checkpoint["translators"])
         optimizer_state, first_step, losses = checkpoint["optimizer"], checkpoint["step"], checkpoint["losses"]
         log(f"resuming at step {first_step} of {steps}")
-    model_ddp = ray.train.torch.prepare_model(translators, move_to_device=True)
+    model_ddp = prepare_ddp(translators)
     optimizer = fitting.sgd(translators.parameters(), recipe.lr, recipe.momentum, recipe.weight_decay, recipe.nesterov)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = train_rank()
     n_train = data.train.shape[0]
     started, seen = time.perf_counter(), 0
     for step in range(first_step, steps):

@@ -134,6 +134,50 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True):
     return ray, True
 
 
+# ------------------------------------------------------------------ Ray Train (lens fits)
+def train(worker, config: dict, workers: int, device: str, name: str, storage: str, announce) -> None:
+    """Run `worker(config)` in `workers` Ray Train workers (TorchTrainer: DDP, gloo on CPU, NCCL
+    on GPUs) on the joined cluster or a local loopback Ray started here (its workers' output not
+    streamed: a lens fit reports through the store). GPUs when the cluster has one per worker;
+    on CPUs each worker gets its share of them. `announce(use_gpu)` before it starts."""
+    import math
+
+    ray, started_here = init_ray(log_to_driver=False)
+    try:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        use_gpu = gpus >= workers and device in ("auto", "cuda")
+        per_worker = {"CPU": 1.0} if use_gpu else {"CPU": max(1.0, math.floor(cpus / workers))}
+        announce(use_gpu)
+        TorchTrainer(
+            worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+            run_config=RunConfig(name=name, storage_path=storage),
+        ).fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def train_rank() -> tuple[int, int]:
+    """Inside a Ray Train worker: (its rank, the number of workers)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def prepare_ddp(module):
+    """Inside a Ray Train worker: `module` on its device, wrapped in DDP when there are several."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(module, move_to_device=True)
+
+
 def cluster_nodes(ray) -> list[dict]:
     """The resources of every alive node of the joined cluster, e.g. [{"CPU": 16.0, "GPU": 4.0}]."""
     return [dict(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")]

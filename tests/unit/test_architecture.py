@@ -48,7 +48,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 LAZY_ONLY = {"package": ("entry", "errors")}
 
 # Third-party libraries with a fence: who may import them, at any level.
-ONLY_IMPORTED_BY = {"ray": ("klstore.run.runner", "klstore.run.fit")}
+ONLY_IMPORTED_BY = {"ray": ("klstore.run.runner",)}
 
 # Libraries that load torch, and the layers that never import them (not even in a function).
 TORCH = ("torch", "transformers", "safetensors.torch")
@@ -267,7 +267,7 @@ def test_checker_finds_wrong_arrows(fake_package):
             "klstore:3 imports klstore.errors: package may not import errors at import time",
             "klstore.store.tables:4 imports torch.nn: the store layer never imports torch",
             "klstore.core.engine:4 imports klstore.run.worker: core may not import run",
-            "klstore.run.worker:3 imports ray: only klstore.run.runner, klstore.run.fit may import ray",
+            "klstore.run.worker:3 imports ray: only klstore.run.runner may import ray",
         ]
     )
 
