@@ -9,7 +9,8 @@ and the lens's J_l is the mean of J_l(prompt) over prompts. Row j of the double 
 gradient, at h_l, of sum_{t' in V} h_final[t', j], summed over t in V (the model is causal, so
 positions t' < t contribute nothing). One backward pass gives it for every source block at
 once; `dim_batch` copies of the prompt in one batch give `dim_batch` rows per pass, so a
-prompt costs one forward and ceil(d / dim_batch) backward passes of `dim_batch` rows.
+prompt costs one forward pass of `dim_batch` copies (its graph kept) and ceil(d / dim_batch)
+backward passes, as TransformerLens's estimator does.
 
 `JacobianSums` holds the sum over prompts (float64) and the prompt count: partial sums from
 any split of the prompts add up exactly, in any order, and `mean()` is the lens.
@@ -38,7 +39,12 @@ def prompt_jacobian(
     model, adapter: Adapter, input_ids: torch.Tensor, skip: int = DEFAULT_SKIP, dim_batch: int = DEFAULT_DIM_BATCH
 ) -> torch.Tensor | None:
     """(L, d, d) float64: J_l(prompt) for every block l (the last is the identity), for one
-    prompt `input_ids` (1, T); None when the prompt has no valid position."""
+    prompt `input_ids` (1, T); None when the prompt has no valid position.
+
+    One forward pass of `dim_batch` copies of the prompt keeps its graph; each of the
+    ceil(d / dim_batch) backward passes seeds row r of the batch with output dimension
+    start + r at every target position in V, and asks autograd for the gradients at the block
+    outputs only (the parameters are frozen for the duration, so no weight gradient is built)."""
     n_tokens = input_ids.shape[1]
     valid = valid_positions(n_tokens, skip)
     if len(valid) == 0:
@@ -50,37 +56,47 @@ def prompt_jacobian(
     mask = torch.zeros(n_tokens, device=device)
     mask[list(valid)] = 1.0
     rows = torch.zeros(n_layers, d_model, d_model, dtype=torch.float64)
+    rows[-1] = torch.eye(d_model, dtype=torch.float64)  # d h_final / d h_final = I
+    if n_layers == 1:
+        return rows
     keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    batch = min(dim_batch, d_model)
     with torch.no_grad():
         embedded = embed(input_ids)  # (1, T, d)
-    for start in range(0, d_model, dim_batch):
-        dims = list(range(start, min(start + dim_batch, d_model)))
-        outputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
 
-        def keep(_module, _args, out, outputs=outputs):
-            hidden = out[0] if isinstance(out, tuple) else out
-            hidden.retain_grad()
-            outputs.append(hidden)
+    def keep(_module, _args, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
 
-        handles = [block.register_forward_hook(keep) for block in adapter.blocks]
-        try:
-            with torch.enable_grad():
-                x = embedded.expand(len(dims), -1, -1).detach().clone().requires_grad_(True)
-                model(inputs_embeds=x, use_cache=False, **keep_one)  # the head's output is not needed
-                seed = torch.zeros_like(outputs[-1])  # (b, T, d): 1 at (row r, t' in V, dims[r])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    handles = [block.register_forward_hook(keep) for block in adapter.blocks]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        with torch.enable_grad():
+            x = embedded.expand(batch, -1, -1).detach().clone().requires_grad_(True)
+            model(inputs_embeds=x, use_cache=False, **keep_one)  # the head's output is not needed
+            target, sources = outputs[-1], outputs[:-1]
+            seed = torch.zeros_like(target)  # (b, T, d): 1 at (row r, t' in V, start + r)
+            column = mask.to(seed.dtype)
+            starts = range(0, d_model, batch)
+            for start in starts:
+                dims = range(start, min(start + batch, d_model))
+                seed.zero_()
                 for r, j in enumerate(dims):
-                    seed[r, :, j] = mask.to(seed.dtype)
-                outputs[-1].backward(seed)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for layer, hidden in enumerate(outputs):
-            grad = hidden.grad  # (b, T, d): row r = d(sum_{t' in V} h_final[t', dims[r]]) / d h_l
-            if grad is None:  # the last block is its own output: d h_final / d h_final = I
-                grad = seed
-            summed = (grad.double() * mask.double()[None, :, None]).sum(1)  # (b, d): the sum over t in V
-            rows[layer, dims[0] : dims[-1] + 1] = summed.cpu()
-    return rows / len(valid)
+                    seed[r, :, j] = column
+                grads = torch.autograd.grad(target, sources, seed, retain_graph=start != starts[-1])
+                for layer, grad in enumerate(grads):  # row r = d(sum_{t' in V} h_final[t', j]) / d h_l
+                    summed = (grad[: len(dims)].double() * mask.double()[None, :, None]).sum(1)  # sum over t in V
+                    rows[layer, start : start + len(dims)] = summed.cpu()
+                del grads
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+    rows[:-1] /= len(valid)
+    return rows
 
 
 @dataclass

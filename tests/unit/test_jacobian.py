@@ -94,3 +94,18 @@ def test_no_valid_position_and_the_exact_merge():
     torch.testing.assert_close(
         lens.weight[0].double() + torch.eye(32, dtype=torch.float64), whole.mean()[0].float().double()
     )
+
+
+@pytest.mark.parametrize("dim_batch", [1, 7, 32, 64])
+def test_dim_batch_does_not_change_the_estimate_and_the_model_is_left_as_found(dim_batch):
+    """Any dim_batch (one row per pass, a ragged last pass, all rows in one pass, more rows than
+    d) gives the same J; a model whose parameters train keeps them trainable, with no gradient
+    accumulated by the fit."""
+    model = build("llama", torch.float64)  # parameters require grad, as a loaded model's do
+    adapter = Adapter.discover(model)
+    ids = torch.randint(1, 96, (1, 8), generator=torch.Generator().manual_seed(5))
+    reference = build("llama", torch.float64).requires_grad_(False)  # the same seeded weights
+    frozen = jacobian.prompt_jacobian(reference, Adapter.discover(reference), ids, skip=2, dim_batch=32)
+    got = jacobian.prompt_jacobian(model, adapter, ids, skip=2, dim_batch=dim_batch)
+    torch.testing.assert_close(got, frozen, rtol=1e-9, atol=1e-12)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
