@@ -11,12 +11,13 @@ The Python API (see `klstore.api`):
 
 Importing the package does nothing but define names; heavy libraries (torch,
 transformers, ray) are imported by the modules that need them. `load`, `open_store`,
-`Lens`, `Result`, `StoreReader` and `KlstoreError` are imported on first use.
+`Lens`, `Result`, `StoreReader`, `KlstoreError`, `export_run` and `import_run` (a run as a
+dataset, docs/dataset.md) are imported on first use.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "open_store", "Lens", "Result", "StoreReader", "KlstoreError"]
+__all__ = ["load", "open_store", "Lens", "Result", "StoreReader", "KlstoreError", "export_run", "import_run"]
 
 _LAZY = {
     "load": "klstore.api",
@@ -24,6 +25,8 @@ _LAZY = {
     "Lens": "klstore.api",
     "Result": "klstore.api",
     "StoreReader": "klstore.api",
+    "export_run": "klstore.api",
+    "import_run": "klstore.api",
     "KlstoreError": "klstore.errors",
 }
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from klstore.core.engine import Engine
     from klstore.core.models import LoadedModel
 
-__all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError"]
+__all__ = ["load", "Lens", "Result", "open_store", "StoreReader", "KlstoreError", "export_run", "import_run"]
 
 
 # ------------------------------------------------------------------- loading
@@ -614,6 +614,28 @@ def open_store(path: str = "./klstore-data") -> StoreReader:
     from klstore.store import open_store as _open
 
     return StoreReader(_open(str(path)))
+
+
+def export_run(run: str, to, store: str | None = None, log=None) -> dict:
+    """Write one run of a store (its id, or its name: the newest run of that name) as a dataset
+    folder `to`: one Parquet config per table, the tokens and lens files, a dataset card
+    (README.md) and every file's checksum; `datasets.load_dataset(to, "kl")` loads it (docs/dataset.md).
+    Returns {"run_id", "folder", "rows": {config: rows}, "files"}."""
+    import klstore
+    from klstore.spec import DEFAULT_STORE
+    from klstore.store import dataset
+
+    version = f"klstore {klstore.__version__}"
+    return dataset.export_run(store or DEFAULT_STORE, run, to, version, log or (lambda m: None))
+
+
+def import_run(folder, store: str | None = None, log=None) -> dict:
+    """Bring a folder written by `export_run` into a store under the same run id, after checking
+    every file's checksum (nothing is written when one fails). Returns {"run_id", "store", "rows", "files"}."""
+    from klstore.spec import DEFAULT_STORE
+    from klstore.store import dataset
+
+    return dataset.import_run(store or DEFAULT_STORE, folder, log or (lambda m: None))
 
 
 class StoreReader:

@@ -460,6 +460,39 @@ def cmd_compact(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------- datasets
+def _add_dataset_commands(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write one run as a dataset folder (Parquet, card, checksums) that `datasets` loads"
+    )
+    p.add_argument("run", help="the run's id, or its name (its newest run)")
+    p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder (or an export of the same run)")
+    p.add_argument("--store", metavar="PATH", help="store folder or s3:// prefix (default ./klstore-data)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("import", help="bring an exported run into a store, under the same run id")
+    p.add_argument("folder", metavar="DIR", help="a folder written by `klstore export`")
+    p.add_argument("--store", metavar="PATH", help="store folder or s3:// prefix (default ./klstore-data)")
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_export(args) -> int:
+    from klstore import api
+
+    result = api.export_run(args.run, args.to, store=args.store, log=lambda m: print(m, file=sys.stderr))
+    counts = ", ".join(f"{table} {rows}" for table, rows in result["rows"].items())
+    print(f"exported run {result['run_id']} to {result['folder']}: {result['files']} files; rows: {counts}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from klstore import api
+
+    result = api.import_run(args.folder, store=args.store, log=lambda m: print(m, file=sys.stderr))
+    counts = ", ".join(f"{table} {rows}" for table, rows in result["rows"].items())
+    print(f"imported run {result['run_id']} into {result['store']}: {result['files']} files; rows: {counts}")
+    return 0
+
+
 # -------------------------------------------------------------------- run
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run an experiment config on Ray (RAY_ADDRESS, or a local Ray)")
@@ -716,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compute(sub)
     _add_store_commands(sub)
+    _add_dataset_commands(sub)
     _add_run(sub)
     _add_report(sub)
     _add_lens(sub)
