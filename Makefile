@@ -121,6 +121,8 @@ bench: $(BENCH_VENV)/.installed
 #   from_pretrained, which transformers 5 hands to the model's __init__ (TypeError). The lens
 #   alone works on 5.x with identical logits. huggingface-hub and tokenizers are the versions
 #   4.57.6 accepts (hub < 1.0); the rest is what that resolved to, pinned for reproducibility.
+# - datasets 5.0.1 also serves tests/integration/test_dataset_load.py, which loads a run exported
+#   by `klstore export` with `datasets.load_dataset` (klstore itself never imports datasets).
 TUNEDLENS_VENV ?= build/venv-tunedlens
 TUNEDLENS_PY := $(TUNEDLENS_VENV)/bin/python
 TUNEDLENS_SPEC ?= tuned-lens==0.2.0 torchdata==0.9.0 transformers==4.57.6 \
@@ -136,7 +138,7 @@ $(TUNEDLENS_VENV)/.installed: Makefile
 	$(TUNEDLENS_PY) -c "import torch" 2>/dev/null || $(TUNEDLENS_PY) -m pip install -q "$(TORCH_SPEC)"
 	$(TUNEDLENS_PY) -m pip install -q $(TUNEDLENS_SPEC) \
 		"torch==$$($(TUNEDLENS_PY) -W ignore -c 'import torch; print(torch.__version__)')"
-	$(TUNEDLENS_PY) -W ignore -c "import tuned_lens.scripts.train_loop"
+	$(TUNEDLENS_PY) -W ignore -c "import tuned_lens.scripts.train_loop, datasets"
 	touch $@
 
 # `make bench-tlens-env`: the reference Jacobian lens (TransformerLens 4.3's JacobianLens,

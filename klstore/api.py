@@ -633,9 +633,9 @@ def import_run(folder, store: str | None = None, log=None) -> dict:
     """Bring a folder written by `export_run` into a store under the same run id, after checking
     every file's checksum (nothing is written when one fails). Returns {"run_id", "store", "rows", "files"}."""
     from klstore.spec import DEFAULT_STORE
-    from klstore.store import dataset
+    from klstore.store import dataset_import
 
-    return dataset.import_run(store or DEFAULT_STORE, folder, log or (lambda m: None))
+    return dataset_import.import_run(store or DEFAULT_STORE, folder, log or (lambda m: None))
 
 
 class StoreReader:

@@ -1,4 +1,5 @@
-"""A run as a dataset: `klstore export RUN --to DIR` and `klstore import DIR` (docs/dataset.md).
+"""A run as a dataset: `klstore export RUN --to DIR` (docs/dataset.md); the layout, the
+manifest and the row conversions that `dataset_import` (`klstore import DIR`) shares.
 
 An export is a folder that plain pyarrow and `datasets.load_dataset(DIR, "kl")` read:
 
@@ -14,9 +15,6 @@ Tables are carried generically: whatever columns the store's schemas have (table
 are exported, and imported back into the same schema. Records live in the manifest, not
 beside each file, so `pq.read_table("DIR/data/kl")` reads a folder of nothing but Parquet.
 
-Import checks every file against the manifest before it writes anything, writes the run's
-files into `<store>/_import/<uuid>/` through the store's one writer, then moves them into
-place (the `runs` row last); a failure removes what it moved, so the store is as before.
 This module never imports torch.
 """
 
@@ -37,7 +35,7 @@ import pyarrow.parquet as pq
 from klstore.errors import KlstoreError, first_line
 from klstore.spec import check_label, is_lens_id
 from klstore.store import card as cards
-from klstore.store.integrity import check_file, read_record, recover, visible
+from klstore.store.integrity import check_file, read_record, visible
 from klstore.store.tables import (
     RECORD_SUFFIX,
     TABLES,
@@ -125,7 +123,7 @@ def _parquet_bytes(rows: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _record(data: bytes, rows: int | None = None, shards=None) -> dict:
+def record_of(data: bytes, rows: int | None = None, shards=None) -> dict:
     """A file's record, in the store's format (tables.Store.write_file; lens files: run.lenses.put)."""
     record: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     if rows is not None:
@@ -141,13 +139,13 @@ def _write(folder: Path, relative: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _partition_of(store: Store, table: str, path: str) -> dict[str, str]:
+def partition_of(store: Store, table: str, path: str) -> dict[str, str]:
     _, keys = TABLES[table]
     folders = path[len(store.path(table).rstrip("/")) + 1 :].split("/")[:-1]
     return {key: folder.partition("=")[2] for key, folder in zip(keys, folders)}
 
 
-def _data_path(table: str, partition: dict[str, str], name: str) -> str:
+def data_path(table: str, partition: dict[str, str], name: str) -> str:
     """data/<table>/<partition values but the run id>/<name>: plain folder names (no key=value),
     so no reader takes them for Hive partitions of a column the files already hold."""
     values = [partition[key] for key in TABLES[table if table != LENS_TOKENS else "kl"][1] if key != "run_id"]
@@ -180,10 +178,10 @@ class _Export:
         self.stats: dict[str, Any] = {"probes": set(), "layers": set(), "lenses": set()}
 
     def add(self, table: str, rows: pa.Table, partition: dict[str, str], name: str, shards=None) -> None:
-        relative = _data_path(table, partition, name)
+        relative = data_path(table, partition, name)
         data = _parquet_bytes(rows)
         _write(self.folder, relative, data)
-        self.checksums[relative] = _record(data, rows.num_rows, shards)
+        self.checksums[relative] = record_of(data, rows.num_rows, shards)
         self.tables.setdefault(table, []).append({"path": relative, "partition": partition, "name": name})
 
     def read_store_file(self, table: str, path: str) -> tuple[pa.Table, list]:
@@ -262,7 +260,7 @@ def _export_into(store: Store, run_id: str, folder: Path, exported_by: str, log)
     labels: set[str] = set()
     for table in RUN_TABLES:
         for path in visible(store, table):
-            partition = _partition_of(store, table, path)
+            partition = partition_of(store, table, path)
             if partition.get("run_id") != run_id:
                 continue
             rows, shards = out.read_store_file(table, path)
@@ -279,7 +277,7 @@ def _export_into(store: Store, run_id: str, folder: Path, exported_by: str, log)
     tokens: dict[str, pa.Table] = {}
     for label in sorted(labels):
         for path in visible(store, "tokens"):
-            if _partition_of(store, "tokens", path).get("model") != label:
+            if partition_of(store, "tokens", path).get("model") != label:
                 continue
             rows, shards = out.read_store_file("tokens", path)
             view = to_view_rows("tokens", rows, {"model": label})
@@ -293,7 +291,7 @@ def _export_into(store: Store, run_id: str, folder: Path, exported_by: str, log)
     meta, columns = _card_meta(out, lens_files, exported_by)
     card = cards.render(meta, columns).encode()
     _write(folder, CARD, card)
-    out.checksums[CARD] = _record(card)
+    out.checksums[CARD] = record_of(card)
     manifest = {
         "klstore_export": FORMAT,
         "run_id": run_id,
@@ -355,7 +353,7 @@ def _export_lenses(out: _Export, log) -> dict[str, list[str]]:
                 raise KlstoreError(f"{base}/{name}: checksum mismatch (the lens file was changed or damaged)")
             relative = f"{LENS_FILES}/{lens_id}/{name}"
             _write(out.folder, relative, data)
-            out.checksums[relative] = _record(data)
+            out.checksums[relative] = record_of(data)
         found[lens_id] = names
     return found
 
@@ -505,144 +503,5 @@ def _check_entry(run_id: str, table: str, entry: dict, checksums: dict) -> None:
         check_label(value, key)
     if "run_id" in keys and partition["run_id"] != run_id:
         raise KlstoreError(f"{MANIFEST}: {entry['path']!r} belongs to run {partition['run_id']!r}, not {run_id}")
-    if entry["path"] != _data_path(table, partition, name) or entry["path"] not in checksums:
+    if entry["path"] != data_path(table, partition, name) or entry["path"] not in checksums:
         raise KlstoreError(f"{MANIFEST}: {entry['path']!r} is not where an export puts that file, or has no record")
-
-
-def verify_export(folder: str | Path) -> dict:
-    """Check every file of an export against its record, and that no data or lens file is
-    unlisted; returns the manifest. The first problem is a one-line error naming the file."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    for relative, record in sorted(manifest["checksums"].items()):
-        path = folder / relative
-        if not path.is_file():
-            raise KlstoreError(f"{path}: missing (listed in {MANIFEST}); nothing imported")
-        digest = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(16 * 2**20), b""):
-                digest.update(block)
-                size += len(block)
-        if size != record.get("bytes") or digest.hexdigest() != record["sha256"]:
-            raise KlstoreError(f"{path}: checksum mismatch (differs from its record in {MANIFEST}); nothing imported")
-    for top in (DATA, LENS_FILES):
-        for path in sorted((folder / top).rglob("*")) if (folder / top).is_dir() else []:
-            relative = path.relative_to(folder).as_posix()
-            if path.is_file() and relative not in manifest["checksums"]:
-                raise KlstoreError(f"{path}: not listed in {MANIFEST} (added after the export?); nothing imported")
-    return manifest
-
-
-# ------------------------------------------------------------------- import
-def import_run(store_uri: Store | str, folder: str | Path, log=lambda message: None) -> dict:
-    """Bring an exported run into a store under its own run id (see the module docstring).
-
-    Every file is checked first; a run already in the store (its `runs` row) is an error, and so
-    is another vocabulary under one of its model labels or a damaged lens of the same id.
-    Leftovers of an interrupted import of this run (its files without its `runs` row) are
-    replaced. Returns {"run_id", "store", "rows": {table: rows}, "files": n}."""
-    folder = Path(folder).expanduser().absolute()
-    manifest = verify_export(folder)
-    run_id = manifest["run_id"]
-    store = open_store(store_uri, create=True)
-    recover(store, log)
-    planned = _plan_import(store, folder, manifest)
-    staging = store.path(IMPORT_STAGING, uuid.uuid4().hex)
-    moved: list[str] = []
-    try:
-        staged = []
-        for relative, final, table, entry in planned:
-            stage = f"{staging}/{relative}"
-            if table is None:  # a lens file
-                data = (folder / entry).read_bytes()
-                store.put_bytes(stage, data)
-                store.put_bytes(stage + RECORD_SUFFIX, json.dumps(_record(data), sort_keys=True).encode())
-            else:
-                exported = pq.read_table(folder / entry["path"])
-                _check_partition(folder / entry["path"], entry, exported)
-                rows = to_store_rows(table, exported, str(folder / entry["path"]))
-                shards = manifest["checksums"][entry["path"]].get("shards") or []
-                store.write_file(stage, rows, rows.schema, shards=shards)
-            staged.append((stage, final))
-        for stage, final in staged:
-            store.move(stage, final)
-            moved.append(final)
-            store.move(stage + RECORD_SUFFIX, final + RECORD_SUFFIX)
-            moved.append(final + RECORD_SUFFIX)
-    except BaseException:
-        for path in reversed(moved):
-            store.delete(path)
-        raise
-    finally:
-        _remove_staging(store, staging)
-    rows = {
-        table: sum(manifest["checksums"][e["path"]]["rows"] for e in entries)
-        for table, entries in manifest["tables"].items()
-        if table != LENS_TOKENS
-    }
-    return {"run_id": run_id, "store": store.uri, "rows": rows, "files": len(moved) // 2}
-
-
-def _remove_staging(store: Store, staging: str) -> None:
-    try:
-        store.fs.delete_dir(staging)
-    except (FileNotFoundError, OSError):
-        pass
-    parent = store.path(IMPORT_STAGING)
-    if store.is_local and os.path.isdir(parent) and not os.listdir(parent):
-        os.rmdir(parent)
-
-
-def _check_partition(path: Path, entry: dict, rows: pa.Table) -> None:
-    """The rows of an exported file hold the partition its manifest entry names."""
-    import pyarrow.compute as pc
-
-    for key, value in entry["partition"].items():
-        if key in rows.column_names and rows.num_rows:
-            values = pc.unique(rows.column(key)).to_pylist()
-            if values != [value]:
-                raise KlstoreError(f"{path}: column {key} holds {values[:3]}, not {value!r} as {MANIFEST} says")
-
-
-def _plan_import(store: Store, folder: Path, manifest: dict) -> list[tuple[str, str, str | None, Any]]:
-    """(staging path relative to the staging folder, final path, table or None for a lens file,
-    manifest entry or lens file path) for every file to write, `runs` last; one-line errors for
-    a run already there, a model label with another vocabulary, a lens id with other files."""
-    run_id = manifest["run_id"]
-    root = store.root.rstrip("/") + "/"
-    runs_file = f"{store.table_dir('runs', run_id=run_id)}/run.parquet"
-    if store.exists_file(runs_file):
-        raise KlstoreError(f"run {run_id} is already in store {store.uri}; nothing imported")
-    planned: list[tuple[str, str, str | None, Any]] = []
-    order = [t for t in ("kl", "generations", "shards", "tokens", "prompts", "runs") if t in manifest["tables"]]
-    for table in order:
-        for entry in manifest["tables"][table]:
-            final = f"{store.table_dir(table, **entry['partition'])}/{entry['name']}"
-            if table == "tokens":
-                present = visible(store, "tokens")
-                mine = [p for p in present if p.rsplit("/", 1)[0] == final.rsplit("/", 1)[0]]
-                if final in mine:
-                    continue  # the same vocabulary (its file is named by the texts' hash)
-                if mine:
-                    raise KlstoreError(
-                        f"model label {entry['partition']['model']!r} has another vocabulary in store "
-                        f"{store.uri} ({mine[0]}); nothing imported"
-                    )
-            planned.append((final[len(root) :], final, table, entry))
-    names = {final for _, final, table, _ in planned if table in RUN_TABLES}
-    for table in RUN_TABLES:
-        for path in visible(store, table):
-            if _partition_of(store, table, path).get("run_id") == run_id and path not in names:
-                raise KlstoreError(f"run {run_id} already has files in store {store.uri} ({path}); nothing imported")
-    for lens_id, files in sorted(manifest["lens_files"].items()):
-        for name in files:
-            relative = f"{LENS_FILES}/{lens_id}/{name}"
-            final = store.path(LENS_FILES, lens_id, name)
-            data = store.read_bytes(final)
-            if data is not None:
-                if hashlib.sha256(data).hexdigest() != manifest["checksums"][relative]["sha256"]:
-                    raise KlstoreError(f"lens {lens_id} in store {store.uri} differs from the export's ({final})")
-                continue
-            planned.insert(0, (relative, final, None, relative))
-    return planned
