@@ -465,6 +465,15 @@ class Result:
         """
         return self.klmatrix(prompt, probe).values[self._divergence(divergence)].copy()
 
+    def entropy(self, prompt=0, probe: str | None = None):
+        """numpy float32 array (len(layers), n_generated): H(Q_{l,t}), the entropy of the row's
+        read-out in nats (the kl rows' `q_entropy`; docs/conventions.md, "Entropy of Q"). At the
+        last layer of the logit lens it is the output's entropy, `tokens()[t]["entropy"]`."""
+        m = self.klmatrix(prompt, probe)
+        if m.q_entropy is None:
+            raise KlstoreError("this result has no entropy of Q")
+        return m.q_entropy.copy()
+
     def top1(self, prompt=0, probe: str | None = None):
         """numpy bool array (len(layers), n_generated): argmax Q_{l,t} == Gen t."""
         return self.klmatrix(prompt, probe).top1_match.copy()

@@ -130,6 +130,7 @@ def results_to_json(model: str, results, decode=None) -> dict:
                         "layers": list(m.layers),
                         "matrices": {name: _nan_to_none(v) for name, v in m.values.items()},
                         "top1_match": m.top1_match.tolist(),
+                        "q_entropy": None if m.q_entropy is None else _nan_to_none(m.q_entropy),
                         "errors": list(m.errors),
                         **(lens_json(m, decode) if decode is not None else {}),
                     }

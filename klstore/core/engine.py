@@ -92,6 +92,7 @@ class KLMatrix:
     topk_probs: np.ndarray | None = None  # float32 (len(layers), n, k): their probabilities under Q
     gen_rank: np.ndarray | None = None  # int32 (len(layers), n): 1 + #{v: Q(v) > Q(Gen t)}
     gen_logq: np.ndarray | None = None  # float32 (len(layers), n): log Q_{l,t}(Gen t)
+    q_entropy: np.ndarray | None = None  # float32 (len(layers), n): H(Q_{l,t}), nats
     # which lens read the rows (docs/conventions.md, "Lenses"): interventions read the model's
     # own output, `logit`; `probe` is then the lens's read-out name (spec.LENS_READOUTS)
     lens: str = "logit"
@@ -166,6 +167,11 @@ def _patch_only(_: object) -> NoReturn:
     """BlockSite.run and .sublayer in the sweep from the patched position (`_run_rows_from`),
     which only patch takes, and patch uses neither."""
     raise NotImplementedError("the sweep from the patched position neither re-runs blocks nor reaches sub-layers")
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p log p over the last axis, nats, from log-probabilities (p = 0 terms are 0)."""
+    return (-(logp.exp() * logp).nan_to_num().sum(-1)).clamp_min(0.0)
 
 
 def _sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -819,6 +825,8 @@ class Engine:
                     topk_ids=cat("topk_ids") if k else None,
                     topk_probs=cat("topk_probs") if k else None,
                     gen_logp=outs[0].gen_logp.numpy(),
+                    q_entropy=None if outs[0].q_entropy is None else cat("q_entropy"),
+                    gen_entropy=None if outs[0].gen_entropy is None else outs[0].gen_entropy.numpy(),
                 )
             )
         return result
@@ -834,6 +842,7 @@ class Engine:
         topk_probs = np.zeros((n_rows, gen.n, k), dtype=np.float32) if k else None
         gen_rank = np.zeros((n_rows, gen.n), dtype=np.int32)
         gen_logq = np.zeros((n_rows, gen.n), dtype=np.float32)
+        q_entropy = np.zeros((n_rows, gen.n), dtype=np.float32)
         cells = self._cells_per_chunk(trace.ref_logp.shape[-1])
         ref_p = trace.ref_logp.exp() if "kl" in divergences else None  # P, once per prompt (float32+)
         rows_per = max(1, cells // gen.n)
@@ -850,6 +859,7 @@ class Engine:
                     values[name][rows, cols] = tensor.float().cpu().numpy()
                 target = logq.gather(-1, gen_ids[cols].expand(logq.shape[0], -1).unsqueeze(-1))  # (R, m, 1)
                 gen_logq[rows, cols] = target[..., 0].float().cpu().numpy()
+                q_entropy[rows, cols] = _entropy(logq).float().cpu().numpy()
                 # rank = 1 + #{v: Q(v) > Q(Gen t)}; an int32 sum of the comparison is 3x faster than bool.sum
                 gen_rank[rows, cols] = (1 + torch.gt(logq, target).sum(-1, dtype=torch.int32)).cpu().numpy()
                 if topk_ids is not None and topk_probs is not None:  # k > 0
@@ -857,7 +867,14 @@ class Engine:
                     topk_ids[rows, cols] = best.indices.cpu().numpy()
                     topk_probs[rows, cols] = best.values.exp().float().cpu().numpy()
                 del logq, result, target
-        return dict(values=values, gen_logq=gen_logq, gen_rank=gen_rank, topk_ids=topk_ids, topk_probs=topk_probs)
+        return dict(
+            values=values,
+            gen_logq=gen_logq,
+            gen_rank=gen_rank,
+            topk_ids=topk_ids,
+            topk_probs=topk_probs,
+            q_entropy=q_entropy,
+        )
 
     def _matrix(
         self,
@@ -874,7 +891,9 @@ class Engine:
         logprob = numbers.get("gen_logp")  # the fused pass's own log P(Gen t) (unembed.Cells.gen_logp)
         if logprob is None:
             logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
-        entropy = (-(ref.exp() * ref).nan_to_num().sum(-1)).float().cpu().numpy()
+        entropy = numbers.get("gen_entropy")  # the fused pass's own H(P), as gen_logp
+        if entropy is None:
+            entropy = _entropy(ref).float().cpu().numpy()
         values = numbers["values"]
         errors = []
         for name, matrix in values.items():
@@ -899,6 +918,7 @@ class Engine:
             topk_probs=numbers["topk_probs"],
             gen_rank=numbers["gen_rank"],
             gen_logq=numbers["gen_logq"],
+            q_entropy=numbers["q_entropy"],
             lens=lens.kind if spec.is_readout else "logit",
             lens_id=lens.id if spec.is_readout else LOGIT_LENS.id,
         )

@@ -1,9 +1,11 @@
 """The unembedding pass: final residual states -> each cell's stored numbers, one vocabulary
 chunk at a time (docs/conventions.md defines the numbers; docs/architecture.md, "Speed").
 
-A cell is (probe row, position t). For the forward KL, the lens tokens and the rank, a cell
-needs only a few numbers from its V logits z_q: log-sum-exp, the generated token's logit,
-how many logits exceed it, the top k, and sum_v P(v) (z_p(v) - z_q(v)). So the head's
+A cell is (probe row, position t). For the forward KL, the lens tokens, the rank and the
+entropy of Q, a cell needs only a few numbers from its V logits z_q: log-sum-exp, the
+generated token's logit, how many logits exceed it, the top k, sum_v P(v) (z_p(v) - z_q(v)),
+and the running moment sum_v exp(z_q(v) - m) (z_q(v) - m) about the running max m, from which
+H(Q) = log sum_v exp(z_q(v) - m) - moment / sum_v exp(z_q(v) - m). So the head's
 matmul runs over all cells of many prompts at once (a large GEMM), `VOCAB_CHUNK` vocabulary
 rows at a time, and each chunk's logits are reduced while they are still in cache; no
 (cells x V) tensor is ever built. The reference states (the last block's output at the
@@ -56,6 +58,8 @@ class Cells:
     topk_probs: torch.Tensor | None  # (R, m, k) Q of those tokens
     gen_logp: torch.Tensor  # (m,) log P(Gen t) from the same GEMM: the logit lens's last
     #                         layer reproduces it bit for bit
+    q_entropy: torch.Tensor | None = None  # H(Q), nats; None when run(entropy=False)
+    gen_entropy: torch.Tensor | None = None  # (m,) H(P) from the same GEMM (the last layer's H(Q))
 
 
 def applies(adapter: Adapter, divergences: tuple[str, ...]) -> bool:
@@ -78,9 +82,10 @@ def cell_bytes(chunk: int = VOCAB_CHUNK) -> int:
 
 
 @torch.no_grad()
-def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> list[Cells]:
+def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None, entropy: bool = True) -> list[Cells]:
     """Every job's cells in one pass over the vocabulary (see the module docstring);
-    `chunk` vocabulary rows per GEMM (default VOCAB_CHUNK)."""
+    `chunk` vocabulary rows per GEMM (default VOCAB_CHUNK). `entropy=False` skips H(Q) (only
+    benchmarks/entropy_cost.py does, to measure what it costs)."""
     chunk = chunk or VOCAB_CHUNK
     head = adapter.head
     weight: torch.Tensor = head.weight  # type: ignore[assignment]  # nn.Module attributes are untyped
@@ -130,6 +135,7 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
     top_ids = torch.zeros((total, 0), dtype=torch.long, device=device)
     high = torch.full((total,), -torch.inf, dtype=wide, device=device)  # running max
     mass = torch.zeros(total, dtype=wide, device=device)  # running sum of exp(z - high)
+    moment = torch.zeros(total, dtype=wide, device=device)  # running sum of exp(z - high) (z - high)
     above = torch.zeros(total, dtype=torch.int32, device=device)
     partial: list[list[torch.Tensor]] = [[] for _ in jobs]  # per job: (R, m, blocks) partial sums of P (z_p - z_q)
     rows = torch.arange(total, device=device)
@@ -142,7 +148,23 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
         # (torch.logsumexp is no faster here, and its result for a row depends on the row's
         # place in the batch, which would break the exact 0 of identical rows)
         peak = torch.maximum(high, z.amax(-1))
-        mass = mass * (high - peak).exp() + (z - peak[:, None]).exp_().sum(-1)
+        shift = high - peak  # <= 0; -inf before the first chunk, where mass and moment are 0
+        scale = shift.exp()
+        if entropy:
+            # sum_v e (z - peak) = scale (moment + shift mass) over the chunks so far, then this
+            # chunk's terms as one dot product per row
+            moment = torch.where(mass > 0, scale * (moment + shift * mass), 0.0)
+            centred = z - peak[:, None]
+            weights = centred.exp()
+            terms = torch.linalg.vecdot(weights, centred)
+            masked = terms.isnan()  # a logit of -inf: its term is 0 (the limit), not 0 x -inf
+            if masked.any():
+                terms[masked] = torch.linalg.vecdot(weights[masked], centred[masked].clamp_min(-1e4))
+            moment = moment + terms
+            mass = mass * scale + weights.sum(-1)
+            del centred, weights
+        else:
+            mass = mass * scale + (z - peak[:, None]).exp_().sum(-1)
         high = peak
         inside = (gen >= v0) & (gen < v0 + width)
         if inside.any():
@@ -163,6 +185,7 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
             top_ids = torch.cat([top_ids, best.indices + v0], -1).gather(-1, order)
         del z
     lse = high + mass.log()
+    q_entropy = (mass.log() - moment / mass).clamp_min(0.0) if entropy else None  # H >= 0; rounding
     out = []
     for j, job in enumerate(jobs):
         r, m = job.hidden.shape[:2]
@@ -178,6 +201,8 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None) -> 
                 topk_ids=top_ids[own].view(r, m, -1).int().cpu() if k else None,
                 topk_probs=(top[own] - lse[own, None]).exp().view(r, m, -1).float().cpu() if k else None,
                 gen_logp=(exact[ref_start[j] : ref_start[j] + m] - lse_p).float().cpu(),
+                q_entropy=None if q_entropy is None else q_entropy[own].view(r, m).float().cpu(),
+                gen_entropy=None if q_entropy is None else q_entropy[ref_start[j] : ref_start[j] + m].float().cpu(),
             )
         )
     return out

@@ -65,6 +65,11 @@ def kl_rows(outcomes, probe: str) -> pa.Table:
             columns.update(_lens_columns(m, count))
             columns["lens"] = pa.array([m.lens] * count, pa.string())
             columns["lens_id"] = pa.array([m.lens_id] * count, pa.string())
+            if m.q_entropy is None:
+                columns["q_entropy"] = pa.nulls(count, pa.float32())
+            else:
+                entropy = m.q_entropy.astype(np.float32).reshape(-1)
+                columns["q_entropy"] = pa.array(entropy, mask=~np.isfinite(entropy))
             for name in DIVERGENCES:
                 flat = _float_column(m, name, (n_rows, n_cols))
                 if flat is None:

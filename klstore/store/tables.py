@@ -54,6 +54,8 @@ KL_SCHEMA = pa.schema(
         # the content hash of its parameters; files written before lenses read as `logit`
         ("lens", pa.string()),
         ("lens_id", pa.string()),
+        # H(Q) of the row's read-out, nats (docs/conventions.md, "Entropy of Q"); null before it
+        ("q_entropy", pa.float32()),
     ]
 )
 TOKENS_SCHEMA = pa.schema(
@@ -180,6 +182,7 @@ VIEW_COLUMNS = {
         "gen_logq",
         "lens",
         "lens_id",
+        "q_entropy",
     ),
     "generations": (
         "run_id",
@@ -241,7 +244,7 @@ VIEW_COLUMNS = {
 # what a view column reads as where its files have none (written before the column existed)
 VIEW_DEFAULTS = {"kl": {"lens": "logit", "lens_id": "logit"}}
 ATTEMPT_PREFIX = "attempt-"  # shards files: attempt-<shard key>-<uuid8>.parquet
-FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy", "gen_logq")
+FLOAT_COLUMNS = (*DIVERGENCES, "logprob", "entropy", "gen_logq", "q_entropy")
 TMP_MARK = ".tmp-"
 RECORD_SUFFIX = ".sha256.json"  # beside every file: {"sha256", "rows", "bytes", "shards"}
 PENDING_SUFFIX = ".pending"  # a compaction's merged file before it replaces its sources

@@ -107,8 +107,15 @@ def test_old_store_without_lens_columns_still_queries(tmp_path):
         uri / "kl" / "model=old" / "probe=logit_lens" / "run_id=r0",
         [("x", layer, 0, 1.0 - layer / 4, layer >= 2) for layer in range(4)],
     )
-    rows = _rows(str(uri), "SELECT kl, topk_ids, topk_probs, gen_rank, gen_logq FROM kl ORDER BY layer")
-    assert rows[0] == {"kl": 1.0, "topk_ids": None, "topk_probs": None, "gen_rank": None, "gen_logq": None}
+    rows = _rows(str(uri), "SELECT kl, topk_ids, topk_probs, gen_rank, gen_logq, q_entropy FROM kl ORDER BY layer")
+    assert rows[0] == {
+        "kl": 1.0,
+        "topk_ids": None,
+        "topk_probs": None,
+        "gen_rank": None,
+        "gen_logq": None,
+        "q_entropy": None,  # written before the entropy of Q existed
+    }
     assert _rows(str(uri), "SELECT count(*) AS n FROM lens_tokens")[0]["n"] == 0
     assert _rows(str(uri), "SELECT settle_layer FROM settling") == [{"settle_layer": 2}]
     statements = "\n".join(views.view_statements(views.open_store(str(uri))).values())
@@ -205,3 +212,19 @@ def test_settling_on_constructed_columns(tmp_path):
 def test_settling_depth_rejects_an_unknown_metric(store):
     with pytest.raises(KlstoreError, match="metric must be kl, kl_reverse or js"):
         views.sql(store, "SELECT * FROM settling_depth(0.1, metric := 'nats')")
+
+
+def test_stored_q_entropy_is_the_entropy_of_the_stored_topk_and_the_outputs_at_the_last_layer(store):
+    """q_entropy in the store: finite, within [sum over the top-k of -q log q, log |V|] (the top-k
+    terms are part of the sum), and at the last layer the generations table's entropy."""
+    rows = _rows(store, "SELECT q_entropy, topk_probs FROM kl WHERE probe = 'logit_lens'")
+    assert rows and all(r["q_entropy"] is not None for r in rows)
+    for r in rows:
+        top = np.asarray(r["topk_probs"], np.float64)
+        assert float(-(top * np.log(top)).sum()) - 1e-5 <= r["q_entropy"] <= np.log(VOCAB) + 1e-5
+    last = _rows(
+        store,
+        "SELECT k.q_entropy, g.entropy FROM kl k JOIN generations g USING (run_id, model, prompt_id, gen_idx) "
+        "WHERE k.probe = 'logit_lens' AND k.layer = k.n_layers - 1",
+    )
+    assert last and all(r["q_entropy"] == r["entropy"] for r in last)
