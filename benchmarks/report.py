@@ -47,24 +47,24 @@ def kl_table(rng, ids, groups, layers: int) -> pa.Table:
     kl = (np.exp(-layer / 8.0) * 12.0 * rng.lognormal(0.0, 0.5, n)).astype(np.float32)
     probs = np.sort(rng.dirichlet(np.ones(TOPK + 1), n)[:, :TOPK].astype(np.float32), axis=1)[:, ::-1]
     offsets = pa.array(np.arange(0, (n + 1) * TOPK, TOPK, dtype=np.int32))
-    return pa.table(
-        {
-            "prompt_id": pa.DictionaryArray.from_arrays(index, pa.array(ids)).cast(pa.string()),
-            "prompt_group": pa.DictionaryArray.from_arrays(index, pa.array(groups)).cast(pa.string()),
-            "layer": layer,
-            "gen_idx": np.tile(np.arange(TOKENS, dtype=np.int16), len(ids) * layers),
-            "kl": kl,
-            "kl_reverse": pa.nulls(n, pa.float32()),
-            "js": pa.nulls(n, pa.float32()),
-            "top1_match": rng.random(n) < np.exp(-(layers - layer) / 6.0),
-            "n_layers": np.full(n, layers, np.int16),
-            "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, VOCAB, n * TOPK, dtype=np.int32))),
-            "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1))),
-            "gen_rank": rng.integers(1, 50, n, dtype=np.int32),
-            "gen_logq": -rng.exponential(2.0, n).astype(np.float32),
-        },
-        schema=KL_SCHEMA,
-    )
+    columns = {
+        "prompt_id": pa.DictionaryArray.from_arrays(index, pa.array(ids)).cast(pa.string()),
+        "prompt_group": pa.DictionaryArray.from_arrays(index, pa.array(groups)).cast(pa.string()),
+        "layer": layer,
+        "gen_idx": np.tile(np.arange(TOKENS, dtype=np.int16), len(ids) * layers),
+        "kl": kl,
+        "kl_reverse": pa.nulls(n, pa.float32()),
+        "js": pa.nulls(n, pa.float32()),
+        "top1_match": rng.random(n) < np.exp(-(layers - layer) / 6.0),
+        "n_layers": np.full(n, layers, np.int16),
+        "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, VOCAB, n * TOPK, dtype=np.int32))),
+        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1))),
+        "gen_rank": rng.integers(1, 50, n, dtype=np.int32),
+        "gen_logq": -rng.exponential(2.0, n).astype(np.float32),
+    }
+    # every other column of the schema (lens, lens_id, q_entropy, ...) null, as in older files
+    columns.update({f.name: pa.nulls(n, f.type) for f in KL_SCHEMA if f.name not in columns})
+    return pa.table(columns, schema=KL_SCHEMA)
 
 
 def write_store(root: str, n_prompts: int, models: dict, probes, n_groups: int, step: int = 2048):

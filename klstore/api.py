@@ -718,3 +718,29 @@ class StoreReader:
                 counts=counts,
             )
         )
+
+    def differences(self, spec=None, **keys):
+        """The numbers behind the report's comparison maps (model vs model, group vs group), one
+        row per cell, as a pandas DataFrame: comparison (`models` or `groups`), model (groups
+        only), probe, a, b, layer (or depth, for models of different depths), gen_idx,
+        difference (a - b, the spec's aggregate over prompts), low and high (its bootstrap
+        interval over prompts at `level`), paired, noise_floor, is_difference (the interval
+        excludes 0 and |difference| >= the noise floor) and figure (the report's figure id).
+
+        The same grids, floors and intervals as `klstore report` with that spec: `spec` is a
+        report spec file (None: the built-in default, reports/default.yaml) and `keys` override
+        its keys, e.g. `confidence=0.9, resamples=5000, models=["a", "b"]`. The method (paired
+        or unpaired percentile bootstrap, seed): README, "Differences and their intervals"; for
+        arrays of your own, `klstore.report.intervals.bootstrap_difference`.
+        """
+        import pandas as pd
+
+        from klstore.config import load_report_spec
+        from klstore.report import site
+        from klstore.spec import parse_report_spec
+
+        chosen = load_report_spec(spec)
+        if keys:
+            chosen = parse_report_spec({**chosen.describe(), **keys}, chosen.source)
+        rows = site.differences(self.connect(), chosen)
+        return pd.DataFrame(rows, columns=list(site.DIFFERENCE_COLUMNS))

@@ -151,21 +151,28 @@ def replicates(samples, rng: np.random.Generator, resamples: int, statistic: str
     if n == 0:
         return [o.reshape((resamples, *s.cells)) for o, s in zip(out, samples)]
     if statistic == "mean":
-        # columns: each sample's sums, then its counts
-        matrix = np.concatenate(
-            [a.reshape(n, -1) for s in samples for a in (s.sums, s.counts)], axis=1
-        )  # (n, 2 * sum(cells))
+        # the product's columns: each sample's sums, then its counts where some prompt has other
+        # than one value there (elsewhere a replicate's count is n: each row of W sums to n)
+        blocks, varying = [], []
+        for s in samples:
+            counts = s.counts.reshape(n, -1)
+            varying.append(~(counts == 1).all(axis=0))
+            blocks += [s.sums.reshape(n, -1), counts[:, varying[-1]]]
+        matrix = np.concatenate(blocks, axis=1)  # (n, columns)
         rows = max(1, _CHUNK // n)
         for start in range(0, resamples, rows):
             stop = min(resamples, start + rows)
             index = np.stack([rng.integers(0, n, size=n) for _ in range(stop - start)])  # (chunk, n)
             offsets = np.arange(stop - start)[:, None] * n
             weights = np.bincount((index + offsets).ravel(), minlength=(stop - start) * n)
-            sums = weights.reshape(stop - start, n).astype(np.float64) @ matrix  # (chunk, 2 * sum(cells))
+            product = weights.reshape(stop - start, n).astype(np.float64) @ matrix  # (chunk, columns)
             at = 0
-            for o, total in zip(out, cells):
-                o[start:stop] = _ratio(sums[:, at : at + total], sums[:, at + total : at + 2 * total])
-                at += 2 * total
+            for o, total, mask in zip(out, cells, varying):
+                sums = product[:, at : at + total]
+                counts = np.full(sums.shape, float(n))
+                counts[:, mask] = product[:, at + total : at + total + int(mask.sum())]
+                o[start:stop] = _ratio(sums, counts)
+                at += total + int(mask.sum())
     else:
         values = [s.values().reshape(n, -1) for s in samples]
         rows = max(1, _CHUNK // (n * max(max(cells), 1)))

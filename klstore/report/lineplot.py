@@ -139,5 +139,7 @@ def save(data: LinesData, path, *more_paths, figure=None):
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "klstore"}):
         for target in (path, *more_paths):
             png = str(target).lower().endswith(".png")
-            fig.savefig(target, dpi=DPI, **({"pil_kwargs": {"compress_level": 1}} if png else {}))
+            # SVG without its date: a rebuild of the same numbers gives the same bytes
+            options = {"pil_kwargs": {"compress_level": 1}} if png else {"metadata": {"Date": None}}
+            fig.savefig(target, dpi=DPI, **options)
     return fig

@@ -444,18 +444,22 @@ def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(fl
 
 
 def test_differences_below_the_floor_are_never_called_differences(floor_store):
+    """A cell counts as higher or lower only when it clears the floor and its bootstrap interval
+    excludes 0 (klstore.report.intervals; the rule on constructed grids: tests/unit/test_intervals.py)."""
     report, _ = _gather(floor_store, _spec(per_prompt=0))
     for grid in (g for g in report.grids if g.kind == "difference"):
-        v, floor = grid.values[np.isfinite(grid.values)], grid.noise_floor
+        finite, floor, ci = np.isfinite(grid.values), grid.noise_floor, grid.interval
+        real = finite & (np.abs(grid.values) >= floor) & ((ci.low > 0) | (ci.high < 0))
         first = grid.observations[0]
-        if np.abs(v).max() < floor:
-            assert "differ by less than the noise floor" in first and "higher" not in first
+        if not real.any():
+            assert first.startswith(f"No cell shows a difference between {grid.labels['a']} and {grid.labels['b']}")
         else:
-            higher, lower = int((v >= floor).sum()), int((v <= -floor).sum())
-            assert (
-                f"higher than {grid.labels['b']} in {higher} of {v.size} cells and lower in {lower}; "
-                f"{v.size - higher - lower} differ by less than the noise floor of {floor:.2g} nats"
-            ) in first
+            higher, lower = int((real & (grid.values > 0)).sum()), int((real & (grid.values < 0)).sum())
+            assert first.startswith(
+                f"{grid.labels['a']} is higher than {grid.labels['b']} in {higher} of {int(finite.sum())} cells "
+                f"and lower in {lower} (a cell counts when its 95% interval excludes 0 and its size clears the "
+                f"noise floor of {floor:.2g} nats)"
+            )
 
 
 def test_the_site_shows_the_floor_per_model_and_marks_its_figures(floor_store, tmp_path):
