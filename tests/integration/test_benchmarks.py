@@ -122,3 +122,24 @@ def test_lens_fit_quick_prints_the_table_the_targets_and_both_worker_counts():
         rate = re.search(rf"^{workers} worker\(s\): {NUMBER} tokens/s", scale, re.M)
         assert rate and float(rate.group(1)) > 0, scale
     assert re.search(rf"^2 workers vs 1: {NUMBER}x", scale, re.M), scale
+
+
+def test_jlens_fit_quick_prints_both_fits_their_error_memory_and_both_worker_counts():
+    text = _run("benchmarks/jlens_fit.py", "--quick")  # a tiny random Llama, 2 prompts of 24 tokens
+    speed = text.split("\n1. speed", 1)[1].split("\n2. ", 1)[0]
+    assert re.search(rf"^klstore: +{NUMBER} s", speed, re.M), speed
+    if (REPO / "build" / "venv-tlens" / ".installed").is_file():
+        assert re.search(rf"^TransformerLens: +{NUMBER} s", speed, re.M), speed
+        error = re.search(rf"per source block, largest {NUMBER} at block [0-9]+", speed)
+        assert error and float(error.group(1)) < 1e-5, speed  # the same lens (float32 rounding)
+        assert re.search(rf"^(PASS|FAIL): klstore's fit no slower than TransformerLens's \({NUMBER}x", speed, re.M)
+    else:
+        assert "anchor skipped: no TransformerLens environment" in speed, speed
+    memory = text.split("\n2. ", 1)[1].split("\n3. ", 1)[0]
+    rows = re.findall(rf"^ +([0-9]+){rf' +{NUMBER}' * 5}$", memory, re.M)
+    assert [int(r[0]) for r in rows] == [1, 8, 32], memory
+    assert all(float(r[3]) >= float(r[2]) > 0 for r in rows), memory  # peak >= resident after the load
+    scale = text.split("\n3. ", 1)[1]
+    for workers in (1, 2):
+        rate = re.search(rf"^{workers} worker\(s\): {NUMBER} prompts/s", scale, re.M)
+        assert rate and float(rate.group(1)) > 0, scale
