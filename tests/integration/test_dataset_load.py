@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 
-import pytest
+from bench_envs import reference_python
 from conftest import REPO
 from dataset_helpers import make_store, tiny_llama
 
@@ -42,13 +42,7 @@ print(json.dumps(out))
 
 
 def _python():
-    python = VENV / "bin" / "python"
-    if python.exists() and (VENV / ".installed").exists():
-        return python
-    problem = f"the reference environment {VENV.relative_to(REPO)} (with datasets) is not built"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the datasets test needs it under CI: {problem}; run `make bench-tunedlens-env`")
-    pytest.skip(f"{problem} (`make bench-tunedlens-env` builds it)")
+    return reference_python(VENV, "reference (with datasets)", "bench-tunedlens-env")
 
 
 def _normal(value):

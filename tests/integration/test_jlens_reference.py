@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_envs import reference_python
 from conftest import REPO
 
 from klstore.core import jacobian, lenses
@@ -90,14 +91,7 @@ print(json.dumps(results))
 
 
 def _reference_python() -> Path:
-    """The TransformerLens environment's python; a skip (or, under CI, a failure) when it is not built."""
-    python = TLENS_VENV / "bin" / "python"
-    if python.exists() and (TLENS_VENV / ".installed").exists():
-        return python
-    problem = f"the TransformerLens reference environment {TLENS_VENV.relative_to(REPO)} is not built"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"J-lens reference tests need it under CI: {problem}; run `make bench-tlens-env`")
-    pytest.skip(f"{problem} (`make bench-tlens-env` builds it)")
+    return reference_python(TLENS_VENV, "TransformerLens reference", "bench-tlens-env")
 
 
 def _run_reference(python: Path, commands: list[list[str]]) -> list[dict]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_envs import reference_python
 from conftest import REPO
 
 from klstore.core import lenses
@@ -63,14 +64,7 @@ print(json.dumps(results))
 
 
 def _reference_python() -> Path:
-    """The tuned-lens environment's python; a skip (or, under CI, a failure) when it is not built."""
-    python = TUNEDLENS_VENV / "bin" / "python"
-    if python.exists() and (TUNEDLENS_VENV / ".installed").exists():
-        return python
-    problem = f"the tuned-lens reference environment {TUNEDLENS_VENV.relative_to(REPO)} is not built"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"tuned-lens reference tests need it under CI: {problem}; run `make bench-tunedlens-env`")
-    pytest.skip(f"{problem} (`make bench-tunedlens-env` builds it)")
+    return reference_python(TUNEDLENS_VENV, "tuned-lens reference", "bench-tunedlens-env")
 
 
 def _run_reference(python: Path, commands: list[list[str]]) -> list[dict]:
