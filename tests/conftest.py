@@ -189,7 +189,7 @@ def stop_processes(markers) -> None:
 # `acceptance` when it runs a real model end to end or drives the browser, `benchmark_smoke`
 # when it runs a benchmark script small. `make test` runs every tier; select one with -m,
 # e.g. `make test PYTEST_ARGS="-m 'unit'"` or `-m "not acceptance"`.
-_ACCEPTANCE_FILES = ("test_real_models.py", "test_golden.py", "test_report_browser.py")
+_ACCEPTANCE_FILES = ("test_real_models.py", "test_golden.py", "test_report_browser.py", "test_report_layers_browser.py")
 _BENCHMARK_FILES = ("test_benchmarks.py", "test_gpu_check.py")
 
 

@@ -178,11 +178,12 @@ def grids(con, spec, where: Filter, n_layers: dict, listing: Listing) -> list[Gr
     for run_id, prompt_id, *cell in cells:
         per.setdefault((run_id, prompt_id), []).append(cell)
     vocab = _vocabulary(con, model, {t for cell in cells if cell[5] for t in cell[5]})
-    layers = _layers_for(spec, model, n_layers[model])
     out = []
     for row in rows:
         if (row.run_id, row.prompt_id) in per:
-            out.append(_grid(spec, listing, row, per[(row.run_id, row.prompt_id)], layers, vocab))
+            mine = per[(row.run_id, row.prompt_id)]
+            layers = _layers_for(spec, model, n_layers[model], (cell[0] for cell in mine))  # `stored`: its own
+            out.append(_grid(spec, listing, row, mine, layers, vocab))
     return out
 
 

@@ -484,6 +484,7 @@ def heatmap_data(grid: Grid):
             scale=grid.scale,
             noise_floor=grid.noise_floor,
             below_floor=grid.below_floor,
+            gaps=grid.gaps,
         )
     return HeatmapData(
         grid.values,
@@ -496,6 +497,7 @@ def heatmap_data(grid: Grid):
         scale=grid.scale,
         noise_floor=grid.noise_floor,
         below_floor=grid.below_floor,
+        gaps=grid.gaps,
     )
 
 
