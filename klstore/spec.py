@@ -1183,9 +1183,7 @@ def parse_fit(data, source: str = "config") -> FitSpec:
 
 # ------------------------------------------------------------ report specs
 REPORT_DIMENSIONS = ("model", "probe", "prompt_group")
-# a report's `layers` value: each map shows the layers present in the rows it draws
-# (klstore.report.aggregate._layers_for); `all` is every layer of the model
-STORED_LAYERS = "stored"
+MIN_RESAMPLES, MAX_RESAMPLES = 100, 100_000  # a report spec's `resamples` (bootstrap intervals)
 
 
 class ReportSpec(_Value):
@@ -1202,13 +1200,17 @@ class ReportSpec(_Value):
     # colour range of every figure (klstore.report.scale): robust ends it at Q3 + 3 IQR when a
     # value lies beyond, so one outlying layer (Gemma-3's logit-lens layer 0) cannot wash out the rest
     color_scale: Literal["linear", "log", "robust"] = "robust"
-    # a layer spec, "stored" (the layers present in the rows a map draws), or JSON {model or "default": spec}
-    layers: Any = STORED_LAYERS
+    layers: Any = "all"  # a layer spec, or JSON {model or "default": spec}
     divergence: str = "kl"
     shared_scale: bool = False
     compare_models: bool = True
     compare_groups: bool = True
     per_prompt: int = 2
+    # the bootstrap intervals of comparison maps (klstore.report.intervals): their level, the
+    # number of resamples and the seed (fixed, so that a rebuild gives the same intervals)
+    confidence: float = 0.95
+    resamples: int = 2000
+    bootstrap_seed: int = 0
     source: str = Field("built-in default", exclude=True)  # the file it came from
 
     @field_validator("name")
@@ -1267,11 +1269,32 @@ class ReportSpec(_Value):
             raise _fail(f"must be a whole number >= 0, got {value!r}")
         return value
 
+    @field_validator("confidence")
+    @classmethod
+    def _confidence(cls, value):
+        if not 0 < value < 1:
+            raise _fail(f"must be a level between 0 and 1 such as 0.95, got {value!r}")
+        return value
+
+    @field_validator("resamples")
+    @classmethod
+    def _resamples(cls, value):
+        if not MIN_RESAMPLES <= value <= MAX_RESAMPLES:
+            raise _fail(f"must be a whole number from {MIN_RESAMPLES} to {MAX_RESAMPLES}, got {value!r}")
+        return value
+
+    @field_validator("bootstrap_seed")
+    @classmethod
+    def _bootstrap_seed(cls, value):
+        if value < 0:
+            raise _fail(f"must be a whole number >= 0, got {value!r}")
+        return value
+
     def layers_for(self, model: str) -> str:
         """The layer spec that applies to a model."""
         if self.layers.startswith("{"):
             table = json.loads(self.layers)
-            return table.get(model, table.get("default", STORED_LAYERS))
+            return table.get(model, table.get("default", "all"))
         return self.layers
 
     def describe(self) -> dict:
@@ -1290,14 +1313,11 @@ def _selection(value, key: str):
 
 
 def _report_layer_spec(value) -> str:
-    if isinstance(value, str) and value.strip().lower() == STORED_LAYERS:
-        return STORED_LAYERS
     try:
         return _layer_spec(value)
     except PydanticCustomError:
         raise _fail(
-            "must be a layer spec such as all or 0,15-21,27, stored (the layers in the rows drawn), "
-            "or a mapping of model label (or default) to one"
+            "must be a layer spec such as all or 0,15-21,27, or a mapping of model label (or default) to one"
         ) from None
 
 

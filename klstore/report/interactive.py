@@ -16,7 +16,8 @@ Hover, per cell: the value, the number of prompts behind it, and
   and log-probability under Q;
 - on aggregate maps: mean, median, and the prompt with the largest value (a click on the cell
   in the enlarged figure opens that prompt's map, when it has a page);
-- on differences: the two values subtracted.
+- on differences: the two values subtracted, and the cell's bootstrap interval
+  (klstore.report.intervals) with "not a difference" where it includes 0 (or there is none).
 Cells beyond a robust scale are marked with a triangle (log: below the floor, not marked).
 Cells below the runs' noise floor (klstore.report.floor) get a small dot in their bottom-left
 corner, as in the PNG, and the hover line "below the noise floor (X nats)".
@@ -36,9 +37,10 @@ import math
 import numpy as np
 
 from klstore.output import visible_token
+from klstore.report import intervals
 from klstore.report.aggregate import Grid
 from klstore.report.lineplot import COLOURS, LinesData, colour, shown
-from klstore.report.plotting import DIVERGENCE_LABELS, GAP_COLOUR, cell_text, floor_marks, layer_gaps
+from klstore.report.plotting import DIVERGENCE_LABELS, cell_text, floor_marks
 
 # ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
 YLORRD = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
@@ -145,7 +147,8 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
                 "name": "above the scale",
             }
         )
-    quiet = floor_marks(grid.noise_floor, grid.below_floor, grid.values.shape)
+    unsure = intervals.unsure(grid.values, grid.interval)
+    quiet = floor_marks(grid.noise_floor, grid.below_floor, grid.values.shape, unsure)
     if quiet.any():
         rows, cols = np.nonzero(quiet)
         data.append(
@@ -162,7 +165,7 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
                 },
                 "hoverinfo": "skip",
                 "showlegend": False,
-                "name": "below the noise floor",
+                "name": "below the noise floor" if unsure is None else "not a difference",
             }
         )
     return {"data": data, "layout": _layout(grid, n_rows, n_cols), "links": links}
@@ -183,28 +186,6 @@ def _colorbar(grid: Grid) -> dict:
 
 
 def _layout(grid: Grid, n_rows: int, n_cols: int) -> dict:
-    layout = _heatmap_layout(grid, n_rows, n_cols)
-    gaps = layer_gaps(grid.layers) if grid.gaps is None else grid.gaps
-    if gaps:  # a break line between rows whose layers are not consecutive, as in the PNG
-        layout["shapes"] = [
-            {
-                "type": "line",
-                "name": f"layer gap {_text(grid.layers[r])}-{_text(grid.layers[r + 1])}",
-                "xref": "x",
-                "yref": "y",
-                "x0": -0.5,
-                "x1": n_cols - 0.5,
-                "y0": r + 0.5,
-                "y1": r + 0.5,
-                "line": {"color": GAP_COLOUR, "width": 2},
-                "layer": "above",
-            }
-            for r in gaps
-        ]
-    return layout
-
-
-def _heatmap_layout(grid: Grid, n_rows: int, n_cols: int) -> dict:
     return {
         "title": {"text": _text(grid.title), "font": {"size": 13}, "x": 0.02, "xanchor": "left"},
         "xaxis": {
@@ -316,6 +297,14 @@ def _difference_cell(grid: Grid, r: int, c: int, pages: dict):
         lines.append(f"{_text(a)} {_value(h['a'][r, c])} · {_text(b)} {_value(h['b'][r, c])}")
     n = int(grid.counts[r, c])
     lines.append(f"{n} prompt{'s' if n != 1 else ''} behind it (the smaller side)")
+    ci = grid.interval
+    if ci is not None:
+        lines.append(f"{ci.cell(r, c)} ({'paired' if ci.paired else 'unpaired'} bootstrap, {ci.resamples} resamples)")
+        if np.isfinite(grid.values[r, c]) and not ci.excludes_zero()[r, c]:
+            why = "no interval"
+            if np.isfinite(ci.low[r, c]):
+                why = f"the {intervals.percent(ci.level)} interval includes 0"
+            lines.append(f"<i>not a difference: {why}</i>")
     return "<br>".join(lines), None
 
 

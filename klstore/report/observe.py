@@ -18,6 +18,10 @@ Reads only the grid's arrays, labels and settling summary; units are nats. The r
   it is called a difference: not a standout's lead, a trend, an outlier, nor a model's or
   group's cell being higher or lower than the other's (such cells are counted as within the
   floor);
+- on a **comparison map with bootstrap intervals** (klstore.report.intervals) a cell is a
+  difference only when its interval excludes 0 and its size clears the noise floor: only such
+  cells are counted as higher or lower, every cell a sentence names comes with its interval,
+  and the largest gap, when it is not a difference, is said to be none and why;
 - each **fitted lens** of a model (klstore.report.lenses) gets one sentence comparing its
   held-out KL with the logit lens's on the same held-out tokens, layer by layer: the layers
   where it is lower, and those where it is higher, by at least `LENS_EVAL_FLOOR` (0.01 nats:
@@ -29,9 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from klstore.report.aggregate import Grid, nan_mean
+from klstore.report.aggregate import Grid
 from klstore.report.floor import LENS_EVAL_FLOOR, UNIT
 from klstore.report.floor import text as _floor
+from klstore.report.intervals import MIN_PROMPTS, Interval, differences, percent
 from klstore.report.lenses import LensFigure
 
 STANDOUT = 1.25  # leader / runner-up, at least
@@ -153,6 +158,8 @@ def observe(grid: Grid) -> list[str]:
 
 
 def _difference(grid: Grid, v, finite) -> list[str]:
+    if grid.interval is not None:
+        return _interval_difference(grid, grid.interval, v, finite)
     mean, lo, hi = float(finite.mean()), float(finite.min()), float(finite.max())
     a, b = grid.labels["a"], grid.labels["b"]
     floor = grid.noise_floor
@@ -187,6 +194,67 @@ def _difference(grid: Grid, v, finite) -> list[str]:
     return out
 
 
+def _interval_difference(grid: Grid, ci: Interval, v, finite) -> list[str]:
+    """A difference map with bootstrap intervals: only cells whose interval excludes 0 and whose
+    |difference| clears the noise floor are differences (intervals.differences); every cell
+    named gets its interval, and one whose interval includes 0 is said not to be a difference."""
+    a, b, floor = grid.labels["a"], grid.labels["b"], grid.noise_floor
+    level = percent(ci.level)
+    real = differences(v, ci, floor)
+    has = np.isfinite(v)
+    missing = has & ~(np.isfinite(ci.low) & np.isfinite(ci.high))  # too few prompts for an interval
+    unsure = has & ~missing & ~ci.excludes_zero()  # the interval includes 0
+    small = has & ci.excludes_zero() & ~real  # the interval excludes 0, but under the floor
+    higher, lower = int((real & (v > 0)).sum()), int((real & (v < 0)).sum())
+    floor_part = "" if floor is None else f" and its size clears the noise floor of {_floor(floor)}"
+    what = f"(a cell counts when its {level} interval excludes 0{floor_part})"
+    r, c = np.unravel_index(np.argmax(np.where(has, np.abs(np.where(has, v, 0)), -1)), v.shape)
+    if not real.any():
+        out = [
+            f"No cell shows a difference between {a} and {b} {what}: {_reasons(unsure, missing, small, level)}. "
+            f"The largest |difference| is {abs(v[r, c]):.3g} {UNIT}, at {_cell(grid, r, c)} ({ci.cell(r, c)})."
+        ]
+    else:
+        out = [
+            f"{a} is higher than {b} in {higher} of {finite.size} cells and lower in {lower} {what}; "
+            f"{_reasons(unsure, missing, small, level)}: not differences.",
+        ]
+        rr, cc = np.unravel_index(np.argmax(np.where(real, np.abs(np.where(has, v, 0)), -1)), v.shape)
+        out.append(f"The largest difference is at {_cell(grid, rr, cc)}: {v[rr, cc]:+.3g} {UNIT} ({ci.cell(rr, cc)}).")
+        if not real[r, c]:
+            why = (
+                "its interval includes 0"
+                if unsure[r, c]
+                else "it has no interval"
+                if missing[r, c]
+                else f"it lies below the noise floor of {_floor(floor)}"
+            )
+            out.append(
+                f"The largest gap, {v[r, c]:+.3g} {UNIT} at {_cell(grid, r, c)} ({ci.cell(r, c)}), is not a "
+                f"difference: {why}."
+            )
+    out.append(
+        f"Intervals: {ci.method()}; cells marked with a dot are not differences. "
+        f"The mean difference over the {finite.size} cells is {float(finite.mean()):+.3g} {UNIT}."
+    )
+    return out
+
+
+def _reasons(unsure, missing, small, level: str) -> str:
+    """'4 cells have a 95% interval that includes 0, 1 has none (fewer than 2 prompts with a
+    value on a side) and 1 lies below the noise floor'."""
+    n_unsure, n_missing, n_small = int(unsure.sum()), int(missing.sum()), int(small.sum())
+    parts = [f"{n_unsure} cell{'s have' if n_unsure != 1 else ' has'} a {level} interval that includes 0"]
+    if n_missing:
+        parts.append(
+            f"{n_missing} {'have' if n_missing != 1 else 'has'} none "
+            f"(fewer than {MIN_PROMPTS} prompts with a value on a side)"
+        )
+    if n_small:
+        parts.append(f"{n_small} {'lie' if n_small != 1 else 'lies'} below the noise floor")
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
 def _levels(grid: Grid, v, finite) -> list[str]:
     mean, std, lo, hi = float(finite.mean()), float(finite.std()), float(finite.min()), float(finite.max())
     spread = hi - lo
@@ -209,9 +277,9 @@ def _levels(grid: Grid, v, finite) -> list[str]:
         f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {UNIT}."
     ]
     if v.shape[1] > 1:
-        sentence = columns_sentence(nan_mean(masked, axis=0), floor)  # a row without values: NaN,
-        out += [sentence] if sentence else []  # never averaged in
-    out += _rows(grid, nan_mean(masked, axis=1))
+        sentence = columns_sentence(np.nanmean(masked, axis=0), floor)
+        out += [sentence] if sentence else []
+    out += _rows(grid, np.nanmean(masked, axis=1))
     beyond = 0.0 if floor is None else floor  # an outlier stands more than the floor above the mean
     high = np.isfinite(v) & (v > mean + 2 * std) & (v - mean >= beyond)
     outliers = np.argwhere(high) if std > 0 else np.empty((0, 2), int)  # (row, column) pairs
@@ -239,7 +307,7 @@ def _rows(grid: Grid, row_means) -> list[str]:
     noun = "Layers" if grid.ylabel == "Layer" else "Depths"
     out = [f"{noun} with the highest mean {grid.divergence}: {names}."]
     third = max(1, len(row_means) // 3)
-    early, late = float(nan_mean(row_means[:third], axis=0)), float(nan_mean(row_means[-third:], axis=0))
+    early, late = float(np.nanmean(row_means[:third])), float(np.nanmean(row_means[-third:]))
     floor = grid.noise_floor
     if (
         early > 0

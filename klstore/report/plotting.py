@@ -8,10 +8,8 @@ when the grid is small. The colour range follows a klstore.report.scale.Scale wh
 cells beyond it are hatched and the colour bar gets an arrow on that end. Cells below the
 runs' noise floor (klstore.report.floor; |value|, or |difference|, under it) get a small dot
 in their bottom-left corner, clear of the value, and the title a line saying what the dot
-means. Where the listed layers jump (0, 15-21, 27: after 0 and after 21) a thin dark line
-runs between the two rows (`layer_gaps`). Text that may come from users (titles, token
-texts, labels) is drawn with mathtext off, so `$x$` shows as typed instead of being parsed
-as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
+means. Text that may come from users (titles, token texts, labels) is drawn with mathtext
+off, so `$x$` shows as typed instead of being parsed as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
 faster to write, and editable in a paper.
 
 The layout is computed from the label lengths instead of matplotlib's tight_layout (which
@@ -27,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from klstore.output import visible_token
+from klstore.report.intervals import percent
 from klstore.report.scale import Scale
 from klstore.spec import DIVERGENCES
 
@@ -52,23 +51,10 @@ class HeatmapData:
     scale: Scale | None = None  # None: min..max (symmetric for diverging maps)
     noise_floor: float | None = None  # nats; None: not measured (nothing marked)
     below_floor: np.ndarray | None = None  # cells whose |value| lies below noise_floor (dotted)
-    gaps: tuple | None = None  # rows r with a break line below them; None: layer_gaps(layers)
-
-    def breaks(self) -> tuple[int, ...]:
-        return layer_gaps(self.layers) if self.gaps is None else tuple(self.gaps)
-
-
-GAP_COLOUR = "#222222"  # the break line between rows whose layers are not consecutive
-
-
-def layer_gaps(layers) -> tuple[int, ...]:
-    """The rows r after which the layer sequence jumps (layers[r + 1] > layers[r] + 1): a
-    break line is drawn between rows r and r + 1. Only whole-number layers have gaps (a
-    relative-depth comparison's rows are fractions; klstore.report.aggregate sets its gaps)."""
-    whole = [isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in layers]
-    return tuple(
-        r for r in range(len(layers) - 1) if whole[r] and whole[r + 1] and int(layers[r + 1]) > int(layers[r]) + 1
-    )
+    # difference maps with bootstrap intervals: the cells whose interval includes 0 or that have
+    # none (dotted too: not differences), and the intervals' level
+    unsure: np.ndarray | None = None
+    level: float | None = None
 
 
 def column_labels(n: int, texts=None) -> tuple[str, ...]:
@@ -150,7 +136,7 @@ def draw(
     lo, hi, log, above, below = _range(data, values, vmin, vmax)
     width = max(20, int((size[0] - 0.3) / _TITLE_CHAR))
     title = textwrap.wrap(data.title, width, break_on_hyphens=False) or [""]
-    quiet = floor_marks(data.noise_floor, data.below_floor, values.shape)
+    quiet = floor_marks(data.noise_floor, data.below_floor, values.shape, data.unsure)
     if quiet.any():
         title += textwrap.wrap(floor_legend(data), width)
     ax, cax = _layout(fig, data, n_rows, len(title))
@@ -172,7 +158,6 @@ def draw(
     )
     _mark(ax, above | (below if not log else np.zeros_like(below)))
     _dot(ax, quiet)
-    _breaks(ax, data.breaks())
     if annotate is None:
         annotate = n_rows * n_cols <= 400
     if annotate:
@@ -190,22 +175,22 @@ def _mark(ax, clipped) -> None:
         )
 
 
-def _breaks(ax, gaps) -> None:
-    """A thin dark line across the map between rows whose layers are not consecutive, so a
-    jump (21 to 27) reads as one; the tick labels name both sides."""
-    for r in gaps:
-        ax.axhline(r + 0.5, color=GAP_COLOUR, linewidth=1.6, zorder=4, gid=f"layer-gap-{r}")
-
-
-def floor_marks(noise_floor: float | None, below_floor: np.ndarray | None, shape) -> np.ndarray:
-    """The cells to dot: below the noise floor (none when it was not measured)."""
-    if noise_floor is None or below_floor is None:
-        return np.zeros(shape, dtype=bool)
-    return np.asarray(below_floor, dtype=bool)
+def floor_marks(noise_floor: float | None, below_floor: np.ndarray | None, shape, unsure=None) -> np.ndarray:
+    """The cells to dot: below the noise floor (none when it was not measured), and on a
+    difference map with intervals those whose interval includes 0 (`unsure`)."""
+    marks = np.zeros(shape, dtype=bool)
+    if noise_floor is not None and below_floor is not None:
+        marks |= np.asarray(below_floor, dtype=bool)
+    if unsure is not None:
+        marks |= np.asarray(unsure, dtype=bool)
+    return marks
 
 
 def floor_legend(data: HeatmapData) -> str:
     """The title's line on the dots (short enough for the narrowest figure's one line)."""
+    if data.unsure is not None:
+        floor = "" if data.noise_floor is None else f" or under the noise floor ({data.noise_floor:.2g} nats)"
+        return f"\u2022 not a difference: {percent(data.level or 0)} CI includes 0{floor}"
     return f"\u2022 below the noise floor ({data.noise_floor:.2g} nats)"
 
 
@@ -313,5 +298,7 @@ def save(data: HeatmapData, path, *more_paths, figure=None, **kwargs):
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "klstore"}):
         for target in (path, *more_paths):  # PNG: zlib level 1, 30% faster to write, 15% larger
             png = str(target).lower().endswith(".png")
-            fig.savefig(target, dpi=DPI, **({"pil_kwargs": {"compress_level": 1}} if png else {}))
+            # SVG without its date: a rebuild of the same numbers gives the same bytes
+            options = {"pil_kwargs": {"compress_level": 1}} if png else {"metadata": {"Date": None}}
+            fig.savefig(target, dpi=DPI, **options)
     return fig

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from klstore.errors import KlstoreError
-from klstore.report import aggregate, drawing, floor, interactive, lenses, prompts, settling
+from klstore.report import aggregate, drawing, floor, interactive, intervals, lenses, prompts, settling
 from klstore.report.aggregate import Grid, _filters, _summary
 from klstore.report.observe import lens_sentences, observe
 from klstore.report.scale import bounds, choose
@@ -169,6 +169,82 @@ def _set_floors(grids, floors: floor.Floors) -> None:
         grid.below_floor = floor.below(grid.values, grid.noise_floor)
 
 
+def _interval_entry(grid: Grid) -> dict:
+    """A difference figure's manifest entry on its intervals: how they were made and how many
+    cells are differences (klstore.report.intervals.differences); nothing for other figures."""
+    ci = grid.interval
+    if ci is None:
+        return {}
+    marked = intervals.differences(grid.values, ci, grid.noise_floor)
+    return {
+        "interval": {
+            "level": ci.level,
+            "resamples": ci.resamples,
+            "seed": ci.seed,
+            "paired": ci.paired,
+            "statistic": ci.statistic,
+            "prompts": [ci.n_a, ci.n_b],
+            "differences": int(marked.sum()),
+        }
+    }
+
+
+DIFFERENCE_COLUMNS = (
+    "comparison",
+    "model",
+    "probe",
+    "a",
+    "b",
+    "layer",
+    "depth",
+    "gen_idx",
+    "difference",
+    "low",
+    "high",
+    "level",
+    "paired",
+    "noise_floor",
+    "is_difference",
+    "figure",
+)
+
+
+def differences(con, spec: ReportSpec) -> list[dict]:
+    """The numbers of the report's comparison maps, one dict per cell: what `StoreReader.differences`
+    returns (the same grids, floors and intervals as `build`; no figure is drawn)."""
+    where, chosen = _filters(con, spec)
+    grids = [g for g in aggregate.collect(con, spec, where) if g.kind == "difference"]
+    _set_floors(grids, floor.load(con, chosen["selection"]))
+    rows = []
+    for g in grids:
+        ci = g.interval
+        marked = intervals.differences(g.values, ci, g.noise_floor)
+        kind = "groups" if "model" in g.labels else "models"
+        for r, layer in enumerate(g.layers):
+            for c in range(g.values.shape[1]):
+                rows.append(
+                    {
+                        "comparison": kind,
+                        "model": g.labels.get("model"),
+                        "probe": g.labels["probe"],
+                        "a": g.labels["a"],
+                        "b": g.labels["b"],
+                        "layer": layer if g.ylabel == "Layer" else None,
+                        "depth": None if g.ylabel == "Layer" else layer,  # across depths (aggregate)
+                        "gen_idx": c,
+                        "difference": float(g.values[r, c]),
+                        "low": None if ci is None else float(ci.low[r, c]),
+                        "high": None if ci is None else float(ci.high[r, c]),
+                        "level": None if ci is None else ci.level,
+                        "paired": None if ci is None else ci.paired,
+                        "noise_floor": g.noise_floor,
+                        "is_difference": bool(marked[r, c]),
+                        "figure": g.fig_id,
+                    }
+                )
+    return rows
+
+
 def _with_floors(summary, floors: floor.Floors):
     """The summary table with a column for each row's model's noise floor."""
     names, rows = summary
@@ -275,6 +351,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
             "observations": g.observations,
             "noise_floor": g.noise_floor,
             "below_noise_floor": int(g.below_floor.sum()),
+            **_interval_entry(g),
             "inputs": [list(i) for i in g.inputs],
         }
         for g in report.grids
@@ -484,7 +561,8 @@ def heatmap_data(grid: Grid):
             scale=grid.scale,
             noise_floor=grid.noise_floor,
             below_floor=grid.below_floor,
-            gaps=grid.gaps,
+            unsure=intervals.unsure(grid.values, grid.interval),
+            level=None if grid.interval is None else grid.interval.level,
         )
     return HeatmapData(
         grid.values,
@@ -497,7 +575,6 @@ def heatmap_data(grid: Grid):
         scale=grid.scale,
         noise_floor=grid.noise_floor,
         below_floor=grid.below_floor,
-        gaps=grid.gaps,
     )
 
 
