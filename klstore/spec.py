@@ -1184,6 +1184,9 @@ def parse_fit(data, source: str = "config") -> FitSpec:
 # ------------------------------------------------------------ report specs
 REPORT_DIMENSIONS = ("model", "probe", "prompt_group")
 MIN_RESAMPLES, MAX_RESAMPLES = 100, 100_000  # a report spec's `resamples` (bootstrap intervals)
+# a report's `layers` value: each map shows the layers present in the rows it draws
+# (klstore.report.aggregate._layers_for); `all` is every layer of the model
+STORED_LAYERS = "stored"
 
 
 class ReportSpec(_Value):
@@ -1200,7 +1203,8 @@ class ReportSpec(_Value):
     # colour range of every figure (klstore.report.scale): robust ends it at Q3 + 3 IQR when a
     # value lies beyond, so one outlying layer (Gemma-3's logit-lens layer 0) cannot wash out the rest
     color_scale: Literal["linear", "log", "robust"] = "robust"
-    layers: Any = "all"  # a layer spec, or JSON {model or "default": spec}
+    # a layer spec, "stored" (the layers present in the rows a map draws), or JSON {model or "default": spec}
+    layers: Any = STORED_LAYERS
     divergence: str = "kl"
     shared_scale: bool = False
     compare_models: bool = True
@@ -1294,7 +1298,7 @@ class ReportSpec(_Value):
         """The layer spec that applies to a model."""
         if self.layers.startswith("{"):
             table = json.loads(self.layers)
-            return table.get(model, table.get("default", "all"))
+            return table.get(model, table.get("default", STORED_LAYERS))
         return self.layers
 
     def describe(self) -> dict:
@@ -1313,11 +1317,14 @@ def _selection(value, key: str):
 
 
 def _report_layer_spec(value) -> str:
+    if isinstance(value, str) and value.strip().lower() == STORED_LAYERS:
+        return STORED_LAYERS
     try:
         return _layer_spec(value)
     except PydanticCustomError:
         raise _fail(
-            "must be a layer spec such as all or 0,15-21,27, or a mapping of model label (or default) to one"
+            "must be a layer spec such as all or 0,15-21,27, stored (the layers in the rows drawn), "
+            "or a mapping of model label (or default) to one"
         ) from None
 
 

@@ -27,7 +27,7 @@ from klstore.errors import KlstoreError
 from klstore.report import compare
 from klstore.report.intervals import Interval
 from klstore.report.scale import Scale
-from klstore.spec import ReportSpec, parse_layers
+from klstore.spec import STORED_LAYERS, ReportSpec, parse_layers
 
 DIM_TITLES = {"model": "model", "probe": "probe", "prompt_group": "group"}
 _EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"  # runs missing from the runs table count as oldest
@@ -60,6 +60,9 @@ class Grid:
     # measured) and the cells whose |value| lies below it (marked in the figures)
     noise_floor: float | None = None
     below_floor: np.ndarray | None = None
+    # rows r with a break line below them (the layers jump); None: from the layer numbers
+    # (plotting.layer_gaps); relative-depth comparisons set it from the shallower model's layers
+    gaps: tuple | None = None
     # differences: the bootstrap interval of each cell (klstore.report.compare, .intervals)
     interval: Interval | None = None
 
@@ -151,7 +154,11 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
 
 
 # ------------------------------------------------------------------ collect
-def _layers_for(spec: ReportSpec, model: str, n_layers: int) -> tuple[int, ...]:
+def _layers_for(spec: ReportSpec, model: str, n_layers: int, stored=()) -> tuple[int, ...]:
+    """The rows of a map of `model`: its layer spec resolved against its depth, or for `stored`
+    the layers in `stored` (those present in the rows the map draws, in any order)."""
+    if spec.layers_for(model) == STORED_LAYERS:
+        return tuple(sorted({int(layer) for layer in stored}))
     return parse_layers(spec.layers_for(model), n_layers, model)
 
 
@@ -245,7 +252,8 @@ def _aggregates(con, spec: ReportSpec, where: Filter, grouping, n_layers) -> lis
     for key, rows in figures.items():
         labels = dict(zip(grouping, key))
         model = labels.get("model")
-        layers = _layers_for(spec, model, n_layers[model]) if model else tuple(sorted({r[0] for r in rows}))
+        stored = tuple(sorted({r[0] for r in rows}))  # rows: only cells with a value
+        layers = _layers_for(spec, model, n_layers[model], stored) if model else stored
         n_cols = max(r[1] for r in rows) + 1
         mean, median, counts, top, top_at = _arrays_from_rows(rows, layers, n_cols, (np.nan, np.nan, 0, np.nan, None))
         title = " | ".join(f"{labels[d]}" for d in grouping) + f" | {spec.aggregate} of {prompts[key]} prompts"
@@ -302,18 +310,27 @@ def _model_comparisons(con, spec, where: Filter, n_layers, cells=None) -> list[G
                 va, ca = _full_grid(con, spec, where, a, probe, n_layers[a])
                 vb, cb = _full_grid(con, spec, where, b, probe, n_layers[b])
                 n_cols = min(va.shape[1], vb.shape[1])
-                if n_layers[a] == n_layers[b]:
-                    layers = _layers_for(spec, a, n_layers[a])
+                gaps = None
+                if n_layers[a] == n_layers[b]:  # `stored`: the layers stored on both sides
+                    both = [k for k in range(n_layers[a]) if ca[k].any() and cb[k].any()]
+                    layers = _layers_for(spec, a, n_layers[a], both)
                     rows_a = rows_b = list(layers)
                     ylabel, shown = "Layer", layers
                 else:  # relative depth: the shallower model's layers, the deeper one's nearest
                     small, big = (a, b) if n_layers[a] < n_layers[b] else (b, a)
                     m, n = n_layers[small], n_layers[big]
                     mapped = [round(k * (n - 1) / max(m - 1, 1)) for k in range(m)]
-                    rows_a = list(range(m)) if a == small else mapped
-                    rows_b = list(range(m)) if b == small else mapped
-                    shown = tuple(round(k / max(m - 1, 1), 2) for k in range(m))
+                    ks = list(range(m))
+                    if STORED_LAYERS in (spec.layers_for(a), spec.layers_for(b)):  # rows stored on both sides
+                        c_small, c_big = (ca, cb) if a == small else (cb, ca)
+                        ks = [k for k in ks if c_small[k].any() and c_big[mapped[k]].any()]
+                        gaps = tuple(i for i in range(len(ks) - 1) if ks[i + 1] > ks[i] + 1)
+                    rows_a = ks if a == small else [mapped[k] for k in ks]
+                    rows_b = ks if b == small else [mapped[k] for k in ks]
+                    shown = tuple(round(k / max(m - 1, 1), 2) for k in ks)
                     ylabel = f"Relative depth ({small} layer k, {big} layer {n - 1}k/{m - 1})"
+                if not rows_a:  # no layer stored on both sides: nothing to subtract
+                    continue
                 values = va[rows_a, :n_cols] - vb[rows_b, :n_cols]
                 counts = np.minimum(ca[rows_a, :n_cols], cb[rows_b, :n_cols])
                 title = f"{a} minus {b} | {probe} | {spec.aggregate}"
@@ -333,6 +350,7 @@ def _model_comparisons(con, spec, where: Filter, n_layers, cells=None) -> list[G
                         inputs=((a, probe), (b, probe)),
                         ylabel=ylabel,
                         hover={"a": va[rows_a, :n_cols], "b": vb[rows_b, :n_cols]},
+                        gaps=gaps,
                         interval=compare.models(cells(a, probe), cells(b, probe), rows_a, rows_b, n_cols, spec),
                     )
                 )
@@ -359,33 +377,63 @@ def _group_comparisons(by_group: dict, spec: ReportSpec | None = None, cells=Non
         boot = None if cells is None or spec is None else compare.Groups(cells(model, probe), names, spec)
         for x, y in pairs:
             n_cols = x.values.shape[1] if y is None else min(x.values.shape[1], y.values.shape[1])
+            # the rows both sides have (groups of a `stored` report may hold different layers)
+            sides = [g for g in grids if g is not x] if y is None else [y]
+            layers = tuple(k for k in x.layers if any(k in g.layers for g in sides))
+            if not layers:
+                continue
+            mine = _on_rows(x.values, x.layers, layers, n_cols)
             if y is None:
-                rest = [g.values[:, :n_cols] for g in grids if g is not x]
-                other, other_name = np.nanmean(np.stack(rest), axis=0), "the other groups"
-                counts = x.counts[:, :n_cols]
+                rest = [_on_rows(g.values, g.layers, layers, n_cols) for g in sides]
+                other, other_name = nan_mean(np.stack(rest), axis=0), "the other groups"
+                counts = _on_rows(x.counts, x.layers, layers, n_cols, 0).astype(int)
             else:
-                other, other_name = y.values[:, :n_cols], y.labels["prompt_group"]
-                counts = np.minimum(x.counts[:, :n_cols], y.counts[:, :n_cols])
+                other, other_name = _on_rows(y.values, y.layers, layers, n_cols), y.labels["prompt_group"]
+                counts = np.minimum(
+                    _on_rows(x.counts, x.layers, layers, n_cols, 0), _on_rows(y.counts, y.layers, layers, n_cols, 0)
+                ).astype(int)
             name = x.labels["prompt_group"]
             out.append(
                 Grid(
                     _slug("cmp-groups", model, probe, name, other_name),
                     "group comparisons",
                     f"{model} | {probe} | {name} minus {other_name}",
-                    x.layers,
+                    layers,
                     tuple(f"Gen{c}" for c in range(n_cols)),
-                    x.values[:, :n_cols] - other,
+                    mine - other,
                     counts,
                     int(counts.max()) if counts.size else 0,
                     x.divergence,
                     "difference",
                     {"model": model, "probe": probe, "a": name, "b": other_name},
                     inputs=((model, probe),),
-                    hover={"a": x.values[:, :n_cols], "b": other},
-                    interval=boot.interval(name, None if y is None else other_name, x.layers, n_cols) if boot else None,
+                    hover={"a": mine, "b": other},
+                    interval=boot.interval(name, None if y is None else other_name, layers, n_cols) if boot else None,
                 )
             )
     return out
+
+
+def _on_rows(array, have, layers, n_cols: int, fill=np.nan) -> np.ndarray:
+    """`array` (rows for the layers `have`) on the rows `layers` and its first n_cols columns;
+    `fill` where it has no such row or column."""
+    out = np.full((len(layers), n_cols), fill, dtype=float)
+    index = {layer: i for i, layer in enumerate(have)}
+    width = min(n_cols, array.shape[1])
+    for r, layer in enumerate(layers):
+        if layer in index:
+            out[r, :width] = array[index[layer], :width]
+    return out
+
+
+def nan_mean(values, axis: int) -> np.ndarray:
+    """numpy's nanmean (the same sums, divided by the same counts) with NaN, and no
+    "Mean of empty slice" warning, where a slice has no value."""
+    values = np.asarray(values, dtype=np.float64)
+    present = ~np.isnan(values)
+    total = np.where(present, values, 0.0).sum(axis=axis)
+    count = present.sum(axis=axis)
+    return np.divide(total, count, out=np.full(np.shape(total), np.nan), where=count > 0)
 
 
 def _summary(con, spec: ReportSpec, where: Filter):

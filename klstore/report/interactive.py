@@ -40,7 +40,7 @@ from klstore.output import visible_token
 from klstore.report import intervals
 from klstore.report.aggregate import Grid
 from klstore.report.lineplot import COLOURS, LinesData, colour, shown
-from klstore.report.plotting import DIVERGENCE_LABELS, cell_text, floor_marks
+from klstore.report.plotting import DIVERGENCE_LABELS, GAP_COLOUR, cell_text, floor_marks, layer_gaps
 
 # ColorBrewer's YlOrRd and RdBu (reversed), as matplotlib draws them
 YLORRD = ["#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
@@ -186,6 +186,28 @@ def _colorbar(grid: Grid) -> dict:
 
 
 def _layout(grid: Grid, n_rows: int, n_cols: int) -> dict:
+    layout = _heatmap_layout(grid, n_rows, n_cols)
+    gaps = layer_gaps(grid.layers) if grid.gaps is None else grid.gaps
+    if gaps:  # a break line between rows whose layers are not consecutive, as in the PNG
+        layout["shapes"] = [
+            {
+                "type": "line",
+                "name": f"layer gap {_text(grid.layers[r])}-{_text(grid.layers[r + 1])}",
+                "xref": "x",
+                "yref": "y",
+                "x0": -0.5,
+                "x1": n_cols - 0.5,
+                "y0": r + 0.5,
+                "y1": r + 0.5,
+                "line": {"color": GAP_COLOUR, "width": 2},
+                "layer": "above",
+            }
+            for r in gaps
+        ]
+    return layout
+
+
+def _heatmap_layout(grid: Grid, n_rows: int, n_cols: int) -> dict:
     return {
         "title": {"text": _text(grid.title), "font": {"size": 13}, "x": 0.02, "xanchor": "left"},
         "xaxis": {

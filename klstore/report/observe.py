@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from klstore.report.aggregate import Grid
+from klstore.report.aggregate import Grid, nan_mean
 from klstore.report.floor import LENS_EVAL_FLOOR, UNIT
 from klstore.report.floor import text as _floor
 from klstore.report.intervals import MIN_PROMPTS, Interval, differences, percent
@@ -277,9 +277,9 @@ def _levels(grid: Grid, v, finite) -> list[str]:
         f"{v[r, c] / mean:.1f}x the grid mean of {mean:.3g} {UNIT}."
     ]
     if v.shape[1] > 1:
-        sentence = columns_sentence(np.nanmean(masked, axis=0), floor)
-        out += [sentence] if sentence else []
-    out += _rows(grid, np.nanmean(masked, axis=1))
+        sentence = columns_sentence(nan_mean(masked, axis=0), floor)  # a row without values: NaN,
+        out += [sentence] if sentence else []  # never averaged in
+    out += _rows(grid, nan_mean(masked, axis=1))
     beyond = 0.0 if floor is None else floor  # an outlier stands more than the floor above the mean
     high = np.isfinite(v) & (v > mean + 2 * std) & (v - mean >= beyond)
     outliers = np.argwhere(high) if std > 0 else np.empty((0, 2), int)  # (row, column) pairs
@@ -307,7 +307,7 @@ def _rows(grid: Grid, row_means) -> list[str]:
     noun = "Layers" if grid.ylabel == "Layer" else "Depths"
     out = [f"{noun} with the highest mean {grid.divergence}: {names}."]
     third = max(1, len(row_means) // 3)
-    early, late = float(np.nanmean(row_means[:third])), float(np.nanmean(row_means[-third:]))
+    early, late = float(nan_mean(row_means[:third], axis=0)), float(nan_mean(row_means[-third:], axis=0))
     floor = grid.noise_floor
     if (
         early > 0

@@ -8,8 +8,10 @@ when the grid is small. The colour range follows a klstore.report.scale.Scale wh
 cells beyond it are hatched and the colour bar gets an arrow on that end. Cells below the
 runs' noise floor (klstore.report.floor; |value|, or |difference|, under it) get a small dot
 in their bottom-left corner, clear of the value, and the title a line saying what the dot
-means. Text that may come from users (titles, token texts, labels) is drawn with mathtext
-off, so `$x$` shows as typed instead of being parsed as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
+means. Where the listed layers jump (0, 15-21, 27: after 0 and after 21) a thin dark line
+runs between the two rows (`layer_gaps`). Text that may come from users (titles, token
+texts, labels) is drawn with mathtext off, so `$x$` shows as typed instead of being parsed
+as TeX. SVG text stays text (`svg.fonttype: none`): smaller,
 faster to write, and editable in a paper.
 
 The layout is computed from the label lengths instead of matplotlib's tight_layout (which
@@ -55,6 +57,23 @@ class HeatmapData:
     # none (dotted too: not differences), and the intervals' level
     unsure: np.ndarray | None = None
     level: float | None = None
+    gaps: tuple | None = None  # rows r with a break line below them; None: layer_gaps(layers)
+
+    def breaks(self) -> tuple[int, ...]:
+        return layer_gaps(self.layers) if self.gaps is None else tuple(self.gaps)
+
+
+GAP_COLOUR = "#222222"  # the break line between rows whose layers are not consecutive
+
+
+def layer_gaps(layers) -> tuple[int, ...]:
+    """The rows r after which the layer sequence jumps (layers[r + 1] > layers[r] + 1): a
+    break line is drawn between rows r and r + 1. Only whole-number layers have gaps (a
+    relative-depth comparison's rows are fractions; klstore.report.aggregate sets its gaps)."""
+    whole = [isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in layers]
+    return tuple(
+        r for r in range(len(layers) - 1) if whole[r] and whole[r + 1] and int(layers[r + 1]) > int(layers[r]) + 1
+    )
 
 
 def column_labels(n: int, texts=None) -> tuple[str, ...]:
@@ -158,6 +177,7 @@ def draw(
     )
     _mark(ax, above | (below if not log else np.zeros_like(below)))
     _dot(ax, quiet)
+    _breaks(ax, data.breaks())
     if annotate is None:
         annotate = n_rows * n_cols <= 400
     if annotate:
@@ -173,6 +193,13 @@ def _mark(ax, clipped) -> None:
         ax.add_patch(
             Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor=(1, 1, 1, 0.5), linewidth=0)
         )
+
+
+def _breaks(ax, gaps) -> None:
+    """A thin dark line across the map between rows whose layers are not consecutive, so a
+    jump (21 to 27) reads as one; the tick labels name both sides."""
+    for r in gaps:
+        ax.axhline(r + 0.5, color=GAP_COLOUR, linewidth=1.6, zorder=4, gid=f"layer-gap-{r}")
 
 
 def floor_marks(noise_floor: float | None, below_floor: np.ndarray | None, shape, unsure=None) -> np.ndarray:

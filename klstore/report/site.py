@@ -561,6 +561,7 @@ def heatmap_data(grid: Grid):
             scale=grid.scale,
             noise_floor=grid.noise_floor,
             below_floor=grid.below_floor,
+            gaps=grid.gaps,
             unsure=intervals.unsure(grid.values, grid.interval),
             level=None if grid.interval is None else grid.interval.level,
         )
@@ -575,6 +576,7 @@ def heatmap_data(grid: Grid):
         scale=grid.scale,
         noise_floor=grid.noise_floor,
         below_floor=grid.below_floor,
+        gaps=grid.gaps,
     )
 
 
