@@ -33,7 +33,8 @@ A report spec (`klstore report SPEC`, files in reports/):
     aggregate: mean              # or median
     layers: all                  # layer spec, e.g. 0,15-21,27 (negative = from each model's end),
                                  # or per model: {smollm2-135m: "0,15-21,27", default: all}
-    divergence: kl               # kl, kl_reverse or js
+    value: kl                    # what the maps show: kl, kl_reverse, js, or q_entropy (the entropy of
+                             # each layer's Q, docs/conventions.md); `divergence:` is the same key
     shared_scale: false          # one colour scale for all figures of a section
     compare_models: true         # model-vs-model difference heatmaps (by relative depth if needed)
     compare_groups: true         # group-vs-group difference heatmaps

@@ -1187,6 +1187,9 @@ MIN_RESAMPLES, MAX_RESAMPLES = 100, 100_000  # a report spec's `resamples` (boot
 # a report's `layers` value: each map shows the layers present in the rows it draws
 # (klstore.report.aggregate._layers_for); `all` is every layer of the model
 STORED_LAYERS = "stored"
+# what a report's maps show (its `value:` key, also spelled `divergence:`): a divergence column
+# of the kl rows, or q_entropy, the entropy of each row's Q (docs/conventions.md, "Entropy of Q")
+REPORT_VALUES: dict[str, str] = {**DIVERGENCES, "q_entropy": "Entropy of Q"}
 
 
 class ReportSpec(_Value):
@@ -1259,11 +1262,23 @@ class ReportSpec(_Value):
             return value  # already normalised
         return _report_layer_spec(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _value_key(cls, data):
+        """`value:` is the documented name of what the maps show; `divergence:` its older spelling."""
+        if isinstance(data, dict) and "value" in data:
+            data = dict(data)
+            value = data.pop("value")
+            if "divergence" in data and data["divergence"] != value:
+                raise _fail(f"value {value!r} and divergence {data['divergence']!r} disagree: give one of them")
+            data["divergence"] = value
+        return data
+
     @field_validator("divergence")
     @classmethod
     def _divergence(cls, value):
-        if value not in DIVERGENCES:
-            raise _fail(f"must be {', '.join(list(DIVERGENCES)[:-1])} or {list(DIVERGENCES)[-1]}, got {value!r}")
+        if value not in REPORT_VALUES:
+            raise _fail(f"must be {', '.join(list(REPORT_VALUES)[:-1])} or {list(REPORT_VALUES)[-1]}, got {value!r}")
         return value
 
     @field_validator("per_prompt", mode="before")

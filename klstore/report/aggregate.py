@@ -11,7 +11,7 @@ holds it.
 
 Every value reaches DuckDB as a parameter. Only identifiers are formatted into
 the SQL text, and only from klstore.spec's fixed whitelists: the divergence
-column (DIVERGENCES), the aggregate function (mean -> avg, median) and the
+column (spec.REPORT_VALUES: a divergence or q_entropy), the aggregate function (mean -> avg, median) and the
 group_by dimensions (REPORT_DIMENSIONS).
 This module never imports torch.
 """
@@ -136,7 +136,7 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
                 )
             where = where.and_in(column, column, wanted)
     chosen["selection"] = where
-    where = where.and_(f"{spec.divergence} IS NOT NULL")  # divergence: a DIVERGENCES name
+    where = where.and_(f"{spec.divergence} IS NOT NULL")  # divergence: a REPORT_VALUES name
     if not con.execute(f"SELECT count(*) FROM kl WHERE {where.sql}", where.params).fetchone()[0]:
         chose = (
             "; ".join(

@@ -56,7 +56,7 @@ class PromptCells:
 
 def fetch(con, where, divergence: str, model: str, probe: str) -> PromptCells:
     """The per-prompt cells of one model and probe under `where` (a report Filter: `sql` with
-    `$name` placeholders and its `params`; `divergence` is a DIVERGENCES name, checked by the
+    `$name` placeholders and its `params`; `divergence` is a REPORT_VALUES name, checked by the
     spec)."""
     one = where.and_("model = $cmp_model AND probe = $cmp_probe", cmp_model=model, cmp_probe=probe)
     units = con.execute(

@@ -29,9 +29,9 @@ import numpy as np
 from klstore.output import visible_token
 from klstore.report.intervals import percent
 from klstore.report.scale import Scale
-from klstore.spec import DIVERGENCES
+from klstore.spec import REPORT_VALUES
 
-DIVERGENCE_LABELS = {name: f"{label} (nats)" for name, label in DIVERGENCES.items()}
+DIVERGENCE_LABELS = {name: f"{label} (nats)" for name, label in REPORT_VALUES.items()}
 DPI = 110
 _CHAR = 0.075  # inches per character of a 10 pt tick label (a generous average)
 _TITLE_CHAR = 0.095  # inches per character of the 12 pt title

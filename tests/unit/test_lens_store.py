@@ -228,3 +228,31 @@ def test_stored_q_entropy_is_the_entropy_of_the_stored_topk_and_the_outputs_at_t
         "WHERE k.probe = 'logit_lens' AND k.layer = k.n_layers - 1",
     )
     assert last and all(r["q_entropy"] == r["entropy"] for r in last)
+
+
+def test_report_maps_q_entropy_when_the_spec_asks_for_it(store):
+    """`value: q_entropy` in a report spec: the aggregate maps are the mean entropy of Q per cell,
+    as plain SQL over the view computes it, labelled as the entropy of Q."""
+    from klstore.report import aggregate
+    from klstore.report.plotting import DIVERGENCE_LABELS
+    from klstore.spec import parse_report_spec
+
+    spec = parse_report_spec({"name": "entropy", "value": "q_entropy", "compare_models": False})
+    assert spec.divergence == "q_entropy" and DIVERGENCE_LABELS["q_entropy"] == "Entropy of Q (nats)"
+    con = views.connect(store)
+    where, _ = aggregate._filters(con, spec)
+    grids = [g for g in aggregate.collect(con, spec, where, aggregate._n_layers(con, where)) if g.kind == "aggregate"]
+    assert grids
+    for grid in grids:
+        labels = grid.labels
+        sql = "SELECT layer, gen_idx, avg(q_entropy) FROM kl WHERE model = ? AND probe = ?"
+        params = [labels["model"], labels["probe"]]
+        if "prompt_group" in labels:
+            sql, params = sql + " AND prompt_group = ?", [*params, labels["prompt_group"]]
+        expected = np.full(grid.values.shape, np.nan)
+        for layer, gen_idx, value in con.execute(sql + " GROUP BY ALL", params).fetchall():
+            expected[grid.layers.index(layer), gen_idx] = value
+        assert grid.divergence == "q_entropy"
+        np.testing.assert_allclose(grid.values, expected, rtol=1e-12)
+    with pytest.raises(KlstoreError, match="value 'q_entropy' and divergence 'kl' disagree"):
+        parse_report_spec({"value": "q_entropy", "divergence": "kl"})
