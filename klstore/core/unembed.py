@@ -76,9 +76,10 @@ def applies(adapter: Adapter, divergences: tuple[str, ...]) -> bool:
 
 
 def cell_bytes(chunk: int = VOCAB_CHUNK) -> int:
-    """Memory per cell in flight: its float32 logits chunk plus about four same-sized temporaries
-    (exp, the comparison, z_p - z_q, a widening copy), with room for the reference rows."""
-    return 5 * 4 * chunk
+    """Memory per cell in flight: its float32 logits chunk, the entropy's two scratch rows, and
+    about three same-sized temporaries (the comparison, z_p - z_q, a widening copy), with room
+    for the reference rows."""
+    return 6 * 4 * chunk
 
 
 @torch.no_grad()
@@ -136,6 +137,7 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None, ent
     high = torch.full((total,), -torch.inf, dtype=wide, device=device)  # running max
     mass = torch.zeros(total, dtype=wide, device=device)  # running sum of exp(z - high)
     moment = torch.zeros(total, dtype=wide, device=device)  # running sum of exp(z - high) (z - high)
+    scratch = torch.empty((2, total, min(chunk, int(weight.shape[0]))), dtype=wide, device=device) if entropy else None
     above = torch.zeros(total, dtype=torch.int32, device=device)
     partial: list[list[torch.Tensor]] = [[] for _ in jobs]  # per job: (R, m, blocks) partial sums of P (z_p - z_q)
     rows = torch.arange(total, device=device)
@@ -150,19 +152,16 @@ def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None, ent
         peak = torch.maximum(high, z.amax(-1))
         shift = high - peak  # <= 0; -inf before the first chunk, where mass and moment are 0
         scale = shift.exp()
-        if entropy:
+        if scratch is not None:
             # sum_v e (z - peak) = scale (moment + shift mass) over the chunks so far, then this
-            # chunk's terms as one dot product per row
+            # chunk's terms, in two scratch blocks kept for the whole pass (a fresh (cells x chunk)
+            # tensor per chunk costs more in page faults than the arithmetic does)
             moment = torch.where(mass > 0, scale * (moment + shift * mass), 0.0)
-            centred = z - peak[:, None]
-            weights = centred.exp()
-            terms = torch.linalg.vecdot(weights, centred)
-            masked = terms.isnan()  # a logit of -inf: its term is 0 (the limit), not 0 x -inf
-            if masked.any():
-                terms[masked] = torch.linalg.vecdot(weights[masked], centred[masked].clamp_min(-1e4))
-            moment = moment + terms
+            centred = torch.sub(z, peak[:, None], out=scratch[0][:, :width])
+            weights = torch.exp(centred, out=scratch[1][:, :width])
             mass = mass * scale + weights.sum(-1)
-            del centred, weights
+            # a logit of -inf gives 0 x -inf = NaN: its term is 0 (the limit), hence nansum
+            moment = moment + centred.mul_(weights).nansum(-1)
         else:
             mass = mass * scale + (z - peak[:, None]).exp_().sum(-1)
         high = peak
