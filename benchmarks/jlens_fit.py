@@ -16,7 +16,9 @@ sides get the same token ids (no BOS added), skip 16, float32 on the CPU.
    between the two lenses: per source block, ||J_klstore - J_TL||_F / ||J_TL||_F (the largest over
    blocks). Target: klstore no slower than TransformerLens.
 2. Memory: one fresh process per dim_batch (1, 8, 32) loads the model and fits one prompt; prints
-   the model's parameter bytes, the resident memory after the load and the process's peak.
+   the model's parameter bytes, the resident memory after the load and the fit's own peak (Linux:
+   the peak is reset after the load through /proc/self/clear_refs, since loading a GGUF model
+   peaks higher than a fit does).
 3. Scale: `klstore lens fit` (kind jacobian, one prompt per shard) on --scale-prompts prompts with
    1 and 2 Ray workers: prompts/s from the shard checkpoints' write times (from the moment every
    worker has finished its first prompt to the last prompt, so model loads are left out), and the
@@ -72,10 +74,11 @@ def model_folder(args, work: Path) -> Path:
     return folder
 
 
-def rss_gib() -> float:
+def status_gib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: resident now; VmHWM: its peak), GiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -96,12 +99,25 @@ def memory_one(argv: list[str]) -> None:
     params = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     ids = packed_prompts(loaded.tokenizer, args.seq_len, 1)
     adapter = Adapter.discover(loaded.model)
-    after_load = rss_gib()
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the load's own peak
+    after_load = status_gib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # Linux: the peak (VmHWM) starts again from the resident memory now
     start = time.perf_counter()
     jacobian.prompt_jacobian(loaded.model, adapter, ids[:1], SKIP, args.dim_batch)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"params_gib": params / 2**30, "after_load_gib": after_load, "peak_gib": peak, "s": seconds}))
+    peak = status_gib("VmHWM")
+    print(
+        json.dumps(
+            {
+                "params_gib": params / 2**30,
+                "load_peak_gib": load_peak,
+                "after_load_gib": after_load,
+                "peak_gib": peak,
+                "s": seconds,
+            }
+        )
+    )
 
 
 def speed(args, work: Path) -> None:
@@ -162,14 +178,17 @@ def speed(args, work: Path) -> None:
     print(
         f"{'PASS' if ok else 'FAIL'}: klstore's fit no slower than TransformerLens's ({mine_s / tl_s:.2f}x its time). "
         "Both run one forward pass of dim_batch copies per prompt with its graph kept and ceil(d / dim_batch) "
-        "backward passes to the block outputs, parameters frozen; klstore differentiates Hugging Face's forward "
-        "(sdpa attention), TransformerLens its bridge (eager attention, hook points)"
+        "backward passes to the block outputs, parameters frozen; the difference: klstore's graph holds only "
+        f"the valid positions ({args.seq_len - SKIP - 1} of {args.seq_len}: the first {SKIP} enter as a constant "
+        "KV cache, the last is not run), TransformerLens's every position"
     )
 
 
 def memory(args) -> None:
     print(f"\n2. memory: one prompt of {args.seq_len} tokens per fresh process")
-    print(f"{'dim_batch':>9} {'params GiB':>10} {'after load GiB':>14} {'peak GiB':>9} {'peak - load':>11} {'s':>7}")
+    print(
+        f"{'dim_batch':>9} {'params GiB':>10} {'after load GiB':>14} {'fit peak GiB':>12} {'peak - load':>11} {'s':>7}"
+    )
     for dim_batch in args.memory_dim_batches:
         command = [sys.executable, __file__, "memory-one", "--model", args.model]
         command += ["--dim-batch", str(dim_batch), "--seq-len", str(args.seq_len)]
@@ -178,9 +197,11 @@ def memory(args) -> None:
             raise SystemExit(f"memory-one failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(
-            f"{dim_batch:>9} {r['params_gib']:>10.3f} {r['after_load_gib']:>14.2f} {r['peak_gib']:>9.2f} "
+            f"{dim_batch:>9} {r['params_gib']:>10.3f} {r['after_load_gib']:>14.2f} {r['peak_gib']:>12.2f} "
             f"{r['peak_gib'] - r['after_load_gib']:>11.2f} {r['s']:>7.1f}"
         )
+        load_peak = r["load_peak_gib"]
+    print(f"(the model's load alone peaked at {load_peak:.2f} GiB resident, before the fit's peak was reset)")
 
 
 def scale(args, work: Path) -> None:

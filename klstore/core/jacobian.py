@@ -10,7 +10,8 @@ gradient, at h_l, of sum_{t' in V} h_final[t', j], summed over t in V (the model
 positions t' < t contribute nothing). One backward pass gives it for every source block at
 once; `dim_batch` copies of the prompt in one batch give `dim_batch` rows per pass, so a
 prompt costs one forward pass of `dim_batch` copies (its graph kept) and ceil(d / dim_batch)
-backward passes, as TransformerLens's estimator does.
+backward passes, as TransformerLens's estimator does, but over the valid positions only: the
+first `skip` positions enter as a constant KV cache (`prompt_jacobian`).
 
 `JacobianSums` holds the sum over prompts (float64) and the prompt count: partial sums from
 any split of the prompts add up exactly, in any order, and `mean()` is the lens.
@@ -41,28 +42,39 @@ def prompt_jacobian(
     """(L, d, d) float64: J_l(prompt) for every block l (the last is the identity), for one
     prompt `input_ids` (1, T); None when the prompt has no valid position.
 
-    One forward pass of `dim_batch` copies of the prompt keeps its graph; each of the
-    ceil(d / dim_batch) backward passes seeds row r of the batch with output dimension
-    start + r at every target position in V, and asks autograd for the gradients at the block
-    outputs only (the parameters are frozen for the duration, so no weight gradient is built)."""
-    n_tokens = input_ids.shape[1]
-    valid = valid_positions(n_tokens, skip)
+    Only positions in V need a gradient, and (the model being causal) a state at t in V depends
+    on no state after it and reaches none before it. So:
+    - the first `skip` positions run once, without a graph, into the model's KV cache, which the
+      rest of the pass reads as a constant: the backward passes never visit them;
+    - the last position, in no V and read by no earlier one, is not run at all;
+    - positions skip..T-2 (V itself) run as `dim_batch` copies in one forward pass whose graph
+      is kept; each of the ceil(d / dim_batch) backward passes seeds row r of the batch with
+      output dimension start + r at every target position, and asks autograd for the gradients
+      at the block outputs only (the parameters are frozen for the duration, so no weight
+      gradient is built).
+    The result equals the whole-sequence estimator's (TransformerLens's) to float32 rounding
+    (tests/unit/test_jacobian.py against autograd.functional.jacobian over the whole input)."""
+    valid = valid_positions(input_ids.shape[1], skip)
     if len(valid) == 0:
         return None
     embed = model.get_input_embeddings()
     n_layers = adapter.n_layers
     d_model = embed.weight.shape[1]
-    device = input_ids.device
-    mask = torch.zeros(n_tokens, device=device)
-    mask[list(valid)] = 1.0
     rows = torch.zeros(n_layers, d_model, d_model, dtype=torch.float64)
     rows[-1] = torch.eye(d_model, dtype=torch.float64)  # d h_final / d h_final = I
     if n_layers == 1:
         return rows
-    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    parameters = inspect.signature(model.forward).parameters
+    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    cache_arg = "cache" if "cache" in parameters else "past_key_values"  # transformers >= 5.x: cache
     batch = min(dim_batch, d_model)
     with torch.no_grad():
-        embedded = embed(input_ids)  # (1, T, d)
+        embedded = embed(input_ids[:, : valid[-1] + 1]).expand(batch, -1, -1)  # (b, T - 1, d)
+        context: dict = {"use_cache": False}
+        if skip:  # the first `skip` positions: context only, their keys and values a constant
+            prefix = model(inputs_embeds=embedded[:, :skip], use_cache=True, **keep_one)
+            cache = getattr(prefix, "cache", None)
+            context = {cache_arg: prefix.past_key_values if cache is None else cache, "use_cache": True}
     outputs: list[torch.Tensor] = []
 
     def keep(_module, _args, out):
@@ -74,21 +86,21 @@ def prompt_jacobian(
         for parameter in trainable:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            x = embedded.expand(batch, -1, -1).detach().clone().requires_grad_(True)
-            model(inputs_embeds=x, use_cache=False, **keep_one)  # the head's output is not needed
+            x = embedded[:, skip:].detach().clone().requires_grad_(True)  # (b, |V|, d): V's positions
+            model(inputs_embeds=x, **context, **keep_one)  # the head's output is not needed
             target, sources = outputs[-1], outputs[:-1]
-            seed = torch.zeros_like(target)  # (b, T, d): 1 at (row r, t' in V, start + r)
-            column = mask.to(seed.dtype)
+            seed = torch.zeros_like(target)  # (b, |V|, d): 1 at (row r, every t', start + r)
             starts = range(0, d_model, batch)
             for start in starts:
                 dims = range(start, min(start + batch, d_model))
                 seed.zero_()
                 for r, j in enumerate(dims):
-                    seed[r, :, j] = column
+                    seed[r, :, j] = 1.0
                 grads = torch.autograd.grad(target, sources, seed, retain_graph=start != starts[-1])
                 for layer, grad in enumerate(grads):  # row r = d(sum_{t' in V} h_final[t', j]) / d h_l
-                    summed = (grad[: len(dims)].double() * mask.double()[None, :, None]).sum(1)  # sum over t in V
-                    rows[layer, start : start + len(dims)] = summed.cpu()
+                    # the sum over t in V, in the gradient's dtype, then float64 for the sums
+                    # over rows and prompts
+                    rows[layer, start : start + len(dims)] = grad[: len(dims)].sum(1).double().cpu()
                 del grads
     finally:
         for handle in handles:
