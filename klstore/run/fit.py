@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import TypedDict
 
 from klstore.errors import KlstoreError
+from klstore.run.holds import hold
 from klstore.spec import FitSpec, check_label, model_label
 from klstore.store.tables import Store, open_store
 
@@ -371,6 +372,7 @@ def _train_tuned(spec, store, fit_id, model, adapter, data, start_lens, batches,
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == steps:
             if rank == 0:
                 _write_checkpoint(store, fit_id, translators, optimizer, step + 1, losses)
+            hold(f"tuned-step-{step + 1}")
     lens = translators.lens("tuned", **meta)
     tokens = steps * per_step * spec.corpus.seq_len
     return lens, {

@@ -19,6 +19,7 @@ import torch
 
 from klstore.core import jacobian
 from klstore.errors import KlstoreError
+from klstore.run.holds import hold
 from klstore.store.tables import Store
 
 FITS = "lens_fits"
@@ -54,6 +55,7 @@ def fit(recipe, store: Store, fit_id: str, model, adapter, train: torch.Tensor, 
             eta = (todo - done) / rate
             log(f"jacobian: {done}/{todo} prompts on this worker, {rate * world:.2f} prompts/s, ETA {eta:.0f} s")
         _write(store, shard_path(store, fit_id, index), sums)
+        hold(f"jacobian-shard-{index}")
     _barrier()
     merged = jacobian.JacobianSums.zeros(n_layers, d_model)
     for index in range(len(shards)):

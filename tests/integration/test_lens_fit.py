@@ -18,6 +18,7 @@ from lens_helpers import word_corpus
 
 from klstore.core import lenses
 from klstore.run import fit as fitting_run
+from klstore.run.holds import HOLD_VARIABLE
 from klstore.spec import parse_fit
 from klstore.store import views
 
@@ -94,7 +95,8 @@ def test_killed_fit_resumes_to_the_uninterrupted_lens(tiny_model_dir, corpus, tm
         (tmp_path / f"{store.name}.yaml").write_text(yaml.safe_dump(_config(tiny_model_dir, corpus, store)))
     whole = run_cli("lens", "fit", tmp_path / "whole.yaml")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the worker stops after step 4's checkpoint (klstore.run.holds): the kill finds that state
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", HOLD_VARIABLE: "tuned-step-4"}
     process = subprocess.Popen(
         [sys.executable, "-m", "klstore", "lens", "fit", str(tmp_path / "killed.yaml")],
         cwd=REPO,

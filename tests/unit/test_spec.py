@@ -172,7 +172,7 @@ def test_probe_defaults_and_identity():
     [
         ({"layer": 1}, "s.yaml: layer: unknown key"),
         ({"aggregate": "mode"}, "s.yaml: aggregate must be mean or median, got 'mode'"),
-        ({"divergence": "l2"}, "s.yaml: divergence must be kl, kl_reverse or js, got 'l2'"),
+        ({"divergence": "l2"}, "s.yaml: divergence must be kl, kl_reverse, js or q_entropy, got 'l2'"),
         ({"per_prompt": -1}, "s.yaml: per_prompt must be a whole number >= 0, got -1"),
         ({"per_prompt": True}, "s.yaml: per_prompt must be a whole number >= 0, got True"),
         ({"models": 3}, "s.yaml: models must be 'all' or a list of names, got 3"),
