@@ -8,8 +8,7 @@ import shutil
 import duckdb
 import numpy as np
 import pytest
-import torch
-import transformers
+from layer_stores import llama
 from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
@@ -37,29 +36,10 @@ PROMPTS = [
 JOB = ComputeSpec((ProbeSpec("logit_lens"), ProbeSpec("skip")), "all", ("kl", "js"), GenerationSpec(4))
 
 
-def _deeper_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(7)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("report") / "store")
-    for label, model in (("tiny-a", build("llama")), ("tiny-b", build("gpt2")), ("tiny-deep", _deeper_llama())):
+    for label, model in (("tiny-a", build("llama")), ("tiny-b", build("gpt2")), ("tiny-deep", llama(6))):
         worker = Worker(label, label, uri, loaded=from_objects(label, model, ToyTokenizer()))
         worker.run_shard("r1", PROMPTS[:3], JOB)
         worker.run_shard("r1", PROMPTS[3:], JOB)
