@@ -28,8 +28,6 @@ to run `make bench-tlens-env`.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_envs import reference_python
+from bench_envs import reference_python, run_reference
 from conftest import REPO
 
 from klstore.core import jacobian, lenses
@@ -67,28 +65,6 @@ LOGIT_RTOL = 1e-5
 # klstore's merge is float64 addition in another order than the whole fit's: float64 roundoff (1e-16).
 MERGE64_RTOL = 1e-12
 
-# One python for every reference command of a model: imports jlens_ref once and runs its main() per
-# command, collecting the JSON line each prints; stops at the first that exits.
-_DRIVER = """
-import contextlib, io, json, sys, time
-sys.path.insert(0, sys.argv[1])
-import jlens_ref
-results = []
-for argv in json.loads(sys.argv[2]):
-    out = io.StringIO()
-    start = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(out):
-            jlens_ref.main(argv)
-    except SystemExit as exc:
-        print(json.dumps({"failed": argv, "error": str(exc.code), "output": out.getvalue()}))
-        sys.exit(1)
-    result = json.loads(out.getvalue().strip().splitlines()[-1])
-    result["command_s"] = round(time.perf_counter() - start, 2)
-    results.append(result)
-print(json.dumps(results))
-"""
-
 
 def _reference_python() -> Path:
     return reference_python(TLENS_VENV, "TransformerLens reference", "bench-tlens-env")
@@ -96,17 +72,7 @@ def _reference_python() -> Path:
 
 def _run_reference(python: Path, commands: list[list[str]]) -> list[dict]:
     """Run jlens_ref.py's commands in one process; their JSON results, in order."""
-    proc = subprocess.run(
-        [str(python), "-c", _DRIVER, str(REF_SCRIPT.parent), json.dumps(commands)],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"jlens_ref.py failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_reference(python, REF_SCRIPT, commands, timeout=900)
 
 
 def _rel_frobenius(mine: torch.Tensor, ref: torch.Tensor) -> float:

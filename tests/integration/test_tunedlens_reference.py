@@ -21,14 +21,12 @@ fail and say to run `make bench-tunedlens-env`.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from bench_envs import reference_python
+from bench_envs import reference_python, run_reference
 from conftest import REPO
 
 from klstore.core import lenses
@@ -43,25 +41,6 @@ REF_SCRIPT = REPO / "benchmarks" / "tunedlens_ref.py"
 # few units in the last place of their largest magnitude, not bit for bit.
 RTOL = 1e-5
 
-# One python for every reference command of a model: imports tunedlens_ref once and runs its
-# main() per command, collecting the JSON line each prints; stops at the first that exits.
-_DRIVER = """
-import contextlib, io, json, sys
-sys.path.insert(0, sys.argv[1])
-import tunedlens_ref
-results = []
-for argv in json.loads(sys.argv[2]):
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            tunedlens_ref.main(argv)
-    except SystemExit as exc:
-        print(json.dumps({"failed": argv, "error": str(exc.code), "output": out.getvalue()}))
-        sys.exit(1)
-    results.append(json.loads(out.getvalue().strip().splitlines()[-1]))
-print(json.dumps(results))
-"""
-
 
 def _reference_python() -> Path:
     return reference_python(TUNEDLENS_VENV, "tuned-lens reference", "bench-tunedlens-env")
@@ -69,17 +48,7 @@ def _reference_python() -> Path:
 
 def _run_reference(python: Path, commands: list[list[str]]) -> list[dict]:
     """Run tunedlens_ref.py's commands in one process; their JSON results, in order."""
-    proc = subprocess.run(
-        [str(python), "-c", _DRIVER, str(REF_SCRIPT.parent), json.dumps(commands)],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"tunedlens_ref.py failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_reference(python, REF_SCRIPT, commands, timeout=600)
 
 
 def _max_diff(mine: torch.Tensor, ref: torch.Tensor) -> float:
