@@ -1114,6 +1114,14 @@ class JacobianRecipe(_Value):
     dim_batch: int = Field(8, ge=1)  # output dimensions per backward pass
     max_len: int | None = Field(None, ge=2)  # cut each prompt to this many tokens
     shard_size: int = Field(4, ge=1)  # prompts per checkpointed shard in the store
+    # the blocks to fit, as a layer spec (`20-26`, `-8--2`); None: every block but the last (the
+    # reference's default). The last block's J is the identity and is never fitted.
+    source_layers: LayerSpec | None = None
+
+    def identity(self) -> dict:
+        """The recipe's part of a fit's id; source_layers only when given, so the ids of fits
+        made before the option existed stay the same."""
+        return self.model_dump(exclude=None if self.source_layers is not None else {"source_layers"})
 
 
 FIT_KINDS = ("tuned", "least_squares", "jacobian")
@@ -1170,7 +1178,7 @@ class FitSpec(_Value):
             "train": self.train.model_dump() if self.train and self.kind == "tuned" else None,
             "workers": self.workers,
             "batch_size": self.batch_size,
-            **({"jacobian": self.jacobian.model_dump()} if self.kind == "jacobian" else {}),
+            **({"jacobian": self.jacobian.identity()} if self.kind == "jacobian" else {}),
         }
 
 
