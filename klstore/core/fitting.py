@@ -158,14 +158,18 @@ class LayerEval:
 @torch.no_grad()
 def evaluate(model, adapter: Adapter, lens: AffineLens | None, batches) -> list[LayerEval]:
     """Per block: sum of KL(final || lens read-out) and of top-1 agreement with the final
-    prediction over every token of `batches` (input-id tensors (B, T)); `lens` None: the logit lens."""
+    prediction over every token of `batches` (input-id tensors (B, T)); `lens` None: the logit lens.
+    A lens fitted at some blocks only is evaluated there (and at the last); the others stay empty."""
     sums: list[LayerEval] = []
+    readable = None if lens is None else set(lens.readable)
     for input_ids in batches:
         outputs, final_logp = block_states(model, adapter, input_ids)
         final_top = final_logp.argmax(-1)
         if not sums:
             sums = [LayerEval() for _ in outputs]
         for layer, hidden in enumerate(outputs):
+            if readable is not None and layer not in readable:
+                continue
             if lens is not None:
                 hidden = lens.translate((layer,) * hidden.shape[0], hidden)
             logq = adapter.log_probs(hidden).float()

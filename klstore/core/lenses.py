@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +46,13 @@ class LensError(KlstoreError):
 @dataclass(frozen=True)
 class AffineLens:
     """Per block l: T_l(h) = h + h @ weight[l].T + bias[l]. weight (L, d, d) and bias (L, d) are
-    float32 on the CPU, indexed by klstore's block index; row L-1 is zeros (the identity)."""
+    float32 on the CPU, indexed by klstore's block index; row L-1 is zeros (the identity).
+
+    A lens fitted at some blocks only (a Jacobian lens with `source_layers`) names them in
+    `blocks`: it reads those and the last block (the identity), and refuses the others rather
+    than read them as the logit lens (their rows are zeros). `depth_known` False: a partial
+    artifact that does not say its model's depth (L is then max(blocks) + 2, the least it can
+    be; `check_fits` pads it to the model's)."""
 
     kind: str
     weight: torch.Tensor
@@ -54,10 +60,26 @@ class AffineLens:
     unembed_hash: str = ""  # tuned-lens's hash of the model's unembedding ("" when unknown)
     model: str = ""  # the base model's name, as the lens folder gives it
     provenance: dict = field(default_factory=dict)  # klstore.json: fingerprint, recipe, ...
+    blocks: tuple[int, ...] | None = None  # the fitted blocks; None: every block but the last
+    depth_known: bool = True
 
     @property
     def n_layers(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def readable(self) -> tuple[int, ...]:
+        """The blocks this lens reads: the fitted ones and the last."""
+        if self.blocks is None:
+            return tuple(range(self.n_layers))
+        return (*self.blocks, self.n_layers - 1)
+
+    def padded(self, n_layers: int) -> AffineLens:
+        """This partial lens for a model of `n_layers` blocks (zero rows added; the same id)."""
+        extra = n_layers - self.n_layers
+        weight = torch.cat([self.weight, self.weight.new_zeros(extra, self.d_model, self.d_model)])
+        bias = torch.cat([self.bias, self.bias.new_zeros(extra, self.d_model)])
+        return replace(self, weight=weight, bias=bias, depth_known=True)
 
     @property
     def d_model(self) -> int:
@@ -65,7 +87,7 @@ class AffineLens:
 
     @property
     def id(self) -> str:
-        return content_id(self.kind, self.weight, self.bias)
+        return content_id(self.kind, self.weight, self.bias, self.blocks)
 
     def spec(self, source: str = "") -> LensSpec:
         return LensSpec(kind=self.kind, id=self.id, source=source)
@@ -73,6 +95,7 @@ class AffineLens:
     def translate(self, layers: tuple[int, ...], hidden: torch.Tensor) -> torch.Tensor:
         """hidden (R, n, d), row r read at block layers[r] -> T_{layers[r]}(hidden[r]), in the
         wider of hidden's dtype and float32, returned in hidden's dtype."""
+        check_layers(self, layers, f"lens {self.id}")
         wide = torch.promote_types(hidden.dtype, torch.float32)
         index = torch.tensor(layers, dtype=torch.long)
         weight = self.weight[index].to(hidden.device, wide)  # (R, d, d)
@@ -81,10 +104,15 @@ class AffineLens:
         return torch.baddbmm(x + bias[:, None, :], x, weight.transpose(1, 2)).to(hidden.dtype)
 
 
-def content_id(kind: str, weight: torch.Tensor, bias: torch.Tensor) -> str:
-    """The lens id: SHA-256 of its kind, shape and float32 parameters, layer by layer (16 hex)."""
-    digest = hashlib.sha256(f"klstore-lens-v1\n{kind}\n{tuple(weight.shape)}\n".encode())
-    for layer in range(weight.shape[0]):
+def content_id(kind: str, weight: torch.Tensor, bias: torch.Tensor, blocks: tuple[int, ...] | None = None) -> str:
+    """The lens id: SHA-256 of its kind, shape and float32 parameters, layer by layer (16 hex).
+    A partial lens (`blocks`): of its kind, width, blocks and their parameters only, so the id
+    does not depend on the depth it is padded to."""
+    if blocks is None:
+        digest = hashlib.sha256(f"klstore-lens-v1\n{kind}\n{tuple(weight.shape)}\n".encode())
+    else:
+        digest = hashlib.sha256(f"klstore-lens-v1\n{kind}\nd={weight.shape[-1]}\nblocks={list(blocks)}\n".encode())
+    for layer in range(weight.shape[0]) if blocks is None else blocks:
         digest.update(weight[layer].detach().to(torch.float32).contiguous().numpy().tobytes())
         digest.update(bias[layer].detach().to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:LENS_ID_LENGTH]
@@ -133,13 +161,22 @@ def load_jlens(source: str | Path) -> AffineLens:
     declared = [int(x) for x in state.get("source_layers", layers)]
     if sorted(declared) != layers:
         raise LensError(f"lens {source}: source_layers {declared} do not match the layers of J {layers}")
-    n_layers = layers[-1] + 2
-    if layers != list(range(n_layers - 1)):
-        missing = sorted(set(range(n_layers - 1)) - set(layers))
-        raise LensError(
-            f"lens {source}: fitted at blocks {layers[0]}-{layers[-1]} without {missing[:5]}: klstore reads J-lenses "
-            "fitted at every block but the last"
-        )
+    metadata = state.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise LensError(f"lens {source}: metadata must be a dict, got {type(metadata).__name__}")
+    if layers[0] < 0:
+        raise LensError(f"lens {source}: source layer {layers[0]} is negative")
+    n_layers, depth_known = layers[-1] + 2, True
+    target = metadata.get("target_layer")
+    if target is not None:  # TransformerLens's fits (and klstore's) name the final block: the depth
+        if isinstance(target, bool) or not isinstance(target, int) or target <= layers[-1]:
+            raise LensError(f"lens {source}: metadata target_layer {target!r} is not above source layer {layers[-1]}")
+        n_layers = target + 1
+    full = layers == list(range(n_layers - 1))
+    if not full and target is None and layers == list(range(layers[-1] + 1)):
+        full = True  # 0..k without a target: a whole fit of a (k+2)-block model (the reference's default)
+    if not full and target is None:
+        depth_known = False  # some blocks of a model whose depth the file does not say
     d_model = int(state.get("d_model", matrices[layers[0]].shape[-1]))
     weight = torch.zeros(n_layers, d_model, d_model)
     for layer in layers:
@@ -151,7 +188,6 @@ def load_jlens(source: str | Path) -> AffineLens:
         weight[layer] = value.float() - torch.eye(d_model)
     if not torch.isfinite(weight).all():
         raise LensError(f"lens {source}: the artifact holds non-finite values")
-    metadata = state.get("metadata") or {}
     provenance = {"kind": "jacobian", "n_prompts": state.get("n_prompts"), "metadata": _plain(metadata)}
     return AffineLens(
         "jacobian",
@@ -159,6 +195,8 @@ def load_jlens(source: str | Path) -> AffineLens:
         torch.zeros(n_layers, d_model),
         model=str(metadata.get("model_name", "")),
         provenance=provenance,
+        blocks=None if full else tuple(layers),
+        depth_known=depth_known,
     )
 
 
@@ -181,15 +219,17 @@ def save_jlens(
     """Write a Jacobian lens as a TransformerLens 4.3 artifact (float32 unless `dtype` says
     otherwise; TransformerLens's own default is float16)."""
     eye = torch.eye(lens.d_model)
+    sources = list(lens.readable[:-1])
     payload = {
-        "J": {layer: (lens.weight[layer] + eye).to(dtype) for layer in range(lens.n_layers - 1)},
+        "J": {layer: (lens.weight[layer] + eye).to(dtype) for layer in sources},
         "n_prompts": int(n_prompts),
-        "source_layers": list(range(lens.n_layers - 1)),
+        "source_layers": sources,
         "d_model": lens.d_model,
         "metadata": {
             "estimator": "jacobian_lens",
             "hook_convention": "blocks.{layer}.hook_out",
             "processing": {"compatibility_mode": False, "weight_basis": "raw_huggingface"},
+            **({"target_layer": lens.n_layers - 1} if lens.depth_known else {}),
             **(metadata or {}),
         },
     }
@@ -268,7 +308,27 @@ def load(source: str | Path) -> AffineLens:
         unembed_hash=str(config.get("unembed_hash") or ""),
         model=str(config.get("base_model_name_or_path") or ""),
         provenance=extra,
+        blocks=_blocks_of(extra, n_layers, source),
     )
+
+
+def _blocks_of(extra: dict, n_layers: int, source) -> tuple[int, ...] | None:
+    """klstore.json's `blocks` (a lens fitted at some blocks only), checked; None when absent."""
+    blocks = extra.get("blocks")
+    if blocks is None:
+        return None
+    if (
+        not isinstance(blocks, list)
+        or not blocks
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+        or blocks != sorted(set(blocks))
+        or not 0 <= blocks[0] <= blocks[-1] <= n_layers - 2
+    ):
+        raise LensError(
+            f"lens {source}: klstore.json: blocks must be increasing block indices within 0-{n_layers - 2}, "
+            f"got {str(blocks)[:80]}"
+        )
+    return None if blocks == list(range(n_layers - 1)) else tuple(blocks)
 
 
 def _read_params(path: Path, source) -> dict:
@@ -300,6 +360,10 @@ def _tensor(state: dict, key: str, shape: tuple, source) -> torch.Tensor:
 def save(lens: AffineLens, folder: str | Path, base_model: str = "", provenance: dict | None = None) -> Path:
     """Write `lens` as a tuned-lens lens folder (+ klstore.json); returns the folder. Translator
     0 (the embedding output, which klstore never reads) is zeros."""
+    if not lens.depth_known:
+        raise LensError(
+            "a partial J-lens whose model depth is unknown cannot be saved as a folder: check_fits it first"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n, d = lens.n_layers, lens.d_model
@@ -319,6 +383,9 @@ def save(lens: AffineLens, folder: str | Path, base_model: str = "", provenance:
     torch.save(state, folder / PARAMS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     extra = {"kind": lens.kind, "id": lens.id, **lens.provenance, **(provenance or {})}
+    extra.pop("blocks", None)
+    if lens.blocks is not None:  # fitted at these blocks only: tuned-lens reads zeros (the logit lens) at the others
+        extra["blocks"] = list(lens.blocks)
     (folder / KLSTORE_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if lens.kind == "jacobian":  # also as TransformerLens's artifact, so its JacobianLens.load reads it
         prompts = extra.get("n_prompts") or (extra.get("recipe") or {}).get("prompts") or 0
@@ -356,8 +423,17 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_fits(lens: AffineLens, n_layers: int, d_model: int, model_unembed_hash: str | None, where: str) -> None:
-    """A one-line LensError when `lens` was made for another depth, width or unembedding."""
+def check_fits(lens: AffineLens, n_layers: int, d_model: int, model_unembed_hash: str | None, where: str) -> AffineLens:
+    """`lens` for this model (a partial artifact of unknown depth padded to it); a one-line
+    LensError when it was made for another depth, width or unembedding."""
+    if not lens.depth_known and lens.d_model == d_model:
+        assert lens.blocks is not None  # only a partial artifact leaves its depth open
+        if lens.blocks[-1] > n_layers - 2:
+            raise LensError(
+                f"{where} is fitted at block {lens.blocks[-1]}; this model has {n_layers} layers, "
+                f"whose source blocks are 0-{n_layers - 2}"
+            )
+        lens = lens.padded(n_layers)
     if lens.n_layers != n_layers or lens.d_model != d_model:
         raise LensError(
             f"{where} is for a model with {lens.n_layers} layers of width {lens.d_model}; "
@@ -365,6 +441,34 @@ def check_fits(lens: AffineLens, n_layers: int, d_model: int, model_unembed_hash
         )
     if model_unembed_hash is not None and lens.unembed_hash and lens.unembed_hash != model_unembed_hash:
         raise LensError(f"{where} was fitted on another model (its unembedding hash differs from this model's)")
+    return lens
+
+
+def check_layers(lens: AffineLens, layers, where: str) -> None:
+    """A one-line LensError when `layers` asks a partial lens for a block it was not fitted at."""
+    if lens.blocks is None:
+        return
+    readable = set(lens.readable)
+    missing = sorted({int(layer) for layer in layers} - readable)
+    if missing:
+        raise LensError(
+            f"{where} is fitted at blocks {spans(lens.blocks)} only (it reads the last, {lens.n_layers - 1}, "
+            f"as the identity): no translator for layers {spans(missing)}; ask for layers within "
+            f"{spans(lens.readable)}, or fit the lens at those blocks (source_layers)"
+        )
+
+
+def spans(layers) -> str:
+    """Block indices as a layer spec: (0, 1, 2, 5, 7, 8) -> '0-2,5,7-8'."""
+    out: list[str] = []
+    for layer in sorted(layers):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == layer - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{layer}"
+        elif out and "-" not in out[-1] and int(out[-1]) == layer - 1:
+            out[-1] = f"{out[-1]}-{layer}"
+        else:
+            out.append(str(layer))
+    return ",".join(out)
 
 
 def resolve_path(spec: LensSpec) -> LensSpec:

@@ -71,6 +71,13 @@ def check(spec: FitSpec) -> None:
                 f"train: tokens_per_step gives {per_step} sequence(s) of {spec.corpus.seq_len} tokens per step, "
                 f"fewer than the {spec.workers} workers (each needs at least one)"
             )
+    if spec.kind == "jacobian" and spec.jacobian.source_layers is not None:
+        from klstore.core.jacobian import source_blocks
+        from klstore.core.models import read_shape
+
+        shape = read_shape(spec.model.name, spec.model.trust_remote_code)
+        if shape is not None:  # a hub id is not read here: the workers check the same
+            source_blocks(spec.jacobian.source_layers, shape.n_layers, label_of(spec))
 
 
 def read_corpus(spec: FitSpec, tokenizer=None):
@@ -301,8 +308,10 @@ def train_worker(config: dict) -> None:
         from klstore.run import jacobian_fit
 
         sums = jacobian_fit.fit(spec.jacobian, store, fit_id, model, adapter, data.train, log, rank, world)
-        recipe = {"kind": "jacobian", **spec.jacobian.model_dump(), "prompts": sums.prompts}
+        recipe = {"kind": "jacobian", **spec.jacobian.identity(), "prompts": sums.prompts}
         recipe["skipped_prompts"] = sums.skipped
+        if sums.blocks is not None:
+            recipe["blocks"] = list(sums.blocks)
         fitted.append((sums.lens(**meta), {"recipe": recipe, "tokens": data.n_train_tokens, "loss": None}))
         log(f"jacobian: merged {sums.prompts} prompt(s) ({sums.skipped} without a valid position)")
     evaluation = _evaluate(model, adapter, [None] + [lens for lens, _ in fitted], batches(data.held_out[rank::world]))
@@ -462,6 +471,7 @@ def _write_results(store, spec, fit_id, fitted, evaluation, provenance, world, w
 
     created = datetime.now(timezone.utc)
     ids = [("logit", "logit")]
+    readable: list = [None] + [set(lens.readable) for lens, _ in fitted]  # lens_eval rows where a lens reads
     rows = []
     for lens, record in fitted:
         folder = _local_tmp(fit_id, lens.id)
@@ -491,8 +501,10 @@ def _write_results(store, spec, fit_id, fitted, evaluation, provenance, world, w
     for row in rows:
         store.write("lenses", records.lens_rows([row]), f"lens-{row['lens_id']}.parquet", model=label)
     eval_rows = []
-    for (kind, lens_id), layers in zip(ids, evaluation):
+    for (kind, lens_id), layers, reads in zip(ids, evaluation, readable):
         for layer, numbers in enumerate(layers):
+            if reads is not None and layer not in reads:
+                continue
             eval_rows.append(
                 dict(
                     lens_id=lens_id,

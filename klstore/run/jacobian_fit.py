@@ -6,7 +6,8 @@ J_l(prompt) (float64) and its prompt counts are written into the store as
 `<store>/lens_fits/<fit id>/jacobian-<shard index>.pt` with a checksum, so a killed fit resumes
 without recomputing finished shards. Every worker then merges all shard files in index order
 (the merge is a prompt-weighted sum, exact and order-independent up to float64 rounding) and
-gets the same lens.
+gets the same lens. With `source_layers` the sums hold those blocks' rows only (the shard
+files say which); the fit id includes it, so a resume never mixes two sets of blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def shards_of(n_prompts: int, shard_size: int) -> list[range]:
 def fit(recipe, store: Store, fit_id: str, model, adapter, train: torch.Tensor, log, rank: int, world: int):
     """The merged JacobianSums over every training sequence (`recipe`: spec.JacobianRecipe)."""
     n_layers, d_model = adapter.n_layers, model.get_input_embeddings().weight.shape[1]
+    blocks = jacobian.source_blocks(recipe.source_layers, n_layers)
     shards = shards_of(train.shape[0], recipe.shard_size)
     mine = [i for i in range(rank, len(shards), world) if not store.exists_file(shard_path(store, fit_id, i))]
     todo = sum(len(shards[i]) for i in mine)
@@ -44,12 +46,12 @@ def fit(recipe, store: Store, fit_id: str, model, adapter, train: torch.Tensor, 
     device = next(model.parameters()).device
     started, done = time.perf_counter(), 0
     for index in mine:
-        sums = jacobian.JacobianSums.zeros(n_layers, d_model)
+        sums = jacobian.JacobianSums.zeros(n_layers, d_model, blocks)
         for row in shards[index]:
             ids = train[row : row + 1]
             if recipe.max_len is not None:
                 ids = ids[:, : recipe.max_len]
-            sums.add(jacobian.prompt_jacobian(model, adapter, ids.to(device), recipe.skip, recipe.dim_batch))
+            sums.add(jacobian.prompt_jacobian(model, adapter, ids.to(device), recipe.skip, recipe.dim_batch, blocks))
             done += 1
             rate = done / max(1e-9, time.perf_counter() - started)
             eta = (todo - done) / rate
@@ -57,7 +59,7 @@ def fit(recipe, store: Store, fit_id: str, model, adapter, train: torch.Tensor, 
         _write(store, shard_path(store, fit_id, index), sums)
         hold(f"jacobian-shard-{index}")
     _barrier()
-    merged = jacobian.JacobianSums.zeros(n_layers, d_model)
+    merged = jacobian.JacobianSums.zeros(n_layers, d_model, blocks)
     for index in range(len(shards)):
         merged.merge(_read(store, shard_path(store, fit_id, index)))
     if merged.prompts == 0:
@@ -74,7 +76,10 @@ def _barrier() -> None:
 
 def _write(store: Store, path: str, sums: jacobian.JacobianSums) -> None:
     buffer = io.BytesIO()
-    torch.save({"total": sums.total, "prompts": sums.prompts, "skipped": sums.skipped}, buffer)
+    state = {"total": sums.total, "prompts": sums.prompts, "skipped": sums.skipped}
+    if sums.blocks is not None:
+        state.update(blocks=list(sums.blocks), n_layers=sums.n_layers)
+    torch.save(state, buffer)
     data = buffer.getvalue()
     store.put_bytes(path, data)  # atomic: a kill leaves no half-written shard
     store.put_bytes(path + ".sha256", hashlib.sha256(data).hexdigest().encode())
@@ -88,4 +93,12 @@ def _read(store: Store, path: str) -> jacobian.JacobianSums:
     if record is not None and hashlib.sha256(data).hexdigest() != record.decode().strip():
         raise KlstoreError(f"{path}: checksum mismatch (delete it to recompute the shard)")
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return jacobian.JacobianSums(state["total"], int(state["prompts"]), int(state["skipped"]), [path])
+    blocks = state.get("blocks")
+    return jacobian.JacobianSums(
+        state["total"],
+        int(state["prompts"]),
+        int(state["skipped"]),
+        [path],
+        blocks=None if blocks is None else tuple(int(b) for b in blocks),
+        n_layers=int(state.get("n_layers", 0)),
+    )

@@ -53,8 +53,8 @@ def _check_lenses(compute: ComputeSpec, label: str, n_layers: int, hidden: int) 
 
     for spec in compute.lens:
         if spec.kind != "logit" and spec.resolved:  # a store id is checked when the run resolves it
-            lens = lenses.load(spec.source)
-            lenses.check_fits(lens, n_layers, hidden, None, f"lens {spec.id} (for {label})")
+            lens = lenses.check_fits(lenses.load(spec.source), n_layers, hidden, None, f"lens {spec.id} (for {label})")
+            lenses.check_layers(lens, parse_layers(compute.layers, n_layers, label), f"lens {spec.id} (for {label})")
 
 
 def _check_vectors(probes: tuple[ProbeSpec, ...] | list[ProbeSpec], n_layers: int, hidden: int) -> None:

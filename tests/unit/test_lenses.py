@@ -234,9 +234,17 @@ BAD_LENSES = {
     "a J-lens for another depth": (lambda p, lens: _jlens(p, n_blocks=6), "is for a model with 6 layers of width 32"),
     "a J-lens for another width": (lambda p, lens: _jlens(p, d=16), "is for a model with 4 layers of width 16"),
     "a truncated J-lens artifact": (lambda p, lens: _jlens(p, truncate=True), "not a readable J-lens artifact"),
-    "a J-lens missing a block": (
+    "a partial J-lens read at a block it lacks": (  # the run asks for every layer (1 is not fitted)
         lambda p, lens: _jlens(p, J={0: torch.eye(32), 2: torch.eye(32)}, source_layers=[0, 2]),
-        "klstore reads J-lenses fitted at every block but the last",
+        "is fitted at blocks 0,2 only (it reads the last, 3, as the identity): no translator for layers 1;",
+    ),
+    "a partial J-lens fitted beyond the model": (
+        lambda p, lens: _jlens(p, J={0: torch.eye(32), 4: torch.eye(32)}, source_layers=[0, 4]),
+        "is fitted at block 4; this model has 4 layers, whose source blocks are 0-2",
+    ),
+    "a J-lens whose target layer is not above its sources": (
+        lambda p, lens: _jlens(p, metadata={"target_layer": 2}),
+        "metadata target_layer 2 is not above source layer 2",
     ),
     "a .pt that is not a J-lens": (lambda p, lens: _not_jlens(p), "not a J-lens"),
 }
