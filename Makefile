@@ -76,10 +76,22 @@ test-unit: venv
 test-integration: venv
 	bash .ci/pytest.sh $(PY) tests/integration $(PYTEST_ARGS)
 
-# The Python API's reference (HTML from docstrings) in $(API_DOCS).
-API_DOCS ?= build/api
-docs: venv
-	$(PY) -m pdoc --no-show-source -o $(API_DOCS) klstore klstore.api klstore.spec klstore.errors
+# The docs site (mkdocs.yml, docs/*.md, the API reference from the docstrings, the quickstart
+# notebook rendered, not run) in $(SITE), built in strict mode: a broken link, a missing anchor
+# or an unresolved reference fails. Its tools live in their own environment $(DOCS_VENV),
+# pinned by docs/requirements.txt (never in .venv: the site reads klstore's source, it does not
+# import it). About 20 s to install on 2 CPUs with wheels cached, 3 s to build.
+DOCS_VENV ?= build/venv-docs
+SITE ?= build/site
+docs: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --site-dir $(SITE)
+
+$(DOCS_VENV)/.installed: docs/requirements.txt
+	rm -rf $(DOCS_VENV)
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV) klstore-data

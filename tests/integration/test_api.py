@@ -1,5 +1,5 @@
 """The Python API (klstore.api): same numbers as the CLI, same rows in the store, the CLI's
-error messages, a light `import klstore`, the quickstart notebook and the API reference."""
+error messages, a light `import klstore`, the quickstart notebook and the docs site."""
 
 from __future__ import annotations
 
@@ -267,18 +267,45 @@ def test_quickstart_notebook_runs(tmp_path):
     assert not errors
 
 
-def test_api_reference_builds_without_warnings(tmp_path):
-    proc = subprocess.run(
-        ["make", "-o", ".venv/.installed", "docs", f"PY={sys.executable}", f"API_DOCS={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_docs_site_builds_strict_with_the_api_reference(tmp_path):
+    """`make docs` (mkdocs in its own build/venv-docs, strict mode) builds the site with the API
+    reference generated from the docstrings and the notebook rendered; it prints no warning."""
+    site = tmp_path / "site"
+    proc = subprocess.run(["make", "docs", f"SITE={site}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    printed = (proc.stdout + proc.stderr).lower()
-    assert "warn" not in printed, proc.stdout + proc.stderr
-    assert (tmp_path / "klstore" / "api.html").exists()
+    assert "WARNING -" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr  # mkdocs' own warnings
+    reference = (site / "reference" / "index.html").read_text(encoding="utf-8")
+    for name in ("klstore.api.load", "klstore.api.Lens.compute", "klstore.api.Result.save", "klstore.api.open_store"):
+        assert f'id="{name}"' in reference, name
+    assert "klstore.load" in (site / "quickstart" / "index.html").read_text(encoding="utf-8")
+
+
+def test_docs_strict_build_fails_on_a_broken_link_or_anchor(tmp_path):
+    """The strict build is what catches broken docs: the same site with one link to a missing
+    page, or to a missing anchor, fails and names it."""
+    import shutil
+
+    mkdocs = REPO / "build" / "venv-docs" / "bin" / "mkdocs"
+    if not mkdocs.exists():  # `make docs` makes it; the test above runs it first
+        subprocess.run(["make", "build/venv-docs/.installed"], cwd=REPO, check=True, timeout=600)
+    for broken, named in (
+        ("[gone](no-such-page.md)", "no-such-page.md"),
+        ("[gone](store.md#no-such-anchor)", "no-such-anchor"),
+    ):
+        copy = tmp_path / named.replace(".", "-")
+        shutil.copytree(REPO / "docs", copy / "docs")
+        shutil.copytree(REPO / "klstore", copy / "klstore", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / "mkdocs.yml", copy / "mkdocs.yml")
+        page = copy / "docs" / "cli.md"
+        page.write_text(page.read_text(encoding="utf-8") + f"\nSee {broken}.\n", encoding="utf-8")
+        proc = subprocess.run(
+            [str(mkdocs), "build", "--strict", "--site-dir", str(copy / "site")],
+            cwd=copy,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0 and named in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 @pytest.mark.real_model

@@ -236,12 +236,13 @@ def test_store_bad_input_leaves_store_untouched(tmp_path):
     assert not store.exists()
 
 
-def test_readme_example_queries_run(tiny, tmp_path):
-    """The README's example queries run against a real store of two models, and answer per model."""
+def test_sql_cookbook_queries_run(tiny, tmp_path):
+    """The SQL cookbook's example queries (docs/sql.md) run against a real store of two models,
+    and answer per model."""
 
     from conftest import REPO
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "sql.md").read_text()
     block = text.split("Queries users want")[1].split("```sql")[1].split("```")[0]
     statements = [s.strip() for s in block.split(";") if s.strip()]
     assert len(statements) == 7
