@@ -127,7 +127,7 @@ def generate_traced(rt: ModelRuntime, prompts_ids: list[list[int]], spec: Genera
     (config `clean_pass: cached`): the prefill gives the prompt's positions, decode step s the
     position of Gen s-1. The same quantities as `trace_batch`'s separate teacher-forced
     pass, computed with a KV cache and other matrix shapes, so they differ by float32
-    rounding (README, "How the engine works"); one forward pass over the batch is saved."""
+    rounding (docs/engine.md); one forward pass over the batch is saved."""
     steps: list[list] = []
     generations = generate_batch(rt, prompts_ids, spec, record=steps)
     if any(len(step) != rt.n_layers for step in steps):

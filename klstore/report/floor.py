@@ -1,7 +1,7 @@
 """The noise floor in a report: which floors a figure answers to, and which cells lie below it.
 
 Every worker records the floor it measured in its shard attempt's row, `shards.noise_floor`
-(nats; README, "Noise floor"): the largest |divergence difference| between a prompt computed in
+(nats; docs/store.md, "Noise floor"): the largest |divergence difference| between a prompt computed in
 its batch and computed alone. A cell value, or a difference between models or groups, smaller
 than that is not a measurement.
 

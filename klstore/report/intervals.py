@@ -29,7 +29,7 @@ in that cell. Its interval is a percentile bootstrap over prompts:
 
 The bootstrap is vectorised: for a chunk of replicates the resample indices become a count
 matrix W (chunk, n), and W @ [S | C] gives every replicate's sums and counts for every cell in
-one matrix product. The same seed gives the same intervals on every rebuild (docs: README,
+one matrix product. The same seed gives the same intervals on every rebuild (docs/reports.md,
 "Differences and their intervals").
 """
 

@@ -27,7 +27,7 @@ from klstore.errors import KlstoreError
 from klstore.spec import ComputeSpec, ExperimentConfig, Prompt, check_label
 from klstore.store.tables import Store, open_store, work_key
 
-# Bytes on disk per `kl` row measured on 100 M rows (README, "Performance": benchmarks/store.py);
+# Bytes on disk per `kl` row measured on 100 M rows (docs/performance.md, "Store": benchmarks/store.py);
 # the dry run uses it when the store holds no `kl` rows to measure.
 MEASURED_BYTES_PER_KL_ROW = 3.5  # benchmarks/store.py, without lens tokens
 MEASURED_BYTES_PER_LENS_TOKEN = 5.2  # benchmarks/store.py: per (cell, rank) at k = 5, SmolLM2

@@ -227,7 +227,7 @@ class Worker:
             final = f"{self.store.table_dir('tokens', model=self.label)}/{name}"
             self.store.write_file(final, records.token_rows(texts).cast(schema), schema)
         # One vocabulary per label: another one here came from a model that had this label
-        # before (or an older tokenizer); the newest wins (README, "Lens tokens").
+        # before (or an older tokenizer); the newest wins (docs/store.md, the `tokens` table).
         for path in present:
             if path not in kept:
                 self.store.delete(path)

@@ -1,6 +1,6 @@
 """Honest observations and colour scales, on constructed grids (no store, no browser).
 
-The rules under test (README, "Observations"; klstore/report/observe.py): a token stands out
+The rules under test (docs/reports.md, "Observations"; klstore/report/observe.py): a token stands out
 only when its column mean is at least 1.25x the runner-up's; the tokens are alike only when
 the largest column mean is at most 1.25x the smallest; otherwise the sentence gives the range.
 """
