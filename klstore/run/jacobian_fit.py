@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from klstore.core import jacobian
+from klstore.core import jacobian, lenses
 from klstore.errors import KlstoreError
 from klstore.run.holds import hold
 from klstore.store.tables import Store
@@ -38,6 +38,8 @@ def fit(recipe, store: Store, fit_id: str, model, adapter, train: torch.Tensor, 
     """The merged JacobianSums over every training sequence (`recipe`: spec.JacobianRecipe)."""
     n_layers, d_model = adapter.n_layers, model.get_input_embeddings().weight.shape[1]
     blocks = jacobian.source_blocks(recipe.source_layers, n_layers)
+    if blocks is not None:
+        log(f"jacobian: fitting source blocks {lenses.spans(blocks)} of {n_layers} ({recipe.source_layers!r})")
     shards = shards_of(train.shape[0], recipe.shard_size)
     mine = [i for i in range(rank, len(shards), world) if not store.exists_file(shard_path(store, fit_id, i))]
     todo = sum(len(shards[i]) for i in mine)

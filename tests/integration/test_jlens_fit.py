@@ -75,6 +75,39 @@ def test_jacobian_fit_equals_the_estimator_and_two_workers_equal_one(ray_session
     assert evals == [("jacobian", 4), ("logit", 4)]
 
 
+def test_a_fit_of_some_source_layers_equals_the_estimator_on_those_blocks(
+    ray_session, tiny_model_dir, corpus, tmp_path
+):
+    """source_layers 1-2 of a 4-block model: the lens holds J at blocks 1 and 2 (the estimator over
+    those blocks in this process), refuses block 0, has lens_eval rows at 1-3 only, and its
+    recipe and artifact name the blocks; the fit id differs from the whole fit's."""
+    spec = parse_fit(_config(tiny_model_dir, corpus, tmp_path / "s", jacobian={"skip": 3, "source_layers": "1-2"}))
+    result = fitting_run.fit(spec, say=lambda message: None)
+    lens = _jlens(tmp_path / "s", result)
+    assert lens.blocks == (1, 2) and lens.readable == (1, 2, 3)
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    loaded.model.requires_grad_(False)
+    adapter = Adapter.discover(loaded.model)
+    data = fitting_run.read_corpus(spec, loaded.tokenizer)
+    sums = jacobian.JacobianSums.zeros(4, 32, (1, 2))
+    for row in range(data.train.shape[0]):
+        ids = data.train[row : row + 1]
+        sums.add(jacobian.prompt_jacobian(loaded.model, adapter, ids, skip=3, dim_batch=8, blocks=(1, 2)))
+    torch.testing.assert_close(lens.weight, sums.lens().weight, rtol=1e-5, atol=1e-6)
+    assert not lens.weight[0].any() and not lens.weight[3].any()
+    _, recipe = views.sql(str(tmp_path / "s"), "SELECT recipe FROM lenses")
+    recipe = json.loads(recipe[0][0])
+    assert recipe["source_layers"] == "1-2" and recipe["blocks"] == [1, 2] and recipe["prompts"] == 6
+    _, evals = views.sql(
+        str(tmp_path / "s"), "SELECT lens, list(layer ORDER BY layer) FROM lens_eval GROUP BY lens ORDER BY lens"
+    )
+    assert evals == [("jacobian", [1, 2, 3]), ("logit", [0, 1, 2, 3])]
+    artifact = torch.load(next((tmp_path / "s").glob("lens_files/*/jlens.pt")), weights_only=True)
+    assert artifact["source_layers"] == [1, 2] and artifact["metadata"]["target_layer"] == 3
+    whole = parse_fit(_config(tiny_model_dir, corpus, tmp_path / "s", jacobian={"skip": 3}))
+    assert fitting_run.fit_id_for(whole) != result["fit_id"]
+
+
 def test_killed_jacobian_fit_resumes_without_recomputing_shards(tiny_model_dir, corpus, tmp_path):
     import yaml
 
@@ -129,6 +162,15 @@ BAD = {
     ),
     "dim_batch 0": ({"jacobian": {"dim_batch": 0}}, "jacobian.dim_batch"),
     "a negative skip": ({"jacobian": {"skip": -1}}, "jacobian.skip"),
+    "source_layers beyond the model": ({"jacobian": {"skip": 3, "source_layers": "1-4"}}, "layer 4:"),
+    "source_layers of the last block only": (
+        {"jacobian": {"skip": 3, "source_layers": "-1"}},
+        "names only the last block (3 of",
+    ),
+    "source_layers that are not a layer spec": (
+        {"jacobian": {"skip": 3, "source_layers": "1..2"}},
+        "jacobian.source_layers",
+    ),
 }
 
 

@@ -107,14 +107,18 @@ def _frozen(model):
             param.requires_grad_(flag)
 
 
-def _klstore_sums(model, adapter, prompts, skip, dim_batch) -> jacobian.JacobianSums:
+def _klstore_sums(model, adapter, prompts, skip, dim_batch, blocks=None) -> jacobian.JacobianSums:
     """klstore's estimator over `prompts` (token-id lists), as `klstore lens fit` runs it per shard."""
     d_model = model.get_input_embeddings().weight.shape[1]
-    sums = jacobian.JacobianSums.zeros(adapter.n_layers, d_model)
+    sums = jacobian.JacobianSums.zeros(adapter.n_layers, d_model, blocks)
     with _frozen(model):
         for ids in prompts:
-            sums.add(jacobian.prompt_jacobian(model, adapter, torch.tensor([ids]), skip=skip, dim_batch=dim_batch))
+            ids = torch.tensor([ids])
+            sums.add(jacobian.prompt_jacobian(model, adapter, ids, skip=skip, dim_batch=dim_batch, blocks=blocks))
     return sums
+
+
+PARTIAL = (1, 2)  # the tiny model's fit of some source blocks (source_layers), both sides
 
 
 # ------------------------------------------------------------------ the models
@@ -153,6 +157,8 @@ class Case:
     results: dict[str, dict]  # reference command -> its JSON line
     klstore_fit_s: float
     reference_s: float
+    partial: jacobian.JacobianSums | None = None  # the tiny model: klstore's fit of blocks PARTIAL
+    hidden_all: dict[int, torch.Tensor] | None = None  # the tiny model: every block's output
 
     @property
     def n_layers(self) -> int:
@@ -223,6 +229,12 @@ def _build(name: str, request, tmp_path_factory) -> Case:
     assert len(captured) == n_layers
     hidden = {layer: captured[layer][0].float() for layer in blocks}  # the last one before the final norm
     torch.save(hidden, work / "hidden.pt")
+    partial = hidden_all = None
+    if setup.shards:  # the tiny model: a fit of blocks PARTIAL, read at every block it reads
+        partial = _klstore_sums(model, adapter, setup.prompts, setup.skip, setup.dim_batch, PARTIAL)
+        lenses.save_jlens(partial.lens(), work / "klstore_partial.pt", n_prompts=partial.prompts)
+        hidden_all = {layer: captured[layer][0].float() for layer in (*PARTIAL, n_layers - 1)}
+        torch.save(hidden_all, work / "hidden_partial.pt")
 
     def at(file: str) -> str:
         return str(work / file)
@@ -251,6 +263,12 @@ def _build(name: str, request, tmp_path_factory) -> Case:
     if shards:
         merge = [at(f"tl_shard{i}.pt") for i in range(len(shards))]
         commands["merge"] = ["merge", *merge, at("tl_merged.pt"), "--save-dtype", "float32"]
+        commands["fit-partial"] = [*fit(setup.prompts, "tl_partial.pt"), "--layers", *map(str, PARTIAL)]
+        for lens in ("tl_partial", "klstore_partial"):
+            commands[f"readout-{lens}"] = [
+                *["readout", str(folder), at(f"{lens}.pt"), at("hidden_partial.pt"), at(f"ro_{lens}.pt")],
+                *["--model-name", name],
+            ]
     start = time.perf_counter()
     results = dict(zip(commands, _run_reference(python, list(commands.values())), strict=True))
     reference_s = time.perf_counter() - start
@@ -273,6 +291,8 @@ def _build(name: str, request, tmp_path_factory) -> Case:
         results=results,
         klstore_fit_s=klstore_fit_s,
         reference_s=reference_s,
+        partial=partial,
+        hidden_all=hidden_all,
     )
 
 
@@ -423,3 +443,33 @@ def test_transformer_lens_merge_equals_klstore_merge(tiny):
     off = min(_rel_frobenius(unweighted[l], ref[l]) for l in range(tiny.n_layers - 1))
     print(f"unweighted shard mean vs TL merge: min rel. Frobenius difference {off:.3g}")
     assert off > max(100 * FIT_RTOL, 1e3 * max(errors)), off
+
+
+def test_a_fit_of_some_source_layers_equals_transformer_lens_both_ways(tiny):
+    """source_layers (1, 2) of the 4-block model on both sides: the matrices agree as the whole
+    fits do; each side's artifact names the blocks and the depth (target_layer) and loads in the
+    other; each side's read-out of the other's lens gives its own logits at blocks 1, 2 and 3."""
+    assert tiny.partial is not None and tiny.hidden_all is not None
+    result = tiny.results["fit-partial"]
+    assert result["source_layers"] == list(PARTIAL) and result["metadata"]["target_layer"] == tiny.n_layers - 1
+    ref = tiny.artifact("tl_partial.pt")["J"]
+    assert sorted(ref) == list(PARTIAL)
+    mine = tiny.partial.mean()
+    errors = [_rel_frobenius(mine[row], ref[block]) for row, block in enumerate(PARTIAL)]
+    print(f"\npartial fit: J rel. Frobenius error per block {[f'{e:.2g}' for e in errors]}")
+    assert max(errors) <= FIT_RTOL, errors
+    whole = tiny.whole.mean()  # the same rows as the whole fit (float64 summation order)
+    for row, block in enumerate(PARTIAL):
+        assert _rel_frobenius(mine[row], whole[block]) <= MERGE64_RTOL
+    theirs = lenses.load(tiny.work / "tl_partial.pt")
+    assert theirs.blocks == PARTIAL and theirs.depth_known and theirs.n_layers == tiny.n_layers
+    with pytest.raises(lenses.LensError, match="no translator for layers 0;"):
+        theirs.translate((0,), tiny.hidden_all[1][None])
+    readable = (*PARTIAL, tiny.n_layers - 1)
+    for lens, name in ((theirs, "ro_tl_partial.pt"), (tiny.partial.lens(), "ro_klstore_partial.pt")):
+        ref_logits = tiny.readout(name)
+        assert sorted(ref_logits) == list(readable)
+        with torch.no_grad():
+            for layer in readable:
+                logits = tiny.adapter.logits(lens.translate((layer,), tiny.hidden_all[layer][None]))[0]
+                _assert_logits_close(logits, ref_logits[layer], f"partial lens {name} block {layer}")
