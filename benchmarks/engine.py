@@ -533,9 +533,10 @@ def main() -> None:
 
     import tempfile
 
+    from klstore.config import read_prompts
     from klstore.core.engine import Engine
     from klstore.core.models import from_objects, load_model, pick_device_dtype, quiet_libraries
-    from klstore.spec import Prompt, read_prompts
+    from klstore.spec import Prompt
 
     quiet_libraries()
     smollm2 = load_model("smollm2-135m", device=args.device)

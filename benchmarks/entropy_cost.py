@@ -35,11 +35,12 @@ def main() -> None:
 
     import torch
 
+    from klstore.config import read_prompts
     from klstore.core import engine as engine_module
     from klstore.core import unembed
     from klstore.core.engine import Engine
     from klstore.core.models import load_model, quiet_libraries
-    from klstore.spec import ComputeSpec, GenerationSpec, Prompt, read_prompts
+    from klstore.spec import ComputeSpec, GenerationSpec, Prompt
 
     quiet_libraries()
     loaded = load_model(args.model, device="cpu")

@@ -230,9 +230,10 @@ def main() -> int:
     if args.quick:
         args.prompts, args.layers, args.n, args.repeat, args.reference = 2, "0-3", 2, 1, 0
 
+    from klstore.config import read_prompts
     from klstore.core.engine import Engine
     from klstore.core.models import load_model, quiet_libraries
-    from klstore.spec import Prompt, parse_layers, read_prompts
+    from klstore.spec import Prompt, parse_layers
 
     quiet_libraries()
     torch.manual_seed(0)

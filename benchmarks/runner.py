@@ -28,10 +28,11 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=8)
     args = parser.parse_args()
 
+    from klstore.config import parse_experiment, read_prompts
     from klstore.core.models import quiet_libraries
     from klstore.run import runner
     from klstore.run.worker import Worker
-    from klstore.spec import ComputeSpec, parse_experiment, read_prompts
+    from klstore.spec import ComputeSpec
 
     quiet_libraries()
     root = tempfile.mkdtemp(prefix="klbench-")

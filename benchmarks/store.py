@@ -138,11 +138,12 @@ def lens_bytes(args) -> None:
     columns (rank and log Q included in the cost), one file per probe."""
     import dataclasses
 
+    from klstore.config import read_prompts
     from klstore.core.engine import Engine
     from klstore.core.models import load_model
     from klstore.demo import REPO
     from klstore.run.records import PromptOutcome, kl_rows
-    from klstore.spec import GenerationSpec, ProbeSpec, read_prompts
+    from klstore.spec import GenerationSpec, ProbeSpec
 
     prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[: args.lens_prompts]
     engine = Engine(load_model("smollm2-135m", device="cpu"))

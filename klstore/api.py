@@ -41,7 +41,6 @@ from klstore.spec import (
     check_divergences,
     check_label,
     check_patch_sources,
-    model_label,
 )
 
 if TYPE_CHECKING:
@@ -100,7 +99,9 @@ def load(
         return Lens._wrap(loaded, label=label, name=label, dtype=str(loaded.dtype).replace("torch.", ""))
     if not isinstance(name, str):
         raise KlstoreError(f"load: the model name must be a string, got {type(name).__name__}")
-    label = check_label(label or model_label(name), "model label")
+    from klstore.config import default_label
+
+    label = check_label(label or default_label(name), "model label")
     from klstore.spec import check_device_map
 
     loaded = load_model(
@@ -185,7 +186,7 @@ class Lens:
                 a list of texts (ids `p0`, `p1`, ... by position), of dicts
                 `{"id", "text", "group"?, "source"?}` (validated like a prompts-file line) or of
                 `klstore.spec.Prompt`; or a JSON Lines file given as a `pathlib.Path` or a
-                string ending in `.jsonl` (read by `klstore.spec.read_prompts`).
+                string ending in `.jsonl` (read by `klstore.config.read_prompts`).
             probes: names (`logit_lens`, `skip`, `ablate_attn`, `ablate_mlp`, `noise`, `steer`,
                 `patch`), `klstore.spec.ProbeSpec`s, or dicts `{"name": ..., "params": {...}}`
                 (or `{"name": ..., <param>: ...}` as in experiment configs). A bare `noise`
@@ -241,10 +242,12 @@ class Lens:
     ) -> Result:
         """`compute` for validated prompts and one `klstore.spec.ComputeSpec`, taken whole (the
         keyword arguments of `compute` build one; the CLI's `compute` calls this too)."""
+        from klstore.config import check_outputs
         from klstore.core.steering import prepare_probes
         from klstore.run import lenses
         from klstore.spec import parse_layers
 
+        check_outputs(compute.probes)  # steer's `save`: before any work
         compute = lenses.resolve(compute, lenses.store_for_ids(None))
         resolved = parse_layers(compute.layers, self.engine.n_layers, self.loaded.label)
         prepare_probes(self.engine, compute.probes, compute.generation)
@@ -307,7 +310,8 @@ def _is_path(prompts) -> bool:
 
 def _prompts(prompts, source: str | None) -> list[Prompt]:
     """The `prompts` argument of `Lens.compute` -> validated Prompts (unique ids)."""
-    from klstore.spec import parse_prompt, read_prompts
+    from klstore.config import read_prompts
+    from klstore.spec import parse_prompt
 
     if _is_path(prompts):
         if source is not None:

@@ -143,6 +143,7 @@ def _compute_inputs(args):
     )
     if args.tokens and not options["topk"]:
         raise KlstoreError("--tokens needs lens tokens: drop --topk 0")
+    from klstore.config import check_outputs, read_prompts
     from klstore.spec import (
         GenerationSpec,
         ProbeSpec,
@@ -152,7 +153,6 @@ def _compute_inputs(args):
         check_dtype,
         check_patch_sources,
         parse_layers,
-        read_prompts,
     )
 
     check_dtype(args.dtype)
@@ -166,6 +166,7 @@ def _compute_inputs(args):
     )
     divergences = check_divergences(args.divergence or ["kl"])
     probes = [ProbeSpec(name, _probe_params(name, args)) for name in dict.fromkeys(args.probe or ["logit_lens"])]
+    check_outputs(probes)
     if args.prompts:
         prompts = read_prompts(args.prompts)
     else:
@@ -238,13 +239,14 @@ def cmd_compute(args) -> int:
 def _compute_into_store(args, compute, prompts) -> int:
     """compute --store: a one-model run executed in this process, through the same run plan
     (run id, shards, resume, run row) as `klstore run` of the equivalent config."""
+    from klstore.config import default_label
     from klstore.run.plan import RunPlan, execute_local
     from klstore.run.worker import Worker
-    from klstore.spec import ExperimentConfig, ModelConfig, check_label, model_label
+    from klstore.spec import ExperimentConfig, ModelConfig, check_label
 
     if args.shard_size <= 0:
         raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
-    label = check_label(args.label or model_label(args.model), "model label")
+    label = check_label(args.label or default_label(args.model), "model label")
     model = ModelConfig(
         name=args.model, label=label, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
     )
@@ -295,7 +297,7 @@ def _png_target(path: str | None):
                 f"--png {path}: unknown figure format {suffix!r} "
                 f"(use one of {', '.join('.' + f for f in sorted(formats))})"
             )
-    from klstore.spec import write_problem
+    from klstore.config import write_problem
 
     problem = write_problem(folder)
     if problem is not None:

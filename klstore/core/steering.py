@@ -9,8 +9,9 @@ import os
 
 import torch
 
+from klstore.config import read_prompts
 from klstore.errors import KlstoreError, first_line
-from klstore.spec import GenerationSpec, ProbeSpec, read_prompts
+from klstore.spec import GenerationSpec, ProbeSpec
 
 
 def prepare_probes(engine, probes, generation: GenerationSpec) -> None:

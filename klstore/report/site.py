@@ -40,12 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from klstore.config import write_problem
 from klstore.errors import KlstoreError
 from klstore.report import aggregate, drawing, floor, interactive, intervals, lenses, prompts, settling
 from klstore.report.aggregate import Grid, _filters, _summary
 from klstore.report.observe import lens_sentences, observe
 from klstore.report.scale import bounds, choose
-from klstore.spec import ReportSpec, write_problem
+from klstore.spec import ReportSpec
 
 SITE_VERSION = 3  # part of every cache key: a new site layout redraws everything once
 ASSETS = ("report.js", "report.css")  # from templates/, copied into assets/ with plotly.min.js

@@ -498,7 +498,7 @@ def open_store(uri: str | Store | None = None, create: bool = False) -> Store:
             os.makedirs(root, exist_ok=True)
         except OSError as exc:
             raise KlstoreError(f"cannot create store {uri}: {exc.strerror}") from None
-        from klstore.spec import write_problem
+        from klstore.config import write_problem
 
         if write_problem(root) is not None:
             raise KlstoreError(f"store {uri} is not writable")

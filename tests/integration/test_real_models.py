@@ -85,7 +85,7 @@ def test_dequantized_cache_equals_gguf(tmp_path, monkeypatch, smollm2):
 def test_smollm2_padded_batch_equals_single_prompts(smollm2):
     from conftest import REPO
 
-    from klstore.spec import read_prompts
+    from klstore.config import read_prompts
 
     prompts = read_prompts(REPO / "jobs" / "prompts" / "demo.jsonl")[::3]  # 8 prompts, 3 groups
     engine = Engine(smollm2)

@@ -31,10 +31,10 @@ PACKAGE = REPO / "klstore"
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "package": (("klstore",), ()),  # klstore/__init__.py: __version__ and lazy API names
     "errors": (("klstore.errors",), ()),
-    "spec": (("klstore.spec",), ("errors",)),
+    "spec": (("klstore.spec.*",), ("errors",)),
     "config": (("klstore.config", "klstore.output"), ("spec", "errors")),
-    "core": (("klstore.core.*",), ("spec", "errors")),
-    "store": (("klstore.store.*",), ("spec", "errors")),
+    "core": (("klstore.core.*",), ("config", "spec", "errors")),
+    "store": (("klstore.store.*",), ("config", "spec", "errors")),
     "report": (("klstore.report.*",), ("store", "config", "spec", "errors", "package")),
     "run": (("klstore.run.*",), ("core", "store", "spec", "errors", "package")),
     "entry": (
@@ -53,6 +53,16 @@ ONLY_IMPORTED_BY = {"ray": ("klstore.run.runner",)}
 # Libraries that load torch, and the layers that never import them (not even in a function).
 TORCH = ("torch", "transformers", "safetensors.torch")
 TORCH_FREE = ("package", "errors", "spec", "config", "store", "report")
+
+# The ground floor touches no file: its modules import no file library and call no function that
+# reads, writes or looks at a path (reading and path checks are klstore.config's).
+NO_FILES = ("spec",)
+FILE_LIBRARIES = ("tempfile", "shutil", "glob", "io", "yaml")
+FILE_CALLS = {
+    "open", "exists", "lexists", "is_file", "is_dir", "isdir", "isfile", "access", "stat", "lstat",
+    "read_text", "read_bytes", "write_text", "write_bytes", "mkstemp", "mkdtemp", "unlink", "remove",
+    "listdir", "scandir", "iterdir", "glob", "mkdir", "makedirs", "expanduser", "realpath", "getcwd",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,26 @@ def wrong_arrows(root: Path) -> list[str]:
     return problems
 
 
+def file_access(root: Path) -> list[str]:
+    """Every file library imported and file function called in the NO_FILES layers."""
+    problems = []
+    for name, path in module_names(root).items():
+        if layer_of(name) not in NO_FILES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                problems += [
+                    f"{name}:{node.lineno} imports {t}" for t in targets if any(_is(t, lib) for lib in FILE_LIBRARIES)
+                ]
+            elif isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called in FILE_CALLS:
+                    problems.append(f"{name}:{node.lineno} calls {called}")
+    return problems
+
+
 def import_cycles(root: Path) -> list[str]:
     """A cycle among the module-level klstore imports, as 'a -> b -> a' (empty if none)."""
     internal = set(module_names(root))
@@ -210,6 +240,10 @@ def test_no_import_cycle():
     assert import_cycles(PACKAGE) == []
 
 
+def test_the_ground_floor_touches_no_file():
+    assert file_access(PACKAGE) == []
+
+
 def test_the_walk_sees_the_imports_it_checks():
     """Guards the two tests above against passing on an empty walk."""
     imports = {(i.source, i.target, i.module_level) for i in collect_imports(PACKAGE)}
@@ -217,7 +251,8 @@ def test_the_walk_sees_the_imports_it_checks():
     assert ("klstore.run.worker", "klstore.core.engine", False) in imports
     assert ("klstore.demo", "klstore.run.runner", False) in imports  # from klstore.run import runner
     assert ("klstore.store.views", "klstore.store.tables", True) in imports
-    assert ("klstore.spec", "klstore.errors", True) in imports
+    assert ("klstore.spec.messages", "klstore.errors", True) in imports
+    assert ("klstore.spec", "klstore.spec.compute", True) in imports
     assert ("klstore", "klstore.api", False) in imports  # importlib.import_module(_LAZY[name])
     assert layer_of("klstore.core.engine") == "core" and layer_of("klstore") == "package"
     assert layer_of("klstore.corelike") is None
@@ -272,6 +307,17 @@ def test_checker_finds_wrong_arrows(fake_package):
     )
 
 
+def test_checker_finds_file_access(fake_package):
+    (fake_package / "spec.py").write_text(
+        "import tempfile\nfrom pathlib import Path\n\ndef f(p):\n    return open(p), Path(p).exists(), Path(p)\n"
+    )
+    assert file_access(fake_package) == [
+        "klstore.spec:1 imports tempfile",
+        "klstore.spec:5 calls open",
+        "klstore.spec:5 calls exists",
+    ]
+
+
 def test_checker_finds_cycles(fake_package):
     (cycle,) = import_cycles(fake_package)
     assert set(cycle.split(" -> ")) == {"klstore.store.tables", "klstore.store.views"}
@@ -285,8 +331,7 @@ import json, sys
 import klstore, klstore.errors, klstore.spec, klstore.config, klstore.output
 import klstore.store, klstore.store.views, klstore.store.upkeep
 import klstore.report, klstore.report.site, klstore.report.aggregate, klstore.cli
-from klstore.config import load_config, load_report_spec
-from klstore.spec import read_prompts
+from klstore.config import load_config, load_report_spec, read_prompts
 from klstore.store import open_store, views
 
 config, prompts, store = sys.argv[1:4]

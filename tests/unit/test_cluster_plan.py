@@ -7,11 +7,12 @@ import pytest
 from tiny_models import ToyTokenizer, build
 
 from klstore.cli import main
+from klstore.config import parse_experiment
 from klstore.core.models import from_objects
 from klstore.errors import KlstoreError
 from klstore.run.plan import RunPlan, actor_count, actor_cpus, check_cluster, execute_local
 from klstore.run.worker import Worker
-from klstore.spec import ComputeSpec, ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt, parse_experiment
+from klstore.spec import ComputeSpec, ExperimentConfig, GenerationSpec, ModelConfig, ProbeSpec, Prompt
 from klstore.store import open_store, views
 from klstore.store.upkeep import compact, verify
 

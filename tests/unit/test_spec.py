@@ -5,7 +5,7 @@ import math
 import pytest
 import yaml
 
-from klstore.config import load_config, load_report_spec
+from klstore.config import load_config, load_report_spec, parse_experiment
 from klstore.errors import KlstoreError
 from klstore.spec import (
     DIVERGENCES,
@@ -14,7 +14,6 @@ from klstore.spec import (
     ProbeSpec,
     Prompt,
     check_divergences,
-    parse_experiment,
     parse_report_spec,
 )
 
