@@ -5,15 +5,17 @@ import math
 import pytest
 import yaml
 
-from klstore.config import load_config, load_report_spec, parse_experiment
+from klstore.config import check_outputs, default_label, load_config, load_fit, load_report_spec, parse_experiment
 from klstore.errors import KlstoreError
 from klstore.spec import (
     DIVERGENCES,
     PROBES,
     GenerationSpec,
+    ModelConfig,
     ProbeSpec,
     Prompt,
     check_divergences,
+    model_label,
     parse_report_spec,
 )
 
@@ -222,3 +224,41 @@ def test_experiment_identity_is_stable():
     assert parse_experiment({**data, "clean_pass": "cached"}).identity()["clean_pass"] == "cached"
     assert "matmul_precision" not in parse_experiment({**data, "matmul_precision": "highest"}).identity()
     assert parse_experiment({**data, "matmul_precision": "medium"}).identity()["matmul_precision"] == "medium"
+
+
+def test_output_paths_are_checked_where_files_are_read(config_file, tmp_path):
+    """A value does not look at the disk (ProbeSpec accepts any vector file name); the reading
+    layer checks that steer's `save` can be written, with the messages it always had."""
+    sets = {"positive": "p.jsonl", "negative": "p.jsonl"}
+    unwritable = ProbeSpec("steer", {**sets, "save": "/proc/v.pt"})
+    message = "probe steer: save: cannot be written: folder '/proc' does not exist or is not writable"
+    with pytest.raises(KlstoreError, match=_escape(message)):
+        check_outputs([unwritable])
+    (tmp_path / "d.pt").mkdir()
+    with pytest.raises(KlstoreError, match=_escape(f"save: cannot be written: '{tmp_path / 'd.pt'}' is a folder")):
+        check_outputs([ProbeSpec("steer", {**sets, "save": str(tmp_path / "d.pt")})])
+    check_outputs([ProbeSpec("steer", {**sets, "save": str(tmp_path / "v.pt")}), ProbeSpec("skip")])
+    with pytest.raises(KlstoreError, match=_escape(f"cfg.yaml: probes: {message}")):
+        load_config(config_file(probes=[{"name": "steer", **sets, "save": "/proc/v.pt"}]))
+
+
+def test_a_local_owner_name_is_a_path_only_where_files_are_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    assert model_label("models/tiny") == "models--tiny" and model_label("models/tiny", local=True) == "tiny"
+    assert default_label("models/tiny") == "tiny" and default_label("org/name") == "org--name"
+    assert ModelConfig(name="org/name").label == "org--name"
+    cfg = parse_experiment({"models": ["models/tiny", {"name": "org/name"}], "prompts": [], "probes": ["skip"]})
+    assert [m.label for m in cfg.models] == ["tiny", "org--name"]
+    (tmp_path / "fit.yaml").write_text("model: models/tiny\nkind: least_squares\ncorpus: {path: c.jsonl}\n")
+    assert load_fit(tmp_path / "fit.yaml").model.label == "tiny"
+
+
+def test_values_built_in_code_raise_one_line_and_nested_values_keep_their_key_path():
+    with pytest.raises(KlstoreError, match=_escape("dtype: unknown dtype 'q'")):
+        ModelConfig(name="x", dtype="q")
+    from klstore.spec import ComputeSpec
+
+    with pytest.raises(KlstoreError, match=_escape("generation.max_new_tokens must be a positive integer, got 0")):
+        ComputeSpec(generation={"max_new_tokens": 0})
+    assert ComputeSpec(generation={"max_new_tokens": 3}).generation == GenerationSpec(3)
