@@ -80,7 +80,7 @@ test-integration: venv
 # notebook rendered, not run) in $(SITE), built in strict mode: a broken link, a missing anchor
 # or an unresolved reference fails. Its tools live in their own environment $(DOCS_VENV),
 # pinned by docs/requirements.txt (never in .venv: the site reads klstore's source, it does not
-# import it). About 20 s to install on 2 CPUs with wheels cached, 3 s to build.
+# import it). On 2 CPUs: 16 s to install with pip's cache, 53 s without; 2-4 s to build.
 DOCS_VENV ?= build/venv-docs
 SITE ?= build/site
 docs: $(DOCS_VENV)/.installed
