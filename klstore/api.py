@@ -75,7 +75,7 @@ def load(
         trust_remote_code: allow model code from the model's repository (with `name` only).
         device_map, max_memory: split the model over several devices (and offload to CPU or
             disk) with accelerate, e.g. `device_map="balanced"` over every visible GPU
-            (with `name` only; see the README, "Models larger than one device").
+            (with `name` only; see docs/cluster.md, "Models larger than one device").
         label: the model's name in results and in a store; default: derived from `name` as the
             CLI does (`owner/name` -> `owner--name`, a path -> its stem), or `model` for an
             in-memory model.
@@ -734,7 +734,7 @@ class StoreReader:
         The same grids, floors and intervals as `klstore report` with that spec: `spec` is a
         report spec file (None: the built-in default, reports/default.yaml) and `keys` override
         its keys, e.g. `confidence=0.9, resamples=5000, models=["a", "b"]`. The method (paired
-        or unpaired percentile bootstrap, seed): README, "Differences and their intervals"; for
+        or unpaired percentile bootstrap, seed): docs/reports.md, "Differences and their intervals"; for
         arrays of your own, `klstore.report.intervals.bootstrap_difference`.
         """
         import pandas as pd
