@@ -1,6 +1,9 @@
 """Store rows -> grids: the SQL aggregates a report draws (KL is never recomputed).
 
-`_filters` turns the spec's selection (runs, models, probes, groups) into a
+Each figure's numbers come back as an immutable klstore.report.grid.Grid; nothing here knows
+how a grid is scaled, observed or drawn.
+
+`filters` turns the spec's selection (runs, models, probes, groups) into a
 `Filter`, SQL text with `$name` placeholders and the values that fill them.
 `collect` then asks the store's views for every grid the spec wants: one per
 grouping key (mean or median over prompts of the non-null values; non-finite
@@ -18,53 +21,17 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from klstore.errors import KlstoreError
 from klstore.report import compare
-from klstore.report.intervals import Interval
-from klstore.report.scale import Scale
+from klstore.report.grid import Grid, slug
 from klstore.spec import STORED_LAYERS, ReportSpec, parse_layers
 
 DIM_TITLES = {"model": "model", "probe": "probe", "prompt_group": "group"}
-_EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"  # runs missing from the runs table count as oldest
-
-
-@dataclass(eq=False)  # compared by identity: its arrays have no single truth value
-class Grid:
-    """One figure's numbers: values (len(layers), len(columns)), NaN where no value."""
-
-    fig_id: str
-    section: str
-    title: str
-    layers: tuple
-    columns: tuple
-    values: np.ndarray
-    counts: np.ndarray
-    n_prompts: int
-    divergence: str
-    kind: str  # "aggregate" | "difference" | "prompt"
-    labels: dict  # model, probe, prompt_group, ...
-    inputs: tuple = ()  # (model, probe) partitions it reads
-    ylabel: str = "Layer"
-    observations: list = field(default_factory=list)
-    # for the interactive figure (klstore.report.interactive); arrays are (len(layers), len(columns))
-    hover: dict = field(default_factory=dict)  # aggregate: mean, median, max, max_at; prompt: lens tokens
-    settling: dict | None = None  # the settling depth behind it (observe.settling_sentences)
-    scale: Scale | None = None  # set by site before drawing
-    page: str | None = None  # prompt grids: the site path of the prompt's own page
-    # klstore.report.floor, set by site before drawing: the runs' noise floor (nats; None: not
-    # measured) and the cells whose |value| lies below it (marked in the figures)
-    noise_floor: float | None = None
-    below_floor: np.ndarray | None = None
-    # rows r with a break line below them (the layers jump); None: from the layer numbers
-    # (plotting.layer_gaps); relative-depth comparisons set it from the shallower model's layers
-    gaps: tuple | None = None
-    # differences: the bootstrap interval of each cell (klstore.report.compare, .intervals)
-    interval: Interval | None = None
+EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"  # runs missing from the runs table count as oldest
 
 
 @dataclass(frozen=True)
@@ -90,7 +57,7 @@ class Filter:
 
 
 # ------------------------------------------------------------------ filters
-def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
+def filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
     """The filter for the spec's values (its selection, and the divergence not null) and what it
     chose: {'runs': [...]} where it picks runs, and 'selection', the same filter without the
     divergence condition (for views without that column, such as `settling`).
@@ -105,7 +72,7 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
     chosen: dict = {}
     if spec.runs == "latest":  # each model's newest run (by the runs table)
         latest = con.execute(f"""
-            SELECT model, arg_max(run_id, coalesce(r.created_at, {_EPOCH}))
+            SELECT model, arg_max(run_id, coalesce(r.created_at, {EPOCH}))
             FROM (SELECT DISTINCT model, run_id FROM kl) LEFT JOIN runs r USING (run_id)
             GROUP BY model ORDER BY model""").fetchall()
         # one (model AND run_id) pair of placeholders per model: an OR that prunes partition folders
@@ -154,7 +121,7 @@ def _filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
 
 
 # ------------------------------------------------------------------ collect
-def _layers_for(spec: ReportSpec, model: str, n_layers: int, stored=()) -> tuple[int, ...]:
+def layers_for(spec: ReportSpec, model: str, n_layers: int, stored=()) -> tuple[int, ...]:
     """The rows of a map of `model`: its layer spec resolved against its depth, or for `stored`
     the layers in `stored` (those present in the rows the map draws, in any order)."""
     if spec.layers_for(model) == STORED_LAYERS:
@@ -162,19 +129,13 @@ def _layers_for(spec: ReportSpec, model: str, n_layers: int, stored=()) -> tuple
     return parse_layers(spec.layers_for(model), n_layers, model)
 
 
-def _slug(*parts) -> str:
-    text = "-".join(str(p) for p in parts)
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:80]
-    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
 def _grid_from_rows(rows, layers, n_cols):
     """(values, counts), each (len(layers), n_cols), from rows of (layer, gen_idx, value, count)."""
-    values, counts = _arrays_from_rows(rows, layers, n_cols, (np.nan, 0))
+    values, counts = arrays_from_rows(rows, layers, n_cols, (np.nan, 0))
     return values, counts.astype(int)
 
 
-def _arrays_from_rows(rows, layers, n_cols, fills):
+def arrays_from_rows(rows, layers, n_cols, fills):
     """One (len(layers), n_cols) array per field after (layer, gen_idx) in `rows`; `fills`
     gives each array's value where a cell has no row (NaN for numbers, None for objects)."""
     index = {layer: i for i, layer in enumerate(layers)}
@@ -193,7 +154,7 @@ def _sql_aggregate(spec: ReportSpec) -> str:
     return "avg" if spec.aggregate == "mean" else "median"  # aggregate: "mean" | "median" (validated)
 
 
-def _n_layers(con, where: Filter) -> dict:
+def layer_counts(con, where: Filter) -> dict:
     """model -> its number of layers (the largest stored n_layers, else its deepest layer + 1)."""
     n_layers = dict(
         con.execute(f"SELECT model, max(n_layers) FROM kl WHERE {where.sql} GROUP BY model", where.params).fetchall()
@@ -208,8 +169,8 @@ def _n_layers(con, where: Filter) -> dict:
 
 def collect(con, spec: ReportSpec, where: Filter, n_layers: dict | None = None) -> list[Grid]:
     """Every aggregate and difference grid the spec asks for, straight from the store's views
-    (`where` from _filters; per-prompt grids come from klstore.report.prompts)."""
-    n_layers = n_layers or _n_layers(con, where)
+    (`where` from filters; per-prompt grids come from klstore.report.prompts)."""
+    n_layers = n_layers or layer_counts(con, where)
     grids: list[Grid] = []
     overall: dict = {}
     by_group: dict = {}
@@ -253,13 +214,13 @@ def _aggregates(con, spec: ReportSpec, where: Filter, grouping, n_layers) -> lis
         labels = dict(zip(grouping, key))
         model = labels.get("model")
         stored = tuple(sorted({r[0] for r in rows}))  # rows: only cells with a value
-        layers = _layers_for(spec, model, n_layers[model], stored) if model else stored
+        layers = layers_for(spec, model, n_layers[model], stored) if model else stored
         n_cols = max(r[1] for r in rows) + 1
-        mean, median, counts, top, top_at = _arrays_from_rows(rows, layers, n_cols, (np.nan, np.nan, 0, np.nan, None))
+        mean, median, counts, top, top_at = arrays_from_rows(rows, layers, n_cols, (np.nan, np.nan, 0, np.nan, None))
         title = " | ".join(f"{labels[d]}" for d in grouping) + f" | {spec.aggregate} of {prompts[key]} prompts"
         out.append(
             Grid(
-                _slug("agg", *grouping, *key),
+                slug("agg", *grouping, *key),
                 section,
                 title,
                 layers,
@@ -313,7 +274,7 @@ def _model_comparisons(con, spec, where: Filter, n_layers, cells=None) -> list[G
                 gaps = None
                 if n_layers[a] == n_layers[b]:  # `stored`: the layers stored on both sides
                     both = [k for k in range(n_layers[a]) if ca[k].any() and cb[k].any()]
-                    layers = _layers_for(spec, a, n_layers[a], both)
+                    layers = layers_for(spec, a, n_layers[a], both)
                     rows_a = rows_b = list(layers)
                     ylabel, shown = "Layer", layers
                 else:  # relative depth: the shallower model's layers, the deeper one's nearest
@@ -336,7 +297,7 @@ def _model_comparisons(con, spec, where: Filter, n_layers, cells=None) -> list[G
                 title = f"{a} minus {b} | {probe} | {spec.aggregate}"
                 out.append(
                     Grid(
-                        _slug("cmp-models", probe, a, b),
+                        slug("cmp-models", probe, a, b),
                         "model comparisons",
                         title,
                         tuple(shown),
@@ -395,7 +356,7 @@ def _group_comparisons(by_group: dict, spec: ReportSpec | None = None, cells=Non
             name = x.labels["prompt_group"]
             out.append(
                 Grid(
-                    _slug("cmp-groups", model, probe, name, other_name),
+                    slug("cmp-groups", model, probe, name, other_name),
                     "group comparisons",
                     f"{model} | {probe} | {name} minus {other_name}",
                     layers,
@@ -436,7 +397,7 @@ def nan_mean(values, axis: int) -> np.ndarray:
     return np.divide(total, count, out=np.full(np.shape(total), np.nan), where=count > 0)
 
 
-def _summary(con, spec: ReportSpec, where: Filter):
+def summary(con, spec: ReportSpec, where: Filter):
     """The summary table: (column names, rows of model, probe, prompts, cells, mean, top-1 agreement)."""
     names = ["model", "probe", "prompts", "cells", f"mean {spec.divergence}", "top-1 agreement"]
     rows = con.execute(

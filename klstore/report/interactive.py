@@ -1,4 +1,4 @@
-"""Grids -> interactive figures: plotly.js figure objects (plain dicts) and safe JSON for pages.
+"""Figures -> interactive figures: plotly.js figure objects (plain dicts) and safe JSON for pages.
 
 The site ships plotly.js once (`assets/plotly.min.js`, from the plotly package's offline
 bundle); each page carries its figures as JSON in a `<script type="application/json">`
@@ -38,7 +38,8 @@ import numpy as np
 
 from klstore.output import visible_token
 from klstore.report import intervals
-from klstore.report.aggregate import Grid
+from klstore.report.figure import Figure
+from klstore.report.grid import Grid
 from klstore.report.lineplot import COLOURS, LinesData, colour, shown
 from klstore.report.plotting import DIVERGENCE_LABELS, GAP_COLOUR, cell_text, floor_marks, layer_gaps
 
@@ -82,12 +83,6 @@ def _text(value) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 17)
-def shown_token(text) -> str:
-    """klstore.output.visible_token, remembered: a report shows the same tokens many times."""
-    return visible_token(text)
-
-
-@functools.lru_cache(maxsize=1 << 17)
 def _token(text) -> str:
     """A token for hover text: whitespace made visible, in quotes, HTML-escaped."""
     return html.escape(f'"{visible_token(text)}"', quote=False)
@@ -105,15 +100,15 @@ def _colorscale(colours) -> list:
     return [[i / (len(colours) - 1), c] for i, c in enumerate(colours)]
 
 
-def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
-    """The plotly figure of a grid: {"data", "layout", "links"}; `links[r][c]` is the site path
-    a click on that cell opens (aggregate maps: the largest value's prompt page), or None.
-    `prompt_pages`: (model, run_id, prompt_id) -> site path of the prompts that have a page."""
+def figure(shown: Figure, prompt_pages: dict | None = None) -> dict:
+    """The plotly figure of a report Figure: {"data", "layout", "links"}; `links[r][c]` is the
+    site path a click on that cell opens (aggregate maps: the largest value's prompt page), or
+    None. `prompt_pages`: (model, run_id, prompt_id) -> site path of the prompts that have a page."""
+    grid, scale = shown.grid, shown.scale
     values = np.asarray(grid.values, dtype=np.float64)
     n_rows, n_cols = values.shape
-    scale = grid.scale
     z = values if scale is None or not scale.log else np.log10(np.clip(values, scale.lo, None))
-    hover, links = _hover(grid, prompt_pages or {})
+    hover, links = _hover(shown, prompt_pages or {})
     heat = {
         "type": "heatmap",
         "z": [[_num(v, 6) for v in row] for row in z],
@@ -122,7 +117,7 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
         "colorscale": _colorscale(RDBU_R if grid.kind == "difference" else YLORRD),
         "customdata": hover,
         "hovertemplate": "%{customdata}<extra></extra>",
-        "colorbar": _colorbar(grid),
+        "colorbar": _colorbar(grid, scale),
         "xgap": 1,
         "ygap": 1,
     }
@@ -148,7 +143,7 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
             }
         )
     unsure = intervals.unsure(grid.values, grid.interval)
-    quiet = floor_marks(grid.noise_floor, grid.below_floor, grid.values.shape, unsure)
+    quiet = floor_marks(shown.noise_floor, shown.below_floor, grid.values.shape, unsure)
     if quiet.any():
         rows, cols = np.nonzero(quiet)
         data.append(
@@ -171,13 +166,12 @@ def figure(grid: Grid, prompt_pages: dict | None = None) -> dict:
     return {"data": data, "layout": _layout(grid, n_rows, n_cols), "links": links}
 
 
-def _colorbar(grid: Grid) -> dict:
+def _colorbar(grid: Grid, scale) -> dict:
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
     bar = {
         "title": {"text": f"Difference in {label}" if grid.kind == "difference" else label, "side": "right"},
         "thickness": 14,
     }
-    scale = grid.scale
     if scale is not None and scale.log:
         lo, hi = math.floor(math.log10(scale.lo)), math.ceil(math.log10(scale.hi))
         bar["tickvals"] = list(range(lo, hi + 1))
@@ -236,17 +230,18 @@ def _column(label: str) -> str:
     return "<br>".join(_text(part) for part in str(label).split("\n"))
 
 
-def _hover(grid: Grid, pages: dict) -> tuple[list, list]:
+def _hover(shown: Figure, pages: dict) -> tuple[list, list]:
     """Per cell: the hover text (HTML for plotly, store strings escaped) and the link a click opens."""
+    grid = shown.grid
     n_rows, n_cols = grid.values.shape
     hover: list[list[str]] = [[""] * n_cols for _ in range(n_rows)]  # every cell is filled in below
     links: list[list[str | None]] = [[None] * n_cols for _ in range(n_rows)]
     cell = {"aggregate": _aggregate_cell, "prompt": _prompt_cell, "difference": _difference_cell}[grid.kind]
-    quiet = floor_marks(grid.noise_floor, grid.below_floor, grid.values.shape)
+    quiet = floor_marks(shown.noise_floor, shown.below_floor, grid.values.shape)
     note = (
         (
             f"<i>{'not a difference: ' if grid.kind == 'difference' else ''}"
-            f"below the noise floor ({grid.noise_floor:.2g} nats)</i>"
+            f"below the noise floor ({shown.noise_floor:.2g} nats)</i>"
         )
         if quiet.any()
         else ""

@@ -21,17 +21,15 @@ filter's fixed column name. This module never imports torch or matplotlib.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from klstore.report.aggregate import _EPOCH, Filter, _slug
-from klstore.report.floor import LENS_EVAL_FLOOR, UNIT
-from klstore.report.lineplot import LinesData, Series
+from klstore.report.aggregate import EPOCH, Filter
+from klstore.report.grid import slug
 from klstore.spec import LENS_READOUTS, LOGIT_LENS_ID
 
 SHORT_ID = 8  # hex digits of a lens id shown in labels and sentences
-YLABEL = f"Held-out KL(final \u2016 lens) ({UNIT})"
 
 
 def short_id(lens_id: str) -> str:
@@ -74,15 +72,15 @@ class Curve:
         return kl, top1
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class LensFigure:
-    """One model's lenses on one held-out split: the figure, the table and the sentences."""
+    """One model's lenses on one held-out split: the numbers of its figure and table (drawn by
+    klstore.report.site.lens_lines, described by klstore.report.observe.lens_sentences)."""
 
     fig_id: str
     model: str
     held_out_hash: str | None
     curves: tuple[Curve, ...]  # the logit lens first, then by kind and id
-    observations: list = field(default_factory=list)  # set by the site (observe.lens_sentences)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -112,36 +110,14 @@ class LensFigure:
         for r, layer in enumerate(self.layers):
             row = [str(layer)]
             for kl, top1 in columns:
-                row += [_number(kl[r], "{:.4g}"), _number(top1[r], "{:.3f}")]
+                row += [number_text(kl[r], "{:.4g}"), number_text(top1[r], "{:.3f}")]
             rows.append(row)
         return names, rows
 
-    def lines(self) -> LinesData:
-        """The plain value the figure is drawn from (klstore.report.lineplot)."""
-        series = []
-        for curve in self.curves:
-            hover = tuple(f"top-1 agreement {_number(t, '{:.3f}')} \u00b7 {curve.tokens} tokens" for t in curve.top1)
-            series.append(Series(curve.label, curve.layers, curve.kl, dashed=curve.is_logit, hover=hover))
-        return LinesData(self.title, tuple(series), "Layer", YLABEL, log_y=True, y_min=LENS_EVAL_FLOOR)
 
-    def key(self) -> list:
-        """A JSON-able form of everything drawn (the figure's cache key)."""
-        return [
-            self.title,
-            LENS_EVAL_FLOOR,
-            [
-                [c.kind, c.lens_id, c.fit_id, list(c.layers), _listed(c.kl), _listed(c.top1), c.tokens]
-                for c in self.curves
-            ],
-        ]
-
-
-def _number(value, template: str) -> str:
+def number_text(value, template: str) -> str:
+    """The value through `template`, or 'n/a' where it is not finite."""
     return template.format(value) if np.isfinite(value) else "n/a"
-
-
-def _listed(values) -> list:
-    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def _kind_order(curve: Curve) -> tuple:
@@ -160,7 +136,7 @@ def load(con, models=None) -> list[LensFigure]:
         WITH fits AS (SELECT model, fit_id, max(created_at) AS fitted_at FROM lenses GROUP BY ALL),
         evals AS (
             SELECT e.model, e.held_out_hash, e.lens_id, e.lens, e.fit_id, e.layer, e.kl,
-                   e.top1_agreement, e.tokens, coalesce(f.fitted_at, {_EPOCH}) AS fitted_at
+                   e.top1_agreement, e.tokens, coalesce(f.fitted_at, {EPOCH}) AS fitted_at
             FROM (SELECT * FROM lens_eval WHERE {where.sql}) e
             LEFT JOIN fits f ON f.model = e.model AND f.fit_id IS NOT DISTINCT FROM e.fit_id)
         SELECT model, held_out_hash, lens_id, lens, fit_id, layer, kl, top1_agreement, tokens FROM evals
@@ -196,7 +172,7 @@ def load(con, models=None) -> list[LensFigure]:
             )
         out.append(
             LensFigure(
-                fig_id=_slug("lenses", model, held_out or ""),
+                fig_id=slug("lenses", model, held_out or ""),
                 model=model,
                 held_out_hash=held_out,
                 curves=tuple(sorted(curves, key=_kind_order)),

@@ -1,7 +1,9 @@
-"""Numbers -> sentences: what an analyst would say about a grid, and nothing it cannot back.
+"""Numbers -> sentences: what an analyst would say about a figure, and nothing it cannot back.
 
-Reads only the grid's arrays, labels and settling summary; units are nats. The rules
-(also in the README, "Observations"):
+Reads only a klstore.report.figure.Figure: its grid's arrays, labels and settling summary, its
+colour scale and its noise floor; returns the sentences (the site puts them into a new Figure,
+`Figure.with_observations`). Units are nats. The rules
+(also in docs/reports.md, "Observations"):
 
 - a generated token **stands out** only when its column mean is at least `STANDOUT`
   (1.25) times the runner-up's: a lead within 25% is not a standout;
@@ -33,9 +35,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from klstore.report.aggregate import Grid, nan_mean
+from klstore.report.aggregate import nan_mean
+from klstore.report.figure import Figure
 from klstore.report.floor import LENS_EVAL_FLOOR, UNIT
-from klstore.report.floor import text as _floor
+from klstore.report.floor import text as floor_text
+from klstore.report.grid import Grid
 from klstore.report.intervals import MIN_PROMPTS, Interval, differences, percent
 from klstore.report.lenses import LensFigure
 
@@ -70,12 +74,12 @@ def columns_sentence(col_means, floor: float | None = None) -> str | None:
     if floor is not None and top - bottom < floor:
         return (
             f"The generated tokens' column means ({bottom:.3g} to {top:.3g} {UNIT}) differ by less than "
-            f"the noise floor of {_floor(floor)}: no token differs from another here."
+            f"the noise floor of {floor_text(floor)}: no token differs from another here."
         )
     if lead >= STANDOUT and floor is not None and top - runner < floor:
         return (
             f"Column means range from {bottom:.3g} {UNIT} (Gen{low}) to {top:.3g} (Gen{best}); Gen{best} "
-            f"leads Gen{second} by {top - runner:.3g} {UNIT}, under the noise floor of {_floor(floor)}: "
+            f"leads Gen{second} by {top - runner:.3g} {UNIT}, under the noise floor of {floor_text(floor)}: "
             "not a standout."
         )
     if lead >= STANDOUT:
@@ -93,7 +97,8 @@ def columns_sentence(col_means, floor: float | None = None) -> str | None:
 
 
 def settling_sentences(grid: Grid) -> list[str]:
-    """The figure's settling depth, from `grid.settling` (filled in by aggregate)."""
+    """The figure's settling depth, from `grid.settling` (klstore.report.settling.attach, or the
+    prompt's own: klstore.report.prompts)."""
     info = grid.settling
     if not info:
         return []
@@ -125,44 +130,46 @@ def _prompt_settling(info: dict) -> str:
     return f"Top-1 settling depth: {', '.join(parts)} (of {info['n_layers']} layers)."
 
 
-def floor_sentence(grid: Grid) -> str | None:
+def floor_sentence(figure: Figure) -> str | None:
     """'Noise floor 9.5e-07 nats: 3 of 16 cells below it (marked with a dot).', or None when not measured."""
-    if grid.noise_floor is None:
+    grid = figure.grid
+    if figure.noise_floor is None:
         return None
     finite = np.isfinite(grid.values)
-    n = int((np.asarray(grid.below_floor, dtype=bool) & finite).sum()) if grid.below_floor is not None else 0
+    n = int((np.asarray(figure.below_floor, dtype=bool) & finite).sum()) if figure.below_floor is not None else 0
     total = int(finite.sum())
     if grid.kind == "difference":
         return (
-            f"Noise floor {_floor(grid.noise_floor)} (the larger of the two sides'): {n} of {total} "
+            f"Noise floor {floor_text(figure.noise_floor)} (the larger of the two sides'): {n} of {total} "
             f"differences below it{' (marked with a dot; not differences)' if n else ''}."
         )
     marked = " (marked with a dot)" if n else ""
-    return f"Noise floor {_floor(grid.noise_floor)}: {n} of {total} cells below it{marked}."
+    return f"Noise floor {floor_text(figure.noise_floor)}: {n} of {total} cells below it{marked}."
 
 
-def observe(grid: Grid) -> list[str]:
-    """What an analyst would say about the grid, from its numbers."""
+def observe(figure: Figure) -> list[str]:
+    """What an analyst would say about the figure's grid, from its numbers, its colour scale and
+    its noise floor."""
+    grid, floor = figure.grid, figure.noise_floor
     v = grid.values
     finite = v[np.isfinite(v)]
     if finite.size == 0:
         return ["No finite values in this grid."] + settling_sentences(grid)
-    out = _difference(grid, v, finite) if grid.kind == "difference" else _levels(grid, v, finite)
-    note = grid.scale.note() if grid.scale is not None else None
+    out = _difference(grid, floor, v, finite) if grid.kind == "difference" else _levels(grid, floor, v, finite)
+    note = figure.scale.note() if figure.scale is not None else None
     if note:
         out.append(note)
-    said = floor_sentence(grid)
+    said = floor_sentence(figure)
     if said:
         out.append(said)
     return out + settling_sentences(grid)
 
 
-def _difference(grid: Grid, v, finite) -> list[str]:
+def _difference(grid: Grid, floor: float | None, v, finite) -> list[str]:
     if grid.interval is not None:
-        return _interval_difference(grid, grid.interval, v, finite)
+        return _interval_difference(grid, grid.interval, floor, v, finite)
     mean, lo, hi = float(finite.mean()), float(finite.min()), float(finite.max())
     a, b = grid.labels["a"], grid.labels["b"]
-    floor = grid.noise_floor
     r, c = np.unravel_index(np.nanargmax(np.abs(np.where(np.isfinite(v), v, 0))), v.shape)
     if floor is None:
         higher = int((finite > 0).sum())
@@ -175,7 +182,7 @@ def _difference(grid: Grid, v, finite) -> list[str]:
         within = finite.size - higher - lower
         if abs(v[r, c]) < floor:
             return [
-                f"{a} and {b} differ by less than the noise floor of {_floor(floor)} in every cell "
+                f"{a} and {b} differ by less than the noise floor of {floor_text(floor)} in every cell "
                 f"(the largest |difference| is {abs(v[r, c]):.3g} {UNIT}, at {_cell(grid, r, c)}): "
                 "the two are the same here, as far as this run can measure."
             ]
@@ -186,7 +193,7 @@ def _difference(grid: Grid, v, finite) -> list[str]:
         )
         out = [
             f"{a} is higher than {b} in {higher} of {finite.size} cells and lower in {lower}; "
-            f"{within} differ by less than the noise floor of {_floor(floor)}; {mean_text}.",
+            f"{within} differ by less than the noise floor of {floor_text(floor)}; {mean_text}.",
             f"The largest gap is at {_cell(grid, r, c)}: {v[r, c]:+.3g} {UNIT}.",
         ]
     if hi - lo <= FLAT * max(abs(mean), 1e-12) or max(abs(lo), abs(hi)) < 1e-3:
@@ -194,11 +201,11 @@ def _difference(grid: Grid, v, finite) -> list[str]:
     return out
 
 
-def _interval_difference(grid: Grid, ci: Interval, v, finite) -> list[str]:
+def _interval_difference(grid: Grid, ci: Interval, floor: float | None, v, finite) -> list[str]:
     """A difference map with bootstrap intervals: only cells whose interval excludes 0 and whose
     |difference| clears the noise floor are differences (intervals.differences); every cell
     named gets its interval, and one whose interval includes 0 is said not to be a difference."""
-    a, b, floor = grid.labels["a"], grid.labels["b"], grid.noise_floor
+    a, b = grid.labels["a"], grid.labels["b"]
     level = percent(ci.level)
     real = differences(v, ci, floor)
     has = np.isfinite(v)
@@ -206,7 +213,7 @@ def _interval_difference(grid: Grid, ci: Interval, v, finite) -> list[str]:
     unsure = has & ~missing & ~ci.excludes_zero()  # the interval includes 0
     small = has & ci.excludes_zero() & ~real  # the interval excludes 0, but under the floor
     higher, lower = int((real & (v > 0)).sum()), int((real & (v < 0)).sum())
-    floor_part = "" if floor is None else f" and its size clears the noise floor of {_floor(floor)}"
+    floor_part = "" if floor is None else f" and its size clears the noise floor of {floor_text(floor)}"
     what = f"(a cell counts when its {level} interval excludes 0{floor_part})"
     r, c = np.unravel_index(np.argmax(np.where(has, np.abs(np.where(has, v, 0)), -1)), v.shape)
     if not real.any():
@@ -227,7 +234,7 @@ def _interval_difference(grid: Grid, ci: Interval, v, finite) -> list[str]:
                 if unsure[r, c]
                 else "it has no interval"
                 if missing[r, c]
-                else f"it lies below the noise floor of {_floor(floor)}"
+                else f"it lies below the noise floor of {floor_text(floor)}"
             )
             out.append(
                 f"The largest gap, {v[r, c]:+.3g} {UNIT} at {_cell(grid, r, c)} ({ci.cell(r, c)}), is not a "
@@ -255,17 +262,16 @@ def _reasons(unsure, missing, small, level: str) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
-def _levels(grid: Grid, v, finite) -> list[str]:
+def _levels(grid: Grid, floor: float | None, v, finite) -> list[str]:
     mean, std, lo, hi = float(finite.mean()), float(finite.std()), float(finite.min()), float(finite.max())
     spread = hi - lo
-    floor = grid.noise_floor
     if floor is not None and np.abs(finite).max() < floor:
         return [
-            f"Every cell is below the noise floor of {_floor(floor)} (the largest is {np.abs(finite).max():.3g} "
+            f"Every cell is below the noise floor of {floor_text(floor)} (the largest is {np.abs(finite).max():.3g} "
             f"{UNIT}): no value here is distinguishable from 0."
         ]
     if spread <= FLAT * max(abs(mean), 1e-12) or spread < 1e-6 or (floor is not None and spread < floor):
-        within = "" if floor is None or spread >= floor else f", under the noise floor of {_floor(floor)}"
+        within = "" if floor is None or spread >= floor else f", under the noise floor of {floor_text(floor)}"
         return [
             f"The grid is flat: every cell is within {spread:.3g} {UNIT} of the others{within} "
             f"(mean {mean:.3g} {UNIT})."
@@ -279,7 +285,7 @@ def _levels(grid: Grid, v, finite) -> list[str]:
     if v.shape[1] > 1:
         sentence = columns_sentence(nan_mean(masked, axis=0), floor)  # a row without values: NaN,
         out += [sentence] if sentence else []  # never averaged in
-    out += _rows(grid, nan_mean(masked, axis=1))
+    out += _rows(grid, floor, nan_mean(masked, axis=1))
     beyond = 0.0 if floor is None else floor  # an outlier stands more than the floor above the mean
     high = np.isfinite(v) & (v > mean + 2 * std) & (v - mean >= beyond)
     outliers = np.argwhere(high) if std > 0 else np.empty((0, 2), int)  # (row, column) pairs
@@ -298,7 +304,7 @@ def _levels(grid: Grid, v, finite) -> list[str]:
     return out
 
 
-def _rows(grid: Grid, row_means) -> list[str]:
+def _rows(grid: Grid, floor: float | None, row_means) -> list[str]:
     """The layers with the highest means, and a trend with depth where the thirds differ by TREND."""
     if len(row_means) <= 2:
         return []
@@ -308,7 +314,6 @@ def _rows(grid: Grid, row_means) -> list[str]:
     out = [f"{noun} with the highest mean {grid.divergence}: {names}."]
     third = max(1, len(row_means) // 3)
     early, late = float(nan_mean(row_means[:third], axis=0)), float(nan_mean(row_means[-third:], axis=0))
-    floor = grid.noise_floor
     if (
         early > 0
         and late > 0

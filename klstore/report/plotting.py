@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klstore.output import visible_token
+from klstore.report.grid import column_labels as column_labels  # the x labels, for klstore.api's heatmaps
 from klstore.report.intervals import percent
 from klstore.report.scale import Scale
 from klstore.spec import REPORT_VALUES
@@ -74,18 +74,6 @@ def layer_gaps(layers) -> tuple[int, ...]:
     return tuple(
         r for r in range(len(layers) - 1) if whole[r] and whole[r + 1] and int(layers[r + 1]) > int(layers[r]) + 1
     )
-
-
-def column_labels(n: int, texts=None) -> tuple[str, ...]:
-    """Gen0..Gen{n-1}, with the token text beneath when given (whitespace made visible)."""
-    if texts is None:
-        return tuple(f"Gen{i}" for i in range(n))
-    return tuple(f"Gen{i}\n{_shown(t)}" for i, t in enumerate(texts))
-
-
-def _shown(text) -> str:
-    shown = visible_token(text)
-    return shown if len(shown) <= 12 else shown[:11] + "\u2026"
 
 
 def cell_text(value: float) -> str:

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from klstore.report import settling
-from klstore.report.aggregate import _EPOCH, Filter, Grid, _arrays_from_rows, _layers_for, _slug
-from klstore.report.interactive import shown_token
-from klstore.report.plotting import column_labels
+from klstore.report.aggregate import EPOCH, Filter, arrays_from_rows, layers_for
+from klstore.report.grid import Grid, column_labels, shown_token, slug
 
 PAGES_PER_PROBE = 250  # prompt pages per (model, probe); every prompt is listed regardless
 
@@ -74,6 +73,10 @@ class Listing:
     def n_pages(self) -> int:
         return sum(1 for r in self.rows if r.page)
 
+    def pages(self) -> dict:
+        """fig_id -> the site path of that prompt's page, for the prompts that have one."""
+        return {prompt_fig_id(self.model, self.probe, r.prompt_id): r.page for r in self.rows if r.page}
+
     def examples(self, n: int, start: int = 0) -> list:
         """The first n prompts with a page, round-robin over the groups from the start-th group
         (the report starts the k-th (model, probe) at group k, so that a few examples per
@@ -104,7 +107,7 @@ def listings(con) -> list[Listing]:
     """Every (model, probe) of the loaded selection with its prompts' latest runs and settling."""
     picks = con.execute(f"""
         SELECT model, probe, prompt_id, any_value(prompt_group),
-               arg_max(run_id, coalesce(r.created_at, {_EPOCH}))
+               arg_max(run_id, coalesce(r.created_at, {EPOCH}))
         FROM (SELECT DISTINCT model, probe, prompt_id, prompt_group, run_id FROM {settling.TABLE})
         LEFT JOIN runs r USING (run_id) GROUP BY model, probe, prompt_id ORDER BY ALL""").fetchall()
     per: dict = {}
@@ -121,12 +124,12 @@ def listings(con) -> list[Listing]:
         for row in round_robin(rows)[:PAGES_PER_PROBE]:
             row.page = f"prompts/{prompt_fig_id(model, probe, row.prompt_id)}.html"
         rows.sort(key=lambda r: (r.prompt_group, r.prompt_id))
-        out.append(Listing(model, probe, rows, f"probes/{_slug('probe', model, probe)}.html"))
+        out.append(Listing(model, probe, rows, f"probes/{slug('probe', model, probe)}.html"))
     return out
 
 
 def prompt_fig_id(model: str, probe: str, prompt_id: str) -> str:
-    return _slug("prompt", model, probe, prompt_id)
+    return slug("prompt", model, probe, prompt_id)
 
 
 def _pick_table(con, rows) -> str:
@@ -182,7 +185,7 @@ def grids(con, spec, where: Filter, n_layers: dict, listing: Listing) -> list[Gr
     for row in rows:
         if (row.run_id, row.prompt_id) in per:
             mine = per[(row.run_id, row.prompt_id)]
-            layers = _layers_for(spec, model, n_layers[model], (cell[0] for cell in mine))  # `stored`: its own
+            layers = layers_for(spec, model, n_layers[model], (cell[0] for cell in mine))  # `stored`: its own
             out.append(_grid(spec, listing, row, mine, layers, vocab))
     return out
 
@@ -244,9 +247,8 @@ def _grid(spec, listing: Listing, row: PromptRow, cells, layers, vocab) -> Grid:
         inputs=((model, probe),),
         hover={"topk": topk, "gen_rank": rank, "gen_logq": logq, "top1_match": match, "tokens": texts},
         settling={"layers": settle, "n_layers": row.n_layers} if settle and row.n_layers else None,
-        page=row.page,
     )
 
 
 def _arrays(rows, layers, n_cols):
-    return _arrays_from_rows(rows, layers, n_cols, (np.nan, 0, None, np.nan, np.nan, None))
+    return arrays_from_rows(rows, layers, n_cols, (np.nan, 0, None, np.nan, np.nan, None))

@@ -10,7 +10,8 @@ the median settling layer over the tokens that settle, the median depth fraction
 
 from __future__ import annotations
 
-from klstore.report.aggregate import Filter, Grid
+from klstore.report.aggregate import Filter
+from klstore.report.grid import Grid
 
 TABLE = "klstore_report_settling"  # a TEMP table on the report's connection only
 
@@ -51,24 +52,31 @@ def _labels_filter(labels: dict, exclude_group: str | None = None) -> Filter:
     return where
 
 
-def attach(con, grids: list[Grid]) -> None:
-    """Set each aggregate and difference grid's `settling` (per-prompt grids carry their own)."""
-    for grid in grids:
-        labels = {k: v for k, v in grid.labels.items() if k in ("model", "probe", "prompt_group")}
-        if grid.kind == "aggregate":
-            grid.settling = summary(con, _labels_filter(labels))
-        elif grid.kind == "difference" and "model" in grid.labels:  # group a vs group b (or the rest)
-            a, b = grid.labels["a"], grid.labels["b"]
-            other = (
-                _labels_filter(labels, exclude_group=a)
-                if b == "the other groups"
-                else _labels_filter({**labels, "prompt_group": b})
-            )
-            grid.settling = {"a": summary(con, _labels_filter({**labels, "prompt_group": a})), "b": summary(con, other)}
-        elif grid.kind == "difference":  # model a vs model b
-            grid.settling = {
-                side: summary(con, _labels_filter({**labels, "model": grid.labels[side]})) for side in ("a", "b")
-            }
+def attach(con, grids: list[Grid]) -> list[Grid]:
+    """The grids, each aggregate and difference grid with its settling summary (a new Grid;
+    per-prompt grids carry their own and come back as they are)."""
+    return [_with_settling(con, grid) for grid in grids]
+
+
+def _with_settling(con, grid: Grid) -> Grid:
+    labels = {k: v for k, v in grid.labels.items() if k in ("model", "probe", "prompt_group")}
+    if grid.kind == "aggregate":
+        return grid.with_settling(summary(con, _labels_filter(labels)))
+    if grid.kind == "difference" and "model" in grid.labels:  # group a vs group b (or the rest)
+        a, b = grid.labels["a"], grid.labels["b"]
+        other = (
+            _labels_filter(labels, exclude_group=a)
+            if b == "the other groups"
+            else _labels_filter({**labels, "prompt_group": b})
+        )
+        return grid.with_settling(
+            {"a": summary(con, _labels_filter({**labels, "prompt_group": a})), "b": summary(con, other)}
+        )
+    if grid.kind == "difference":  # model a vs model b
+        return grid.with_settling(
+            {side: summary(con, _labels_filter({**labels, "model": grid.labels[side]})) for side in ("a", "b")}
+        )
+    return grid
 
 
 def per_prompt(con, model: str, probe: str) -> dict:

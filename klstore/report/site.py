@@ -1,12 +1,13 @@
-"""Grids -> a static, self-contained site: interactive figures, PNG/SVG, pages per prompt,
+"""Figures -> a static, self-contained site: interactive figures, PNG/SVG, pages per prompt,
 index.html, report.md and manifest.json, published atomically.
 
 `build` filters and aggregates (klstore.report.aggregate), reads settling depths
 (klstore.report.settling) and per-prompt maps with their lens tokens (klstore.report.prompts),
-chooses each figure's colour scale (klstore.report.scale) and noise floor (klstore.report.floor:
-the cells below it are marked), writes observations
-(klstore.report.observe), draws PNG + SVG in parallel processes (klstore.report.drawing) and
-the interactive figures' JSON (klstore.report.interactive) into a fresh build folder:
+all immutable grids (klstore.report.grid); makes each grid's klstore.report.figure.Figure (its
+colour scale, klstore.report.scale, and noise floor, klstore.report.floor: the cells below it
+are marked) with its observations (klstore.report.observe); draws PNG + SVG in parallel
+processes (klstore.report.drawing) and the interactive figures' JSON
+(klstore.report.interactive) into a fresh build folder:
 
     index.html                    summary, every figure in a grid, each enlarged on click; where
                                   the store has lens evaluations, a Lenses section (report.lenses)
@@ -43,9 +44,9 @@ import numpy as np
 from klstore.config import write_problem
 from klstore.errors import KlstoreError
 from klstore.report import aggregate, drawing, floor, interactive, intervals, lenses, prompts, settling
-from klstore.report.aggregate import Grid, _filters, _summary
+from klstore.report.figure import Figure, LensView, frame, shared_scales
+from klstore.report.grid import Grid, shown_token
 from klstore.report.observe import lens_sentences, observe
-from klstore.report.scale import bounds, choose
 from klstore.spec import ReportSpec
 
 SITE_VERSION = 3  # part of every cache key: a new site layout redraws everything once
@@ -90,7 +91,7 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
         )
     builds = out.parent / f".{out.name}.builds"
     con = query.connect(store)
-    where, chosen = _filters(con, spec)  # a spec that matches nothing fails before anything is written
+    where, chosen = aggregate.filters(con, spec)  # a spec that matches nothing fails before anything is written
     created = not builds.exists()
     try:
         builds.mkdir(parents=True, exist_ok=True)
@@ -108,37 +109,41 @@ def _build_or_reuse(store, spec: ReportSpec, out, force: bool, log, workers) -> 
 
 
 class Report:
-    """What one build shows: the index's grids, every prompt page's grid, the listings, and the
-    lens figures (none when the store has no lens evaluations)."""
+    """What one build shows: the index's figures, every prompt page's figure, the listings, and
+    the lens figures (none when the store has no lens evaluations)."""
 
-    def __init__(self, grids, pages, listings, summary, floors=None, lens_figures=()):
-        self.grids, self.pages, self.listings, self.summary = grids, pages, listings, summary
+    def __init__(self, figures, pages, listings, summary, floors=None, lens_views=()):
+        self.figures, self.pages, self.listings, self.summary = figures, pages, listings, summary
         self.floors = floors or floor.Floors({})  # the noise floor of each (model, run) shown
-        self.lenses = list(lens_figures)  # lenses.LensFigure, with their observations
-        self.prompt_pages = {(g.labels["model"], g.labels["run_id"], g.labels["prompt_id"]): g.page for g in pages}
+        self.lenses = list(lens_views)  # figure.LensView: a lens figure with its observations
+        self.prompt_pages = {
+            (f.grid.labels["model"], f.grid.labels["run_id"], f.grid.labels["prompt_id"]): f.page for f in pages
+        }
 
 
 def gather(
-    con, spec: ReportSpec, where, chosen, on_figures=lambda grids: None, floors: floor.Floors | None = None
+    con, spec: ReportSpec, where, chosen, on_figures=lambda figures: None, floors: floor.Floors | None = None
 ) -> Report:
-    """Every grid, page and listing of the report, with settling, scales, noise floors and
-    observations. `on_figures(grids)` gets the index's grids as soon as their numbers, scales
-    and floors are known (aggregates and differences first, then the per-prompt examples), so
-    that drawing them can start while the rest is read. `floors`: the runs' noise floors
-    (floor.load; read here when not given)."""
+    """Every figure, page and listing of the report: the grids (aggregate, prompts) with their
+    settling (settling), scales and noise floors (figure.frame) and observations (observe).
+    `on_figures(figures)` gets the index's figures as soon as their numbers, scales and floors
+    are known (aggregates and differences first, then the per-prompt examples), so that drawing
+    them can start while the rest is read. `floors`: the runs' noise floors (floor.load; read
+    here when not given)."""
     floors = floors if floors is not None else floor.load(con, chosen["selection"])
-    n_layers = aggregate._n_layers(con, where)
+    n_layers = aggregate.layer_counts(con, where)
     grids = aggregate.collect(con, spec, where, n_layers)
-    shared = _set_scales(spec, grids)
-    _set_floors(grids, floors)
-    on_figures(grids)
+    shared = shared_scales(spec, grids)
+    index = [frame(grid, spec, floors, shared) for grid in grids]
+    on_figures(index)
     settling.load(con, chosen["selection"])
     listings = prompts.listings(con)
-    pages, examples = [], []
+    page_grids, examples, page_of = [], [], {}
     for k, listing in enumerate(listings):
         mine = prompts.grids(con, spec, where, n_layers, listing)
         by_id = {g.fig_id: g for g in mine}
-        pages += mine
+        page_grids += mine
+        page_of.update(listing.pages())
         examples += [
             by_id[f]
             for f in (
@@ -147,36 +152,34 @@ def gather(
             )
             if f in by_id
         ]
-    shared.update(_set_scales(spec, examples))
-    for page in pages:
-        if page.scale is None:  # not an example: its own scale, or the section's
-            page.scale = choose(page.values, spec.color_scale, False, shared.get(page.section))
-    _set_floors(pages, floors)
-    on_figures(examples)
-    grids += examples
-    settling.attach(con, grids)
-    for grid in grids + [p for p in pages if p not in examples]:
-        grid.observations = observe(grid)
-    lens_figures = lenses.load(con, spec.models)
-    for figure in lens_figures:
-        figure.observations = lens_sentences(figure)
-    return Report(grids, pages, listings, _with_floors(_summary(con, spec, where), floors), floors, lens_figures)
+    example_scales = shared_scales(spec, examples)
+    shown = [frame(g, spec, floors, example_scales, page_of.get(g.fig_id)) for g in examples]
+    shared.update(example_scales)
+    on_figures(shown)
+    index += shown
+    settled = settling.attach(con, [f.grid for f in index])
+    figures = [_observed(f.with_grid(grid)) for f, grid in zip(index, settled)]
+    observed = {f.grid.fig_id: f for f in figures if f.grid.kind == "prompt"}  # the examples
+    pages = [  # a page not in the index: its own scale, or its section's
+        observed.get(g.fig_id) or _observed(frame(g, spec, floors, shared, page_of.get(g.fig_id))) for g in page_grids
+    ]
+    lens_views = [LensView(f, tuple(lens_sentences(f))) for f in lenses.load(con, spec.models)]
+    summary = _with_floors(aggregate.summary(con, spec, where), floors)
+    return Report(figures, pages, listings, summary, floors, lens_views)
 
 
-def _set_floors(grids, floors: floor.Floors) -> None:
-    """Each grid's noise floor (the largest over the runs its rows come from) and the cells below it."""
-    for grid in grids:
-        grid.noise_floor = floor.for_grid(grid, floors)
-        grid.below_floor = floor.below(grid.values, grid.noise_floor)
+def _observed(figure: Figure) -> Figure:
+    """The figure with its observations (klstore.report.observe)."""
+    return figure.with_observations(observe(figure))
 
 
-def _interval_entry(grid: Grid) -> dict:
+def _interval_entry(shown: Figure) -> dict:
     """A difference figure's manifest entry on its intervals: how they were made and how many
     cells are differences (klstore.report.intervals.differences); nothing for other figures."""
-    ci = grid.interval
+    ci = shown.grid.interval
     if ci is None:
         return {}
-    marked = intervals.differences(grid.values, ci, grid.noise_floor)
+    marked = intervals.differences(shown.grid.values, ci, shown.noise_floor)
     return {
         "interval": {
             "level": ci.level,
@@ -213,13 +216,14 @@ DIFFERENCE_COLUMNS = (
 def differences(con, spec: ReportSpec) -> list[dict]:
     """The numbers of the report's comparison maps, one dict per cell: what `StoreReader.differences`
     returns (the same grids, floors and intervals as `build`; no figure is drawn)."""
-    where, chosen = _filters(con, spec)
+    where, chosen = aggregate.filters(con, spec)
     grids = [g for g in aggregate.collect(con, spec, where) if g.kind == "difference"]
-    _set_floors(grids, floor.load(con, chosen["selection"]))
+    floors = floor.load(con, chosen["selection"])
     rows = []
     for g in grids:
         ci = g.interval
-        marked = intervals.differences(g.values, ci, g.noise_floor)
+        noise_floor = floor.for_grid(g, floors)
+        marked = intervals.differences(g.values, ci, noise_floor)
         kind = "groups" if "model" in g.labels else "models"
         for r, layer in enumerate(g.layers):
             for c in range(g.values.shape[1]):
@@ -238,7 +242,7 @@ def differences(con, spec: ReportSpec) -> list[dict]:
                         "high": None if ci is None else float(ci.high[r, c]),
                         "level": None if ci is None else ci.level,
                         "paired": None if ci is None else ci.paired,
-                        "noise_floor": g.noise_floor,
+                        "noise_floor": noise_floor,
                         "is_difference": bool(marked[r, c]),
                         "figure": g.fig_id,
                     }
@@ -251,15 +255,6 @@ def _with_floors(summary, floors: floor.Floors):
     names, rows = summary
     per_model = floors.per_model()
     return names + ["noise floor"], [(*row, floor.text(per_model.get(str(row[0]), (None,))[0])) for row in rows]
-
-
-def _set_scales(spec: ReportSpec, grids) -> dict:
-    """Each grid's colour Scale: its own, or its section's (shared_scale). Returns the shared
-    (lo, hi) per section (part of the figures' cache keys)."""
-    shared = _shared_scales(spec, grids) if spec.shared_scale else {}
-    for grid in grids:
-        grid.scale = choose(grid.values, spec.color_scale, grid.kind == "difference", shared.get(grid.section))
-    return shared
 
 
 def _build(store, spec, out, builds, con, where, chosen, force, log, start, workers) -> dict:
@@ -304,31 +299,33 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
         reused += 1
         return True
 
-    def draw_or_reuse(grids):  # called by gather as soon as the grids' numbers and scales are known
+    def draw_or_reuse(figures):  # called by gather as soon as the figures' numbers and scales are known
         jobs = []
-        for grid in grids:
-            extra = json.dumps([report_shared(grid), grid.noise_floor])
+        for shown in figures:
+            grid = shown.grid
+            extra = json.dumps([report_shared(shown), shown.noise_floor])
             key = keys[grid.fig_id] = _figure_key(spec, grid, stats, extra)
             png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
             if not reuse(old_manifest.get("figures", {}).get(grid.fig_id), key, png, svg):
-                jobs.append(drawing.Job(heatmap_data(grid), (str(build_dir / png), str(build_dir / svg))))
+                jobs.append(drawing.Job(heatmap_data(shown), (str(build_dir / png), str(build_dir / svg))))
         drawer.submit(jobs)
 
-    def report_shared(grid):
-        scale = grid.scale
+    def report_shared(shown):
+        scale = shown.scale
         return [scale.lo, scale.hi] if spec.shared_scale and scale is not None else None
 
     lens_keys: dict = {}
 
-    def draw_or_reuse_lenses(figures):
+    def draw_or_reuse_lenses(views):
         jobs = []
-        for figure in figures:
-            key = lens_keys[figure.fig_id] = hashlib.sha256(
-                json.dumps([SITE_VERSION, figure.fig_id, figure.key()]).encode()
+        for view in views:
+            lens = view.lens
+            key = lens_keys[lens.fig_id] = hashlib.sha256(
+                json.dumps([SITE_VERSION, lens.fig_id, lens_key(lens)]).encode()
             ).hexdigest()
-            png, svg = f"figures/{figure.fig_id}.png", f"figures/{figure.fig_id}.svg"
-            if not reuse(old_manifest.get("lenses", {}).get(figure.fig_id), key, png, svg):
-                jobs.append(drawing.Job(figure.lines(), (str(build_dir / png), str(build_dir / svg))))
+            png, svg = f"figures/{lens.fig_id}.png", f"figures/{lens.fig_id}.svg"
+            if not reuse(old_manifest.get("lenses", {}).get(lens.fig_id), key, png, svg):
+                jobs.append(drawing.Job(lens_lines(lens), (str(build_dir / png), str(build_dir / svg))))
         drawer.submit(jobs)
 
     main_cpu = time.process_time()
@@ -343,19 +340,19 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
                 '`if __name__ == "__main__":`); drew the figures in this process instead'
             )
     figures = {
-        g.fig_id: {
-            "key": keys[g.fig_id],
-            "png": f"figures/{g.fig_id}.png",
-            "svg": f"figures/{g.fig_id}.svg",
-            "title": g.title,
-            "section": g.section,
-            "observations": g.observations,
-            "noise_floor": g.noise_floor,
-            "below_noise_floor": int(g.below_floor.sum()),
-            **_interval_entry(g),
-            "inputs": [list(i) for i in g.inputs],
+        f.grid.fig_id: {
+            "key": keys[f.grid.fig_id],
+            "png": f"figures/{f.grid.fig_id}.png",
+            "svg": f"figures/{f.grid.fig_id}.svg",
+            "title": f.grid.title,
+            "section": f.grid.section,
+            "observations": list(f.observations),
+            "noise_floor": f.noise_floor,
+            "below_noise_floor": int(f.below_floor.sum()),
+            **_interval_entry(f),
+            "inputs": [list(i) for i in f.grid.inputs],
         }
-        for g in report.grids
+        for f in report.figures
     }
     manifest = {
         "report": spec.name,
@@ -372,18 +369,18 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
     }
     if report.lenses:  # the key only where the store has lens evaluations
         manifest["lenses"] = {
-            f.fig_id: {
-                "key": lens_keys[f.fig_id],
-                "png": f"figures/{f.fig_id}.png",
-                "svg": f"figures/{f.fig_id}.svg",
-                "title": f.title,
-                "model": f.model,
-                "held_out_hash": f.held_out_hash,
+            v.lens.fig_id: {
+                "key": lens_keys[v.lens.fig_id],
+                "png": f"figures/{v.lens.fig_id}.png",
+                "svg": f"figures/{v.lens.fig_id}.svg",
+                "title": v.lens.title,
+                "model": v.lens.model,
+                "held_out_hash": v.lens.held_out_hash,
                 "threshold_nats": floor.LENS_EVAL_FLOOR,
-                "lenses": [{"kind": c.kind, "lens_id": c.lens_id, "fit_id": c.fit_id} for c in f.curves],
-                "observations": f.observations,
+                "lenses": [{"kind": c.kind, "lens_id": c.lens_id, "fit_id": c.fit_id} for c in v.lens.curves],
+                "observations": list(v.observations),
             }
-            for f in report.lenses
+            for v in report.lenses
         }
     (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     _publish(build_dir, out)
@@ -392,7 +389,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
             shutil.rmtree(old_build, ignore_errors=True)
     seconds = time.perf_counter() - start
     log(
-        f"report {spec.name}: {len(report.grids) + len(report.lenses)} figures ({drawn} drawn, {reused} unchanged), "
+        f"report {spec.name}: {len(report.figures) + len(report.lenses)} figures ({drawn} drawn, {reused} unchanged), "
         f"{len(report.pages)} prompt pages in {seconds:.1f} s"
     )
     return {
@@ -412,31 +409,33 @@ def _write_site(build_dir: Path, spec: ReportSpec, store, report: Report) -> Non
     (build_dir / "index.html").write_text(render_html(spec, report, store.uri, env), encoding="utf-8")
     by_probe: dict = {}
     for page in report.pages:
-        by_probe.setdefault((page.labels["model"], page.labels["probe"]), []).append(page)
+        by_probe.setdefault((page.grid.labels["model"], page.grid.labels["probe"]), []).append(page)
     for listing in report.listings:
         (build_dir / listing.page).write_text(
             env.get_template("probe.html.j2").render(spec=spec, listing=listing, root="../", figures=_figures_json({})),
             encoding="utf-8",
         )
-        for grid in by_probe.get((listing.model, listing.probe), []):
-            (build_dir / grid.page).write_text(
-                render_prompt_page(env, spec, grid, listing, report.prompt_pages), encoding="utf-8"
+        for page in by_probe.get((listing.model, listing.probe), []):
+            (build_dir / page.page).write_text(
+                render_prompt_page(env, spec, page, listing, report.prompt_pages), encoding="utf-8"
             )
     (build_dir / "report.md").write_text(
-        render_markdown(spec, report.grids, report.summary, report.floors, report.lenses), encoding="utf-8"
+        render_markdown(spec, report.figures, report.summary, report.floors, report.lenses), encoding="utf-8"
     )
 
 
-def render_prompt_page(env, spec: ReportSpec, grid: Grid, listing, pages: dict) -> str:
+def render_prompt_page(env, spec: ReportSpec, page: Figure, listing, pages: dict) -> str:
     """prompts/<prompt>.html: the prompt's interactive map, observations and logit-lens table."""
+    grid = page.grid
     return env.get_template("prompt.html.j2").render(
         spec=spec,
         grid=grid,
+        figure=page,
         listing=listing,
         root="../",
-        shown=interactive.shown_token,
+        shown=shown_token,
         lens=_lens_table(grid),
-        figures=_figures_json({grid.fig_id: interactive.figure(grid, pages)}),
+        figures=_figures_json({grid.fig_id: interactive.figure(page, pages)}),
     )
 
 
@@ -472,8 +471,8 @@ def _lens_table(grid: Grid) -> list:
         for c in range(topk.shape[1]):
             tokens = topk[r, c] or []
             first = tokens[0] if tokens else (None, float("nan"))
-            listed = "  ".join(f"{i}. {interactive.shown_token(t)} {p:.3f}" for i, (t, p) in enumerate(tokens, 1))
-            cells.append((interactive.shown_token(first[0]) if tokens else "", first[1], bool(match[r, c]), listed))
+            listed = "  ".join(f"{i}. {shown_token(t)} {p:.3f}" for i, (t, p) in enumerate(tokens, 1))
+            cells.append((shown_token(first[0]) if tokens else "", first[1], bool(match[r, c]), listed))
         rows.append((layer, cells))
     return rows
 
@@ -531,22 +530,11 @@ def _publish(build_dir: Path, out: Path) -> None:
     os.replace(link, out)
 
 
-def _shared_scales(spec: ReportSpec, grids) -> dict:
-    """section -> (lo, hi) over all its grids under the spec's colour scale (symmetric about 0
-    where the section holds differences)."""
-    scales = {}
-    for section in {g.section for g in grids}:
-        members = [g for g in grids if g.section == section]
-        values = np.concatenate([g.values[np.isfinite(g.values)] for g in members] or [[]])
-        if values.size:
-            scales[section] = bounds(values, spec.color_scale, any(g.kind == "difference" for g in members))
-    return scales
-
-
-def heatmap_data(grid: Grid):
-    """The plain value a heatmap is drawn from (differences on a diverging map, no counts)."""
+def heatmap_data(shown: Figure):
+    """The plain value a figure's heatmap is drawn from (differences on a diverging map, no counts)."""
     from klstore.report.plotting import DIVERGENCE_LABELS, HeatmapData
 
+    grid = shown.grid
     label = DIVERGENCE_LABELS.get(grid.divergence, grid.divergence)
     if grid.kind == "difference":
         return HeatmapData(
@@ -559,9 +547,9 @@ def heatmap_data(grid: Grid):
             cmap="RdBu_r",
             colorbar_label=f"Difference in {label}",
             ylabel=grid.ylabel,
-            scale=grid.scale,
-            noise_floor=grid.noise_floor,
-            below_floor=grid.below_floor,
+            scale=shown.scale,
+            noise_floor=shown.noise_floor,
+            below_floor=shown.below_floor,
             gaps=grid.gaps,
             unsure=intervals.unsure(grid.values, grid.interval),
             level=None if grid.interval is None else grid.interval.level,
@@ -574,11 +562,41 @@ def heatmap_data(grid: Grid):
         grid.divergence,
         counts=grid.counts if grid.kind == "aggregate" else None,
         ylabel=grid.ylabel,
-        scale=grid.scale,
-        noise_floor=grid.noise_floor,
-        below_floor=grid.below_floor,
+        scale=shown.scale,
+        noise_floor=shown.noise_floor,
+        below_floor=shown.below_floor,
         gaps=grid.gaps,
     )
+
+
+LENS_YLABEL = f"Held-out KL(final \u2016 lens) ({floor.UNIT})"
+
+
+def lens_lines(lens: lenses.LensFigure):
+    """The plain value a lens figure is drawn from (klstore.report.lineplot): one line per lens,
+    the logit lens dashed, on a log axis whose bottom is floor.LENS_EVAL_FLOOR."""
+    from klstore.report.lineplot import LinesData, Series
+
+    series = []
+    for curve in lens.curves:
+        hover = tuple(
+            f"top-1 agreement {lenses.number_text(t, '{:.3f}')} \u00b7 {curve.tokens} tokens" for t in curve.top1
+        )
+        series.append(Series(curve.label, curve.layers, curve.kl, dashed=curve.is_logit, hover=hover))
+    return LinesData(lens.title, tuple(series), "Layer", LENS_YLABEL, log_y=True, y_min=floor.LENS_EVAL_FLOOR)
+
+
+def lens_key(lens: lenses.LensFigure) -> list:
+    """A JSON-able form of everything a lens figure is drawn from (its cache key)."""
+    return [
+        lens.title,
+        floor.LENS_EVAL_FLOOR,
+        [[c.kind, c.lens_id, c.fit_id, list(c.layers), _listed(c.kl), _listed(c.top1), c.tokens] for c in lens.curves],
+    ]
+
+
+def _listed(values) -> list:
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 # ------------------------------------------------------------------- render
@@ -635,8 +653,9 @@ def _environment(autoescape: bool):
     return env
 
 
-def _heading(grid: Grid) -> str:
+def _heading(shown: Figure) -> str:
     """The sub-heading a figure sits under: its prompt group where it has one, else its model."""
+    grid = shown.grid
     if grid.kind == "aggregate" and "prompt_group" in grid.labels:
         return f"Group {grid.labels['prompt_group']}"
     return str(grid.labels.get("model") or grid.labels.get("probe"))
@@ -645,11 +664,11 @@ def _heading(grid: Grid) -> str:
 def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> str:
     """index.html: every figure in a grid (interactive, its PNG until drawn), the summary, the
     listing pages; every user string escaped."""
-    grids = report.grids
-    names = list(dict.fromkeys(g.section for g in grids))  # in order of first appearance
+    shown = report.figures
+    names = list(dict.fromkeys(f.grid.section for f in shown))  # in order of first appearance
     sections = []
     for i, name in enumerate(names):
-        ordered = sorted((g for g in grids if g.section == name), key=_heading)
+        ordered = sorted((f for f in shown if f.grid.section == name), key=_heading)
         sections.append(
             {
                 "id": f"s{i}",
@@ -657,9 +676,9 @@ def render_html(spec: ReportSpec, report: Report, store_uri: str, env=None) -> s
                 "headings": [(head, list(items)) for head, items in itertools.groupby(ordered, _heading)],
             }
         )
-    largest = {g.fig_id: _largest(g, report.prompt_pages) for g in grids if g.kind == "aggregate"}
-    figures = {g.fig_id: interactive.figure(g, report.prompt_pages) for g in grids}
-    figures.update({f.fig_id: interactive.lines_figure(f.lines()) for f in report.lenses})
+    largest = {f.grid.fig_id: _largest(f.grid, report.prompt_pages) for f in shown if f.grid.kind == "aggregate"}
+    figures = {f.grid.fig_id: interactive.figure(f, report.prompt_pages) for f in shown}
+    figures.update({v.lens.fig_id: interactive.lines_figure(lens_lines(v.lens)) for v in report.lenses})
     return (
         (env or _environment(autoescape=True))
         .get_template("index.html.j2")
@@ -692,17 +711,22 @@ def _largest(grid: Grid, pages: dict, top: int = 3) -> list:
     ]
 
 
-def _lens_sections(figures) -> list:
-    """The Lenses section's models in order: [(model, [(figure, table names, table rows)])]."""
-    ordered = sorted(figures, key=lambda f: (f.model, f.held_out_hash or ""))
-    return [(model, [(f, *f.table()) for f in items]) for model, items in itertools.groupby(ordered, lambda f: f.model)]
+def _lens_sections(views) -> list:
+    """The Lenses section's models in order: [(model, [(view, table names, table rows)])]."""
+    ordered = sorted(views, key=lambda v: (v.lens.model, v.lens.held_out_hash or ""))
+    return [
+        (model, [(v, *v.lens.table()) for v in items])
+        for model, items in itertools.groupby(ordered, lambda v: v.lens.model)
+    ]
 
 
-def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | None = None, lens_figures=()) -> str:
+def render_markdown(spec: ReportSpec, figures, summary, floors: floor.Floors | None = None, lens_views=()) -> str:
     """report.md: the summary table, the noise floor per model, every figure with its
-    observations, and the Lenses section where there are lens figures; each value through the
-    `md` filter (`md_code` inside a code span)."""
-    sections = [(name.capitalize(), list(items)) for name, items in itertools.groupby(grids, lambda g: g.section)]
+    observations, and the Lenses section where there are lens figures (figure.LensView); each
+    value through the `md` filter (`md_code` inside a code span)."""
+    sections = [
+        (name.capitalize(), list(items)) for name, items in itertools.groupby(figures, lambda f: f.grid.section)
+    ]
     return (
         _environment(autoescape=False)
         .get_template("report.md.j2")
@@ -712,7 +736,7 @@ def render_markdown(spec: ReportSpec, grids, summary, floors: floor.Floors | Non
             summary_rows=summary[1],
             sections=sections,
             noise_floor=floor.summary_line(floors or floor.Floors({})),
-            lenses=_lens_sections(lens_figures),
+            lenses=_lens_sections(lens_views),
             lens_threshold=floor.LENS_EVAL_FLOOR,
         )
         .rstrip("\n")

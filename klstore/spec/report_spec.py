@@ -15,7 +15,7 @@ from klstore.spec.values import DIVERGENCES, check_label, layer_spec
 REPORT_DIMENSIONS = ("model", "probe", "prompt_group")
 MIN_RESAMPLES, MAX_RESAMPLES = 100, 100_000  # a report spec's `resamples` (bootstrap intervals)
 # a report's `layers` value: each map shows the layers present in the rows it draws
-# (klstore.report.aggregate._layers_for); `all` is every layer of the model
+# (klstore.report.aggregate.layers_for); `all` is every layer of the model
 STORED_LAYERS = "stored"
 # what a report's maps show (its `value:` key, also spelled `divergence:`): a divergence column
 # of the kl rows, or q_entropy, the entropy of each row's Q (docs/conventions.md, "Entropy of Q")

@@ -57,7 +57,7 @@ def _gather(store_uri, spec):
     from klstore.store import views
 
     con = views.connect(store_uri)
-    where, chosen = aggregate._filters(con, spec)
+    where, chosen = aggregate.filters(con, spec)
     return site.gather(con, spec, where, chosen), con
 
 
@@ -75,7 +75,7 @@ def test_aggregates_equal_independent_sql(store_uri, how):
 
     spec = _spec(aggregate=how, per_prompt=0)
     con = views.connect(store_uri)
-    grids = aggregate.collect(con, spec, aggregate._filters(con, spec)[0])
+    grids = aggregate.collect(con, spec, aggregate.filters(con, spec)[0])
     raw = _plain_duckdb(store_uri)
     fn = "avg" if how == "mean" else "median"
     checked = 0
@@ -100,7 +100,7 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
 
     spec = _spec(per_prompt=0)
     con = views.connect(store_uri)
-    grids = {g.title: g for g in aggregate.collect(con, spec, aggregate._filters(con, spec)[0])}
+    grids = {g.title: g for g in aggregate.collect(con, spec, aggregate.filters(con, spec)[0])}
     same = grids["tiny-a minus tiny-b | logit_lens | mean"]
     a = grids["tiny-a | logit_lens | mean of 6 prompts"].values
     b = grids["tiny-b | logit_lens | mean of 6 prompts"].values
@@ -122,9 +122,10 @@ def test_comparisons_by_layer_and_by_relative_depth(store_uri):
 def test_figure_contents_from_matplotlib_objects(store_uri):
     spec = _spec(layers="0,-1", per_prompt=1, color_scale="linear")
     report, con = _gather(store_uri, spec)
-    grids = report.grids
+    figures = {f.grid.fig_id: f for f in report.figures}
+    grids = [f.grid for f in report.figures]
     grid = next(g for g in grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
-    fig = plotting.draw(site.heatmap_data(grid))
+    fig = plotting.draw(site.heatmap_data(figures[grid.fig_id]))
     ax, bar = fig.axes
     assert ax.get_xlabel() == "Generated Token" and ax.get_ylabel() == "Layer"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["Gen0", "Gen1", "Gen2", "Gen3"]
@@ -135,7 +136,7 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     assert _cell_texts(ax, grid.values.shape) == [f"{v:.2f}" for v in grid.values.reshape(-1)]
     assert grid.values[1].max() < 1e-5  # last layer's logit lens: 0 up to float error
     prompt_grid = next(g for g in grids if g.kind == "prompt" and g.labels["model"] == "tiny-a")
-    fig = plotting.draw(site.heatmap_data(prompt_grid))
+    fig = plotting.draw(site.heatmap_data(figures[prompt_grid.fig_id]))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     tokens = [
         r[0]
@@ -146,7 +147,7 @@ def test_figure_contents_from_matplotlib_objects(store_uri):
     ]
     assert labels == list(plotting.column_labels(4, tokens)) and labels[0].startswith("Gen0\n")
     diff = next(g for g in grids if g.kind == "difference")
-    fig = plotting.draw(site.heatmap_data(diff))
+    fig = plotting.draw(site.heatmap_data(figures[diff.fig_id]))
     assert fig.axes[0].images[0].get_cmap().name == "RdBu_r"
     lo, hi = fig.axes[0].images[0].get_clim()
     assert lo == -hi
@@ -390,7 +391,8 @@ def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(fl
     report, _ = _gather(floor_store, _spec(per_prompt=1))
     raw = _plain_duckdb(floor_store)
     checked = {"aggregate": 0, "difference": 0, "prompt": 0}
-    for grid in report.grids:
+    for shown in report.figures:
+        grid = shown.grid
         if grid.kind == "aggregate" and set(grid.labels) == {"model", "probe"}:
             floor = floors[grid.labels["model"]]
             expected = np.abs(_plain_means(raw, grid.labels["model"], grid.labels["probe"], list(grid.layers))) < floor
@@ -409,28 +411,29 @@ def test_cells_below_the_noise_floor_are_exactly_those_of_a_plain_computation(fl
             expected = np.abs(grid.values) < floor
         else:
             continue
-        assert grid.noise_floor == pytest.approx(floor), grid.title
-        np.testing.assert_array_equal(grid.below_floor, expected, err_msg=grid.title)
+        assert shown.noise_floor == pytest.approx(floor), grid.title
+        np.testing.assert_array_equal(shown.below_floor, expected, err_msg=grid.title)
         assert 0 < expected.sum(), grid.title
         n = int(expected.sum())
         assert any(
             note.startswith(f"Noise floor {floor:.2g} nats") and f": {n} of {expected.size} " in note
-            for note in grid.observations
-        ), (grid.title, grid.observations)
+            for note in shown.observations
+        ), (grid.title, shown.observations)
         checked[grid.kind] += 1
     assert checked == {"aggregate": 6, "difference": 6 + 6, "prompt": 6}
-    partial = next(g for g in report.grids if g.title == "tiny-a | logit_lens | mean of 6 prompts")
-    assert 0 < partial.below_floor.sum() < partial.values.size
+    partial = next(f for f in report.figures if f.grid.title == "tiny-a | logit_lens | mean of 6 prompts")
+    assert 0 < partial.below_floor.sum() < partial.grid.values.size
 
 
 def test_differences_below_the_floor_are_never_called_differences(floor_store):
     """A cell counts as higher or lower only when it clears the floor and its bootstrap interval
     excludes 0 (klstore.report.intervals; the rule on constructed grids: tests/unit/test_intervals.py)."""
     report, _ = _gather(floor_store, _spec(per_prompt=0))
-    for grid in (g for g in report.grids if g.kind == "difference"):
-        finite, floor, ci = np.isfinite(grid.values), grid.noise_floor, grid.interval
+    for shown in (f for f in report.figures if f.grid.kind == "difference"):
+        grid = shown.grid
+        finite, floor, ci = np.isfinite(grid.values), shown.noise_floor, grid.interval
         real = finite & (np.abs(grid.values) >= floor) & ((ci.low > 0) | (ci.high < 0))
-        first = grid.observations[0]
+        first = shown.observations[0]
         if not real.any():
             assert first.startswith(f"No cell shows a difference between {grid.labels['a']} and {grid.labels['b']}")
         else:
@@ -458,16 +461,16 @@ def test_the_site_shows_the_floor_per_model_and_marks_its_figures(floor_store, t
     assert line in index and line in markdown and "not measured" not in index
     assert "<th>noise floor</th>" in index and "<td>0.9 nats</td>" in index
     report, _ = _gather(str(copy), spec)
-    by_id = {g.fig_id: g for g in report.grids}
+    by_id = {f.grid.fig_id: f for f in report.figures}
     for fig_id, entry in manifest["figures"].items():
-        grid = by_id[fig_id]
-        assert entry["below_noise_floor"] == int(grid.below_floor.sum()) > 0
+        assert entry["below_noise_floor"] == int(by_id[fig_id].below_floor.sum()) > 0
         assert (out / entry["svg"]).read_text().count('id="below-noise-floor"') == 1
-    grid = by_id[next(f for f, e in manifest["figures"].items() if e["title"] == "tiny-b | skip | mean of 6 prompts")]
-    fig = plotting.draw(site.heatmap_data(grid))
+    shown = by_id[next(f for f, e in manifest["figures"].items() if e["title"] == "tiny-b | skip | mean of 6 prompts")]
+    grid = shown.grid
+    fig = plotting.draw(site.heatmap_data(shown))
     dots = next(c for c in fig.axes[0].collections if c.get_gid() == "below-noise-floor")
     cells = {(round(y - 0.3), round(x + 0.36)) for x, y in dots.get_offsets()}
-    assert cells == {tuple(map(int, rc)) for rc in np.argwhere(grid.below_floor)}
+    assert cells == {tuple(map(int, rc)) for rc in np.argwhere(shown.below_floor)}
     assert fig.axes[0].get_title().endswith("\n\u2022 below the noise floor (0.9 nats)")
     figures = json.loads(index.split('id="klstore-figures">')[1].split("</script>")[0])
     layer = next(t for t in figures[grid.fig_id]["data"] if t.get("name") == "below the noise floor")
@@ -522,13 +525,13 @@ def test_hostile_ids_and_groups_are_escaped_in_html_and_markdown(hostile_store, 
 
 
 def test_mathtext_in_ids_is_drawn_literally(hostile_store):
-    grids = _gather(hostile_store, _spec(per_prompt=len(HOSTILE)))[0].grids
-    grid = next(g for g in grids if g.kind == "prompt" and g.labels["prompt_id"] == r"$\foo{$")
+    figures = _gather(hostile_store, _spec(per_prompt=len(HOSTILE)))[0].figures
+    grid = next(f for f in figures if f.grid.kind == "prompt" and f.grid.labels["prompt_id"] == r"$\foo{$")
     fig = plotting.draw(site.heatmap_data(grid))
     fig.savefig(io.BytesIO(), format="png")  # mathtext would raise: unknown symbol \foo
     # (a second title line names the noise floor the worker measured in its shard)
     assert fig.axes[0].get_title().split("\n")[0] == r"tiny-a | logit_lens | $\foo{$"
-    group = next(g for g in grids if g.labels.get("prompt_group") == r"$\foo{$" and g.kind == "aggregate")
+    group = next(f for f in figures if f.grid.labels.get("prompt_group") == r"$\foo{$" and f.grid.kind == "aggregate")
     fig = plotting.draw(site.heatmap_data(group))
     fig.savefig(io.BytesIO(), format="svg")
     assert fig.axes[0].get_title().startswith(r"tiny-a | logit_lens | $\foo{$ | mean of ")

@@ -113,12 +113,17 @@ def _gather(uri, spec=None):
 
     con = views.connect(uri)
     spec = spec or _spec()
-    where, chosen = aggregate._filters(con, spec)
+    where, chosen = aggregate.filters(con, spec)
     return site.gather(con, spec, where, chosen)
 
 
+def _lenses(report) -> list:
+    """(lens figure, its observations) of each of the report's lens views."""
+    return [(view.lens, view.observations) for view in report.lenses]
+
+
 def test_the_figure_and_table_hold_the_latest_evaluation_of_each_lens(lens_store):
-    (figure,) = _gather(lens_store).lenses
+    ((figure, _),) = _lenses(_gather(lens_store))
     assert figure.model == MODEL and figure.held_out_hash == SPLIT and figure.tokens == 4096
     assert [c.label for c in figure.curves] == ["logit", "tuned 89b1c2d3\u2026", "least_squares 01234567\u2026"]
     assert {c.fit_id for c in figure.curves} == {"fit-new"}  # not the older fit's evaluation
@@ -133,7 +138,7 @@ def test_the_figure_and_table_hold_the_latest_evaluation_of_each_lens(lens_store
 
     # the matplotlib figure: one line per lens, its y the rows' KL (the logit lens's 0 on the
     # log axis's bottom, with a hollow marker), the logit lens dashed, the labels in the legend
-    fig = lineplot.draw(figure.lines())
+    fig = lineplot.draw(site.lens_lines(figure))
     ax = fig.axes[0]
     lines = {line.get_gid(): line for line in ax.lines}
     for i, curve in enumerate(figure.curves):
@@ -149,7 +154,7 @@ def test_the_figure_and_table_hold_the_latest_evaluation_of_each_lens(lens_store
     assert ax.get_title().startswith(f"{MODEL} | held-out KL per layer") and "drawn at 0.01" in ax.get_title()
 
     # the interactive figure: the same numbers, the real value (0) in the hover
-    traces = interactive.lines_figure(figure.lines())["data"]
+    traces = interactive.lines_figure(site.lens_lines(figure))["data"]
     assert [t["name"] for t in traces] == [c.label for c in figure.curves]
     for trace, curve in zip(traces, figure.curves):
         np.testing.assert_allclose(trace["y"], np.maximum(curve.kl, LENS_EVAL_FLOOR))
@@ -157,15 +162,15 @@ def test_the_figure_and_table_hold_the_latest_evaluation_of_each_lens(lens_store
 
 
 def test_the_sentences_name_the_layers_where_a_lens_beats_or_trails_the_logit_lens(lens_store):
-    (figure,) = _gather(lens_store).lenses
-    assert figure.observations == [
+    ((_, observations),) = _lenses(_gather(lens_store))
+    assert observations == (
         "tuned lens 89b1c2d3\u2026: held-out KL below the logit lens's at layers 0-2 (mean 2.5 vs 7 nats); "
         "above the logit lens's at layers 4-5 (mean 0.76 vs 0.5 nats); within 0.01 nats of it at layer 3.",
         "least_squares lens 01234567\u2026: held-out KL within 0.01 nats of the logit lens's at every layer "
         "both evaluate (layers 0-5).",
         "Differences under 0.01 nats are not counted: lens evaluations have no measured noise floor, "
         "so this fixed threshold stands in for one.",
-    ]
+    )
 
 
 def test_the_site_shows_the_section_and_redraws_it_when_an_evaluation_is_added(lens_store, tmp_path):
@@ -210,7 +215,9 @@ def test_a_store_without_lens_tables_has_no_lens_section(plain_store, tmp_path):
     for name in ("index.html", "report.md"):
         text = (out / name).read_text()
         assert "Lenses" not in text and "lens_eval" not in text, name
-    assert (out / "report.md").read_text() == site.render_markdown(_spec(), report.grids, report.summary, report.floors)
+    assert (out / "report.md").read_text() == site.render_markdown(
+        _spec(), report.figures, report.summary, report.floors
+    )
 
 
 def test_a_second_held_out_split_is_its_own_figure_and_models_filter(lens_store, tmp_path):
@@ -220,10 +227,10 @@ def test_a_second_held_out_split_is_its_own_figure_and_models_filter(lens_store,
     open_store(str(copy)).write(
         "lens_eval", _eval_rows("fit-x", other, split="cd" * 32, tokens=10), "x.parquet", model=MODEL
     )
-    figures = _gather(str(copy)).lenses
-    assert [(f.held_out_hash, len(f.curves)) for f in figures] == [(SPLIT, 3), ("cd" * 32, 1)]
-    assert figures[1].observations == ["Only the logit lens is evaluated on this held-out split (10 tokens)."]
-    assert len({f.fig_id for f in figures}) == 2
+    figures = _lenses(_gather(str(copy)))
+    assert [(f.held_out_hash, len(f.curves)) for f, _ in figures] == [(SPLIT, 3), ("cd" * 32, 1)]
+    assert figures[1][1] == ("Only the logit lens is evaluated on this held-out split (10 tokens).",)
+    assert len({f.fig_id for f, _ in figures}) == 2
 
 
 HOSTILE_MODEL = "<b>m&'x\""
@@ -241,10 +248,10 @@ def test_hostile_model_labels_and_lens_ids_are_escaped(lens_store, tmp_path):
     rows = {("logit", "logit"): [(4.0, 0.1), (1.0, 0.5)], (HOSTILE_ID, HOSTILE_KIND): [(2.0, 0.4), (1.0, 0.5)]}
     pq.write_table(_eval_rows("fit-h", rows), folder / "eval.parquet")
     report = _gather(str(copy))
-    hostile = next(f for f in report.lenses if f.model == HOSTILE_MODEL)
+    hostile, observations = next((f, o) for f, o in _lenses(report) if f.model == HOSTILE_MODEL)
     assert hostile.curves[1].label == HOSTILE_KIND + " " + HOSTILE_ID[:8] + "\u2026"
-    assert hostile.observations[0].startswith(f"{HOSTILE_KIND} lens <script>\u2026: held-out KL below")
-    fig = lineplot.draw(hostile.lines())
+    assert observations[0].startswith(f"{HOSTILE_KIND} lens <script>\u2026: held-out KL below")
+    fig = lineplot.draw(site.lens_lines(hostile))
     fig.savefig(io.BytesIO(), format="png")  # mathtext would raise: unknown symbol \foo
     assert fig.axes[0].get_title().startswith(HOSTILE_MODEL)
     out = tmp_path / "rep"

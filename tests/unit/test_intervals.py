@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from klstore.report import floor, interactive, intervals, observe, plotting, scale, site
-from klstore.report.aggregate import Grid
+from klstore.report.figure import Figure
+from klstore.report.grid import Grid
 from klstore.report.intervals import Sample, bootstrap_difference
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}
@@ -160,7 +161,8 @@ def outlier_sides(seed=0):
     return a, b
 
 
-def difference_grid(a, b, interval, noise_floor=FLOOR):
+def difference_grid(a, b, interval, noise_floor=FLOOR) -> Figure:
+    """The figure of A - B with this interval, noise floor and a robust diverging scale."""
     values = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)
     g = Grid(
         "d",
@@ -176,15 +178,14 @@ def difference_grid(a, b, interval, noise_floor=FLOOR):
         {"model": "m", "probe": "p", "a": "ga", "b": "gb"},
         interval=interval,
     )
-    g.noise_floor, g.below_floor = noise_floor, floor.below(values, noise_floor)
-    g.scale = scale.choose(values, "robust", True)
-    return g
+    return Figure(g, scale.choose(values, "robust", True), noise_floor, floor.below(values, noise_floor))
 
 
 def test_one_outlier_prompt_moves_the_mean_but_is_not_a_difference():
     a, b = outlier_sides()
     ci = bootstrap_difference(a, b, paired=False)
-    g = difference_grid(a, b, ci)
+    shown = difference_grid(a, b, ci)
+    g = shown.grid
     assert g.values[0, 0] == pytest.approx(17 / 8, abs=0.1) and abs(g.values[0, 0]) >= FLOOR  # clears the floor
     assert ci.low[0, 0] <= 0 <= ci.high[0, 0]  # but its interval includes 0
     assert ci.excludes_zero()[1, 0] and abs(g.values[1, 0]) < FLOOR
@@ -193,7 +194,7 @@ def test_one_outlier_prompt_moves_the_mean_but_is_not_a_difference():
     assert intervals.differences(g.values, None, FLOOR).tolist() == [[True, True], [False, False]]  # the floor alone
     assert intervals.differences(g.values, ci, None).tolist() == [[False, True], [True, False]]  # the interval alone
 
-    said = observe.observe(g)
+    said = observe.observe(shown)
     assert said[0] == (
         "ga is higher than gb in 1 of 4 cells and lower in 0 (a cell counts when its 95% interval excludes 0 "
         "and its size clears the noise floor of 0.5 nats); 2 cells have a 95% interval that includes 0 and "
@@ -209,14 +210,14 @@ def test_one_outlier_prompt_moves_the_mean_but_is_not_a_difference():
     naming = [s for s in said if "layer 0, Gen0" in s]
     assert naming and all("not a difference" in s for s in naming)
 
-    hover = interactive.figure(g)["data"][0]["customdata"]
+    hover = interactive.figure(shown)["data"][0]["customdata"]
     assert ci.cell(0, 0) in hover[0][0] and "not a difference: the 95% interval includes 0" in hover[0][0]
     assert ci.cell(0, 1) in hover[0][1] and "not a difference" not in hover[0][1]
     assert "not a difference: below the noise floor (0.5 nats)" in hover[1][0]
-    dots = next(t for t in interactive.figure(g)["data"] if t.get("name") == "not a difference")
+    dots = next(t for t in interactive.figure(shown)["data"] if t.get("name") == "not a difference")
     assert sorted(zip(dots["y"], dots["x"])) == sorted((r + 0.3, c - 0.36) for r, c in [(0, 0), (1, 0), (1, 1)])
 
-    fig = plotting.draw(site.heatmap_data(g))
+    fig = plotting.draw(site.heatmap_data(shown))
     drawn = next(c for c in fig.axes[0].collections if c.get_gid() == "below-noise-floor")
     np.testing.assert_allclose(
         sorted(map(tuple, drawn.get_offsets())), sorted([(-0.36, 0.3), (-0.36, 1.3), (0.64, 1.3)])

@@ -10,6 +10,7 @@ from klstore.report import lineplot
 from klstore.report.floor import LENS_EVAL_FLOOR
 from klstore.report.lenses import Curve, LensFigure, short_id
 from klstore.report.observe import layer_ranges, lens_sentences
+from klstore.report.site import lens_lines
 
 
 def curve(kind, lens_id, kl, layers=None):
@@ -66,7 +67,7 @@ def test_short_ids_and_labels():
 def test_gaps_and_values_below_the_axis_bottom_are_drawn():
     """NaN is a gap in the line; zero and negative float error sit on the log axis's bottom."""
     data = figure(curve("logit", "logit", [2.0, np.nan, 0.0, -1e-9]), curve("tuned", "d" * 16, [1.0, 0.5, 0.2, 0.1]))
-    fig = lineplot.draw(data.lines())
+    fig = lineplot.draw(lens_lines(data))
     fig.savefig(io.BytesIO(), format="svg")
     lines = {line.get_gid(): line for line in fig.axes[0].lines}
     np.testing.assert_array_equal(lines["series-0"].get_ydata(), [2.0, np.nan, LENS_EVAL_FLOOR, LENS_EVAL_FLOOR])
@@ -74,6 +75,6 @@ def test_gaps_and_values_below_the_axis_bottom_are_drawn():
     assert "below-y-min-1" not in lines and fig.axes[0].get_ylim()[0] < LENS_EVAL_FLOOR
     assert "drawn at 0.01" in fig.axes[0].get_title()
     # redrawn into the same Figure (as the drawing processes do): only the new lines
-    again = lineplot.draw(figure(curve("logit", "logit", [3.0, 2.0])).lines(), figure=fig)
+    again = lineplot.draw(lens_lines(figure(curve("logit", "logit", [3.0, 2.0]))), figure=fig)
     assert again is fig and [line.get_gid() for line in fig.axes[0].lines] == ["series-0"]
     assert "drawn at" not in fig.axes[0].get_title()

@@ -240,8 +240,10 @@ def test_report_maps_q_entropy_when_the_spec_asks_for_it(store):
     spec = parse_report_spec({"name": "entropy", "value": "q_entropy", "compare_models": False})
     assert spec.divergence == "q_entropy" and DIVERGENCE_LABELS["q_entropy"] == "Entropy of Q (nats)"
     con = views.connect(store)
-    where, _ = aggregate._filters(con, spec)
-    grids = [g for g in aggregate.collect(con, spec, where, aggregate._n_layers(con, where)) if g.kind == "aggregate"]
+    where, _ = aggregate.filters(con, spec)
+    grids = [
+        g for g in aggregate.collect(con, spec, where, aggregate.layer_counts(con, where)) if g.kind == "aggregate"
+    ]
     assert grids
     for grid in grids:
         labels = grid.labels

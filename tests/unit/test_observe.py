@@ -11,19 +11,20 @@ import numpy as np
 import pytest
 
 from klstore.report import floor, interactive, observe, prompts, scale
-from klstore.report.aggregate import Grid
+from klstore.report.figure import Figure
+from klstore.report.grid import Grid
 from klstore.report.observe import columns_sentence
 from klstore.spec import parse_report_spec
 
 
-def grid(values, kind="aggregate", labels=None, settling=None, counts=None):
+def grid(values, kind="aggregate", labels=None, settling=None, counts=None, title="t", columns=None, **more):
     values = np.asarray(values, dtype=float)
     return Grid(
         "g",
         "s",
-        "t",
+        title,
         tuple(range(values.shape[0])),
-        tuple(f"Gen{i}" for i in range(values.shape[1])),
+        columns or tuple(f"Gen{i}" for i in range(values.shape[1])),
         values,
         np.full(values.shape, 4) if counts is None else counts,
         4,
@@ -31,6 +32,7 @@ def grid(values, kind="aggregate", labels=None, settling=None, counts=None):
         kind,
         labels or {},
         settling=settling,
+        **more,
     )
 
 
@@ -41,7 +43,8 @@ def columns(*means, rows=6):
 
 
 def notes(g):
-    return observe.observe(g)
+    """The observations of a grid (no scale, no floor) or of a Figure."""
+    return observe.observe(g if isinstance(g, Figure) else Figure(g))
 
 
 # ------------------------------------------------------------------ standout and alike
@@ -214,19 +217,24 @@ def test_script_json_cannot_close_its_script_element():
 
 def test_store_text_in_figures_is_escaped_and_tokens_visible():
     values = np.array([[1.0, 2.0]])
-    g = grid(values, kind="prompt", labels={"model": "m", "probe": "p", "prompt_id": "<b>x</b>"})
-    g.title = "m | p | <img src=x onerror=alert(1)>"
-    g.columns = ("Gen0\n<script>", "Gen1\n\u2423")
     topk = np.empty((1, 2), dtype=object)
     topk[0, 0] = [(" <i>", 0.5), ("\n", 0.25)]
-    g.hover = {
+    hover = {
         "topk": topk,
         "gen_rank": np.array([[1.0, np.nan]]),
         "gen_logq": np.array([[-0.7, np.nan]]),
         "top1_match": np.array([[True, None]], dtype=object),
         "tokens": ["<script>", " "],
     }
-    fig = interactive.figure(g)
+    g = grid(
+        values,
+        kind="prompt",
+        labels={"model": "m", "probe": "p", "prompt_id": "<b>x</b>"},
+        title="m | p | <img src=x onerror=alert(1)>",
+        columns=("Gen0\n<script>", "Gen1\n\u2423"),
+        hover=hover,
+    )
+    fig = interactive.figure(Figure(g))
     assert fig["layout"]["title"]["text"] == "m | p | &lt;img src=x onerror=alert(1)&gt;"
     assert fig["layout"]["xaxis"]["ticktext"] == ["Gen0<br>&lt;script&gt;", "Gen1<br>\u2423"]
     hover = fig["data"][0]["customdata"][0][0]
@@ -240,9 +248,9 @@ def test_aggregate_hover_counts_prompts_and_links_the_largest():
     values = np.array([[1.0, 3.0]])
     at = np.empty((1, 2), dtype=object)
     at[0, 1] = {"model": "m", "run_id": "r", "prompt_id": "p<7>"}
-    g = grid(values, labels={"model": "m", "probe": "p"}, counts=np.array([[12, 11]]))
-    g.hover = {"aggregate": "mean", "mean": values, "median": values / 2, "max": values * 3, "max_at": at}
-    fig = interactive.figure(g, {("m", "r", "p<7>"): "prompts/x.html"})
+    hover = {"aggregate": "mean", "mean": values, "median": values / 2, "max": values * 3, "max_at": at}
+    g = grid(values, labels={"model": "m", "probe": "p"}, counts=np.array([[12, 11]]), hover=hover)
+    fig = interactive.figure(Figure(g), {("m", "r", "p<7>"): "prompts/x.html"})
     hover = fig["data"][0]["customdata"][0]
     assert "12 prompts" in hover[0] and "11 prompts" in hover[1]
     assert "mean 3 · median 1.5" in hover[1] and "largest 9: prompt p&lt;7&gt;" in hover[1]
@@ -266,10 +274,12 @@ def test_examples_come_from_every_group_in_turn():
 FLOOR_GRID = np.array([[2.0, 1e-7, np.nan], [-3e-7, 0.5, 1e-6], [0.0, -2.0, 9.99e-7]])
 
 
-def floored(values, noise_floor, kind="aggregate", labels=None):
+def floored(values, noise_floor, kind="aggregate", labels=None, chosen=None) -> Figure:
+    """The figure of a grid under this noise floor (and colour scale `chosen`)."""
     g = grid(values, kind=kind, labels=labels)
-    g.noise_floor, g.below_floor = noise_floor, floor.below(g.values, noise_floor)
-    return g
+    shown = Figure.of(g, chosen, noise_floor)
+    np.testing.assert_array_equal(shown.below_floor, floor.below(g.values, noise_floor))
+    return shown
 
 
 def test_below_marks_finite_cells_whose_magnitude_is_under_the_floor():
@@ -284,11 +294,11 @@ def test_a_figure_answers_to_the_largest_floor_of_the_runs_behind_it():
     floors = floor.Floors({("a", "r1"): 1e-6, ("a", "r2"): None, ("b", "r3"): 4e-6, ("c", "r4"): None})
     assert floors.of(["a"]) == 1e-6 and floors.of(["a", "b"]) == 4e-6 and floors.of(["c"]) is None
     assert floors.of(["a"], run_id="r2") is None  # a per-prompt map: its own run only
-    diff = grid(np.zeros((2, 2)), kind="difference", labels={"probe": "p", "a": "a", "b": "b"})
-    diff.inputs = (("a", "p"), ("b", "p"))
+    diff = grid(
+        np.zeros((2, 2)), kind="difference", labels={"probe": "p", "a": "a", "b": "b"}, inputs=(("a", "p"), ("b", "p"))
+    )
     assert floor.for_grid(diff, floors) == 4e-6  # the larger of the two sides
-    page = grid(np.zeros((2, 2)), kind="prompt", labels={"model": "a", "run_id": "r1"})
-    page.inputs = (("a", "p"),)
+    page = grid(np.zeros((2, 2)), kind="prompt", labels={"model": "a", "run_id": "r1"}, inputs=(("a", "p"),))
     assert floor.for_grid(page, floors) == 1e-6
     assert floors.per_model() == {"a": (1e-6, 1, 2), "b": (4e-6, 1, 1), "c": (None, 0, 1)}
     assert floor.summary_line(floors).startswith(
@@ -351,8 +361,8 @@ def test_differences_below_the_floor_are_not_called_differences():
 def test_marked_cells_get_a_dot_in_png_svg_and_a_marker_and_hover_in_the_interactive_figure():
     from klstore.report import plotting, site
 
-    g = floored(np.array([[2.0, 1e-7], [-3e-7, 0.5]]), 1e-6, "difference", {"a": "m1", "b": "m2"})
-    g.scale = scale.choose(g.values, "robust", True)
+    values = np.array([[2.0, 1e-7], [-3e-7, 0.5]])
+    g = floored(values, 1e-6, "difference", {"a": "m1", "b": "m2"}, scale.choose(values, "robust", True))
     fig = plotting.draw(site.heatmap_data(g))
     dots = next(c for c in fig.axes[0].collections if c.get_gid() == "below-noise-floor")
     np.testing.assert_allclose(dots.get_offsets(), [[1 - 0.36, 0 + 0.3], [0 - 0.36, 1 + 0.3]])
@@ -364,7 +374,7 @@ def test_marked_cells_get_a_dot_in_png_svg_and_a_marker_and_hover_in_the_interac
     hover = data[0]["customdata"]
     assert [["below the noise floor (1e-06 nats)" in h for h in row] for row in hover] == [[False, True], [True, False]]
     assert "not a difference" in hover[0][1]
-    plain = grid(g.values, "difference", {"a": "m1", "b": "m2"})  # not measured: no marks anywhere
+    plain = Figure(grid(values, "difference", {"a": "m1", "b": "m2"}))  # not measured: no marks anywhere
     drawn = plotting.draw(site.heatmap_data(plain)).axes[0].collections
     assert not any(c.get_gid() == "below-noise-floor" for c in drawn)
     assert [t.get("name") for t in interactive.figure(plain)["data"]] == [None]

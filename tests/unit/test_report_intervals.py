@@ -82,14 +82,14 @@ def plain_cells(uri, model, group=None):
 def grids(uri, **changes):
     con = views.connect(uri)
     spec = parse_report_spec({**SPEC, **changes})
-    where, _ = aggregate._filters(con, spec)
+    where, _ = aggregate.filters(con, spec)
     return {g.title: g for g in aggregate.collect(con, spec, where) if g.kind == "difference"}, spec
 
 
 def test_per_prompt_cells_are_the_stored_rows(uri):
     con = views.connect(uri)
     spec = parse_report_spec(SPEC)
-    where, _ = aggregate._filters(con, spec)
+    where, _ = aggregate.filters(con, spec)
     cells = compare.fetch(con, where, "kl", "m-b", "logit_lens")
     assert cells.units == tuple(("r1", f"p{i:02d}") for i in range(10)) and cells.layers == (0, 1, 2, 3)
     assert cells.groups == tuple(f"g{i // 5}" for i in range(10))

@@ -18,6 +18,8 @@ from layer_stores import DEPTHS, SEED_LAYERS, UNION_LAYERS, build_store
 from klstore.config import load_report_spec
 from klstore.errors import KlstoreError
 from klstore.report import aggregate, interactive, plotting, prompts, settling, site
+from klstore.report.figure import Figure
+from klstore.report.grid import Grid
 from klstore.report.observe import observe
 from klstore.spec import parse_report_spec
 from klstore.store import views
@@ -47,8 +49,8 @@ def _spec(**changes):
 def _grids(store_uri, spec):
     """The aggregate and comparison grids, and every per-prompt grid, of the spec."""
     con = views.connect(store_uri)
-    where, chosen = aggregate._filters(con, spec)
-    n_layers = aggregate._n_layers(con, where)
+    where, chosen = aggregate.filters(con, spec)
+    n_layers = aggregate.layer_counts(con, where)
     grids = aggregate.collect(con, spec, where, n_layers)
     settling.load(con, chosen["selection"])
     pages = [g for listing in prompts.listings(con) for g in prompts.grids(con, spec, where, n_layers, listing)]
@@ -118,13 +120,13 @@ def test_a_subset_store_maps_exactly_the_stored_layers(store_uri, raw):
 def test_the_maps_draw_only_stored_rows_with_a_break_at_each_jump(store_uri):
     grids, pages = _grids(store_uri, _spec(models=["deep"], per_prompt=1))
     for grid in (grids[0], pages[0]):
-        fig = plotting.draw(site.heatmap_data(grid))
+        fig = plotting.draw(site.heatmap_data(Figure(grid)))
         ax = fig.axes[0]
         assert [t.get_text() for t in ax.get_yticklabels()] == [str(k) for k in SEED_LAYERS]
         assert ax.images[0].get_array().shape == (len(SEED_LAYERS), grid.values.shape[1])
         breaks = {line.get_gid(): line.get_ydata()[0] for line in ax.lines}
         assert breaks == {"layer-gap-0": 0.5, "layer-gap-7": 7.5}  # between 0|15 and 21|27
-        layout = interactive.figure(grid)["layout"]
+        layout = interactive.figure(Figure(grid))["layout"]
         assert layout["yaxis"]["ticktext"] == [str(k) for k in SEED_LAYERS]
         assert [(s["y0"], s["y1"], s["name"]) for s in layout["shapes"]] == [
             (0.5, 0.5, "layer gap 0-15"),
@@ -139,7 +141,7 @@ def test_all_keeps_every_layer_of_the_model(store_uri, raw):
         stored = np.isin(np.arange(28), SEED_LAYERS)
         assert np.isnan(grid.values[~stored]).all() and np.isfinite(grid.values[stored]).all()
         assert (grid.counts[~stored] == 0).all()
-        assert plotting.layer_gaps(grid.layers) == () and "shapes" not in interactive.figure(grid)["layout"]
+        assert plotting.layer_gaps(grid.layers) == () and "shapes" not in interactive.figure(Figure(grid))["layout"]
     explicit = _grids(store_uri, _spec(models=["deep"], layers="15-17", per_prompt=0))[0]
     assert all(g.layers == (15, 16, 17) for g in explicit)
 
@@ -157,7 +159,7 @@ def test_runs_with_different_subsets_draw_the_union_with_per_cell_counts(store_u
     np.testing.assert_array_equal(overall.counts, count)
     assert count[union.index(17)].min() > count[union.index(0)].max()  # both runs reach layer 17
     assert plotting.layer_gaps(overall.layers) == (0, 3)
-    fig = plotting.draw(site.heatmap_data(overall))  # n=<count> where fewer prompts reached a cell
+    fig = plotting.draw(site.heatmap_data(Figure(overall)))  # n=<count> where fewer prompts reached a cell
     full = int(count.max())
     expected = [plotting.cell_text(v) + (f"\nn={n}" if n < full else "") for v, n in zip(mean.flat, count.flat)]
     assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(expected)
@@ -201,7 +203,7 @@ def test_model_comparisons_show_the_rows_stored_on_both_sides(store_uri, raw):
     mapped = [round(k * (n - 1) / (m - 1)) for k in ks]
     np.testing.assert_allclose(rel.values, rows(agg["deep"], mapped) - rows(agg["half"], ks), rtol=1e-12)
     assert rel.gaps == (0, 4)  # half's 0 | 7 and 10 | 13
-    fig = plotting.draw(site.heatmap_data(rel))
+    fig = plotting.draw(site.heatmap_data(Figure(rel)))
     assert sorted(line.get_ydata()[0] for line in fig.axes[0].lines) == [0.5, 4.5]
     # `all` keeps the full relative-depth table (rows with no value show n/a)
     everything, _ = _grids(store_uri, parse_report_spec({**spec.describe(), "layers": "all"}))
@@ -221,12 +223,12 @@ def test_relative_depth_keeps_the_rows_with_a_stored_counterpart(store_uri):
 # ------------------------------------------------------------------ no warnings
 def test_observations_over_rows_without_values_raise_no_warning():
     values = np.array([[np.nan, np.nan, np.nan], [1.0, 2.0, np.nan], [4.0, np.nan, 6.0], [0.5, 0.5, 0.5]])
-    grid = aggregate.Grid(
+    grid = Grid(
         "g", "s", "t", (0, 1, 2, 3), ("Gen0", "Gen1", "Gen2"), values, np.ones((4, 3), int), 1, "kl", "aggregate", {}
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        said = observe(grid)
+        said = observe(Figure(grid))
         means = aggregate.nan_mean(values, axis=1)
     np.testing.assert_array_equal(np.isnan(means), [True, False, False, False])
     np.testing.assert_allclose(means[1:], [1.5, 5.0, 0.5], rtol=1e-15)
