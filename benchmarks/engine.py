@@ -299,18 +299,18 @@ def instrumented(engine, clock):
 
       generation   engine.generate_batch (encoding the prompts goes to "other")
       clean trace  engine.trace_batch, including its head at the n reference positions
-      layer sweep  producing each chunk of engine._final_hidden (the intervened forwards;
+      layer sweep  producing each chunk of sweeps.final_hidden (the intervened forwards;
                    logit lens: stacking recorded states), and engine.probe_context (patch:
                    the source prompt's pass)
       unembedding  klstore.core.unembed.run (the forward-KL runs: final norm, head, and in
                    the same vocabulary-chunked pass log-sum-exp, KL, rank and top-k), or on
                    the row-chunked path engine.adapter.log_probs (final norm, head, log_softmax)
       divergences  klstore.core.divergence's compute functions (the row-chunked path)
-      top-1, lens tokens   the rest of engine._matrices: on the row-chunked path top-1, rank
+      top-1, lens tokens   the rest of readout.matrices: on the row-chunked path top-1, rank
                    and top-k; on both, the copies to numpy and the KLMatrix
       other        the rest of engine.run_many (end-to-end time minus all of the above)
     """
-    from klstore.core import divergence, unembed
+    from klstore.core import divergence, readout, sweeps, unembed
 
     def timed(phase, fn, unless=()):
         def wrapper(*args, **kwargs):
@@ -337,8 +337,8 @@ def instrumented(engine, clock):
         (engine, "generate_batch", timed("generation", engine.generate_batch)),
         (engine, "trace_batch", timed("clean trace", engine.trace_batch)),
         (engine, "probe_context", timed("layer sweep", engine.probe_context)),
-        (engine, "_final_hidden", sweep(engine._final_hidden)),
-        (engine, "_matrices", timed("top-1, lens tokens", engine._matrices)),
+        (sweeps, "final_hidden", sweep(sweeps.final_hidden)),
+        (readout, "matrices", timed("top-1, lens tokens", readout.matrices)),
         (unembed, "run", timed("unembedding", unembed.run)),
         (engine.adapter, "log_probs", timed("unembedding", engine.adapter.log_probs, unless=("clean trace",))),
     ]
@@ -385,6 +385,7 @@ def phase_run(engine, prompts, spec, layers, gen_spec, clock, divergences=("kl",
 def roofline(engine, prompts, n_new, probes, repeat=3):
     from torch.utils.flop_counter import FlopCounterMode
 
+    from klstore.core import readout
     from klstore.spec import GenerationSpec, ProbeSpec, Prompt, parse_layers
 
     device, dtype = engine.device, engine.loaded.dtype
@@ -392,7 +393,7 @@ def roofline(engine, prompts, n_new, probes, repeat=3):
     layers = parse_layers("all", engine.n_layers, engine.loaded.label)
     vocab, hidden = engine.model.get_output_embeddings().weight.shape
     peak = matmul_gflops(device, dtype)
-    head_rows = max(1, engine._cells_per_chunk(vocab))
+    head_rows = max(1, readout.cells_per_chunk(vocab, engine.chunk_bytes))
     head_shape = _shape_gflops(device, dtype, head_rows, hidden, vocab)
     print(
         f"yardstick: plain torch.matmul 2048^3 ({dtype}) {peak:.1f} GFLOP/s; the head's own shape "

@@ -36,7 +36,6 @@ def main() -> None:
     import torch
 
     from klstore.config import read_prompts
-    from klstore.core import engine as engine_module
     from klstore.core import unembed
     from klstore.core.engine import Engine
     from klstore.core.models import load_model, quiet_libraries
@@ -58,13 +57,13 @@ def main() -> None:
     times: dict[str, list[float]] = {"with H(Q)": [], "without": []}
     for _ in range(args.repeat):
         for label, run in (("with H(Q)", with_entropy), ("without", without)):
-            engine_module.unembed.run = run  # type: ignore[assignment]
+            unembed.run = run  # type: ignore[assignment]
             try:
                 start = time.perf_counter()
                 results = engine.compute(prompts, compute)
                 times[label].append(time.perf_counter() - start)
             finally:
-                engine_module.unembed.run = with_entropy  # type: ignore[assignment]
+                unembed.run = with_entropy  # type: ignore[assignment]
             bad = [r for r in results if isinstance(r, Exception)]
             if bad:
                 raise SystemExit(f"a prompt failed: {bad[0]}")

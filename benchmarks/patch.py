@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from klstore.core import sweeps  # noqa: E402
 from klstore.core.engine import Engine  # noqa: E402
 from klstore.core.models import load_model  # noqa: E402
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt  # noqa: E402
@@ -43,7 +44,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         cached = engine.probe_context(probe, prompt, trace.generation, spec)
-        cached.prefix_cache = engine._prefix_cache(trace.input_ids[0, : cached.patch_position].tolist())
+        cached.prefix_cache = sweeps.prefix_cache(engine.runtime, trace.input_ids[0, : cached.patch_position].tolist())
     context_s = time.perf_counter() - t0
     whole = dataclasses.replace(cached, from_position=False)
     cached = dataclasses.replace(cached, from_position=True)
@@ -52,7 +53,7 @@ def main() -> None:
     for _ in range(args.repeat):
         for name, context in (("whole sequence", whole), ("from the patched position", cached)):
             t0 = time.perf_counter()
-            result = engine.probe(trace, probe, layers, ("kl",), prompt, context)
+            result = engine.probe(trace, probe, layers, ("kl",), prompt, context=context)
             best[name] = min(best[name], time.perf_counter() - t0)
             values[name] = result.values["kl"]
     print(
@@ -62,11 +63,12 @@ def main() -> None:
     for name, seconds in best.items():
         print(f"  {name:26s} {seconds:7.2f} s")
     diff = float(np.abs(values["whole sequence"] - values["from the patched position"]).max())
-    choice = engine._from_position(
-        trace, probe, layers, dataclasses.replace(cached, from_position=None, prefix_cache=None)
+    choice = sweeps.from_position(
+        engine.runtime,
+        sweeps.SweepRows(trace, probe, layers, dataclasses.replace(cached, from_position=None, prefix_cache=None)),
     )
     print(
-        f"  the engine's own choice for this prompt (Engine._from_position): "
+        f"  the engine's own choice for this prompt (sweeps.from_position): "
         f"{'from the patched position' if choice else 'whole sequence'}"
     )
     print(

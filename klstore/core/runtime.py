@@ -11,6 +11,7 @@ Shapes: B batch rows, T positions, H hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,3 +110,24 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+# matmul_precision -> float32 matmul precision of (CUDA, oneDNN: the CPU), in torch's per-backend API.
+# (The legacy torch.set_float32_matmul_precision raises once a caller has used the per-backend one.)
+_MATMUL_PRECISION = {"highest": ("ieee", "ieee"), "high": ("tf32", "ieee"), "medium": ("tf32", "bf16")}
+
+
+@contextlib.contextmanager
+def matmul_precision_of(precision: str):
+    """float32 matrix products at `precision` (spec.MATMUL_PRECISIONS) inside the block; the
+    caller's own settings are restored after it, whatever they were."""
+    # torch.backends.mkldnn.matmul exists at runtime (MkldnnModule replaces the module); its stubs lack it
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
+    before = [backend.fp32_precision for backend in backends]
+    try:
+        for backend, value in zip(backends, _MATMUL_PRECISION[precision]):
+            backend.fp32_precision = value
+        yield
+    finally:
+        for backend, value in zip(backends, before):
+            backend.fp32_precision = value

@@ -2,7 +2,7 @@
 finite computation or a recorded, one-line non-finite outcome, never a traceback.
 
 - temperature: every finite value > 0 is accepted. The sampler computes
-  softmax((logits - max) / T) in float64 (`engine._sampling_probs`), which is finite for
+  softmax((logits - max) / T) in float64 (`generation.sampling_probs`), which is finite for
   every such T: a tiny T tends to greedy, a huge one to uniform.
 - noise scale and steering alpha: every finite value is accepted. A value that overflows the
   model's dtype makes the probed states non-finite; the engine records those cells as
@@ -17,7 +17,8 @@ import pytest
 import torch
 from tiny_models import ToyTokenizer, build
 
-from klstore.core.engine import Engine, _sampling_probs
+from klstore.core.engine import Engine
+from klstore.core.generation import sampling_probs
 from klstore.core.models import from_objects
 from klstore.errors import KlstoreError
 from klstore.run.worker import Worker
@@ -31,7 +32,7 @@ PROMPTS = [Prompt("a", "The quick brown fox"), Prompt("b", "Hello there")]
 def test_sampling_probs_against_float64(temperature):
     logits = torch.randn(96, generator=torch.Generator().manual_seed(3)) * 20
     expected = torch.softmax(logits.double() / temperature, -1)
-    got = _sampling_probs(logits, temperature)
+    got = sampling_probs(logits, temperature)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-12)
 
@@ -39,14 +40,14 @@ def test_sampling_probs_against_float64(temperature):
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40, 1e-30, 1e-8])
 def test_tiny_temperature_is_greedy(temperature):
     logits = torch.tensor([1.0, 3.5, -2.0, 3.25, float("-inf")])
-    probs = _sampling_probs(logits, temperature)
+    probs = sampling_probs(logits, temperature)
     assert torch.equal(probs, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 @pytest.mark.parametrize("temperature", [1e8, 1e38, 3.5e38, 1e300, 1.7976931348623157e308])
 def test_huge_temperature_is_uniform_over_finite_logits(temperature):
     logits = torch.tensor([1.0, 3.5, -2.0, 3.25, float("-inf")])
-    probs = _sampling_probs(logits, temperature)
+    probs = sampling_probs(logits, temperature)
     assert torch.isfinite(probs).all()
     np.testing.assert_allclose(probs.numpy(), [0.25, 0.25, 0.25, 0.25, 0.0], atol=1e-6)
 
@@ -54,7 +55,7 @@ def test_huge_temperature_is_uniform_over_finite_logits(temperature):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_are_one_line_error(bad):
     with pytest.raises(KlstoreError, match="logits are not finite"):
-        _sampling_probs(torch.tensor([1.0, bad, 0.0]), 1.0)
+        sampling_probs(torch.tensor([1.0, bad, 0.0]), 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,6 +6,7 @@ import torch
 from reference import reference_matrices
 from tiny_models import ToyTokenizer, build
 
+from klstore.core import sweeps
 from klstore.core.engine import Engine
 from klstore.core.models import from_objects
 from klstore.core.steering import prepare_probes, steer_vectors
@@ -215,7 +216,7 @@ def test_from_position_patch_sweep_matches_float64_reference(family, engine, mon
     """patch's sweep over the positions from the patched one on (a clean prefix KV cache), forced,
     against the float64 reference. (On PROMPT the engine itself takes the whole-sequence sweep,
     which test_probe_matches_float64_reference[patch] checks.)"""
-    monkeypatch.setattr(engine, "_from_position", lambda trace, spec, chunk, context: True)
+    monkeypatch.setattr(sweeps, "from_position", lambda rt, rows: True)
     result = _run(engine, PROMPT, [ProbeSpec("patch")], "all", DIVS, GenerationSpec(max_new_tokens=4))[0]
     gen = result.generation
     sequence = list(gen.prompt_ids) + list(gen.token_ids[:-1])
@@ -232,9 +233,9 @@ def test_patch_sweep_is_chosen_by_cost_and_the_cache_built_only_then(engine, mon
     """4 layers, 4 tokens: 19 prompt tokens cost less over the whole sequence (6 x 22 block-positions
     against 4 x 4 x 4 + 4 x 18); 60 cost less from the patched position (6 x 63 against 64 + 4 x 59)."""
     built, decisions = [], []
-    make_cache, decide = engine._prefix_cache, engine._from_position
-    monkeypatch.setattr(engine, "_prefix_cache", lambda ids: built.append(len(ids)) or make_cache(ids))
-    monkeypatch.setattr(engine, "_from_position", lambda *a: decisions.append(decide(*a)) or decisions[-1])
+    make_cache, decide = sweeps.prefix_cache, sweeps.from_position
+    monkeypatch.setattr(sweeps, "prefix_cache", lambda rt, ids: built.append(len(ids)) or make_cache(rt, ids))
+    monkeypatch.setattr(sweeps, "from_position", lambda *a: decisions.append(decide(*a)) or decisions[-1])
     prompt = Prompt("p", text, source=text.replace("fox", "cat"))
     _run(engine, prompt, [ProbeSpec("patch")], "all", ("kl",), GenerationSpec(max_new_tokens=4))
     assert decisions == [chosen]
