@@ -24,6 +24,11 @@ sides get the same token ids (no BOS added), skip 16, float32 on the CPU.
    worker has finished its first prompt to the last prompt, so model loads are left out), and the
    fit's wall time (model loads and the held-out evaluation included).
 
+4. Subset (`--sections subset`): one prompt fitted at every source block, then at the deepest
+   --subset-fraction of them (`source_layers`), alternating, best of --subset-repeats each, in one
+   process: the ratio of their times, and the largest difference between the subset's rows and
+   the whole fit's at the same blocks (the same numbers, so float64 summation order only).
+
 Sections run one after the other and are not repeated; the load average is printed at the start
 and the end (other processes on the machine slow whichever section runs then). Prints numbers and
 PASS/FAIL lines; asserts nothing.
@@ -187,6 +192,40 @@ def speed(args, work: Path) -> None:
     )
 
 
+def subset(args) -> None:
+    import torch
+
+    from klstore.core import jacobian, lenses
+    from klstore.core.adapter import Adapter
+    from klstore.core.models import load_model, quiet_libraries
+
+    quiet_libraries()
+    loaded = load_model(args.model, device="cpu")
+    loaded.model.requires_grad_(False)
+    adapter = Adapter.discover(loaded.model)
+    n = adapter.n_layers
+    first = n - 1 - max(1, round((n - 1) * args.subset_fraction))
+    blocks = tuple(range(first, n - 1))
+    print(
+        f"\n4. subset: one prompt x {args.seq_len} tokens, dim_batch {args.dim_batch}: every source block (0-{n - 2}) "
+        f"vs blocks {lenses.spans(blocks)} (source_layers), best of {args.subset_repeats} each, alternating"
+    )
+    ids = packed_prompts(loaded.tokenizer, args.seq_len, 1)
+    times: dict[str, list[float]] = {"whole": [], "subset": []}
+    rows: dict[str, torch.Tensor] = {}
+    for _ in range(args.subset_repeats):
+        for name, chosen in (("whole", None), ("subset", blocks)):
+            start = time.perf_counter()
+            rows[name] = jacobian.prompt_jacobian(loaded.model, adapter, ids, SKIP, args.dim_batch, chosen)
+            times[name].append(time.perf_counter() - start)
+    whole_s, subset_s = min(times["whole"]), min(times["subset"])
+    diff = max(float((rows["subset"][i] - rows["whole"][b]).abs().max()) for i, b in enumerate(blocks))
+    print(
+        f"every block: {whole_s:7.2f} s   blocks {lenses.spans(blocks)}: {subset_s:7.2f} s ({subset_s / whole_s:.2f}x)"
+    )
+    print(f"largest |J_subset - J_whole| at the same blocks: {diff:.2e}")
+
+
 def memory(args) -> None:
     print(f"\n2. memory: one prompt of {args.seq_len} tokens per fresh process")
     print(
@@ -267,7 +306,9 @@ def main() -> None:
     parser.add_argument("--scale-prompts", type=int, default=4)
     parser.add_argument("--scale-dim-batch", type=int, default=32)
     parser.add_argument("--skip-anchor", action="store_true")
-    parser.add_argument("--sections", default="speed,memory,scale")
+    parser.add_argument("--sections", default="speed,memory,scale,subset")
+    parser.add_argument("--subset-fraction", type=float, default=0.25, help="section 4: the deepest share of blocks")
+    parser.add_argument("--subset-repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama (the tests)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="klstore-jlens-bench-"))
@@ -286,6 +327,8 @@ def main() -> None:
             memory(args)
         if "scale" in sections:
             scale(args, work)
+        if "subset" in sections:
+            subset(args)
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

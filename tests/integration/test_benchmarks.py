@@ -139,7 +139,11 @@ def test_jlens_fit_quick_prints_both_fits_their_error_memory_and_both_worker_cou
     rows = re.findall(rf"^ +([0-9]+){rf' +{NUMBER}' * 5}$", memory, re.M)
     assert [int(r[0]) for r in rows] == [1, 8, 32], memory
     assert all(float(r[3]) >= float(r[2]) > 0 for r in rows), memory  # peak >= resident after the load
-    scale = text.split("\n3. ", 1)[1]
+    scale, subset = text.split("\n3. ", 1)[1].split("\n4. subset", 1)
+    ratio = re.search(rf"^every block: +{NUMBER} s +blocks 2: +{NUMBER} s \({NUMBER}x\)", subset, re.M)
+    assert ratio and float(ratio.group(1)) > 0 and float(ratio.group(3)) > 0, subset
+    same = re.search(rf"at the same blocks: {NUMBER}", subset)
+    assert same and float(same.group(1)) < 1e-12, subset  # the same rows
     for workers in (1, 2):
         rate = re.search(rf"^{workers} worker\(s\): {NUMBER} prompts/s", scale, re.M)
         assert rate and float(rate.group(1)) > 0, scale
