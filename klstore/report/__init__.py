@@ -1,1 +1,2 @@
-"""Reports: store rows -> aggregated grids -> observations -> figures -> a static site. No torch."""
+"""Reports: store rows -> immutable grids (grid.Grid) -> figures with their scale, noise floor and
+observations (figure.Figure) -> drawings -> a static site. No torch."""
