@@ -123,17 +123,17 @@ def matrices(rt: ModelRuntime, items: list[Staged], reading: Reading, *, chunk_b
 def cells_fused(rt: ModelRuntime, items: list[Staged], k: int, *, chunk_bytes: int) -> list[CellValues]:
     """`unembed.run` over the items' cells, in passes of at most chunk_bytes of logits."""
     budget = max(1, chunk_bytes // unembed.cell_bytes())
-    pieces = []  # (item index, Job), each at most `budget` cells (one row if a row is more)
+    pieces = []  # (item index, HeadJob), each at most `budget` cells (one row if a row is more)
     for i, item in enumerate(items):
         trace, hidden = item.trace, item.hidden
         gen_ids = torch.tensor(trace.generation.token_ids, device=trace.ref_logp.device)
         step = max(1, budget // max(1, hidden.shape[1]))
         pieces += [
-            (i, unembed.Job(hidden[r : r + step], trace.reference, trace.ref_logp, gen_ids))
+            (i, unembed.HeadJob(hidden[r : r + step], trace.reference, trace.ref_logp, gen_ids))
             for r in range(0, hidden.shape[0], step)
         ]
     parts: list[list] = [[] for _ in items]
-    group: list[tuple[int, unembed.Job]] = []
+    group: list[tuple[int, unembed.HeadJob]] = []
     size = 0
     for piece in pieces + [None]:
         cells = 0 if piece is None else piece[1].hidden.shape[0] * piece[1].hidden.shape[1]

@@ -38,8 +38,8 @@ VOCAB_CHUNK = 4096  # vocabulary rows per GEMM: a (cells x 4096) float32 block s
 
 
 @dataclass
-class Job:
-    """One (prompt, probe) matrix: R probe rows x m positions."""
+class HeadJob:
+    """One (prompt, probe) matrix's cells for the head pass: R probe rows x m positions."""
 
     hidden: torch.Tensor  # (R, m, H) residual states, before the final norm
     reference: torch.Tensor  # (m, H) the last block's clean output at the same positions
@@ -83,7 +83,7 @@ def cell_bytes(chunk: int = VOCAB_CHUNK) -> int:
 
 
 @torch.no_grad()
-def run(adapter: Adapter, jobs: list[Job], k: int, chunk: int | None = None, entropy: bool = True) -> list[Cells]:
+def run(adapter: Adapter, jobs: list[HeadJob], k: int, chunk: int | None = None, entropy: bool = True) -> list[Cells]:
     """Every job's cells in one pass over the vocabulary (see the module docstring);
     `chunk` vocabulary rows per GEMM (default VOCAB_CHUNK). `entropy=False` skips H(Q) (only
     benchmarks/entropy_cost.py does, to measure what it costs)."""

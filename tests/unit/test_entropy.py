@@ -55,7 +55,7 @@ def test_streaming_entropy_handles_masked_logits_and_chunk_boundaries():
     hidden = torch.randn(3, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     reference = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     ref_logp = adapter.log_probs(reference).float()
-    job = unembed.Job(hidden, reference, ref_logp, torch.tensor([3, 9]))
+    job = unembed.HeadJob(hidden, reference, ref_logp, torch.tensor([3, 9]))
     for chunk in (16, 17, 4096):
         (cells,) = unembed.run(adapter, [job], k=2, chunk=chunk)
         logq = adapter.log_probs(hidden).double()
