@@ -29,7 +29,7 @@ _FIGURES: dict = {}  # in each drawing process: figure size -> the Figure it red
 
 
 @dataclass(frozen=True)
-class Job:
+class DrawJob:
     """One figure to draw: its data and the files to write (format from each suffix)."""
 
     data: plotting.HeatmapData | lineplot.LinesData
@@ -44,7 +44,7 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def draw_one(job: Job) -> float:
+def draw_one(job: DrawJob) -> float:
     """Draw and save one figure, redrawing into this process's Figure of that size; returns
     the CPU seconds it took (benchmarks add them up)."""
     start = time.process_time()
@@ -76,7 +76,7 @@ def _context():
 
 
 class Drawer:
-    """Draws Jobs in `workers` processes (None: one per available CPU), or in this process
+    """Draws DrawJobs in `workers` processes (None: one per available CPU), or in this process
     when workers <= 1. Start it early (the processes start at once); use it as a context
     manager, or call close()."""
 
@@ -86,13 +86,13 @@ class Drawer:
         self.cpu_seconds = 0.0  # spent drawing, in whichever process drew
         self.local_seconds = 0.0  # of which in this process
         self._pool = None
-        self._jobs: list[Job] = []
+        self._jobs: list[DrawJob] = []
         self._futures: list = []
         if self.workers > 1:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=_context())
             self._warm = [self._pool.submit(_ready) for _ in range(self.workers)]
 
-    def submit(self, jobs: list[Job]) -> None:
+    def submit(self, jobs: list[DrawJob]) -> None:
         """Start drawing the jobs (in this process: at wait())."""
         self._jobs += jobs
         if self._pool is not None:

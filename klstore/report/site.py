@@ -307,7 +307,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
             key = keys[grid.fig_id] = _figure_key(spec, grid, stats, extra)
             png, svg = f"figures/{grid.fig_id}.png", f"figures/{grid.fig_id}.svg"
             if not reuse(old_manifest.get("figures", {}).get(grid.fig_id), key, png, svg):
-                jobs.append(drawing.Job(heatmap_data(shown), (str(build_dir / png), str(build_dir / svg))))
+                jobs.append(drawing.DrawJob(heatmap_data(shown), (str(build_dir / png), str(build_dir / svg))))
         drawer.submit(jobs)
 
     def report_shared(shown):
@@ -325,7 +325,7 @@ def _build(store, spec, out, builds, con, where, chosen, force, log, start, work
             ).hexdigest()
             png, svg = f"figures/{lens.fig_id}.png", f"figures/{lens.fig_id}.svg"
             if not reuse(old_manifest.get("lenses", {}).get(lens.fig_id), key, png, svg):
-                jobs.append(drawing.Job(lens_lines(lens), (str(build_dir / png), str(build_dir / svg))))
+                jobs.append(drawing.DrawJob(lens_lines(lens), (str(build_dir / png), str(build_dir / svg))))
         drawer.submit(jobs)
 
     main_cpu = time.process_time()
