@@ -224,7 +224,7 @@ def matrix(rt: ModelRuntime, item: Staged, reading: Reading, numbers: CellValues
     gen = trace.generation
     ref = trace.ref_logp
     gen_ids = torch.tensor(gen.token_ids, device=ref.device)
-    logprob = numbers.gen_logp  # the fused pass's own log P(Gen t) (unembed.Cells.gen_logp)
+    logprob = numbers.gen_logp  # the fused pass's own log P(Gen t) (unembed.HeadCells.gen_logp)
     if logprob is None:
         logprob = ref[torch.arange(gen.n, device=ref.device), gen_ids].float().cpu().numpy()
     gen_entropy = numbers.gen_entropy  # the fused pass's own H(P), as gen_logp

@@ -48,7 +48,7 @@ class HeadJob:
 
 
 @dataclass
-class Cells:
+class HeadCells:
     """A job's numbers, each (R, m) unless stated; float32 / int32 on the CPU."""
 
     kl: torch.Tensor
@@ -83,7 +83,9 @@ def cell_bytes(chunk: int = VOCAB_CHUNK) -> int:
 
 
 @torch.no_grad()
-def run(adapter: Adapter, jobs: list[HeadJob], k: int, chunk: int | None = None, entropy: bool = True) -> list[Cells]:
+def run(
+    adapter: Adapter, jobs: list[HeadJob], k: int, chunk: int | None = None, entropy: bool = True
+) -> list[HeadCells]:
     """Every job's cells in one pass over the vocabulary (see the module docstring);
     `chunk` vocabulary rows per GEMM (default VOCAB_CHUNK). `entropy=False` skips H(Q) (only
     benchmarks/entropy_cost.py does, to measure what it costs)."""
@@ -193,7 +195,7 @@ def run(adapter: Adapter, jobs: list[HeadJob], k: int, chunk: int | None = None,
         lse_p = lse[ref_start[j] : ref_start[j] + m]
         kl = torch.cat(partial[j], -1).sum(-1) + (lse_q - lse_p) * mass_p[j]
         out.append(
-            Cells(
+            HeadCells(
                 kl=kl.clamp_min(0.0).float().cpu(),
                 gen_logq=(exact[own].view(r, m) - lse_q).float().cpu(),
                 gen_rank=(1 + above[own]).view(r, m).cpu(),

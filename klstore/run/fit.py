@@ -124,7 +124,7 @@ def fit(spec: FitSpec, store_uri: str | None = None, say=lambda message: print(m
 
     started = time.perf_counter()
     try:
-        with _Progress(store, fit_id, say):
+        with _FitProgress(store, fit_id, say):
             runner.train(train_worker, config, spec.workers, spec.model.device, fit_id, _ray_storage(), announce)
     except KlstoreError:
         raise
@@ -167,7 +167,7 @@ def _progress_path(store: Store, fit_id: str) -> str:
     return store.path(FITS, fit_id, "progress.txt")
 
 
-class _Progress:
+class _FitProgress:
     """The driver's view of rank 0's progress lines, which it writes into the store (a few
     lines, replaced each time): a thread prints every new line while the fit runs."""
 
@@ -278,7 +278,7 @@ def train_worker(config: dict) -> None:
 
     def log(message: str, every: float = 0.0) -> None:
         """Rank 0's progress line (at most one per `every` seconds when given), for the driver
-        (`_Progress`): the count of lines so far, then the last 20."""
+        (`_FitProgress`): the count of lines so far, then the last 20."""
         now = time.perf_counter()
         if rank == 0 and now - last_said[0] >= every:
             last_said[0] = now
