@@ -59,8 +59,8 @@ class ProbeContext:
     source_last: torch.Tensor | None = None  # (n_layers, H): source prompt's block outputs, last position
     patch_position: int | None = None  # the last prompt position
     # patch: the clean KV cache of the positions before patch_position, so the layer sweep
-    # recomputes only the positions from the patched one on (Engine._run_rows_from); built
-    # when that sweep is chosen (Engine._from_position)
+    # recomputes only the positions from the patched one on (sweeps.run_rows_from); built
+    # when that sweep is chosen (sweeps.from_position)
     prefix_cache: object | None = None
     from_position: bool | None = None  # patch: force that sweep (True) or the whole-sequence one; None: the cheaper
 

@@ -11,7 +11,7 @@ by the same rules):
 A problem of one prompt (empty, or too long with its continuation) is that prompt's: `run`
 records it as failed and goes on with the others (a run of many prompts is not refused for
 one), while `compute` refuses it before any work, as it checks every prompt it was given
-(`core.engine.encode_prompt`).
+(`core.generation.encode`).
 """
 
 from __future__ import annotations

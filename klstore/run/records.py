@@ -28,7 +28,7 @@ from klstore.store.tables import (
 @dataclass(frozen=True)
 class PromptOutcome:
     prompt: Prompt
-    matrices: tuple = ()  # klstore.core.engine.KLMatrix per probe
+    matrices: tuple = ()  # klstore.core.readout.KLMatrix per probe
     error: str | None = None
 
     @property

@@ -138,7 +138,7 @@ DEFAULT_MATMUL_PRECISION = MATMUL_PRECISIONS[0]
 def check_matmul_precision(value) -> str:
     """float32 matrix products: `highest` (default: true float32), `high` (TF32 on NVIDIA GPUs
     from Ampere on; float32 on CPU), `medium` (also bfloat16 products with float32 accumulation
-    on CPUs, through oneDNN). Divergences stay float32 either way (core.engine.matmul_precision_of)."""
+    on CPUs, through oneDNN). Divergences stay float32 either way (core.runtime.matmul_precision_of)."""
     if value not in MATMUL_PRECISIONS:
         raise KlstoreError(f"unknown matmul precision {value!r}: choose {', '.join(MATMUL_PRECISIONS)}")
     return value

@@ -8,6 +8,7 @@ import torch
 from lens_checks import check_lens_tokens
 from reference import reference_matrices
 
+from klstore.core import readout
 from klstore.core.engine import Engine
 from klstore.spec import GenerationSpec, ProbeSpec, Prompt
 
@@ -56,7 +57,7 @@ def test_gemma_vocabulary_is_chunked(gemma3):
     """Rows of 262,144-entry log-probs go through in bounded chunks and agree with one big chunk."""
     small = Engine(gemma3, chunk_bytes=64 * 2**20)  # 8 cells: one layer, 8 positions per piece
     big = Engine(gemma3, chunk_bytes=2**34)
-    assert small._cells_per_chunk(262144) == 8
+    assert readout.cells_per_chunk(262144, small.chunk_bytes) == 8
     a = small.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(8))[0]
     b = big.run(PROMPT, [ProbeSpec("logit_lens")], "all", ("kl",), GenerationSpec(8))[0]
     assert a.values["kl"].shape == (18, 8)
