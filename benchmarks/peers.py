@@ -306,7 +306,7 @@ def main() -> int:
             {
                 form: (
                     lambda fn=fn, probe=probe: fn(
-                        lm, probe, prompts_ids, list(layers), args.n, engine._eos, engine._pad_id
+                        lm, probe, prompts_ids, list(layers), args.n, engine.runtime.eos, engine.runtime.pad_id
                     )
                 )
                 for form, fn in forms.items()
