@@ -240,6 +240,31 @@ def test_no_import_cycle():
     assert import_cycles(PACKAGE) == []
 
 
+# The engine's steps in data-flow order (docs/architecture.md, "Where a change goes"): each may
+# import the steps before it, none a step after it or the engine that composes them.
+ENGINE_FLOW = ("runtime", "generation", "tracing", "sweeps", "readout", "engine")
+
+
+def test_the_engine_steps_import_in_data_flow_order():
+    flow = [f"klstore.core.{name}" for name in ENGINE_FLOW]
+    assert set(flow) <= set(module_names(PACKAGE))
+    imports = [imp for imp in collect_imports(PACKAGE) if imp.source in flow and imp.target in flow]
+    assert ("klstore.core.engine", "klstore.core.readout") in {(imp.source, imp.target) for imp in imports}
+    backwards = [imp.where() for imp in imports if flow.index(imp.target) >= flow.index(imp.source)]
+    assert backwards == []
+
+
+def test_class_names_are_unique_across_the_package():
+    """Two classes of one name (three `Job`s once) make a reader open the wrong one."""
+    where: dict[str, list[str]] = {}
+    for name, path in module_names(PACKAGE).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(name)
+    assert len(where) > 50
+    assert {cls: modules for cls, modules in where.items() if len(modules) > 1} == {}
+
+
 def test_the_ground_floor_touches_no_file():
     assert file_access(PACKAGE) == []
 
