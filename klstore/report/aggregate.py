@@ -72,7 +72,7 @@ def filters(con, spec: ReportSpec) -> tuple[Filter, dict]:
     chosen: dict = {}
     if spec.runs == "latest":  # each model's newest run (by the runs table)
         latest = con.execute(f"""
-            SELECT model, arg_max(run_id, coalesce(r.created_at, {EPOCH}))
+            SELECT model, arg_max(run_id, {{'t': coalesce(r.created_at, {EPOCH}), 'r': run_id}})
             FROM (SELECT DISTINCT model, run_id FROM kl) LEFT JOIN runs r USING (run_id)
             GROUP BY model ORDER BY model""").fetchall()
         # one (model AND run_id) pair of placeholders per model: an OR that prunes partition folders
@@ -195,7 +195,10 @@ def _aggregates(con, spec: ReportSpec, where: Filter, grouping, n_layers) -> lis
     dims = ", ".join(grouping)  # names from REPORT_DIMENSIONS (validated)
     cells = con.execute(
         f"SELECT {dims}, layer, gen_idx, avg({div}), median({div}), count({div}), max({div}), "
-        f"arg_max({{'model': model, 'run_id': run_id, 'prompt_id': prompt_id}}, {div}) "
+        # the cell's largest value and who holds it; ties (e.g. exact zeros at the last layer) go
+        # to the largest (model, run, prompt), so a rebuild names the same prompt on any thread count
+        f"arg_max({{'model': model, 'run_id': run_id, 'prompt_id': prompt_id}}, "
+        f"{{'v': {div}, 'm': model, 'r': run_id, 'p': prompt_id}}) FILTER (WHERE {div} IS NOT NULL) "
         f"FROM kl WHERE {where.sql} GROUP BY {dims}, layer, gen_idx ORDER BY {dims}, layer, gen_idx",
         where.params,
     ).fetchall()

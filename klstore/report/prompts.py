@@ -107,7 +107,7 @@ def listings(con) -> list[Listing]:
     """Every (model, probe) of the loaded selection with its prompts' latest runs and settling."""
     picks = con.execute(f"""
         SELECT model, probe, prompt_id, any_value(prompt_group),
-               arg_max(run_id, coalesce(r.created_at, {EPOCH}))
+               arg_max(run_id, {{'t': coalesce(r.created_at, {EPOCH}), 'r': run_id}})
         FROM (SELECT DISTINCT model, probe, prompt_id, prompt_group, run_id FROM {settling.TABLE})
         LEFT JOIN runs r USING (run_id) GROUP BY model, probe, prompt_id ORDER BY ALL""").fetchall()
     per: dict = {}
