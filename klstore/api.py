@@ -267,6 +267,65 @@ class Lens:
                 raise result
         return Result(self, prompts, compute, results, prompt_path=prompt_path)
 
+    def compute_into(
+        self,
+        store: str,
+        prompts: list[Prompt],
+        compute: ComputeSpec,
+        *,
+        run: str = "api",
+        shard_size: int | None = None,
+        prompt_path: str | None = None,
+        source: str = "klstore api",
+        progress: bool = True,
+    ) -> dict:
+        """Compute validated prompts into a store shard by shard, each shard written when it is
+        done: what `klstore compute --store` runs. A run of the same identity resumes (shards
+        already in the store are skipped); a prompt that fails is recorded in the `prompts` table
+        with its status and error, and the others go on.
+
+        Args:
+            store: a folder or `s3://bucket/prefix`.
+            prompts, compute: as `compute_value` takes them.
+            run: the run's name (its id is `<run>-<hash of the run's identity>`).
+            shard_size: prompts per written file (default: `compute.batch_size`).
+            prompt_path: the prompts file they came from (recorded in the `runs` row).
+            source: who ran it, recorded in the `runs` row's config.
+            progress: one stderr line per shard.
+
+        Returns:
+            The run's summary: `run_id`, `status`, `prompts`, `failed`, ...
+        """
+        say = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
+        return self._run_into(
+            store, prompts, compute, run, shard_size or compute.batch_size, prompt_path, source, say, None
+        )
+
+    def _run_into(self, store, prompts, compute, run, shard_size, prompt_path, source, say, computed) -> dict:
+        """The one path into a store (`compute_into`, `Result.save`): the run plan of `klstore
+        run` (run id, shards, resume, the `runs` row) and `execute_local` with a `Worker` around
+        this Lens's model, which is not reloaded; `computed` (prompt id -> outcome): write these
+        instead of computing them."""
+        from klstore.run.plan import RunPlan, execute_local
+        from klstore.spec import ExperimentConfig, ModelConfig
+
+        cfg = ExperimentConfig(
+            name=check_label(run, "run name"),
+            store=str(store),
+            models=(ModelConfig(**self._model_config),),
+            prompt_paths=(prompt_path,) if prompt_path else (),
+            compute=compute,
+            shard_size=shard_size,
+            source=source,
+            prompts=tuple(prompts),
+        )
+        plan = RunPlan(cfg)  # an unwritable store fails here
+        worker = Worker(self._model_config["name"], self.label, plan.target, loaded=self.loaded)
+        worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
+        for prompt in prompts:  # empty, or too long for the context: before anything is written
+            worker.engine.encode(prompt, compute.generation)
+        return execute_local(plan, worker, say=say, computed=computed)
+
 
 def _names(value, what: str) -> list:
     if isinstance(value, str):
@@ -549,6 +608,13 @@ class Result:
 
         return plotting.draw(heatmap_data(self.klmatrix(prompt, probe), self._divergence(divergence)))
 
+    def savefig(self, path, prompt=0, probe: str | None = None, divergence: str | None = None) -> None:
+        """Write `plot`'s figure to `path` (its suffix picks the format: .png, .svg, .pdf, ...),
+        as `klstore compute --png` writes it."""
+        from klstore.report import plotting
+
+        plotting.save(heatmap_data(self.klmatrix(prompt, probe), self._divergence(divergence)), path)
+
     def summary(self) -> str:
         """One line: model, prompts, probes, layers, tokens, divergences."""
         n_gen = sorted({m[0].generation.n for m in self.results})
@@ -586,24 +652,19 @@ class Result:
         recomputed): the same batches as the CLI's shards, so the stored rows are the ones the
         CLI writes. The `runs` row's config says `source: klstore api`.
         """
-        from klstore.run.plan import RunPlan, execute_local
-        from klstore.spec import ExperimentConfig, ModelConfig
-
-        cfg = ExperimentConfig(
-            name=check_label(run, "run name"),
-            store=str(store),
-            models=(ModelConfig(**self.lens._model_config),),
-            prompt_paths=(self._prompt_path,) if self._prompt_path else (),
-            compute=self.compute,
-            shard_size=self.compute.batch_size,
-            source="klstore api",
-            prompts=tuple(self.prompts),
-        )
-        plan = RunPlan(cfg)
-        worker = Worker(self.lens._model_config["name"], self.lens.label, str(store), loaded=self.lens.loaded)
-        worker.prepare(plan.job)
         say = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
-        summary = execute_local(plan, worker, say=say, computed={o.prompt.id: o for o in self._outcomes()})
+        computed = {o.prompt.id: o for o in self._outcomes()}
+        summary = self.lens._run_into(
+            store,
+            self.prompts,
+            self.compute,
+            run,
+            self.compute.batch_size,
+            self._prompt_path,
+            "klstore api",
+            say,
+            computed,
+        )
         self.run_id = summary["run_id"]
         return self.run_id
 

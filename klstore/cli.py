@@ -195,79 +195,65 @@ def _probe_params(name: str, args) -> dict:
 
 
 def cmd_compute(args) -> int:
+    """`klstore.load(...)`, then `Lens.compute_value` and printing (`--json`, `--tokens`, tables,
+    `Result.savefig` for `--png`), or `Lens.compute_into` with `--store`."""
     compute, prompts = _compute_inputs(args)
     png = _png_target(args.png)
-    from klstore.core.models import load_model, quiet_libraries, resolve
+    from klstore import api
+    from klstore.core.models import resolve
     from klstore.run import lenses
-
-    quiet_libraries()
-    compute = lenses.resolve(compute, lenses.store_for_ids(args.store))
     from klstore.run.preflight import check_model
 
+    compute = lenses.resolve(compute, lenses.store_for_ids(args.store))
     # layers, generation length against the context, steering vectors: as `klstore run` before Ray
     check_model(args.model, resolve(args.model).label, compute, args.trust_remote_code)
+    label = None
+    if args.store:  # what fails without the model fails before its load
+        from klstore.config import default_label
+        from klstore.spec import check_label
+        from klstore.store import open_store
+
+        if args.shard_size <= 0:
+            raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
+        label = check_label(args.label or default_label(args.model), "model label")
+        check_label(args.run, "run name")
+        open_store(args.store, create=True)  # an unwritable store: before the model loads
+    lens = api.load(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, label=label
+    )
     if args.store:
-        return _compute_into_store(args, compute, prompts)
-    from klstore.core.engine import Engine
-    from klstore.core.steering import prepare_probes
-    from klstore.spec import parse_layers
-
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    engine = Engine(loaded)
-    layers = parse_layers(compute.layers, engine.n_layers, loaded.label)
-    prepare_probes(engine, compute.probes, compute.generation)  # vectors, sub-layers: checked before any work
-    encoded = [engine.encode(prompt, compute.generation) for prompt in prompts]  # empty, too long: before work
-    results = engine.compute(prompts, compute, layers, encoded)
-    decode = engine.tokenizer.decode
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-        if not args.json:
-            for matrix in result:
-                print(output.format_tokens(matrix, decode) if args.tokens else output.format_table(matrix))
+        return _compute_into_store(args, lens, compute, prompts)
+    res = lens.compute_value(prompts, compute, progress=False)
+    decode = lens.engine.tokenizer.decode
     if args.json:
-        lens = decode if args.tokens else None
-        print(json.dumps(output.results_to_json(loaded.label, results, lens), indent=1))
+        print(
+            json.dumps(
+                output.results_to_json(lens.loaded.label, res.results, decode if args.tokens else None), indent=1
+            )
+        )
+    else:
+        for matrices in res.results:
+            for matrix in matrices:
+                print(output.format_tokens(matrix, decode) if args.tokens else output.format_table(matrix))
     if png:
-        _write_pngs(png, results, compute.divergences[0])
-    failed = [err for matrices in results for m in matrices for err in m.errors]
-    for err in failed:
+        _write_pngs(png, res)
+    for err in res.errors:
         print(f"klstore: warning: {err}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if res.errors else 0
 
 
-def _compute_into_store(args, compute, prompts) -> int:
-    """compute --store: a one-model run executed in this process, through the same run plan
-    (run id, shards, resume, run row) as `klstore run` of the equivalent config."""
-    from klstore.config import default_label
-    from klstore.run.plan import RunPlan, execute_local
-    from klstore.run.worker import Worker
-    from klstore.spec import ExperimentConfig, ModelConfig, check_label
-
-    if args.shard_size <= 0:
-        raise KlstoreError(f"--shard-size must be positive, got {args.shard_size}")
-    label = check_label(args.label or default_label(args.model), "model label")
-    model = ModelConfig(
-        name=args.model, label=label, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
-    )
-    cfg = ExperimentConfig(
-        name=check_label(args.run, "run name"),
-        store=args.store,
-        models=(model,),
-        prompt_paths=(args.prompts,) if args.prompts else (),
-        compute=compute,
+def _compute_into_store(args, lens, compute, prompts) -> int:
+    """compute --store: a one-model run executed in this process (`Lens.compute_into`), through
+    the same run plan (run id, shards, resume, run row) as `klstore run` of the equivalent config."""
+    summary = lens.compute_into(
+        args.store,
+        prompts,
+        compute,
+        run=args.run,
         shard_size=args.shard_size,
+        prompt_path=args.prompts,
         source="klstore compute",
-        prompts=tuple(prompts),
     )
-    plan = RunPlan(cfg)  # an unwritable store fails here, before the model loads
-    worker = Worker(
-        args.model, label, plan.target, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
-    )
-    worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
-    for prompt in prompts:  # empty, or too long for the context: before anything is written
-        worker.engine.encode(prompt, compute.generation)
-    summary = execute_local(plan, worker)
     failed = summary["failed"]
     print(f"run {summary['run_id']} completed: {summary['prompts']} prompts ({failed} failed) into {args.store}")
     if failed:
@@ -317,15 +303,12 @@ def _png_name(target, prompt_id: str, probe: str, many: bool) -> Path:
     return folder / (f"{stem}-{name}" if stem is not None else name)
 
 
-def _write_pngs(target, results, divergence_name: str) -> None:
-    from klstore.api import heatmap_data
-    from klstore.report import plotting
-
-    many = len(results) > 1 or len(results[0]) > 1
-    for matrices in results:
+def _write_pngs(target, res) -> None:
+    many = len(res.results) > 1 or len(res.results[0]) > 1
+    for index, matrices in enumerate(res.results):
         for m in matrices:
             out = _png_name(target, m.prompt.id, m.probe, many)
-            plotting.save(heatmap_data(m, divergence_name), out)
+            res.savefig(out, index, m.probe)
             print(f"wrote {out}", file=sys.stderr)
 
 
