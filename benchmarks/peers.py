@@ -351,7 +351,7 @@ def main() -> int:
             "difference| between klstore's and the peer's matrices, nats"
         )
     if fast:
-        print('\nklstore\'s opt-in speed modes (README, "How the engine works"), same run:')
+        print("\nklstore's opt-in speed modes (docs/engine.md), same run:")
         print(f"{'probe':11} {'mode':14} {'s':>7} {'vs default':>10} {'vs nnsight':>10} {'max|diff| vs default':>21}")
         for probe, k_time, peers_out, k_cells, _, modes in table:
             for mode, (seconds, cells_) in modes.items():
