@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
-    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -19,7 +18,7 @@ from pydantic import (
 )
 
 from klstore.errors import KlstoreError
-from klstore.spec.messages import Value, describe, fail, rule, schema_init, validate
+from klstore.spec.messages import Value, checked, describe, fail, rule, schema_init, validate
 from klstore.spec.values import (
     DEFAULT_CLEAN_PASS,
     DEFAULT_MATMUL_PRECISION,
@@ -314,10 +313,6 @@ def _int_or_text(text: str):
         return text
 
 
-def _checked(check):
-    return AfterValidator(lambda value: rule(check, value))
-
-
 DEFAULT_BATCH_SIZE = 16  # prompts per batch in the engine, and per shard of `Result.save`
 
 
@@ -338,7 +333,7 @@ class ComputeOptions(Value):
     ] = DEFAULT_TOPK
     clean_pass: Annotated[
         str,
-        _checked(check_clean_pass),
+        checked(check_clean_pass),
         Option(
             "--clean-pass",
             "MODE",
@@ -349,7 +344,7 @@ class ComputeOptions(Value):
     ] = DEFAULT_CLEAN_PASS
     matmul_precision: Annotated[
         str,
-        _checked(check_matmul_precision),
+        checked(check_matmul_precision),
         Option(
             "--matmul-precision",
             "P",

@@ -5,7 +5,7 @@ and the experiment it describes once its prompt files are read (`ExperimentConfi
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -20,7 +20,7 @@ from klstore.spec.compute import (
     check_patch_sources,
     probe_from_entry,
 )
-from klstore.spec.messages import Value, fail, rule
+from klstore.spec.messages import Value, checked, fail, rule
 from klstore.spec.values import (
     DEFAULT_STORE,
     LayerSpec,
@@ -38,18 +38,8 @@ class ModelConfig(Value):
 
     name: str
     label: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, value):
-        return rule(check_dtype, value)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value):
-        return rule(check_device, value)
+    dtype: Annotated[str, checked(check_dtype)] = "auto"
+    device: Annotated[str, checked(check_device)] = "auto"
 
     num_gpus: float = Field(1.0, ge=0.0)
     num_cpus: float | None = Field(None, gt=0)  # None: 1 with GPUs, else the CPUs shared among actors
@@ -57,13 +47,8 @@ class ModelConfig(Value):
     trust_remote_code: bool = False
     # Split one model over an actor's devices (accelerate): a strategy or {module: device}.
     # None: "balanced" when the actor has several GPUs (num_gpus > 1), else the whole model on one device.
-    device_map: Any = None  # str | {module: device}, checked by check_device_map
+    device_map: Annotated[Any, checked(check_device_map)] = None  # str | {module: device}
     max_memory: dict[str | int, str | int] | None = None  # per device, e.g. {0: 20GiB, cpu: 64GiB}
-
-    @field_validator("device_map")
-    @classmethod
-    def _device_map(cls, value):
-        return rule(check_device_map, value)
 
     @field_validator("num_gpus")
     @classmethod
@@ -109,7 +94,7 @@ class ExperimentFile(ComputeOptions):
     ExperimentConfig the experiment once the prompt files are read (klstore.config) and the
     compute value is built (`experiment`). Reading files lies between the two."""
 
-    name: str = "run"
+    name: Annotated[str, checked(check_label, "run name")] = "run"
     store: str = DEFAULT_STORE
     models: list[ModelConfig] = Field(min_length=1)
     prompts: list[_PromptSource]
@@ -119,11 +104,6 @@ class ExperimentFile(ComputeOptions):
     divergences: list[str] = ["kl"]
     shard_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     shared_store: bool = False  # a local-folder store that every node of a cluster mounts (NFS, ...)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value):
-        return rule(check_label, value, "run name")
 
     @field_validator("generation", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from klstore.errors import KlstoreError
@@ -62,6 +62,12 @@ def rule(check, *args):
         return check(*args)
     except KlstoreError as exc:
         raise fail(str(exc)) from None
+
+
+def checked(check, *args):
+    """A field's plain check as a validator (`Annotated[str, checked(check_dtype)]`): run after
+    the type is checked, its KlstoreError is the key's error (`rule`)."""
+    return AfterValidator(lambda value: rule(check, value, *args))
 
 
 _TYPE_PHRASES = {

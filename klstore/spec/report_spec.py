@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from klstore.errors import KlstoreError
-from klstore.spec.messages import Value, fail, rule, validate
+from klstore.spec.messages import Value, checked, fail, validate
 from klstore.spec.values import DIVERGENCES, check_label, layer_spec
 
 REPORT_DIMENSIONS = ("model", "probe", "prompt_group")
@@ -25,7 +25,7 @@ REPORT_VALUES: dict[str, str] = {**DIVERGENCES, "q_entropy": "Entropy of Q"}
 class ReportSpec(Value):
     """What a report aggregates and draws (see klstore.config for the YAML form)."""
 
-    name: str = "default"
+    name: Annotated[str, checked(check_label, "report name")] = "default"
     store: str | None = None
     runs: Any = "latest"  # "latest", None (= all), or a tuple of run ids or names
     models: Any = None  # None (= all) or a tuple of labels
@@ -49,11 +49,6 @@ class ReportSpec(Value):
     resamples: int = 2000
     bootstrap_seed: int = 0
     source: str = Field("built-in default", exclude=True)  # the file it came from
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value):
-        return rule(check_label, value, "report name")
 
     @field_validator("runs", mode="before")
     @classmethod
