@@ -101,7 +101,9 @@ def load(
         raise KlstoreError(f"load: the model name must be a string, got {type(name).__name__}")
     from klstore.config import default_label
 
-    label = check_label(label or default_label(name), "model label")
+    # a derived label is checked where it names a store folder (compute_into, Result.save), so
+    # `klstore.load(".")` and `klstore compute --model .` work without a store, as they always did
+    label = default_label(name) if label is None else check_label(label, "model label")
     from klstore.spec import check_device_map
 
     loaded = load_model(
@@ -143,7 +145,7 @@ class Lens:
         lens = object.__new__(cls)
         lens.loaded = loaded
         lens.engine = Engine(loaded)
-        lens.label = check_label(label, "model label")
+        lens.label = label  # checked where it names a store folder (`_run_into`)
         lens._model_config = dict(
             name=name, label=lens.label, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
@@ -296,10 +298,21 @@ class Lens:
         Returns:
             The run's summary: `run_id`, `status`, `prompts`, `failed`, ...
         """
+        from klstore.config import check_outputs
+
+        if shard_size is not None and (
+            isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1
+        ):
+            raise KlstoreError(f"shard_size must be a positive integer, got {shard_size!r}")
+        seen: set = set()
+        for prompt in prompts:
+            if prompt.id in seen:
+                raise KlstoreError(f"duplicate prompt id {prompt.id!r}")
+            seen.add(prompt.id)
+        check_outputs(compute.probes)  # steer's `save`: before any work
         say = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
-        return self._run_into(
-            store, prompts, compute, run, shard_size or compute.batch_size, prompt_path, source, say, None
-        )
+        size = compute.batch_size if shard_size is None else shard_size
+        return self._run_into(store, prompts, compute, run, size, prompt_path, source, say, None)
 
     def _run_into(self, store, prompts, compute, run, shard_size, prompt_path, source, say, computed) -> dict:
         """The one path into a store (`compute_into`, `Result.save`): the run plan of `klstore
@@ -309,6 +322,7 @@ class Lens:
         from klstore.run.plan import RunPlan, execute_local
         from klstore.spec import ExperimentConfig, ModelConfig
 
+        check_label(self.label, "model label")
         cfg = ExperimentConfig(
             name=check_label(run, "run name"),
             store=str(store),
@@ -504,12 +518,13 @@ class Result:
             + (", ..." if len(self.prompts) > 10 else "")
         )
 
-    def klmatrix(self, prompt=0, probe: str | None = None):
-        """The engine's `KLMatrix` of one prompt (index or id) and probe (name; default the first)."""
+    def klmatrix(self, prompt=0, probe: str | None = None, *, lens: str | None = None):
+        """The engine's `KLMatrix` of one prompt (index or id) and probe (name; default the first);
+        `lens` (a lens id) picks among read-outs of several lenses of one kind."""
         matrices = self.results[self._prompt_index(prompt)]
         name = probe or self.compute.readouts[0]
         for m in matrices:
-            if m.probe == name:
+            if m.probe == name and lens in (None, m.lens_id):
                 return m
         raise KlstoreError(f"unknown probe {name!r} in this result: {', '.join(self.compute.readouts)}")
 
@@ -608,12 +623,14 @@ class Result:
 
         return plotting.draw(heatmap_data(self.klmatrix(prompt, probe), self._divergence(divergence)))
 
-    def savefig(self, path, prompt=0, probe: str | None = None, divergence: str | None = None) -> None:
+    def savefig(
+        self, path, prompt=0, probe: str | None = None, divergence: str | None = None, *, lens: str | None = None
+    ) -> None:
         """Write `plot`'s figure to `path` (its suffix picks the format: .png, .svg, .pdf, ...),
         as `klstore compute --png` writes it."""
         from klstore.report import plotting
 
-        plotting.save(heatmap_data(self.klmatrix(prompt, probe), self._divergence(divergence)), path)
+        plotting.save(heatmap_data(self.klmatrix(prompt, probe, lens=lens), self._divergence(divergence)), path)
 
     def summary(self) -> str:
         """One line: model, prompts, probes, layers, tokens, divergences."""

@@ -308,7 +308,7 @@ def _write_pngs(target, res) -> None:
     for index, matrices in enumerate(res.results):
         for m in matrices:
             out = _png_name(target, m.prompt.id, m.probe, many)
-            res.savefig(out, index, m.probe)
+            res.savefig(out, index, m.probe, lens=m.lens_id)
             print(f"wrote {out}", file=sys.stderr)
 
 

@@ -69,10 +69,11 @@ class AffineLens:
 
     @property
     def readable(self) -> tuple[int, ...]:
-        """The blocks this lens reads: the fitted ones and the last."""
+        """The blocks this lens reads: the fitted ones and the last (a partial lens of unknown
+        depth: the fitted ones only, until `check_fits` pads it to a model)."""
         if self.blocks is None:
             return tuple(range(self.n_layers))
-        return (*self.blocks, self.n_layers - 1)
+        return (*self.blocks, self.n_layers - 1) if self.depth_known else self.blocks
 
     def padded(self, n_layers: int) -> AffineLens:
         """This partial lens for a model of `n_layers` blocks (zero rows added; the same id)."""
@@ -95,7 +96,8 @@ class AffineLens:
     def translate(self, layers: tuple[int, ...], hidden: torch.Tensor) -> torch.Tensor:
         """hidden (R, n, d), row r read at block layers[r] -> T_{layers[r]}(hidden[r]), in the
         wider of hidden's dtype and float32, returned in hidden's dtype."""
-        check_layers(self, layers, f"lens {self.id}")
+        if self.blocks is not None:  # (the id hashes the whole lens: only for a message that can occur)
+            check_layers(self, layers, f"lens {self.id}")
         wide = torch.promote_types(hidden.dtype, torch.float32)
         index = torch.tensor(layers, dtype=torch.long)
         weight = self.weight[index].to(hidden.device, wide)  # (R, d, d)
@@ -135,9 +137,10 @@ def load_jlens(source: str | Path) -> AffineLens:
     """A J-lens artifact as TransformerLens 4.3's `JacobianLens.save` writes it (and Anthropic's
     reference format: `jacobian_sum` / `n_done`): `J` {block: (d, d)}, `n_prompts`,
     `source_layers`, `d_model`, optional `metadata`. The four keys cannot name their model: the
-    depth is taken as max(source_layers) + 2 (the last block is never fitted) and checked,
-    with d_model, against the model when the lens is used; every block but the last must be
-    fitted. float16 matrices are read as their float16 values; J - I is stored, so the
+    depth is `metadata.target_layer` + 1 where the file has it, else max(source_layers) + 2 for
+    blocks 0..k (a whole fit); other blocks without it make a partial lens of unknown depth,
+    padded to the model's by `check_fits`. The depth and d_model are checked against the
+    model when the lens is used. float16 matrices are read as their float16 values; J - I is stored, so the
     diagonal is within 2^-24 of them (docs/lenses.md)."""
     path = Path(source)
     try:
@@ -147,29 +150,33 @@ def load_jlens(source: str | Path) -> AffineLens:
     if not isinstance(state, dict):
         raise LensError(f"lens {source}: a J-lens artifact is a dict (J, n_prompts, source_layers, d_model)")
     if "jacobian_sum" in state and "n_done" in state:  # the reference implementation's checkpoint
-        n_done = int(state["n_done"])
-        if n_done < 1:
-            raise LensError(f"lens {source}: n_done is {n_done}: no prompt was fitted")
-        matrices = {int(k): v / n_done for k, v in dict(state["jacobian_sum"]).items()}
+        n_done = state["n_done"]
+        if isinstance(n_done, bool) or not isinstance(n_done, int) or n_done < 1:
+            raise LensError(f"lens {source}: n_done is {n_done!r}: no prompt was fitted")
+        matrices = {k: v / n_done for k, v in _matrices(state["jacobian_sum"], "jacobian_sum", source).items()}
     elif "J" in state:
-        matrices = {int(k): v for k, v in dict(state["J"]).items()}
+        matrices = _matrices(state["J"], "J", source)
     else:
         raise LensError(f"lens {source}: no J (nor jacobian_sum) in the artifact: not a J-lens")
     if not matrices:
         raise LensError(f"lens {source}: the artifact holds no matrix")
     layers = sorted(matrices)
-    declared = [int(x) for x in state.get("source_layers", layers)]
+    listed = state.get("source_layers", layers)
+    if not isinstance(listed, (list, tuple)):
+        raise LensError(f"lens {source}: source_layers must be a list of block indices, got {listed!r}"[:200])
+    declared = [_block(x, "source_layers", source) for x in listed]
     if sorted(declared) != layers:
-        raise LensError(f"lens {source}: source_layers {declared} do not match the layers of J {layers}")
+        raise LensError(f"lens {source}: source_layers {declared} do not match the layers of J {layers}"[:200])
     metadata = state.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise LensError(f"lens {source}: metadata must be a dict, got {type(metadata).__name__}")
-    if layers[0] < 0:
-        raise LensError(f"lens {source}: source layer {layers[0]} is negative")
     n_layers, depth_known = layers[-1] + 2, True
-    target = metadata.get("target_layer")
-    if target is not None:  # TransformerLens's fits (and klstore's) name the final block: the depth
-        if isinstance(target, bool) or not isinstance(target, int) or target <= layers[-1]:
+    # TransformerLens's fits (and klstore's) name the final block, the depth; the reference
+    # implementation's checkpoint keeps it at the top level
+    target = metadata.get("target_layer", state.get("target_layer"))
+    if target is not None:
+        target = _block(target, "target_layer", source)
+        if target <= layers[-1]:
             raise LensError(f"lens {source}: metadata target_layer {target!r} is not above source layer {layers[-1]}")
         n_layers = target + 1
     full = layers == list(range(n_layers - 1))
@@ -177,7 +184,10 @@ def load_jlens(source: str | Path) -> AffineLens:
         full = True  # 0..k without a target: a whole fit of a (k+2)-block model (the reference's default)
     if not full and target is None:
         depth_known = False  # some blocks of a model whose depth the file does not say
-    d_model = int(state.get("d_model", matrices[layers[0]].shape[-1]))
+    first = matrices[layers[0]]
+    d_model = state.get("d_model", first.shape[-1] if first.dim() else 0)
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or not 0 < d_model <= MAX_WIDTH:
+        raise LensError(f"lens {source}: d_model must be a positive integer, got {d_model!r}"[:200])
     weight = torch.zeros(n_layers, d_model, d_model)
     for layer in layers:
         value = matrices[layer]
@@ -200,6 +210,34 @@ def load_jlens(source: str | Path) -> AffineLens:
     )
 
 
+MAX_BLOCKS = 10_000  # no model has more blocks: a larger index in a lens file is damage, not a model
+MAX_WIDTH = 1_000_000
+
+
+def _block(value, what: str, source) -> int:
+    """A block index from a lens file: an int (or its decimal text), 0 <= index < MAX_BLOCKS."""
+    if isinstance(value, str) and value.isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_BLOCKS:
+        raise LensError(f"lens {source}: {what}: {value!r} is not a block index"[:200])
+    return value
+
+
+def _matrices(value, what: str, source) -> dict[int, torch.Tensor]:
+    """{block: matrix} of an artifact's `J` / `jacobian_sum`, keys checked, no two for one block."""
+    if not isinstance(value, dict):
+        raise LensError(f"lens {source}: {what} must be a dict of block -> matrix, got {type(value).__name__}")
+    out: dict[int, torch.Tensor] = {}
+    for key, matrix in value.items():
+        block = _block(key, what, source)
+        if block in out:
+            raise LensError(f"lens {source}: {what} holds block {block} twice")
+        if not isinstance(matrix, torch.Tensor):
+            raise LensError(f"lens {source}: {what}[{block}] is not a tensor")
+        out[block] = matrix
+    return out
+
+
 def _plain(value):
     """JSON-able copy of artifact metadata (tensors and other objects as text)."""
     if isinstance(value, dict):
@@ -219,7 +257,7 @@ def save_jlens(
     """Write a Jacobian lens as a TransformerLens 4.3 artifact (float32 unless `dtype` says
     otherwise; TransformerLens's own default is float16)."""
     eye = torch.eye(lens.d_model)
-    sources = list(lens.readable[:-1])
+    sources = list(range(lens.n_layers - 1)) if lens.blocks is None else list(lens.blocks)
     payload = {
         "J": {layer: (lens.weight[layer] + eye).to(dtype) for layer in sources},
         "n_prompts": int(n_prompts),
@@ -450,6 +488,11 @@ def check_layers(lens: AffineLens, layers, where: str) -> None:
         return
     readable = set(lens.readable)
     missing = sorted({int(layer) for layer in layers} - readable)
+    if missing and not lens.depth_known:
+        raise LensError(
+            f"{where} is fitted at blocks {spans(lens.blocks)} only: no translator for layers {spans(missing)} "
+            "(the model's last block reads as the identity once the lens is checked against the model)"
+        )
     if missing:
         raise LensError(
             f"{where} is fitted at blocks {spans(lens.blocks)} only (it reads the last, {lens.n_layers - 1}, "

@@ -63,7 +63,11 @@ def fit(recipe, store: Store, fit_id: str, model, adapter, train: torch.Tensor, 
     _barrier()
     merged = jacobian.JacobianSums.zeros(n_layers, d_model, blocks)
     for index in range(len(shards)):
-        merged.merge(_read(store, shard_path(store, fit_id, index)))
+        path = shard_path(store, fit_id, index)
+        try:
+            merged.merge(_read(store, path))
+        except ValueError as exc:  # a shard of other blocks: written by an older klstore under this fit id
+            raise KlstoreError(f"{path}: {exc} (delete the fit's folder to fit again)") from None
     if merged.prompts == 0:
         raise KlstoreError(f"no prompt has a valid position: every one has at most {recipe.skip + 1} tokens")
     return merged

@@ -49,6 +49,10 @@ def resolve_one(lens: LensSpec, store: Store | str | None = None) -> LensSpec:
         raise KlstoreError(f"lens {lens.source} is a lens id, but no store was given to look it up in")
     folder = local_folder(open_store(store) if isinstance(store, str) else store, lens.source)
     loaded = lenses.load(folder)
+    if loaded.id != lens.source:  # a file replaced or lost (klstore.json: a partial lens would read as whole)
+        raise KlstoreError(
+            f"lens {lens.source}: its files in the store now hold lens {loaded.id} (damaged or replaced)"
+        )
     return LensSpec(kind=loaded.kind, id=loaded.id, source=str(folder))
 
 
@@ -77,6 +81,8 @@ def local_folder(store: Store, lens_id: str) -> Path:
 
 def _check_record(store: Store, path: str, data: bytes | None) -> None:
     record = store.read_bytes(path + RECORD_SUFFIX)
+    if data is None and record is not None:
+        raise KlstoreError(f"{path} is missing, but its checksum record is there (the lens's files are damaged)")
     if data is None or record is None:
         return
     expected = json.loads(record).get("sha256")

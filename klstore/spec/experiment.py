@@ -166,7 +166,7 @@ class ExperimentConfig(Value):
     models: tuple[ModelConfig, ...]
     prompt_paths: tuple[str, ...]
     compute: ComputeSpec
-    shard_size: int
+    shard_size: int = Field(ge=1)
     source: str = ""  # the file it came from
     prompts: tuple[Prompt, ...] = ()
     shared_store: bool = False  # where the work goes, not what it is: not part of the identity

@@ -65,7 +65,8 @@ def run_totals(store: Store | str, run_id: str) -> tuple[list[str], list]:
 
 def lens_summaries(store: Store | str) -> tuple[list[str], list]:
     """`klstore lens list`: every fitted lens, with its mean held-out KL over layers next to the
-    logit lens's on the same held-out split."""
+    logit lens's on the same held-out split and the same layers (a lens fitted at some blocks
+    only is compared at those)."""
     return sql(
         store,
         """
@@ -74,7 +75,9 @@ def lens_summaries(store: Store | str) -> tuple[list[str], list]:
                round((SELECT avg(kl) FROM lens_eval e WHERE e.lens_id = l.lens_id
                       AND e.held_out_hash = l.held_out_hash), 4) AS held_out_kl,
                round((SELECT avg(kl) FROM lens_eval e WHERE e.lens_id = 'logit' AND e.model = l.model
-                      AND e.held_out_hash = l.held_out_hash), 4) AS logit_kl,
+                      AND e.held_out_hash = l.held_out_hash
+                      AND e.layer IN (SELECT layer FROM lens_eval f WHERE f.lens_id = l.lens_id
+                                      AND f.held_out_hash = l.held_out_hash)), 4) AS logit_kl,
                l.corpus, l.created_at
         FROM lenses l ORDER BY l.model, l.created_at""",
     )

@@ -341,3 +341,42 @@ def test_speed_modes_through_the_api_save_as_their_own_run(lens, result, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     assert f"run {run_id} completed" in proc.stdout
+
+
+def test_compute_into_writes_what_save_writes_and_refuses_bad_shards(result, tmp_path):
+    """Lens.compute_into (what `compute --store` runs) computes shard by shard: the same rows
+    as Result.save of the same value; a shard size that is not a positive integer, or two
+    prompts with one id, are one-line errors with nothing written."""
+    import pandas as pd
+
+    import klstore
+    from klstore.spec import Prompt
+
+    lens = result.lens
+    run_id = result.save(tmp_path / "saved", run="nb", progress=False)
+    summary = lens.compute_into(str(tmp_path / "into"), result.prompts, result.compute, run="nb", progress=False)
+    assert (summary["run_id"], summary["prompts"], summary["failed"]) == (run_id, len(result.prompts), 0)
+    pd.testing.assert_frame_equal(_kl_view(tmp_path / "saved"), _kl_view(tmp_path / "into"))
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(klstore.KlstoreError, match=f"shard_size must be a positive integer, got {bad!r}"):
+            lens.compute_into(str(tmp_path / "bad"), result.prompts, result.compute, shard_size=bad)
+    twice = [Prompt("a", "one two"), Prompt("a", "three four")]
+    with pytest.raises(klstore.KlstoreError, match="duplicate prompt id 'a'"):
+        lens.compute_into(str(tmp_path / "bad"), twice, result.compute)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_model_path_whose_name_is_no_label_loads_and_computes_without_a_store(tiny_model_dir, tmp_path):
+    """`klstore compute --model ./my model/` (a folder name that cannot name a store folder)
+    computes and prints as it always did; only a store asks for a label (--label)."""
+    odd = tmp_path / "my model (q4)"
+    odd.symlink_to(tiny_model_dir, target_is_directory=True)
+    proc = run_cli("compute", "--model", odd, "--prompt", "one two three", "--layers", "0", "-n", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("compute", "--model", odd, "--prompt", "one two", "-n", "2", "--store", tmp_path / "s")
+    assert proc.returncode == 2 and "model label 'my model (q4)'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()
+    proc = run_cli(
+        "compute", "--model", odd, "--prompt", "one two", "-n", "2", "--store", tmp_path / "s", "--label", "odd"
+    )
+    assert proc.returncode == 0 and "completed: 1 prompts (0 failed)" in proc.stdout, proc.stderr

@@ -102,6 +102,15 @@ def test_a_fit_of_some_source_layers_equals_the_estimator_on_those_blocks(
         str(tmp_path / "s"), "SELECT lens, list(layer ORDER BY layer) FROM lens_eval GROUP BY lens ORDER BY lens"
     )
     assert evals == [("jacobian", [1, 2, 3]), ("logit", [0, 1, 2, 3])]
+    # `klstore lens list` compares it with the logit lens on the same layers (1-3), not on all four
+    from klstore.store import upkeep
+
+    names, listed = upkeep.lens_summaries(str(tmp_path / "s"))
+    (row,) = [dict(zip(names, r)) for r in listed]
+    _, logit = views.sql(
+        str(tmp_path / "s"), "SELECT round(avg(kl), 4) FROM lens_eval WHERE lens = 'logit' AND layer IN (1, 2, 3)"
+    )
+    assert row["logit_kl"] == logit[0][0]
     artifact = torch.load(next((tmp_path / "s").glob("lens_files/*/jlens.pt")), weights_only=True)
     assert artifact["source_layers"] == [1, 2] and artifact["metadata"]["target_layer"] == 3
     whole = parse_fit(_config(tiny_model_dir, corpus, tmp_path / "s", jacobian={"skip": 3}))

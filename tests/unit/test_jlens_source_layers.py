@@ -203,3 +203,81 @@ def test_the_engine_reads_a_partial_lens_at_its_blocks_as_the_whole_lens_there(t
     with pytest.raises(KlstoreError) as caught:
         rows(part, "all")
     assert "no translator for layers 1;" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_whole_lens_translates_without_hashing_itself(monkeypatch):
+    """translate runs per prompt and per layer batch: only a partial lens checks its layers (the
+    check's message names the id, a hash of every parameter)."""
+    lens = lenses.AffineLens("jacobian", torch.zeros(4, D, D), torch.zeros(4, D))
+    monkeypatch.setattr(lenses, "content_id", lambda *a, **k: pytest.fail("translate hashed the lens"))
+    hidden = torch.randn(2, 3, D)
+    torch.testing.assert_close(lens.translate((0, 3), hidden), hidden)
+
+
+def test_a_partial_lens_of_unknown_depth_reads_only_its_blocks_until_padded(tmp_path):
+    torch.save({"J": {0: torch.eye(D), 2: torch.eye(D)}, "d_model": D}, tmp_path / "p.pt")
+    lens = lenses.load(tmp_path / "p.pt")
+    assert lens.readable == (0, 2) and not lens.depth_known
+    with pytest.raises(lenses.LensError, match=r"no translator for layers 3 \(the model's last block"):
+        lens.translate((3,), torch.randn(1, 2, D))  # block 3 may be an unfitted block of a deeper model
+    assert lenses.check_fits(lens, 4, D, None, "lens p").readable == (0, 2, 3)
+
+
+def test_the_reference_checkpoints_top_level_target_layer_gives_the_depth(tmp_path):
+    sums = {20: torch.eye(D) * 2, 21: torch.eye(D) * 2}
+    torch.save({"jacobian_sum": sums, "n_done": 2, "target_layer": 27}, tmp_path / "ref.pt")
+    lens = lenses.load(tmp_path / "ref.pt")
+    assert lens.depth_known and lens.n_layers == 28 and lens.blocks == (20, 21)
+    with pytest.raises(lenses.LensError, match="is for a model with 28 layers"):
+        lenses.check_fits(lens, 30, D, None, "lens r")
+
+
+def _artifact(tmp_path, **payload):
+    path = tmp_path / "hostile.pt"
+    torch.save({"d_model": D, **payload}, path)
+    return path
+
+
+EYE = torch.eye(D)
+HOSTILE_ARTIFACTS = {
+    "a huge target_layer": (
+        {"J": {0: EYE}, "metadata": {"target_layer": 10**12}},
+        "target_layer: 1000000000000 is not a block index",
+    ),
+    "a huge block index": ({"J": {10**12: EYE}}, "J: 1000000000000 is not a block index"),
+    "a negative block index": ({"J": {-1: EYE}}, "J: -1 is not a block index"),
+    "a block index that is text": ({"J": {"a": EYE}}, "J: 'a' is not a block index"),
+    "a block index that is a bool": ({"J": {True: EYE}}, "J: True is not a block index"),
+    "a block index that is a float": ({"J": {1.7: EYE}}, "J: 1.7 is not a block index"),
+    "one block twice": ({"J": {1: EYE, "1": EYE}}, "J holds block 1 twice"),
+    "a matrix that is not a tensor": ({"J": {0: [[1.0]]}}, "J[0] is not a tensor"),
+    "J not a dict": ({"J": [EYE]}, "J must be a dict of block -> matrix"),
+    "source_layers not a list": ({"J": {0: EYE}, "source_layers": 0}, "source_layers must be a list"),
+    "a negative d_model": ({"J": {0: EYE}, "d_model": -2}, "d_model must be a positive integer, got -2"),
+    "a bool n_done": ({"jacobian_sum": {0: EYE}, "n_done": True}, "n_done is True: no prompt was fitted"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARTIFACTS))
+def test_hostile_artifacts_are_one_line_errors(case, tmp_path):
+    payload, message = HOSTILE_ARTIFACTS[case]
+    with pytest.raises(lenses.LensError) as caught:
+        lenses.load(_artifact(tmp_path, **payload))
+    assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_a_store_lens_that_lost_its_klstore_json_is_refused(fitted, tmp_path):
+    """Without klstore.json a partial lens would read as a whole one (zeros at its unfitted
+    blocks: the logit lens): its checksum record says the file belongs there."""
+    from klstore.run import lenses as run_lenses
+    from klstore.spec import LensSpec
+    from klstore.store.tables import open_store
+
+    _, _, _, _, part = fitted
+    lens = part.lens()
+    store = open_store(str(tmp_path / "store"), create=True)
+    run_lenses.put(store, lenses.save(lens, tmp_path / "folder"), lens.id)
+    assert run_lenses.resolve_one(LensSpec(source=lens.id), store).id == lens.id
+    (tmp_path / "store" / "lens_files" / lens.id / lenses.KLSTORE_FILE).unlink()
+    with pytest.raises(KlstoreError, match="klstore.json is missing, but its checksum record is there"):
+        run_lenses.resolve_one(LensSpec(source=lens.id), store)
