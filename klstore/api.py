@@ -334,7 +334,7 @@ class Lens:
             prompts=tuple(prompts),
         )
         plan = RunPlan(cfg)  # an unwritable store fails here
-        worker = Worker(self._model_config["name"], self.label, plan.target, loaded=self.loaded)
+        worker = Worker(self._model_config["name"], self.label, plan.target, loaded=self.loaded, engine=self.engine)
         worker.prepare(plan.job)  # layers, vectors, sub-layers: checked before anything is written
         for prompt in prompts:  # empty, or too long for the context: before anything is written
             worker.engine.encode(prompt, compute.generation)

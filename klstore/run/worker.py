@@ -105,7 +105,10 @@ class Worker:
         node: str | None = None,
         device_map=None,
         max_memory=None,
+        engine=None,
     ):
+        """`loaded`: a model already in memory (not loaded again); `engine`: its Engine too
+        (the Python API's, so its per-model checks are not repeated)."""
         from klstore.core.engine import Engine
         from klstore.core.models import load_model, quiet_libraries
         from klstore.store import open_store
@@ -126,7 +129,7 @@ class Worker:
                 device_map=device_map,
                 max_memory=max_memory,
             )
-        self.engine = Engine(loaded)
+        self.engine = engine if engine is not None else Engine(loaded)
         self.actor = actor  # recorded in the `shards` table: a Ray actor id, or "local"
         self.node = node or socket.gethostname()  # likewise: the host (and Ray node) it runs on
         self._prepared: set = set()  # jobs checked against this model
