@@ -310,7 +310,7 @@ class Lens:
                 raise KlstoreError(f"duplicate prompt id {prompt.id!r}")
             seen.add(prompt.id)
         check_outputs(compute.probes)  # steer's `save`: before any work
-        say = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
+        say = _stderr_lines(progress)
         size = compute.batch_size if shard_size is None else shard_size
         return self._run_into(store, prompts, compute, run, size, prompt_path, source, say, None)
 
@@ -669,7 +669,7 @@ class Result:
         recomputed): the same batches as the CLI's shards, so the stored rows are the ones the
         CLI writes. The `runs` row's config says `source: klstore api`.
         """
-        say = (lambda message: print(message, file=sys.stderr)) if progress else (lambda message: None)
+        say = _stderr_lines(progress)
         computed = {o.prompt.id: o for o in self._outcomes()}
         summary = self.lens._run_into(
             store,
@@ -684,6 +684,11 @@ class Result:
         )
         self.run_id = summary["run_id"]
         return self.run_id
+
+
+def _stderr_lines(enabled: bool):
+    """The progress printer of a store run: one stderr line per message, or nothing."""
+    return (lambda message: print(message, file=sys.stderr)) if enabled else (lambda message: None)
 
 
 def heatmap_data(matrix, divergence: str):
